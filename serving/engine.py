@@ -1,0 +1,402 @@
+"""The continuous-batching engine: one thread that owns the model and decodes every running
+sequence together, one token per step.
+
+Requests wait in a bounded queue. At each step boundary the scheduler admits waiting requests
+while there are free sequence slots: it prefills each prompt once, copies its keys/values into
+``n`` rows (the n samples share the prefill), and appends them to the running batch. Rows leave
+as soon as they finish (end of sequence, stop string, length, cancellation or deadline), so a
+short request never waits for a long one. Results flow back through a per-request event queue,
+which the gRPC handlers read.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from serving.detokenizer import IncrementalDetokenizer
+from serving.kv_cache import BatchKVCache
+from serving.sampling import SamplingParams, sample_generator, sample_tokens
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit; the caller should retry later."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down or failed."""
+
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+
+
+@dataclass
+class SampleResult:
+    """One finished completion, with the per-token data that feedback and PPO need later."""
+
+    index: int
+    completion_id: str
+    text: str
+    finish_reason: str
+    token_ids: list[int]
+    logprobs: list[float]
+
+    @property
+    def logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+
+@dataclass
+class GroupResult:
+    group_id: str
+    policy_version: int
+    prompt: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[SampleResult]
+    created_at: float
+    first_token_at: float | None
+    finished_at: float
+
+
+@dataclass
+class TokenEvent:
+    index: int
+    text: str
+    token_count: int
+
+
+@dataclass
+class DoneEvent:
+    result: GroupResult
+
+
+@dataclass
+class ErrorEvent:
+    error: BaseException
+
+
+@dataclass
+class GenerationRequest:
+    """A prompt and its sampling parameters, plus the queue its events are delivered on."""
+
+    prompt: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    deadline: float | None = None  # time.monotonic() after which the request is cancelled
+    stream: bool = False
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    events: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
+    created_at: float = field(default_factory=time.time)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+@dataclass
+class EngineConfig:
+    max_batch_sequences: int = 64
+    max_queued_requests: int = 256
+    max_prefill_tokens_per_step: int = 4096  # bounds how long one step's admissions stall decoding
+    idle_wait_seconds: float = 0.05
+
+
+class EngineObserver:
+    """Hooks the engine calls; the serving metrics implement them (no-ops by default)."""
+
+    def on_step(self, batch_sequences: int, seconds: float, new_tokens: int) -> None: ...
+    def on_queue(self, waiting: int, running: int) -> None: ...
+    def on_prefill(self, prompt_tokens: int, seconds: float) -> None: ...
+    def on_first_token(self, seconds: float) -> None: ...
+
+
+class _Group:
+    """Engine-side state of one admitted request."""
+
+    def __init__(self, request: GenerationRequest, policy_version: int, eos_ids: set[int], tokenizer) -> None:
+        self.request = request
+        self.policy_version = policy_version
+        self.group_id = uuid.uuid4().hex
+        self.samples = [_Sequence(self, i, tokenizer) for i in range(request.params.n)]
+        self.eos_ids = eos_ids
+        self.first_token_at: float | None = None
+        self.remaining = request.params.n
+
+    def result(self) -> GroupResult:
+        request = self.request
+        samples = [
+            SampleResult(s.index, f"{self.group_id}-{s.index}", s.detok.text, s.finish_reason or FINISH_CANCELLED,
+                         list(s.detok.token_ids), list(s.logprobs))
+            for s in self.samples
+        ]
+        return GroupResult(self.group_id, self.policy_version, request.prompt, list(request.prompt_token_ids),
+                           request.params, samples, request.created_at, self.first_token_at, time.time())
+
+
+class _Sequence:
+    def __init__(self, group: _Group, index: int, tokenizer) -> None:
+        params = group.request.params
+        self.group = group
+        self.index = index
+        self.generator = sample_generator(params.seed, index)
+        self.detok = IncrementalDetokenizer(tokenizer, params.stop)
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
+
+
+class Engine:
+    """Owns the model; ``submit`` from any thread, results arrive on the request's event queue."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig | None = None,
+                 observer: EngineObserver | None = None, policy_version: int = 0) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        self.observer = observer or EngineObserver()
+        self.policy_version = policy_version
+        self.num_layers = model.config.num_hidden_layers
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.device = next(model.parameters()).device
+
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+        # the running batch: one row per sequence, left-padded
+        self._cache = BatchKVCache(self.num_layers)
+        self._rows: list[_Sequence] = []
+        self._pads = torch.zeros(0, dtype=torch.long)
+        self._last_tokens = torch.zeros(0, 1, dtype=torch.long)
+
+    # ---- public API (any thread) ----
+
+    def start(self) -> None:
+        with self._lock:
+            if self._running:
+                return
+            self._running = True
+        self._thread = threading.Thread(target=self._loop, name="flywheel-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current step; requests still waiting or running get an error event."""
+        with self._wakeup:
+            self._running = False
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest) -> GenerationRequest:
+        with self._wakeup:
+            if not self._running:
+                raise EngineStoppedError("the engine is not running")
+            if len(self._waiting) >= self.config.max_queued_requests:
+                raise QueueFullError(
+                    f"the request queue is full ({self.config.max_queued_requests} waiting); retry later")
+            self._waiting.append(request)
+            self._wakeup.notify()
+        return request
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running_sequences(self) -> int:
+        return len(self._rows)
+
+    # ---- the engine thread ----
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._wakeup:
+                        if not self._running:
+                            break
+                        if not self._rows and not self._waiting:
+                            self._wakeup.wait(self.config.idle_wait_seconds)
+                            continue
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._rows:
+                        self._decode_step()
+                    self.observer.on_queue(len(self._waiting), len(self._rows))
+        except BaseException as exc:  # a bug or OOM: fail every request loudly rather than hang them
+            log.exception("engine loop failed")
+            self._failure = exc
+        finally:
+            self._fail_everything(self._failure or EngineStoppedError("the server is shutting down"))
+
+    def _fail_everything(self, error: BaseException) -> None:
+        with self._lock:
+            self._running = False
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        groups = {id(s.group): s.group for s in self._rows}
+        for request in waiting + [g.request for g in groups.values()]:
+            request.events.put(ErrorEvent(error))
+        self._rows = []
+        self._cache = BatchKVCache(self.num_layers)
+
+    def _admit(self) -> None:
+        """Prefill waiting requests that fit in the free slots (in arrival order)."""
+        budget = self.config.max_prefill_tokens_per_step
+        now = time.monotonic()
+        while budget > 0:
+            with self._lock:
+                if not self._waiting:
+                    return
+                request = self._waiting[0]
+                if request.cancelled.is_set() or request.expired(now):
+                    self._waiting.popleft()
+                    self._finish_unstarted(request)
+                    continue
+                if len(self._rows) + request.params.n > self.config.max_batch_sequences:
+                    return
+                self._waiting.popleft()
+            budget -= len(request.prompt_token_ids)
+            self._prefill(request)
+
+    def _finish_unstarted(self, request: GenerationRequest) -> None:
+        group = _Group(request, self.policy_version, self.eos_ids, self.tokenizer)
+        for sample in group.samples:
+            sample.finish_reason = FINISH_CANCELLED
+        request.events.put(DoneEvent(group.result()))
+
+    def _prefill(self, request: GenerationRequest) -> None:
+        started = time.perf_counter()
+        group = _Group(request, self.policy_version, self.eos_ids, self.tokenizer)
+        cache = BatchKVCache(self.num_layers)
+        ids = torch.tensor([request.prompt_token_ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        n = request.params.n
+        cache.repeat_rows(n)
+        pad_ours, pad_new = self._cache.append(cache)
+        self._pads = torch.cat([self._pads + pad_ours, torch.full((n,), pad_new, dtype=torch.long)])
+        self._rows.extend(group.samples)
+        self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started)
+        logits = out.logits[:, -1].expand(n, -1)
+        tokens = self._sample(logits, group.samples)
+        self._last_tokens = torch.cat([self._last_tokens, tokens.unsqueeze(1)])
+        if group.first_token_at is None:
+            group.first_token_at = time.time()
+            self.observer.on_first_token(group.first_token_at - request.created_at)
+        # a sample may already be finished (max_new_tokens=1, eos): retire them now
+        self._retire_finished()
+
+    def _decode_step(self) -> None:
+        started = time.perf_counter()
+        length = self._cache.length
+        positions = torch.arange(length + 1)
+        attention_mask = (positions.unsqueeze(0) >= self._pads.unsqueeze(1)).long()
+        position_ids = (length - self._pads).unsqueeze(1)
+        out = self.model(input_ids=self._last_tokens, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=self._cache, use_cache=True)
+        tokens = self._sample(out.logits[:, -1], self._rows)
+        self._last_tokens = tokens.unsqueeze(1)
+        batch = len(self._rows)
+        self._retire_finished()
+        self.observer.on_step(batch, time.perf_counter() - started, batch)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> torch.Tensor:
+        params = [s.group.request.params for s in rows]
+        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+        top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+        uniforms = torch.cat([torch.rand(1, generator=s.generator) for s in rows])
+        tokens, logprobs = sample_tokens(logits, temperatures, top_ps, uniforms)
+        for sequence, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
+            self._append_token(sequence, token, logprob)
+        return tokens
+
+    def _append_token(self, sequence: _Sequence, token: int, logprob: float) -> None:
+        group = sequence.group
+        is_eos = token in group.eos_ids
+        sequence.detok.add(token, skip=is_eos)
+        sequence.logprobs.append(logprob)
+        count = len(sequence.detok.token_ids)
+        if is_eos or sequence.detok.stopped:
+            sequence.finish_reason = FINISH_STOP
+        elif count >= group.request.params.max_new_tokens:
+            sequence.finish_reason = FINISH_LENGTH
+        if group.request.stream:
+            delta = sequence.detok.take_delta(final=sequence.finish_reason is not None)
+            if delta or sequence.finish_reason is not None:
+                group.request.events.put(TokenEvent(sequence.index, delta, count))
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for sequence in self._rows:
+            request = sequence.group.request
+            if sequence.finish_reason is None and (request.cancelled.is_set() or request.expired(now)):
+                sequence.finish_reason = FINISH_CANCELLED
+        self._retire_finished()
+
+    def _retire_finished(self) -> None:
+        """Remove finished rows from the batch; complete groups whose samples are all done."""
+        keep = [i for i, s in enumerate(self._rows) if s.finish_reason is None]
+        if len(keep) == len(self._rows):
+            return
+        for sequence in self._rows:
+            if sequence.finish_reason is not None:
+                group = sequence.group
+                group.remaining -= 1
+                if group.remaining == 0:
+                    group.request.events.put(DoneEvent(group.result()))
+        rows = torch.tensor(keep, dtype=torch.long)
+        if keep:
+            pads = self._pads[rows]
+            drop = int(pads.min())  # columns that are padding in every remaining row
+            self._cache.keep_rows(rows, drop_leading=drop)
+            self._pads = pads - drop
+            self._last_tokens = self._last_tokens[rows]
+        else:
+            self._cache = BatchKVCache(self.num_layers)
+            self._pads = torch.zeros(0, dtype=torch.long)
+            self._last_tokens = torch.zeros(0, 1, dtype=torch.long)
+        self._rows = [self._rows[i] for i in keep]
+
+
+def run_to_completion(engine: Engine, request: GenerationRequest, timeout: float | None = None) -> GroupResult:
+    """Submit and wait for the group (for CLI tools and tests that do not stream)."""
+    engine.submit(request)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for event in iter_events(request, deadline):
+        if isinstance(event, DoneEvent):
+            return event.result
+    raise TimeoutError("no result before the timeout")
+
+
+def iter_events(request: GenerationRequest, deadline: float | None = None):
+    """Yield the request's events until it is done; raises the engine's error if it failed."""
+    while True:
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            event = request.events.get(timeout=wait)
+        except queue.Empty:
+            request.cancel()
+            return
+        if isinstance(event, ErrorEvent):
+            raise event.error
+        yield event
+        if isinstance(event, DoneEvent):
+            return
+
+
