@@ -42,6 +42,16 @@ class Settings:
     max_samples: int = field(default=16, metadata={"help": "largest n a request may ask"})
     grpc_workers: int = field(default=64, metadata={"help": "gRPC handler threads (concurrent RPCs)"})
 
+    # ---- Redis (feedback stream, group records, registries, Celery broker) ----
+    redis_url: str = field(
+        default="", metadata={"help": "redis://... of a Redis 6.2+; empty = start an embedded redis-server"}
+    )
+
+    # ---- feedback ----
+    group_ttl_seconds: int = field(default=7 * 24 * 3600, metadata={"help": "how long served groups stay rankable"})
+
+    # ---- training ----
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
