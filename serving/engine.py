@@ -119,7 +119,7 @@ class EngineObserver:
 
     def on_step(self, batch_sequences: int, seconds: float, new_tokens: int) -> None: ...
     def on_queue(self, waiting: int, running: int) -> None: ...
-    def on_prefill(self, prompt_tokens: int, seconds: float) -> None: ...
+    def on_prefill(self, prompt_tokens: int, seconds: float, new_tokens: int) -> None: ...
     def on_first_token(self, seconds: float) -> None: ...
 
 
@@ -292,9 +292,9 @@ class Engine:
         pad_ours, pad_new = self._cache.append(cache)
         self._pads = torch.cat([self._pads + pad_ours, torch.full((n,), pad_new, dtype=torch.long)])
         self._rows.extend(group.samples)
-        self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started)
         logits = out.logits[:, -1].expand(n, -1)
         tokens = self._sample(logits, group.samples)
+        self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started, n)
         self._last_tokens = torch.cat([self._last_tokens, tokens.unsqueeze(1)])
         if group.first_token_at is None:
             group.first_token_at = time.time()

@@ -1,0 +1,107 @@
+"""``flywheel serve`` and ``flywheel complete``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from flywheel.cli import add_settings_flags, settings_from_args
+
+SERVE_SETTINGS = ["data_dir", "model", "dtype", "torch_threads", "grpc_address", "metrics_port",
+                  "max_batch_sequences", "max_queued_requests", "max_new_tokens_limit", "default_max_new_tokens",
+                  "max_samples", "grpc_workers", "redis_url", "group_ttl_seconds"]
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="run the gRPC inference server",
+        description="Serve the policy over gRPC (Inference, health, reflection) with Prometheus metrics.")
+    add_settings_flags(serve, SERVE_SETTINGS)
+    serve.set_defaults(handler=run_serve)
+
+    complete = subparsers.add_parser(
+        "complete", help="ask a running server for completions",
+        description="Send one Complete (or StreamComplete with --stream) request and print the samples.")
+    complete.add_argument("prompt", help="the user message (rendered with the chat template) or, with --raw, the prompt")
+    complete.add_argument("--address", default=None, help="server host:port (default: the grpc_address setting)")
+    complete.add_argument("-n", type=int, default=None, help="samples to draw (1-16)")
+    complete.add_argument("--max-new-tokens", type=int, default=None)
+    complete.add_argument("--temperature", type=float, default=None)
+    complete.add_argument("--top-p", type=float, default=None)
+    complete.add_argument("--seed", type=int, default=None)
+    complete.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    complete.add_argument("--raw", action="store_true", help="send PROMPT verbatim instead of as a chat message")
+    complete.add_argument("--stream", action="store_true", help="stream token deltas as they are decoded")
+    complete.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    complete.set_defaults(handler=run_complete)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from serving.server import InferenceServer
+
+    settings = settings_from_args(args)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    server = InferenceServer(settings).start()
+    stopping = threading.Event()
+
+    def shutdown(signum, frame):
+        if not stopping.is_set():
+            stopping.set()
+            print("flywheel: shutting down (in-flight requests get 10 s to finish)", file=sys.stderr)
+            threading.Thread(target=server.stop, kwargs={"grace": 10.0}, daemon=True).start()
+
+    signal.signal(signal.SIGINT, shutdown)
+    signal.signal(signal.SIGTERM, shutdown)
+    server.wait()
+    return 0
+
+
+def build_request(args: argparse.Namespace):
+    from flywheel.v1 import inference_pb2
+
+    request = inference_pb2.CompleteRequest(stop=args.stop)
+    if args.raw:
+        request.prompt = args.prompt
+    else:
+        request.messages.add(role="user", content=args.prompt)
+    for name in ("n", "max_new_tokens", "temperature", "top_p", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(request, name, value)
+    return request
+
+
+def run_complete(args: argparse.Namespace) -> int:
+    import grpc
+
+    from flywheel.settings import Settings
+    from flywheel.v1 import inference_pb2, inference_pb2_grpc
+
+    address = args.address or Settings.load().grpc_address
+    request = build_request(args)
+    with grpc.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        try:
+            if args.stream:
+                response = None
+                for message in stub.StreamComplete(request, timeout=args.timeout):
+                    if message.HasField("delta"):
+                        print(f"[{message.delta.index}] {message.delta.text!r}", flush=True)
+                    else:
+                        response = message.final
+            else:
+                response = stub.Complete(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"flywheel: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"group {response.group_id}  policy v{response.policy_version}  prompt {response.prompt_token_count} tokens")
+    for c in response.completions:
+        reason = inference_pb2.FinishReason.Name(c.finish_reason).removeprefix("FINISH_REASON_").lower()
+        print(f"\n--- #{c.index} {c.completion_id}  {c.token_count} tokens  {reason}  logprob {c.logprob:.2f}")
+        print(c.text)
+    return 0

@@ -1,0 +1,61 @@
+"""Serving metrics (Prometheus). Each server owns a ``CollectorRegistry``, so several servers can
+live in one process (tests) without clashing, and ``/metrics`` shows exactly one server."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from serving.engine import EngineObserver
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+class ServingMetrics(EngineObserver):
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("flywheel_requests", "gRPC requests handled, by method and status code",
+                                ["method", "code"], registry=r)
+        self.request_duration = Histogram("flywheel_request_duration_seconds",
+                                          "end-to-end latency of completion requests", ["method"],
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram("flywheel_time_to_first_token_seconds",
+                                             "from request arrival to its first sampled token",
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.generated_tokens = Counter("flywheel_generated_tokens", "tokens sampled by the engine", registry=r)
+        self.prompt_tokens = Counter("flywheel_prompt_tokens", "prompt tokens prefilled by the engine", registry=r)
+        self.batch_sequences = Histogram("flywheel_engine_batch_sequences",
+                                         "sequences decoded together in one engine step",
+                                         buckets=BATCH_BUCKETS, registry=r)
+        self.running_sequences = Gauge("flywheel_engine_running_sequences",
+                                       "sequences in the running batch now", registry=r)
+        self.queue_depth = Gauge("flywheel_engine_queued_requests", "requests waiting for a batch slot",
+                                 registry=r)
+        self.step_duration = Histogram("flywheel_engine_step_duration_seconds", "one decode step of the batch",
+                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.prefill_duration = Histogram("flywheel_engine_prefill_duration_seconds", "prefill of one prompt",
+                                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+                                          registry=r)
+        self.policy_version = Gauge("flywheel_serving_policy_version", "policy version this server samples from",
+                                    registry=r)
+        self.model_loaded = Gauge("flywheel_serving_model_loaded", "1 once the model is loaded and serving",
+                                  registry=r)
+
+    # EngineObserver
+    def on_step(self, batch_sequences: int, seconds: float, new_tokens: int) -> None:
+        self.batch_sequences.observe(batch_sequences)
+        self.step_duration.observe(seconds)
+        self.generated_tokens.inc(new_tokens)
+
+    def on_queue(self, waiting: int, running: int) -> None:
+        self.queue_depth.set(waiting)
+        self.running_sequences.set(running)
+
+    def on_prefill(self, prompt_tokens: int, seconds: float, new_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generated_tokens.inc(new_tokens)
+        self.prefill_duration.observe(seconds)
+
+    def on_first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)

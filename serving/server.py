@@ -1,0 +1,262 @@
+"""The gRPC server: the Inference service over the engine, plus the standard health and
+reflection services so stock tools (grpcurl, grpc_health_probe, Kubernetes probes) work.
+
+The server listens at once and reports NOT_SERVING until the model is loaded, then SERVING.
+Shutdown is graceful: health flips to NOT_SERVING, new RPCs are refused, in-flight RPCs get a
+grace period to finish, then the engine stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from flywheel.settings import Settings
+from flywheel.v1 import inference_pb2, inference_pb2_grpc
+from serving.engine import (
+    DoneEvent, Engine, EngineConfig, EngineStoppedError, GenerationRequest, GroupResult, QueueFullError, TokenEvent,
+    iter_events,
+)
+from serving.metrics import ServingMetrics
+from serving.validation import InvalidRequest, RequestLimits, validate_request
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+FINISH_REASONS = {
+    "stop": inference_pb2.FINISH_REASON_STOP,
+    "length": inference_pb2.FINISH_REASON_LENGTH,
+    "cancelled": inference_pb2.FINISH_REASON_CANCELLED,
+}
+
+GroupSink = Callable[[GroupResult], None]
+
+
+def group_response(result: GroupResult) -> inference_pb2.CompleteResponse:
+    return inference_pb2.CompleteResponse(
+        group_id=result.group_id,
+        policy_version=result.policy_version,
+        prompt_token_count=len(result.prompt_token_ids),
+        completions=[
+            inference_pb2.Completion(
+                completion_id=s.completion_id, index=s.index, text=s.text,
+                finish_reason=FINISH_REASONS[s.finish_reason], token_count=len(s.token_ids), logprob=s.logprob)
+            for s in result.samples
+        ],
+    )
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, server: "InferenceServer") -> None:
+        self.server = server
+
+    def Complete(self, request, context):
+        with self.server.observe("Complete", context):
+            generation = self._submit(request, context, stream=False)
+            for event in self._events(generation, context):
+                if isinstance(event, DoneEvent):
+                    return self._finish(event.result, context)
+            return self._abort_unfinished(generation, context)
+
+    def StreamComplete(self, request, context):
+        with self.server.observe("StreamComplete", context):
+            generation = self._submit(request, context, stream=True)
+            for event in self._events(generation, context):
+                if isinstance(event, TokenEvent):
+                    yield inference_pb2.StreamCompleteResponse(
+                        delta=inference_pb2.TokenDelta(index=event.index, text=event.text,
+                                                       token_count=event.token_count))
+                elif isinstance(event, DoneEvent):
+                    yield inference_pb2.StreamCompleteResponse(final=self._finish(event.result, context))
+                    return
+            self._abort_unfinished(generation, context)
+
+    # ---- helpers ----
+
+    def _submit(self, request, context, stream: bool) -> GenerationRequest:
+        engine = self.server.engine
+        if engine is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        try:
+            valid = validate_request(request, engine.tokenizer, self.server.limits)
+        except InvalidRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        generation = GenerationRequest(valid.prompt, valid.prompt_token_ids, valid.params, deadline=deadline,
+                                       stream=stream)
+        # frees the batch slots when the client cancels or the RPC ends for any reason
+        context.add_callback(generation.cancel)
+        try:
+            engine.submit(generation)
+        except QueueFullError as exc:
+            context.set_trailing_metadata((("retry-after-ms", "1000"),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineStoppedError:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        return generation
+
+    def _events(self, generation: GenerationRequest, context) -> Iterator:
+        try:
+            yield from iter_events(generation)
+        except EngineStoppedError:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        except Exception:
+            log.exception("request %s failed in the engine", generation.request_id)
+            context.abort(grpc.StatusCode.INTERNAL, "the engine failed while generating; see the server log")
+
+    def _finish(self, result: GroupResult, context) -> inference_pb2.CompleteResponse:
+        if all(s.finish_reason == "cancelled" for s in result.samples):
+            if context.time_remaining() is not None and context.time_remaining() <= 0:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before generation finished")
+            if not context.is_active():
+                context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
+        self.server.record_group(result)
+        return group_response(result)
+
+    def _abort_unfinished(self, generation: GenerationRequest, context):
+        generation.cancel()
+        context.abort(grpc.StatusCode.CANCELLED, "the request ended before generation finished")
+
+
+@dataclass
+class InferenceServer:
+    """Owns the gRPC server, the engine and the metrics endpoint of one serving process."""
+
+    settings: Settings
+    load: Callable[[], tuple[object, object]] | None = None  # returns (model, tokenizer); None = settings.model
+    group_sink: GroupSink | None = None  # stores each finished group (the feedback store)
+    metrics: ServingMetrics = field(default_factory=ServingMetrics)
+    engine: Engine | None = None
+    port: int = 0
+    metrics_port: int = 0
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+    def __post_init__(self) -> None:
+        self._grpc: grpc.Server | None = None
+        self._health = health.HealthServicer()
+        self._metrics_http = None
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+
+    # ---- lifecycle ----
+
+    def start(self, wait_until_ready: bool = False, timeout: float = 600.0) -> "InferenceServer":
+        s = self.settings
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
+            maximum_concurrent_rpcs=s.grpc_workers,
+            options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
+        )
+        inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        self.port = self._grpc.add_insecure_port(s.grpc_address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind the gRPC server to {s.grpc_address}")
+        self._grpc.start()
+        if s.metrics_port:
+            host = s.grpc_address.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+            self._metrics_http, _ = start_http_server(s.metrics_port, addr=host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        log.info("gRPC on port %d, metrics on %s; loading the model", self.port, self.metrics_port or "(off)")
+        threading.Thread(target=self._load_and_serve, name="model-loader", daemon=True).start()
+        if wait_until_ready:
+            self.wait_until_ready(timeout)
+        return self
+
+    def wait_until_ready(self, timeout: float = 600.0) -> None:
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the model did not load in time")
+        if self._load_error is not None:
+            raise RuntimeError(f"the model failed to load: {self._load_error}") from self._load_error
+
+    def _load_and_serve(self) -> None:
+        try:
+            if self.load is not None:
+                model, tokenizer = self.load()
+            else:
+                from flywheel.models import load_model
+
+                loaded = load_model(self.settings.model, self.settings.data_dir, self.settings.dtype)
+                model, tokenizer = loaded.model, loaded.tokenizer
+            self.limits = RequestLimits(
+                max_samples=self.settings.max_samples,
+                max_new_tokens_limit=self.settings.max_new_tokens_limit,
+                default_max_new_tokens=self.settings.default_max_new_tokens,
+                context_window=int(getattr(model.config, "max_position_embeddings", 2048)),
+            )
+            config = EngineConfig(max_batch_sequences=max(self.settings.max_batch_sequences, self.settings.max_samples),
+                                  max_queued_requests=self.settings.max_queued_requests)
+            engine = Engine(model, tokenizer, config, observer=self.metrics)
+            engine.start()
+            self.engine = engine
+            self.metrics.policy_version.set(engine.policy_version)
+            self.metrics.model_loaded.set(1)
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("serving policy version %d", engine.policy_version)
+        except BaseException as exc:
+            log.exception("model load failed")
+            self._load_error = exc
+        finally:
+            self._ready.set()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then stop the engine."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait(grace + 5)
+        if self.engine is not None:
+            self.engine.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+    def wait(self) -> None:
+        if self._grpc is not None:
+            self._grpc.wait_for_termination()
+
+    def _set_health(self, status) -> None:
+        self._health.set("", status)
+        self._health.set(INFERENCE_SERVICE, status)
+
+    # ---- used by the servicer ----
+
+    @contextlib.contextmanager
+    def observe(self, method: str, context):
+        """Count the RPC by its final status code and time it."""
+        started = time.perf_counter()
+        code = None
+        try:
+            yield
+        except GeneratorExit:  # a streaming client went away
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        else:
+            code = context.code() or grpc.StatusCode.OK
+        finally:
+            self.metrics.requests.labels(method, (code or grpc.StatusCode.UNKNOWN).name).inc()
+            self.metrics.request_duration.labels(method).observe(time.perf_counter() - started)
+
+    def record_group(self, result: GroupResult) -> None:
+        if self.group_sink is None:
+            return
+        try:
+            self.group_sink(result)
+        except Exception:  # serving goes on; the group just cannot be ranked
+            log.exception("could not store group %s", result.group_id)
