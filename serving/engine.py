@@ -354,12 +354,13 @@ class Engine:
         keep = [i for i, s in enumerate(self._rows) if s.finish_reason is None]
         if len(keep) == len(self._rows):
             return
+        done_groups = []
         for sequence in self._rows:
             if sequence.finish_reason is not None:
                 group = sequence.group
                 group.remaining -= 1
                 if group.remaining == 0:
-                    group.request.events.put(DoneEvent(group.result()))
+                    done_groups.append(group)
         rows = torch.tensor(keep, dtype=torch.long)
         if keep:
             pads = self._pads[rows]
@@ -372,6 +373,8 @@ class Engine:
             self._pads = torch.zeros(0, dtype=torch.long)
             self._last_tokens = torch.zeros(0, 1, dtype=torch.long)
         self._rows = [self._rows[i] for i in keep]
+        for group in done_groups:  # after the batch shrank, so a finished request sees its slots free
+            group.request.events.put(DoneEvent(group.result()))
 
 
 def run_to_completion(engine: Engine, request: GenerationRequest, timeout: float | None = None) -> GroupResult:
