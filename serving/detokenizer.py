@@ -10,8 +10,9 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
+        self.min_tokens = min_tokens  # stop strings completed before this many tokens do not count
         self.stop = tuple(s for s in stop if s)
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.token_ids: list[int] = []
@@ -36,7 +37,7 @@ class IncrementalDetokenizer:
             self._check_stop(before)
 
     def _check_stop(self, before: int) -> None:
-        if not self.stop:
+        if not self.stop or len(self.token_ids) < self.min_tokens:
             return
         start = max(0, before - self.holdback)
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]

@@ -152,7 +152,7 @@ class _Sequence:
         self.group = group
         self.index = index
         self.generator = sample_generator(params.seed, index)
-        self.detok = IncrementalDetokenizer(tokenizer, params.stop)
+        self.detok = IncrementalDetokenizer(tokenizer, params.stop, params.min_new_tokens)
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
 
@@ -321,7 +321,12 @@ class Engine:
         temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32)
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32)
         uniforms = torch.cat([torch.rand(1, generator=s.generator) for s in rows])
-        tokens, logprobs = sample_tokens(logits, temperatures, top_ps, uniforms)
+        early = [i for i, (s, p) in enumerate(zip(rows, params)) if len(s.detok.token_ids) < p.min_new_tokens]
+        blocked = None
+        if early:
+            eos = sorted(self.eos_ids)
+            blocked = (torch.tensor(early).repeat_interleave(len(eos)), torch.tensor(eos * len(early)))
+        tokens, logprobs = sample_tokens(logits, temperatures, top_ps, uniforms, blocked)
         for sequence, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
             self._append_token(sequence, token, logprob)
         return tokens

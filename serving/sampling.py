@@ -23,10 +23,11 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    min_new_tokens: int = 0  # end-of-sequence and stop strings only count from here on
 
     def to_json(self) -> dict:
         return {"n": self.n, "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed, "stop": list(self.stop)}
+                "top_p": self.top_p, "seed": self.seed, "stop": list(self.stop), "min_new_tokens": self.min_new_tokens}
 
 
 def sample_generator(seed: int | None, sample_index: int) -> torch.Generator:
@@ -40,15 +41,19 @@ def sample_generator(seed: int | None, sample_index: int) -> torch.Generator:
 
 
 def sample_tokens(
-    logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor, uniforms: torch.Tensor
+    logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor, uniforms: torch.Tensor,
+    blocked: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row; return (tokens, raw log-probabilities of those tokens).
 
-    ``logits``: [rows, vocab]; the others: [rows]. The log-probability reported is the policy's own
-    (log-softmax of the unscaled logits), which is what PPO's ratio and KL need.
+    ``logits``: [rows, vocab]; the others: [rows]. ``blocked`` = (row indices, token indices) that
+    may not be picked (end of sequence before ``min_new_tokens``). The log-probability reported is
+    the policy's own (log-softmax of the unscaled, unblocked logits): what PPO's ratio and KL need.
     """
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if blocked is not None:
+        logits = logits.index_put(blocked, torch.tensor(float("-inf")))
     greedy = temperatures <= 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperatures), temperatures).unsqueeze(1)
     probs = torch.softmax(scaled, dim=-1)

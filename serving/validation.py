@@ -82,6 +82,10 @@ def validate_request(request: inference_pb2.CompleteRequest, tokenizer, limits: 
         if not stop or len(stop) > MAX_STOP_LENGTH:
             raise InvalidRequest(f"stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters long")
 
+    min_new_tokens = request.min_new_tokens if request.HasField("min_new_tokens") else 0
+    if min_new_tokens > max_new_tokens:
+        raise InvalidRequest("min_new_tokens", f"must not exceed max_new_tokens ({max_new_tokens}); got {min_new_tokens}")
+
     total_chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
     if total_chars > limits.max_prompt_chars:
         raise InvalidRequest("prompt", f"is {total_chars} characters; the limit is {limits.max_prompt_chars}")
@@ -95,5 +99,6 @@ def validate_request(request: inference_pb2.CompleteRequest, tokenizer, limits: 
             f"max_new_tokens asks for {max_new_tokens} more ({len(ids) + max_new_tokens} in all)",
         )
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
-                            seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop))
+                            seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
+                            min_new_tokens=min_new_tokens)
     return ValidatedRequest(prompt, ids, params)

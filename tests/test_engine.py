@@ -107,3 +107,24 @@ def test_full_queue_is_refused(loaded):
         blocker.cancel()
     finally:
         engine.stop()
+
+
+def test_min_new_tokens_blocks_the_end_of_sequence_token(loaded, engine):
+    """Make end-of-sequence the greedy choice (a hook on the LM head), then check min_new_tokens overrides it."""
+    tok, model = loaded.tokenizer, loaded.model
+    eos = tok.eos_token_id
+
+    def favour_eos(module, inputs, output):
+        output[..., eos] += 100.0
+        return output
+
+    hook = model.lm_head.register_forward_hook(favour_eos)
+    try:
+        free = run_to_completion(engine, request(tok, "stop soon", n=2, max_new_tokens=30, temperature=0.0), timeout=60)
+        held = run_to_completion(engine, request(tok, "stop soon", n=2, max_new_tokens=30, temperature=0.0,
+                                                 min_new_tokens=30), timeout=60)
+    finally:
+        hook.remove()
+    assert [(s.token_ids, s.finish_reason) for s in free.samples] == [([eos], "stop")] * 2
+    assert all(len(s.token_ids) == 30 and eos not in s.token_ids for s in held.samples)
+    assert {s.finish_reason for s in held.samples} == {"length"}

@@ -46,3 +46,11 @@ def test_generators_are_reproducible_and_differ_per_sample():
     assert not torch.equal(a[0], a[1])
     assert not torch.equal(torch.rand(3, generator=sample_generator(None, 0)),
                            torch.rand(3, generator=sample_generator(None, 0)))
+
+
+def test_blocked_tokens_are_never_picked_but_keep_their_raw_logprob():
+    logits = torch.tensor([[5.0, 0.0, 0.0], [5.0, 0.0, 0.0]])
+    blocked = (torch.tensor([0]), torch.tensor([0]))
+    tokens, logprobs = sample_tokens(logits, torch.zeros(2), torch.ones(2), torch.tensor([0.5, 0.5]), blocked)
+    assert tokens[0].item() != 0 and tokens[1].item() == 0
+    assert torch.allclose(logprobs[0], torch.log_softmax(logits[0], -1)[tokens[0]])

@@ -249,3 +249,13 @@ def test_graceful_shutdown_lets_in_flight_requests_finish(tiny_model_dir):
         stub.Complete(pb.CompleteRequest(prompt="too late"), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     channel.close()
+
+
+def test_min_new_tokens_holds_off_the_end_of_sequence(server, stub):
+    # greedy on the tiny model with the end-of-sequence token made likely is hard to arrange, so check
+    # the contract on lengths: every sample runs to exactly max_new_tokens when min == max
+    response = stub.Complete(pb.CompleteRequest(prompt="exact", n=3, max_new_tokens=9, min_new_tokens=9), timeout=30)
+    assert [c.token_count for c in response.completions] == [9, 9, 9]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Complete(pb.CompleteRequest(prompt="x", max_new_tokens=4, min_new_tokens=5), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "min_new_tokens" in info.value.details()
