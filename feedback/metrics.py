@@ -56,6 +56,9 @@ class LabellingMetrics(FeedbackMetrics):
         self.comparisons = Counter(
             "flywheel_labelling_comparisons_total", "Judge prompts scored (two per pair: both orders).",
             registry=registry)
+        self.judge_loads = Counter(
+            "flywheel_labelling_judge_loads_total", "Judge models loaded (once per worker process and model).",
+            registry=registry)
 
 
 class RankingStreamCollector(Collector):
