@@ -7,6 +7,7 @@ import json
 import grpc
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
 from feedback.groups import group_key
 from feedback.rankings import RANKINGS_STREAM, RankingConsumer, RankingEntry
@@ -149,10 +150,6 @@ def test_cli_rank_and_stats(feedback_server, saved_group, capsys):
 
 
 def test_works_with_a_client_that_decodes_responses(redis_server, saved_group):
-    from prometheus_client import CollectorRegistry
-
-
-
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     server = FeedbackServer(client, CollectorRegistry())
     try:
