@@ -28,3 +28,21 @@ def feedback_server(redis_client):
     server = FeedbackServer(redis_client, CollectorRegistry())
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def judge_model_dir(tiny_model_dir, tmp_path_factory):
+    """A tiny judge model folder (random weights, real tokenizer and chat template), built once."""
+    from feedback_testing import build_biased_judge_dir
+
+    return build_biased_judge_dir(tiny_model_dir, tmp_path_factory.mktemp("judge-model"))
+
+
+@pytest.fixture(scope="session")
+def judge(judge_model_dir):
+    from feedback.judge import Judge, load_constitution
+    from flywheel.models import load_model
+
+    loaded = load_model(str(judge_model_dir), judge_model_dir, "float32")
+    constitution = load_constitution()
+    return Judge(loaded.model, loaded.tokenizer, constitution, Judge.make_id(loaded.path, constitution))

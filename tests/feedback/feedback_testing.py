@@ -47,3 +47,21 @@ class FeedbackServer:
     def close(self) -> None:
         self.channel.close()
         self.server.stop(grace=None)
+
+
+def build_biased_judge_dir(tiny_model_dir, path, scale: float = 25.0):
+    """A copy of the tiny random model with its weights scaled up until it has a strong taste,
+    including a strong preference for one answer position (as small real LMs have)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    shutil.copytree(tiny_model_dir, path, dirs_exist_ok=True)
+    model = LlamaForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(scale)
+    model.save_pretrained(path)
+    return path
