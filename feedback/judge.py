@@ -128,7 +128,8 @@ class Judge:
                 attention[row, width - len(ids):] = 1
             positions = (attention.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                position_ids=positions.to(self.device), use_cache=False).logits[:, -1, :].float()
+                                position_ids=positions.to(self.device), use_cache=False,
+                                logits_to_keep=1).logits[:, -1, :].float()
             logprobs = torch.log_softmax(logits, dim=-1)
             score_a = torch.logsumexp(logprobs[:, self._answer_ids["A"]], dim=-1)
             score_b = torch.logsumexp(logprobs[:, self._answer_ids["B"]], dim=-1)
