@@ -3,9 +3,14 @@
 Following Lee et al. (2023, "RLAIF"), the judge does not generate a verdict. It reads the
 constitution, the prompt and two responses labelled A and B, and the soft preference is the
 softmax over its next-token log-probabilities of "A" and "B". LMs favour one position, so every
-pair is scored in both orders and the two estimates are averaged: P(a > b) =
-(P(A | a first) + 1 - P(A | b first)) / 2, which is exactly antisymmetric, so swapping the
-samples cannot change the verdict. The pairwise preferences are combined by soft Borda count
+pair is scored in both orders and the two estimates are averaged. Lee et al. average the
+probabilities, P(a > b) = (P(A | a first) + 1 - P(A | b first)) / 2 (``combine_orders =
+"probability"``). Small judges saturate, though: the embedded 135M model says "A" with
+P ≈ 0.98 whichever answer comes first, so averaged probabilities all land within 0.005 of 0.5
+and no ranking clears a confidence threshold. The default therefore averages in log-odds, where a
+position bias is an additive term that cancels exactly (a Bradley–Terry model with a position
+effect): P(a > b) = σ((logit P(A | a first) − logit P(A | b first)) / 2). Both are exactly
+antisymmetric, so swapping the samples cannot change the verdict. The pairwise preferences are combined by soft Borda count
 (each completion scores the sum of its win probabilities) into a ranking, whose confidence is
 how decisively the pairs agree with it: the mean of 2·P(higher beats lower) − 1 over all pairs,
 clipped to [0, 1]. A caller skips rankings below its confidence threshold instead of guessing.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +60,11 @@ def readable_prompt(prompt: str, special_tokens: list[str]) -> str:
 class JudgeConfig:
     max_text_tokens: int = 384  # the prompt (its end) and each answer (its start) are cut to this
     batch_size: int = 8  # judge prompts scored in one forward pass
+    combine_orders: str = "log_odds"  # or "probability" (Lee et al. 2023); see the module docstring
+
+    def __post_init__(self) -> None:
+        if self.combine_orders not in ("log_odds", "probability"):
+            raise ValueError(f"combine_orders must be log_odds or probability, got {self.combine_orders!r}")
 
 
 @dataclass(frozen=True)
@@ -113,9 +124,13 @@ class Judge:
 
     # ---- scoring ----
 
-    @torch.inference_mode()
     def probability_a(self, rendered: list[str]) -> list[float]:
         """P(the judge answers "A") for each rendered judge prompt: softmax over the A/B tokens only."""
+        return [_sigmoid(x) for x in self.log_odds_a(rendered)]
+
+    @torch.inference_mode()
+    def log_odds_a(self, rendered: list[str]) -> list[float]:
+        """log P("A") − log P("B") at the verdict position of each rendered judge prompt."""
         out: list[float] = []
         for start in range(0, len(rendered), self.config.batch_size):
             chunk = [self.tokenizer.encode(text, add_special_tokens=False)
@@ -133,7 +148,7 @@ class Judge:
             logprobs = torch.log_softmax(logits, dim=-1)
             score_a = torch.logsumexp(logprobs[:, self._answer_ids["A"]], dim=-1)
             score_b = torch.logsumexp(logprobs[:, self._answer_ids["B"]], dim=-1)
-            out += torch.sigmoid(score_a - score_b).tolist()
+            out += (score_a - score_b).tolist()
         return out
 
     def compare(self, prompt: str, pairs: list[tuple[str, str]]) -> list[float]:
@@ -143,8 +158,11 @@ class Judge:
         for a, b in pairs:
             a, b = self._clip(a), self._clip(b)
             rendered += [self.render(prompt, a, b), self.render(prompt, b, a)]
-        p_a = self.probability_a(rendered)
-        return [(p_a[2 * i] + 1.0 - p_a[2 * i + 1]) / 2.0 for i in range(len(pairs))]
+        odds = self.log_odds_a(rendered)
+        first, swapped = odds[0::2], odds[1::2]
+        if self.config.combine_orders == "probability":
+            return [(_sigmoid(x) + 1.0 - _sigmoid(y)) / 2.0 for x, y in zip(first, swapped)]
+        return [_sigmoid((x - y) / 2.0) for x, y in zip(first, swapped)]
 
     def rank(self, prompt: str, answers: dict[str, str]) -> JudgeVerdict:
         """Rank answers (completion id -> text) best first, with a confidence."""
@@ -162,3 +180,7 @@ class Judge:
         confidence = min(max(sum(margins) / len(margins), 0.0), 1.0)
         return JudgeVerdict(order, [(a, b, p) for (a, b), p in zip(pairs, probabilities)], confidence,
                             comparisons=2 * len(pairs))
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # the worker's own registry: library code never registers on prometheus_client's global one
 WORKER_REGISTRY = CollectorRegistry()
 _state_lock = threading.Lock()
-_judges: dict[tuple[str, str, str], Judge] = {}
+_judges: dict[tuple[str, str, str], Judge] = {}  # (model, dtype, constitution) -> loaded judge
 _worker: "WorkerState | None" = None
 
 
@@ -67,6 +67,7 @@ def worker_state() -> WorkerState:
 
 def get_judge(settings: Settings, metrics: LabellingMetrics | None = None) -> Judge:
     """The judge for these settings, loaded on first use and kept for the life of the process."""
+    config = JudgeConfig(settings.judge_max_text_tokens, settings.judge_batch_size, settings.judge_combine_orders)
     key = (settings.judge_model, settings.dtype, settings.judge_constitution)
     with _state_lock:
         judge = _judges.get(key)
@@ -74,7 +75,7 @@ def get_judge(settings: Settings, metrics: LabellingMetrics | None = None) -> Ju
             loaded = load_model(settings.judge_model, settings.data_dir, settings.dtype)
             constitution = load_constitution(settings.judge_constitution)
             judge = Judge(loaded.model, loaded.tokenizer, constitution, Judge.make_id(loaded.path, constitution),
-                          JudgeConfig(settings.judge_max_text_tokens, settings.judge_batch_size))
+                          config)
             _judges[key] = judge
             if metrics is not None:
                 metrics.judge_loads.inc()

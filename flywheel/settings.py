@@ -58,6 +58,8 @@ class Settings:
     judge_max_text_tokens: int = field(
         default=384, metadata={"help": "prompt and each answer are cut to this many tokens in a judge prompt"})
     judge_batch_size: int = field(default=8, metadata={"help": "judge prompts scored in one forward pass"})
+    judge_combine_orders: str = field(
+        default="log_odds", metadata={"help": "average both orders' verdicts in log_odds or probability (Lee et al.)"})
     labelling_delay_seconds: float = field(
         default=3600.0, metadata={"help": "a group still without a human ranking after this long is AI-ranked"})
     labelling_fraction: float = field(

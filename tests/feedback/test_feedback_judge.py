@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from feedback.agreement import pairwise_agreement
 from feedback.groups import LABELLING_CANDIDATES_KEY
-from feedback.judge import readable_prompt
+from feedback.judge import Judge, JudgeConfig, readable_prompt
 from feedback.labeler import Labeler, LabellingConfig, LabellingScheduler, in_agreement_sample
 from feedback.metrics import LabellingMetrics
 from feedback.rankings import RANKINGS_STREAM, RankingEntry, RankingStream
@@ -20,17 +21,37 @@ from feedback_testing import PROMPT, group_result
 ANSWERS = ["Four.", "2 + 2 = 4, because adding two and two makes four.", "Five.", "I like turtles."]
 
 
+def with_combination(judge, combine_orders: str) -> Judge:
+    """The same loaded judge, combining the two orders another way."""
+    return Judge(judge.model, judge.tokenizer, judge.constitution, judge.judge_id,
+                 JudgeConfig(combine_orders=combine_orders))
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
 def test_raw_judge_is_position_biased_and_both_orders_cancel_it(judge):
     a, b = ANSWERS[0], ANSWERS[3]
     raw = judge.probability_a([judge.render("What is 2+2?", a, b), judge.render("What is 2+2?", b, a)])
     # asked twice with the answers swapped, the raw judge picks the same *position* both times
     assert (raw[0] - 0.5) * (raw[1] - 0.5) > 0 and abs(raw[0] + raw[1] - 1.0) > 0.2
-    p_ab, p_ba = judge.compare("What is 2+2?", [(a, b), (b, a)])
+
+    p_ab, p_ba = judge.compare("What is 2+2?", [(a, b), (b, a)])  # default: average in log-odds
     assert p_ab + p_ba == pytest.approx(1.0, abs=1e-6)
-    assert p_ab == pytest.approx((raw[0] + 1.0 - raw[1]) / 2.0, abs=1e-6)
+    assert logit(p_ab) == pytest.approx((logit(raw[0]) - logit(raw[1])) / 2.0, abs=1e-4)
+
+    lee = with_combination(judge, "probability")  # Lee et al.: average the probabilities
+    q_ab, q_ba = lee.compare("What is 2+2?", [(a, b), (b, a)])
+    assert q_ab + q_ba == pytest.approx(1.0, abs=1e-6)
+    assert q_ab == pytest.approx((raw[0] + 1.0 - raw[1]) / 2.0, abs=1e-6)
+    # a saturated position bias squashes averaged probabilities towards 0.5; log-odds keep the evidence
+    assert abs(q_ab - 0.5) < abs(p_ab - 0.5)
 
 
-def test_verdict_does_not_depend_on_the_order_of_the_samples(judge):
+@pytest.mark.parametrize("combine_orders", ["log_odds", "probability"])
+def test_verdict_does_not_depend_on_the_order_of_the_samples(judge, combine_orders):
+    judge = with_combination(judge, combine_orders)
     verdicts = []
     for order in [(0, 1, 2, 3), (3, 2, 1, 0), (2, 0, 3, 1)]:
         texts = {f"c{i}": ANSWERS[k] for i, k in enumerate(order)}  # the same answers, other positions and ids
