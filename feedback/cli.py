@@ -7,6 +7,7 @@ the validation and status codes an application gets. The maintenance commands ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import uuid
 
@@ -83,35 +84,37 @@ def run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
 def _redis(args: argparse.Namespace):
+    """Settings and a Redis client (starting the embedded server when no URL is set, stopped after)."""
     import redis
 
     from flywheel.redis_server import resolve_redis_url
 
     settings = settings_from_args(args)
     url, server = resolve_redis_url(settings.redis_url, settings.data_dir)
-    return settings, redis.Redis.from_url(url), server
+    client = redis.Redis.from_url(url)
+    try:
+        yield settings, client
+    finally:
+        client.close()
+        if server is not None:
+            server.stop()
 
 
 def run_schedule(args: argparse.Namespace) -> int:
     from feedback.tasks import labelling_config, schedule_due_groups
 
-    settings, client, server = _redis(args)
-    try:
-        print(f"enqueued {schedule_due_groups(client, labelling_config(settings))['enqueued']} groups for labelling")
-    finally:
-        if server is not None:
-            server.stop()
+    with _redis(args) as (settings, client):
+        enqueued = schedule_due_groups(client, labelling_config(settings))["enqueued"]
+    print(f"enqueued {enqueued} groups for labelling")
     return 0
 
 
 def run_trim(args: argparse.Namespace) -> int:
     from feedback.rankings import RankingStream
 
-    settings, client, server = _redis(args)
-    try:
-        print(f"trimmed {RankingStream(client).trim_acknowledged()} acknowledged rankings")
-    finally:
-        if server is not None:
-            server.stop()
+    with _redis(args) as (_, client):
+        trimmed = RankingStream(client).trim_acknowledged()
+    print(f"trimmed {trimmed} acknowledged rankings")
     return 0

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # the worker's own registry: library code never registers on prometheus_client's global one
 WORKER_REGISTRY = CollectorRegistry()
 _state_lock = threading.Lock()
-_judges: dict[tuple[str, str, str], Judge] = {}  # (model, dtype, constitution) -> loaded judge
+_judges: dict[tuple, Judge] = {}  # (model, dtype, constitution, JudgeConfig) -> loaded judge
 _worker: "WorkerState | None" = None
 
 
@@ -68,7 +68,7 @@ def worker_state() -> WorkerState:
 def get_judge(settings: Settings, metrics: LabellingMetrics | None = None) -> Judge:
     """The judge for these settings, loaded on first use and kept for the life of the process."""
     config = JudgeConfig(settings.judge_max_text_tokens, settings.judge_batch_size, settings.judge_combine_orders)
-    key = (settings.judge_model, settings.dtype, settings.judge_constitution)
+    key = (settings.judge_model, settings.dtype, settings.judge_constitution, config)
     with _state_lock:
         judge = _judges.get(key)
         if judge is None:

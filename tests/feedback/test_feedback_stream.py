@@ -149,3 +149,14 @@ def test_ai_entry_fields_round_trip():
     assert all(isinstance(v, str) for v in fields.values())
     assert json.loads(fields["pair_probabilities"]) == [["g-0", "g-1", 0.25]] and fields["confidence"] == "0.5"
     assert RankingEntry.from_fields({k.encode(): v.encode() for k, v in fields.items()}) == entry
+
+
+def test_cli_trim(redis_server, redis_client, capsys):
+    from flywheel.cli import main as flywheel_main
+
+    consumer = RankingConsumer(redis_client, "reward-model", "rm-1")
+    append_rankings(redis_client, 3)
+    consumer.ack([r.entry_id for r in consumer.read(count=2)])
+    assert flywheel_main(["feedback", "trim", "--redis-url", redis_server.url]) == 0
+    assert "trimmed 2 acknowledged rankings" in capsys.readouterr().out
+    assert redis_client.xlen(RANKINGS_STREAM) == 1
