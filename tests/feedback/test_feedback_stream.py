@@ -88,15 +88,15 @@ def test_a_restarted_consumer_gets_back_what_it_held(redis_client):
 
 def test_keep_alive_stops_reclaiming_of_entries_still_in_use(redis_client):
     append_rankings(redis_client, 2)
-    holder = RankingConsumer(redis_client, "reward-model", "holder", min_idle_ms=300)
-    other = RankingConsumer(redis_client, "reward-model", "other", min_idle_ms=300)
+    holder = RankingConsumer(redis_client, "reward-model", "holder", min_idle_ms=1000)
+    other = RankingConsumer(redis_client, "reward-model", "other", min_idle_ms=1000)
     assert len(holder.read(count=10)) == 2
-    time.sleep(0.2)
+    time.sleep(0.6)
     holder.keep_alive()
-    time.sleep(0.2)
-    assert other.read(count=10) == []  # idle 0.2 s since keep_alive: not reclaimed
+    time.sleep(0.6)
+    assert other.read(count=10) == []  # 1.2 s since delivery, but only 0.6 s since keep_alive
     assert holder.read(count=10) == []  # and the holder is not handed its own entries twice
-    time.sleep(0.35)
+    time.sleep(0.7)
     assert len(other.read(count=10)) == 2
 
 
