@@ -113,7 +113,7 @@ class Labeler:
         self.metrics = metrics
 
     def idempotency_key(self, group_id: str) -> str:
-        return f"ai:{self.judge.judge_id}:{group_id}"
+        return f"{self.judge.judge_id}:{group_id}"
 
     def label(self, group_id: str) -> LabelOutcome:
         started = time.monotonic()
@@ -129,7 +129,7 @@ class Labeler:
 
     def _label(self, group_id: str) -> LabelOutcome:
         key = self.idempotency_key(group_id)
-        if self.stream.find_duplicate(key) is not None:
+        if self.stream.find_duplicate(SOURCE_AI, key) is not None:
             return LabelOutcome(group_id, ALREADY_RANKED)
         group = self.groups.load(group_id)
         if group is None:

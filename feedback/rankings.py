@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 RANKINGS_STREAM = "flywheel:rankings"
 DEAD_LETTER_STREAM = "flywheel:rankings:dead"  # entries no consumer could parse, kept for a person
-IDEMPOTENCY_KEY_PREFIX = "flywheel:rankings:idempotency:"
+IDEMPOTENCY_KEY_PREFIX = "flywheel:rankings:idempotency:"  # + source + ":" + the caller's key
 GROUP_RANKINGS_KEY_PREFIX = "flywheel:group-rankings:"  # hash: source -> latest ranking (JSON ids)
 STATS_KEY = "flywheel:rankings:stats"  # hash of counters: rankings:{source}, agreement:pairs, agreement:agreed
 
@@ -161,11 +161,16 @@ class RankingStream:
 
     # ---- writing ----
 
-    def find_duplicate(self, idempotency_key: str) -> AppendResult | None:
-        """The acknowledgement of an earlier submission with this key, if there was one."""
+    @staticmethod
+    def idempotency_key(source: str, key: str) -> str:
+        """Keys live per source, so no client key can collide with (or pre-empt) the labeler's."""
+        return f"{IDEMPOTENCY_KEY_PREFIX}{source}:{key}"
+
+    def find_duplicate(self, source: str, idempotency_key: str) -> AppendResult | None:
+        """The acknowledgement of an earlier submission from ``source`` with this key, if there was one."""
         if not idempotency_key:
             return None
-        prior = self.redis.get(IDEMPOTENCY_KEY_PREFIX + idempotency_key)
+        prior = self.redis.get(self.idempotency_key(source, idempotency_key))
         return None if prior is None else _duplicate(prior)
 
     def append(self, entry: RankingEntry, idempotency_key: str = "") -> AppendResult:
@@ -177,7 +182,7 @@ class RankingStream:
         for name, value in entry.to_fields().items():
             args += [name, value]
         keys = [self.stream, group_rankings_key(entry.group_id), STATS_KEY,
-                IDEMPOTENCY_KEY_PREFIX + (idempotency_key or "-")]
+                self.idempotency_key(entry.source, idempotency_key or "-")]
         status, entry_id, other = self._append(keys=keys, args=args)
         if text(status) == "duplicate":
             return _duplicate(entry_id)
@@ -280,16 +285,35 @@ class RankingConsumer:
         self.consumer_name = consumer_name
         self.stream = stream
         self.min_idle_ms = int(min_idle_ms)
+        self.start_id = start_id
         self._held: set[str] = set()  # delivered to this instance, not yet acknowledged
         self._recovered = False
+        self._ensure_group()
+
+    def _ensure_group(self) -> None:
         try:
-            client.xgroup_create(stream, group_name, id=start_id, mkstream=True)
+            self.redis.xgroup_create(self.stream, self.group_name, id=self.start_id, mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
     def read(self, count: int = 100, block_ms: int | None = None) -> list[ReceivedRanking]:
-        """Up to ``count`` rankings; waits up to ``block_ms`` for new ones when none are due."""
+        """Up to ``count`` rankings; waits up to ``block_ms`` for new ones when none are due.
+
+        Raises ``redis.ConnectionError`` while Redis is down; call again once it is back.
+        """
+        try:
+            return self._read(count, block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # the stream or the group is gone (a Redis without persistence restarted): start over
+            log.warning("consumer group %s of %s vanished; recreating it", self.group_name, self.stream)
+            self._held.clear()
+            self._ensure_group()
+            return self._read(count, block_ms)
+
+    def _read(self, count: int, block_ms: int | None) -> list[ReceivedRanking]:
         raw: list[tuple] = []
         if not self._recovered:
             reply = self.redis.xreadgroup(self.group_name, self.consumer_name, {self.stream: "0"}, count=count)

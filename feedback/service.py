@@ -89,7 +89,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
     def SubmitRanking(self, request: feedback_pb2.SubmitRankingRequest, context: grpc.ServicerContext):
         try:
             check_request_shape(request)
-            prior = self.stream.find_duplicate(request.idempotency_key)
+            prior = self.stream.find_duplicate(SOURCE_HUMAN, request.idempotency_key)
             if prior is not None:
                 return _ack(prior)
             group = check_against_group(self.groups.load(request.group_id), request)

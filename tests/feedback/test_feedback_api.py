@@ -160,3 +160,13 @@ def test_works_with_a_client_that_decodes_responses(redis_server, saved_group):
     finally:
         server.close()
         client.close()
+
+
+def test_client_keys_cannot_collide_with_the_labelers(feedback_server, saved_group, redis_client):
+    from feedback.rankings import SOURCE_AI, RankingStream
+
+    stream = RankingStream(redis_client)
+    ai = stream.append(RankingEntry("g1", ["g1-0", "g1-1"], "ai", judge_id="j", confidence=0.5), "j:g1")
+    human = submit(feedback_server, idempotency_key="j:g1")
+    assert not human.duplicate and human.ranking_id != ai.ranking_id
+    assert stream.find_duplicate(SOURCE_AI, "j:g1").ranking_id == ai.ranking_id

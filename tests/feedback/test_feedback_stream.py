@@ -160,3 +160,12 @@ def test_cli_trim(redis_server, redis_client, capsys):
     assert flywheel_main(["feedback", "trim", "--redis-url", redis_server.url]) == 0
     assert "trimmed 2 acknowledged rankings" in capsys.readouterr().out
     assert redis_client.xlen(RANKINGS_STREAM) == 1
+
+
+def test_a_consumer_survives_its_group_vanishing(redis_client):
+    consumer = RankingConsumer(redis_client, "reward-model", "rm-1")
+    append_rankings(redis_client, 2)
+    assert len(consumer.read(count=10)) == 2
+    redis_client.flushall()  # e.g. a Redis without persistence restarted
+    ids = append_rankings(redis_client, 1)
+    assert [r.entry_id for r in consumer.read(count=10)] == ids
