@@ -37,7 +37,7 @@ RANKED, LOW_CONFIDENCE, EXPIRED, ALREADY_RANKED, UNRANKABLE = (
 class LabellingConfig:
     delay_seconds: float = 3600.0
     fraction: float = 0.05
-    min_confidence: float = 0.01
+    min_confidence: float = 0.1
     group_ttl_seconds: int = 7 * 24 * 3600
 
 
