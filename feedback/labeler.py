@@ -15,15 +15,18 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 
 from feedback.groups import LABELLING_CANDIDATES_KEY, GroupStore, group_key
-from feedback.judge import Judge
 from feedback.metrics import LabellingMetrics
 from feedback.rankings import (
     MAX_RANKED, SOURCE_AI, SOURCE_HUMAN, RankingEntry, RankingStream, group_rankings_key,
 )
+
+if TYPE_CHECKING:  # the judge (and torch) load only in labelling workers
+    from feedback.judge import Judge
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ class LabellingScheduler:
 class Labeler:
     """Ranks one stored group with the judge and appends the ranking (source=ai) to the stream."""
 
-    def __init__(self, client: redis.Redis, judge: Judge, config: LabellingConfig,
+    def __init__(self, client: redis.Redis, judge: "Judge", config: LabellingConfig,
                  metrics: LabellingMetrics | None = None) -> None:
         self.groups = GroupStore(client, config.group_ttl_seconds)
         self.stream = RankingStream(client, group_ttl_seconds=config.group_ttl_seconds)

@@ -18,11 +18,15 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 
 from feedback.agreement import Agreement, pairwise_agreement
 from feedback.redis_text import text, text_dict
+
+if TYPE_CHECKING:
+    from flywheel.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,8 @@ SOURCE_HUMAN = "human"
 SOURCE_AI = "ai"
 SOURCES = (SOURCE_HUMAN, SOURCE_AI)
 REWARD_MODEL_CONSUMER_GROUP = "reward-model"
+
+LAG_COUNT_LIMIT = 10_000  # on Redis < 7 lag is counted entry by entry, up to this many
 
 MIN_RANKED = 2
 MAX_RANKED = 9  # InstructGPT asks labelers to rank K = 4..9
@@ -195,11 +201,6 @@ class RankingStream:
             pipe.execute()
         return AppendResult(entry.ranking_id, text(entry_id), False, agreement)
 
-    def rankings_of_group(self, group_id: str) -> dict[str, list[str]]:
-        """The latest ranking of a group by each source that ranked it."""
-        raw = self.redis.hgetall(group_rankings_key(group_id))
-        return {k: json.loads(v) for k, v in text_dict(raw).items()}
-
     # ---- reporting and trimming ----
 
     def consumer_groups(self) -> list[ConsumerGroupStats]:
@@ -213,7 +214,7 @@ class RankingStream:
             last = text(g.get("last-delivered-id")) or "0-0"
             lag = g.get("lag")
             if lag is None:  # Redis < 7 does not report lag: count what lies after the last delivery
-                lag = len(self.redis.xrange(self.stream, "(" + last, "+"))
+                lag = len(self.redis.xrange(self.stream, "(" + last, "+", count=LAG_COUNT_LIMIT))
             out.append(ConsumerGroupStats(text(g["name"]), int(g.get("pending") or 0), int(lag), last))
         return out
 
@@ -289,6 +290,12 @@ class RankingConsumer:
         self._held: set[str] = set()  # delivered to this instance, not yet acknowledged
         self._recovered = False
         self._ensure_group()
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings: "Settings", group_name: str,
+                      consumer_name: str) -> "RankingConsumer":
+        """A consumer that reclaims after ``settings.rankings_claim_idle_seconds``."""
+        return cls(client, group_name, consumer_name, min_idle_ms=int(settings.rankings_claim_idle_seconds * 1000))
 
     def _ensure_group(self) -> None:
         try:

@@ -15,25 +15,27 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 from celery import signals
 from prometheus_client import CollectorRegistry, start_http_server
 
-from feedback.judge import Judge, JudgeConfig, load_constitution
 from feedback.labeler import Labeler, LabellingConfig, LabellingScheduler
 from feedback.metrics import LabellingMetrics, register_stream_collector
 from feedback.rankings import RankingStream
 from flywheel.celery_app import LABELLING_QUEUE, app
-from flywheel.models import load_model
 from flywheel.settings import Settings
+
+if TYPE_CHECKING:
+    from feedback.judge import Judge
 
 log = logging.getLogger(__name__)
 
 # the worker's own registry: library code never registers on prometheus_client's global one
 WORKER_REGISTRY = CollectorRegistry()
 _state_lock = threading.Lock()
-_judges: dict[tuple, Judge] = {}  # (model, dtype, constitution, JudgeConfig) -> loaded judge
+_judges: dict[tuple, "Judge"] = {}  # (model, dtype, constitution, JudgeConfig) -> loaded judge
 _worker: "WorkerState | None" = None
 
 
@@ -65,8 +67,12 @@ def worker_state() -> WorkerState:
         return _worker
 
 
-def get_judge(settings: Settings, metrics: LabellingMetrics | None = None) -> Judge:
+def get_judge(settings: Settings, metrics: LabellingMetrics | None = None) -> "Judge":
     """The judge for these settings, loaded on first use and kept for the life of the process."""
+    # imported here: every process that imports the Celery app (to send tasks) need not load torch
+    from feedback.judge import Judge, JudgeConfig, load_constitution
+    from flywheel.models import load_model
+
     config = JudgeConfig(settings.judge_max_text_tokens, settings.judge_batch_size, settings.judge_combine_orders)
     key = (settings.judge_model, settings.dtype, settings.judge_constitution, config)
     with _state_lock:
