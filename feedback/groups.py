@@ -6,8 +6,8 @@ tokens the policy produced), the policy version and the sampling parameters. A g
 after ``ttl_seconds`` (7 days by default), after which it can no longer be ranked.
 
 Saving is one pipelined round trip (a SET with expiry and a ZADD) so serving does not wait on
-Redis more than once per request. The sorted set lists groups by creation time for the AI
-labeler's scheduler, which decides later which of them it ranks.
+Redis more than once per request. The sorted set lists rankable groups (two samples or more) by
+creation time for the AI labeler's scheduler, which decides later which of them it ranks.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ class GroupStore:
     def save_group(self, group: CompletionGroup) -> None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(group_key(group.group_id), group.to_json(), ex=self.ttl_seconds)
-        pipe.zadd(LABELLING_CANDIDATES_KEY, {group.group_id: group.created_at})
+        if len(group.completions) >= 2:  # a single sample has nothing to be ranked against
+            pipe.zadd(LABELLING_CANDIDATES_KEY, {group.group_id: group.created_at})
         pipe.execute()
 
     def load(self, group_id: str) -> CompletionGroup | None:

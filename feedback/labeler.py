@@ -72,23 +72,31 @@ class LabellingScheduler:
         self.config = config
 
     def due_groups(self, now: float | None = None, batch: int = 500) -> list[str]:
-        """Group ids to rank now. Each candidate is decided once: it leaves the set either way.
+        """Up to ``batch`` group ids to rank now. Each candidate is decided once: it leaves the set
+        either way. Returns [] only when nothing more is due.
 
         The caller enqueues the returned ids before calling ``forget`` on them, so a crash in
         between ranks a group twice (harmless: labelling is idempotent) rather than never.
         """
         now = time.time() if now is None else now
         self.redis.zremrangebyscore(LABELLING_CANDIDATES_KEY, "-inf", now - self.config.group_ttl_seconds)
-        due = self.redis.zrangebyscore(LABELLING_CANDIDATES_KEY, "-inf", now - self.config.delay_seconds,
-                                       start=0, num=batch)
-        if not due:
-            return []
-        ids = [g.decode() if isinstance(g, bytes) else g for g in due]
+        while True:
+            due = self.redis.zrangebyscore(LABELLING_CANDIDATES_KEY, "-inf", now - self.config.delay_seconds,
+                                           start=0, num=batch)
+            ids = [g.decode() if isinstance(g, bytes) else g for g in due]
+            chosen, dropped = self._decide(ids)
+            self.forget(dropped)
+            if chosen or len(ids) < batch:
+                return chosen
+
+    def _decide(self, ids: list[str]) -> tuple[list[str], list[str]]:
+        """Split due groups into those to rank and those to drop (expired, or ranked by a person
+        and outside the agreement sample)."""
         pipe = self.redis.pipeline(transaction=False)
         for group_id in ids:
             pipe.exists(group_key(group_id))
             pipe.hexists(group_rankings_key(group_id), SOURCE_HUMAN)
-        flags = pipe.execute()
+        flags = pipe.execute() if ids else []
         chosen, dropped = [], []
         for i, group_id in enumerate(ids):
             alive, human = bool(flags[2 * i]), bool(flags[2 * i + 1])
@@ -96,8 +104,7 @@ class LabellingScheduler:
                 chosen.append(group_id)
             else:
                 dropped.append(group_id)
-        self.forget(dropped)
-        return chosen
+        return chosen, dropped
 
     def forget(self, group_ids: list[str]) -> None:
         if group_ids:

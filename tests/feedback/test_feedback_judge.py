@@ -158,6 +158,21 @@ def test_scheduler_picks_unranked_groups_after_the_delay_and_a_fraction_of_the_r
     assert scheduler.due_groups(now + 60) == ["fresh"]
 
 
+def test_scheduler_looks_past_a_batch_of_dropped_groups(redis_client, group_store):
+    now = 1_800_000_000.0
+    stream = RankingStream(redis_client)
+    for i in range(5):  # ranked by people, and none in the agreement sample (fraction 0)
+        group_store.save(group_result(f"p{i}", ["a", "b"], created_at=now - 300 + i))
+        stream.append(RankingEntry(f"p{i}", [f"p{i}-0", f"p{i}-1"], "human"))
+    group_store.save(group_result("todo", ["a", "b"], created_at=now - 200))
+    group_store.save(group_result("single", ["only"], created_at=now - 400))  # never a candidate
+    scheduler = LabellingScheduler(redis_client, LabellingConfig(delay_seconds=60, fraction=0.0))
+    assert scheduler.due_groups(now, batch=2) == ["todo"]
+    scheduler.forget(["todo"])
+    assert scheduler.due_groups(now, batch=2) == []
+    assert redis_client.zcard(LABELLING_CANDIDATES_KEY) == 0
+
+
 def test_agreement_sample_is_the_configured_fraction():
     share = sum(in_agreement_sample(f"group-{i}", 0.3) for i in range(4000)) / 4000
     assert 0.27 < share < 0.33
