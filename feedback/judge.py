@@ -6,14 +6,15 @@ softmax over its next-token log-probabilities of "A" and "B". LMs favour one pos
 pair is scored in both orders and the two estimates are averaged. Lee et al. average the
 probabilities, P(a > b) = (P(A | a first) + 1 - P(A | b first)) / 2 (``combine_orders =
 "probability"``). Small judges saturate, though: the embedded 135M model says "A" with
-P ≈ 0.98 whichever answer comes first, so averaged probabilities all land within 0.005 of 0.5
-and no ranking clears a confidence threshold. The default therefore averages in log-odds, where a
-position bias is an additive term that cancels exactly (a Bradley–Terry model with a position
-effect): P(a > b) = σ((logit P(A | a first) − logit P(A | b first)) / 2). Both are exactly
-antisymmetric, so swapping the samples cannot change the verdict. The pairwise preferences are combined by soft Borda count
-(each completion scores the sum of its win probabilities) into a ranking, whose confidence is
-how decisively the pairs agree with it: the mean of 2·P(higher beats lower) − 1 over all pairs,
-clipped to [0, 1]. A caller skips rankings below its confidence threshold instead of guessing.
+P ≈ 0.98 whichever answer comes first, which squashes averaged probabilities to within 0.005 of
+0.5. The default therefore averages in log-odds, where a position bias is an additive term that
+cancels exactly (a Bradley–Terry model with a position effect): P(a > b) =
+σ((logit P(A | a first) − logit P(A | b first)) / 2); on the same group it keeps about four
+times the margin. Both are exactly antisymmetric, so swapping the samples cannot change the
+verdict. The pairwise preferences are combined by soft Borda count (each completion scores the
+sum of its win probabilities) into a ranking, whose confidence is how decisively the pairs agree
+with it: the mean of 2·P(higher beats lower) − 1 over all pairs, clipped to [0, 1]. A caller
+skips rankings below its confidence threshold instead of guessing.
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ class RankingEntry:
             annotator_id=f.get("annotator_id", ""),
             comment=f.get("comment", ""),
             judge_id=f.get("judge_id", ""),
-            pair_probabilities=[(str(a), str(b), float(p)) for a, b, p in json.loads(f.get("pair_probabilities") or "[]")],
+            pair_probabilities=[(str(a), str(b), float(p))
+                                for a, b, p in json.loads(f.get("pair_probabilities") or "[]")],
             confidence=float(confidence) if confidence else None,
             ranking_id=f["ranking_id"],
             created_at=float(f["created_at"]),

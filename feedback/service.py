@@ -55,9 +55,11 @@ def check_request_shape(request: feedback_pb2.SubmitRankingRequest) -> None:
                         f"each completion may appear once in a ranking; repeated: {', '.join(repeated)}")
     for name in ("group_id", "annotator_id", "idempotency_key"):
         if len(getattr(request, name)) > MAX_ID_CHARS:
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "too_long", f"{name} is longer than {MAX_ID_CHARS} characters")
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "too_long",
+                            f"{name} is longer than {MAX_ID_CHARS} characters")
     if len(request.comment) > MAX_COMMENT_CHARS:
-        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "too_long", f"comment is longer than {MAX_COMMENT_CHARS} characters")
+        raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "too_long",
+                        f"comment is longer than {MAX_COMMENT_CHARS} characters")
     if request.annotator_id.startswith(AI_ANNOTATOR_PREFIX):
         raise Rejection(grpc.StatusCode.PERMISSION_DENIED, "reserved_annotator",
                         f"annotator ids starting with {AI_ANNOTATOR_PREFIX!r} are reserved for the AI labeler")
