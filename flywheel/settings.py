@@ -49,6 +49,30 @@ class Settings:
 
     # ---- feedback ----
     group_ttl_seconds: int = field(default=7 * 24 * 3600, metadata={"help": "how long served groups stay rankable"})
+    rankings_claim_idle_seconds: float = field(
+        default=300.0, metadata={"help": "a ranking pending this long with a consumer is reclaimed by another"})
+    judge_model: str = field(
+        default="", metadata={"help": "AI labeler's judge: a Hugging Face causal-LM folder; empty = embedded default"})
+    judge_constitution: str = field(
+        default="", metadata={"help": "the judge's principles (a text file); empty = the shipped constitution.md"})
+    judge_max_text_tokens: int = field(
+        default=384, metadata={"help": "prompt and each answer are cut to this many tokens in a judge prompt"})
+    judge_batch_size: int = field(default=8, metadata={"help": "judge prompts scored in one forward pass"})
+    judge_combine_orders: str = field(
+        default="log_odds", metadata={"help": "average both orders' verdicts in log_odds or probability (Lee et al.)"})
+    labelling_delay_seconds: float = field(
+        default=3600.0, metadata={"help": "a group still without a human ranking after this long is AI-ranked"})
+    labelling_fraction: float = field(
+        default=0.05, metadata={"help": "fraction of all groups AI-ranked even when people ranked them (agreement)"})
+    # 0.1: the pairs in the chosen order average P >= 0.55. The embedded 135M judge is near chance
+    # (4 of 6 clear-cut pairs right, confidence ~0.02), so with it nearly every group is skipped,
+    # not guessed; configure a stronger judge_model to get AI rankings
+    labelling_min_confidence: float = field(
+        default=0.1, metadata={"help": "AI rankings below this confidence (0..1) are skipped, not guessed"})
+    labelling_schedule_seconds: float = field(
+        default=60.0, metadata={"help": "how often celery beat looks for groups to label"})
+    labelling_metrics_port: int = field(
+        default=9401, metadata={"help": "HTTP port of a labelling worker's /metrics; 0 = disabled"})
 
     # ---- training ----
 

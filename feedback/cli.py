@@ -1,0 +1,120 @@
+"""``flywheel rank`` and ``flywheel feedback ...``: feedback from a terminal.
+
+Ranking goes through the gRPC API like any other client, so a person at a terminal gets exactly
+the validation and status codes an application gets. The maintenance commands talk to Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import uuid
+
+import grpc
+
+from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
+
+
+def register(subparsers) -> None:
+    rank = subparsers.add_parser("rank", help="rank completions of a served group, best first",
+                                 description="Rank 2 to 9 completions of one served group, best first.")
+    rank.add_argument("group_id")
+    rank.add_argument("completion_ids", nargs="+", metavar="COMPLETION_ID", help="best first")
+    rank.add_argument("--annotator", default="", help="who ranked (e.g. your user name)")
+    rank.add_argument("--comment", default="")
+    rank.add_argument("--idempotency-key", default="", help="default: a fresh key, reused by the retries")
+    rank.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+    add_settings_flags(rank, ["grpc_address"])
+    rank.set_defaults(handler=run_rank)
+
+    feedback = subparsers.add_parser("feedback", help="feedback stream statistics and maintenance")
+    commands = feedback.add_subparsers(dest="feedback_command", metavar="COMMAND")
+    stats = commands.add_parser("stats", help="rankings collected, stream length, pending per consumer group")
+    stats.add_argument("--timeout", type=float, default=10.0)
+    add_settings_flags(stats, ["grpc_address"])
+    stats.set_defaults(handler=run_stats)
+    schedule = commands.add_parser("schedule", help="enqueue AI labelling of the groups that are due, once")
+    add_settings_flags(schedule, ["redis_url", "data_dir", "labelling_delay_seconds", "labelling_fraction"])
+    schedule.set_defaults(handler=run_schedule)
+    trim = commands.add_parser("trim", help="delete rankings every consumer group has acknowledged")
+    add_settings_flags(trim, ["redis_url", "data_dir"])
+    trim.set_defaults(handler=run_trim)
+
+
+def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, feedback_pb2_grpc.FeedbackStub]:
+    channel = grpc.insecure_channel(settings_from_args(args).grpc_address)
+    return channel, feedback_pb2_grpc.FeedbackStub(channel)
+
+
+def run_rank(args: argparse.Namespace) -> int:
+    request = feedback_pb2.SubmitRankingRequest(
+        group_id=args.group_id, completion_ids=args.completion_ids, annotator_id=args.annotator,
+        comment=args.comment, idempotency_key=args.idempotency_key or uuid.uuid4().hex)
+    channel, stub = _stub(args)
+    with channel:
+        try:
+            reply = stub.SubmitRanking(request, timeout=args.timeout, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            print(f"flywheel rank: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    note = " (already recorded)" if reply.duplicate else ""
+    print(f"ranking {reply.ranking_id} stored as stream entry {reply.stream_entry_id}{note}")
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    channel, stub = _stub(args)
+    with channel:
+        try:
+            stats = stub.GetFeedbackStats(feedback_pb2.GetFeedbackStatsRequest(), timeout=args.timeout,
+                                          wait_for_ready=True)
+        except grpc.RpcError as exc:
+            print(f"flywheel feedback stats: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"rankings: {stats.rankings_total} ({stats.human_rankings} human, {stats.ai_rankings} ai)")
+    print(f"stream length: {stats.stream_length}")
+    for group in stats.consumer_groups:
+        print(f"consumer group {group.name}: {group.pending} pending, {group.lag} not yet delivered")
+    if stats.agreement_pairs:
+        print(f"AI-human agreement: {stats.ai_human_agreement:.1%} of {stats.agreement_pairs} pairs")
+    else:
+        print("AI-human agreement: no group ranked by both yet")
+    return 0
+
+
+@contextlib.contextmanager
+def _redis(args: argparse.Namespace):
+    """Settings and a Redis client (starting the embedded server when no URL is set, stopped after)."""
+    import redis
+
+    from flywheel.redis_server import resolve_redis_url
+
+    settings = settings_from_args(args)
+    url, server = resolve_redis_url(settings.redis_url, settings.data_dir)
+    client = redis.Redis.from_url(url)
+    try:
+        yield settings, client
+    finally:
+        client.close()
+        if server is not None:
+            server.stop()
+
+
+def run_schedule(args: argparse.Namespace) -> int:
+    from feedback.tasks import labelling_config, schedule_due_groups
+
+    with _redis(args) as (settings, client):
+        enqueued = schedule_due_groups(client, labelling_config(settings))["enqueued"]
+    print(f"enqueued {enqueued} groups for labelling")
+    return 0
+
+
+def run_trim(args: argparse.Namespace) -> int:
+    from feedback.rankings import RankingStream
+
+    with _redis(args) as (_, client):
+        trimmed = RankingStream(client).trim_acknowledged()
+    print(f"trimmed {trimmed} acknowledged rankings")
+    return 0
