@@ -23,6 +23,7 @@ from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name
 AI_ANNOTATOR_PREFIX = "ai:"  # annotator ids the AI labeler writes; people may not use them
 MAX_ID_CHARS = 256
 MAX_COMMENT_CHARS = 8192

@@ -17,6 +17,8 @@ import grpc
 
 from flywheel.redis_server import free_port
 from flywheel.settings import Settings
+from flywheel.v1 import feedback_pb2 as feedback_pb
+from flywheel.v1 import feedback_pb2_grpc as feedback_rpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 
@@ -29,12 +31,13 @@ QUESTIONS = [
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from serving.server import InferenceServer
+    from serving.cli import build_server
 
     settings = Settings.load({"grpc_address": "127.0.0.1:0", "metrics_port": free_port()})
-    print(f"== starting the server (data dir {settings.data_dir}; the first run converts the model, ~20 s)")
+    print(f"== starting Redis and the server (data dir {settings.data_dir}; the first run converts the model, ~20 s)")
     started = time.monotonic()
-    server = InferenceServer(settings).start(wait_until_ready=True)
+    server, release = build_server(settings)
+    server.start(wait_until_ready=True)
     print(f"== serving on 127.0.0.1:{server.port} after {time.monotonic() - started:.1f} s; "
           f"metrics on http://127.0.0.1:{server.metrics_port}/metrics")
     try:
@@ -55,14 +58,27 @@ def main() -> int:
             tokens = sum(c.token_count for r in responses for c in r.completions)
             print(f"\n== {len(responses)} concurrent requests x 3 samples: {tokens} tokens in {elapsed:.1f} s "
                   f"({tokens / elapsed:.0f} tok/s, batched together)")
+            # a user ranks each group by a simple stated preference: the shortest answer is best
+            feedback = feedback_rpc.FeedbackStub(channel)
+            for response in responses:
+                ranking = sorted(response.completions, key=lambda c: len(c.text))
+                ack = feedback.SubmitRanking(feedback_pb.SubmitRankingRequest(
+                    group_id=response.group_id, completion_ids=[c.completion_id for c in ranking],
+                    annotator_id="demo-user", idempotency_key=f"demo-{response.group_id}"), timeout=30)
+                print(f"== ranked group {response.group_id[:8]}… (shortest first): stream entry {ack.stream_entry_id}")
+            stats = feedback.GetFeedbackStats(feedback_pb.GetFeedbackStatsRequest(), timeout=30)
+            print(f"== feedback stream: {stats.rankings_total} rankings ({stats.human_rankings} human, "
+                  f"{stats.ai_rankings} AI), stream length {stats.stream_length}")
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-        wanted = ("flywheel_requests_total{", "flywheel_generated_tokens_total ", "flywheel_serving_policy_version ")
+        wanted = ("flywheel_requests_total{", "flywheel_generated_tokens_total ", "flywheel_serving_policy_version ",
+                  "flywheel_rankings_accepted_total{", "flywheel_group_store_duration_seconds_count")
         print("== server metrics:")
         for line in metrics.splitlines():
             if line.startswith(wanted):
                 print("  " + line)
     finally:
         server.stop(grace=5)
+        release()
     return 0
 
 

@@ -87,6 +87,9 @@ class RedisServer:
         """Stop the server: SIGTERM (it flushes the AOF) or, with ``kill``, SIGKILL."""
         if self.process is None or self.process.poll() is not None:
             return
+        marker = self.data_dir / "redis.url"
+        if marker.exists() and marker.read_text().strip() == self.url:
+            marker.unlink()
         if kill:
             self.process.kill()
         else:
@@ -105,12 +108,27 @@ class RedisServer:
 
 
 def resolve_redis_url(redis_url: str, data_dir: Path) -> tuple[str, RedisServer | None]:
-    """The configured ``REDIS_URL``, or an embedded server started in ``data_dir/redis``.
+    """The configured ``REDIS_URL``, or the embedded server of ``data_dir``.
 
-    Returns the URL and the server to stop at exit (None when Redis is external).
+    Every Flywheel process on one data directory shares one embedded redis-server: the first
+    starts it and writes its URL to ``data_dir/redis/redis.url``; the others find it there. Returns
+    the URL and the server this call started (the caller stops it at exit), or None.
     """
     url = redis_url or os.environ.get("REDIS_URL", "")
     if url:
         return url, None
-    server = RedisServer(Path(data_dir) / "redis").start()
+    folder = Path(data_dir) / "redis"
+    marker = folder / "redis.url"
+    if marker.exists():
+        running = marker.read_text().strip()
+        client = redis.Redis.from_url(running, socket_connect_timeout=0.5)
+        try:
+            client.ping()
+            return running, None
+        except redis.RedisError:
+            pass  # left over from a server that is gone
+        finally:
+            client.close()
+    server = RedisServer(folder).start()
+    marker.write_text(server.url)
     return server.url, server

@@ -48,6 +48,9 @@ class Settings:
     )
 
     # ---- feedback ----
+    store_groups: bool = field(
+        default=True, metadata={"help": "store served groups in Redis and serve the Feedback API on the same port"}
+    )
     group_ttl_seconds: int = field(default=7 * 24 * 3600, metadata={"help": "how long served groups stay rankable"})
     rankings_claim_idle_seconds: float = field(
         default=300.0, metadata={"help": "a ranking pending this long with a consumer is reclaimed by another"})

@@ -6,12 +6,16 @@ import argparse
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from serving.server import InferenceServer
 
 from flywheel.cli import add_settings_flags, settings_from_args
 
 SERVE_SETTINGS = ["data_dir", "model", "dtype", "torch_threads", "grpc_address", "metrics_port",
                   "max_batch_sequences", "max_queued_requests", "max_new_tokens_limit", "default_max_new_tokens",
-                  "max_samples", "grpc_workers", "redis_url", "group_ttl_seconds"]
+                  "max_samples", "grpc_workers", "redis_url", "group_ttl_seconds", "store_groups"]
 
 
 def register(subparsers) -> None:
@@ -38,15 +42,47 @@ def register(subparsers) -> None:
     complete.set_defaults(handler=run_complete)
 
 
+def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
+    """The serving process: Inference, plus (with ``store_groups``) the group store and the Feedback
+    API on the same port, backed by ``REDIS_URL`` or an embedded redis-server. Returns the server
+    and a function that releases what it started besides."""
+    from serving.server import InferenceServer
+
+    if not settings.store_groups:
+        return InferenceServer(settings), lambda: None
+
+    import redis
+
+    from feedback.groups import GroupStore
+    from feedback.service import FEEDBACK_SERVICE, FeedbackServicer, add_feedback_service
+    from flywheel.redis_server import resolve_redis_url
+    from serving.metrics import ServingMetrics
+
+    url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
+    # short timeouts: with Redis down, completions are still served (their groups just cannot be ranked)
+    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=10)
+    metrics = ServingMetrics()
+    feedback = FeedbackServicer(client, group_ttl_seconds=settings.group_ttl_seconds, registry=metrics.registry)
+    server = InferenceServer(
+        settings, metrics=metrics, group_sink=GroupStore(client, settings.group_ttl_seconds).save,
+        services=[(FEEDBACK_SERVICE, lambda grpc_server: add_feedback_service(grpc_server, feedback))])
+
+    def release() -> None:
+        client.close()
+        if embedded is not None:
+            embedded.stop()
+
+    return server, release
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import torch
-
-    from serving.server import InferenceServer
 
     settings = settings_from_args(args)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    server = InferenceServer(settings).start()
+    server, release = build_server(settings)
+    server.start()
     stopping = threading.Event()
 
     def shutdown(signum, frame):
@@ -57,7 +93,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, shutdown)
     signal.signal(signal.SIGTERM, shutdown)
-    server.wait()
+    try:
+        server.wait()
+    finally:
+        release()
     return 0
 
 

@@ -39,6 +39,12 @@ class ServingMetrics(EngineObserver):
                                           registry=r)
         self.policy_version = Gauge("flywheel_serving_policy_version", "policy version this server samples from",
                                     registry=r)
+        self.group_store_duration = Histogram("flywheel_group_store_duration_seconds",
+                                              "storing one served group in Redis for ranking",
+                                              buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 1),
+                                              registry=r)
+        self.group_store_failures = Counter("flywheel_group_store_failures",
+                                            "served groups that could not be stored (Redis down)", registry=r)
         self.model_loaded = Gauge("flywheel_serving_model_loaded", "1 once the model is loaded and serving",
                                   registry=r)
 

@@ -136,6 +136,8 @@ class InferenceServer:
     settings: Settings
     load: Callable[[], tuple[object, object]] | None = None  # returns (model, tokenizer); None = settings.model
     group_sink: GroupSink | None = None  # stores each finished group (the feedback store)
+    # more services on the same port: (full service name, function that adds it to a grpc.Server)
+    services: list[tuple[str, Callable[[grpc.Server], None]]] = field(default_factory=list)
     metrics: ServingMetrics = field(default_factory=ServingMetrics)
     engine: Engine | None = None
     port: int = 0
@@ -160,9 +162,12 @@ class InferenceServer:
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        for _, add_service in self.services:
+            add_service(self._grpc)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+            (INFERENCE_SERVICE, *(name for name, _ in self.services), health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._grpc)
         self.port = self._grpc.add_insecure_port(s.grpc_address)
         if self.port == 0:
             raise RuntimeError(f"could not bind the gRPC server to {s.grpc_address}")
@@ -256,7 +261,11 @@ class InferenceServer:
     def record_group(self, result: GroupResult) -> None:
         if self.group_sink is None:
             return
+        started = time.perf_counter()
         try:
             self.group_sink(result)
-        except Exception:  # serving goes on; the group just cannot be ranked
-            log.exception("could not store group %s", result.group_id)
+        except Exception as exc:  # serving goes on; the group just cannot be ranked
+            self.metrics.group_store_failures.inc()
+            log.warning("could not store group %s (it cannot be ranked): %s", result.group_id, exc)
+        finally:
+            self.metrics.group_store_duration.observe(time.perf_counter() - started)

@@ -12,6 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flywheel.redis_server import free_port
+from flywheel.v1 import feedback_pb2 as feedback_pb
+from flywheel.v1 import feedback_pb2_grpc as feedback_rpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 
@@ -59,10 +61,19 @@ def test_real_model_answers_and_samples(served):
             messages=[pb.ChatMessage(role="user", content="Write one sentence about the sea.")],
             n=4, max_new_tokens=32, temperature=1.0, seed=3), timeout=120)
         assert len({c.text for c in sampled.completions}) == 4
+    # the served group is rankable on the same port, from the command line too
+    best_first = sorted(sampled.completions, key=lambda c: len(c.text))
+    out = subprocess.run([sys.executable, "-m", "flywheel.cli", "rank", sampled.group_id,
+                          *[c.completion_id for c in best_first], "--grpc-address", f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stats = feedback_rpc.FeedbackStub(channel).GetFeedbackStats(feedback_pb.GetFeedbackStatsRequest(), timeout=30)
+    assert stats.human_rankings == 1 and stats.stream_length == 1
 
 
 def test_complete_command_and_clean_shutdown(served):
-    process, port, _ = served
+    process, port, data_dir = served
     out = subprocess.run([sys.executable, "-m", "flywheel.cli", "complete", "Say hello.", "--address",
                           f"127.0.0.1:{port}", "-n", "2", "--max-new-tokens", "8", "--seed", "1"],
                          capture_output=True, text=True, timeout=120)
@@ -70,3 +81,5 @@ def test_complete_command_and_clean_shutdown(served):
     assert "#0" in out.stdout and "#1" in out.stdout and "policy v0" in out.stdout
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
+    assert not (data_dir / "redis" / "redis.url").exists(), "the embedded redis-server was not stopped"
+    assert list((data_dir / "redis").rglob("appendonly*")), "no append-only file: rankings would not survive a restart"

@@ -259,3 +259,18 @@ def test_min_new_tokens_holds_off_the_end_of_sequence(server, stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.Complete(pb.CompleteRequest(prompt="x", max_new_tokens=4, min_new_tokens=5), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "min_new_tokens" in info.value.details()
+
+
+def test_processes_on_one_data_dir_share_one_embedded_redis(tmp_path):
+    from flywheel.redis_server import resolve_redis_url
+
+    url, server = resolve_redis_url("", tmp_path)
+    try:
+        again, second = resolve_redis_url("", tmp_path)
+        assert (again, second) == (url, None)
+    finally:
+        server.stop()
+    assert not (tmp_path / "redis" / "redis.url").exists()
+    url2, server2 = resolve_redis_url("", tmp_path)  # restarts after the first one stopped
+    server2.stop()
+    assert url2.startswith("redis://127.0.0.1:")

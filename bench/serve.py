@@ -1,0 +1,189 @@
+"""Serving benchmark: the real gRPC server against Hugging Face ``generate`` on the same prompts.
+
+16 concurrent clients each ask ``Complete`` for n=4 samples of exactly 64 new tokens, through a
+real ``flywheel serve`` process. In the same run, on the same model and dtype, the baselines:
+(a) one ``generate`` call per request, sequentially; (b) one left-padded static batch of all
+requests. Each measurement is repeated and the median reported; the last line is the ratio
+server / static batch. Targets on a 2-core CPU: >= 1.5x the static batch, >= 5x sequential.
+
+    python bench/serve.py [--clients 16] [--n 4] [--tokens 64] [--repeats 3] [--dtype auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from flywheel.models import load_model, resolve_dtype  # noqa: E402
+from flywheel.redis_server import free_port  # noqa: E402
+from flywheel.v1 import inference_pb2 as pb  # noqa: E402
+from flywheel.v1 import inference_pb2_grpc as rpc  # noqa: E402
+
+TOPICS = ["the sea", "a lighthouse", "autumn", "a red fox", "the moon", "a library", "rain in a city", "a violin",
+          "mountains", "a train at night", "bread", "the desert", "a garden", "snow", "an old clock", "the river"]
+
+
+def prompts(count: int) -> list[str]:
+    return [f"Write a short poem about {TOPICS[i % len(TOPICS)]} (#{i})." for i in range(count)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def start_server(data_dir: str, dtype: str, model: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = dict(os.environ, FLYWHEEL_DATA_DIR=data_dir, FLYWHEEL_GRPC_ADDRESS=f"127.0.0.1:{port}",
+               FLYWHEEL_METRICS_PORT="0", FLYWHEEL_DTYPE=dtype, FLYWHEEL_MODEL=model)
+    process = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve"], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("the server exited during start-up")
+        try:
+            if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                channel.close()
+                return process, port
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the server did not become ready")
+
+
+def run_clients(port: int, texts: list[str], n: int, tokens: int, stream: bool) -> dict:
+    """All clients start together; each sends one request. Returns throughput and latency figures."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = rpc.InferenceStub(channel)
+    barrier = threading.Barrier(len(texts) + 1)
+    latencies, ttfts, counts, errors = [], [], [], []
+
+    def client(text: str) -> None:
+        request = pb.CompleteRequest(messages=[pb.ChatMessage(role="user", content=text)], n=n,
+                                     max_new_tokens=tokens, min_new_tokens=tokens)
+        barrier.wait()
+        started = time.perf_counter()
+        try:
+            if stream:
+                first = None
+                for message in stub.StreamComplete(request, timeout=600):
+                    if first is None:
+                        first = time.perf_counter() - started
+                    if message.HasField("final"):
+                        response = message.final
+                ttfts.append(first)
+            else:
+                response = stub.Complete(request, timeout=600)
+            latencies.append(time.perf_counter() - started)
+            counts.append(sum(c.token_count for c in response.completions))
+        except grpc.RpcError as exc:
+            errors.append(exc.code().name)
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    channel.close()
+    if errors:
+        raise RuntimeError(f"requests failed: {errors}")
+    assert all(c == n * tokens for c in counts), f"expected exactly {n * tokens} tokens per request, got {counts}"
+    return {"tokens_per_s": sum(counts) / wall, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "ttft_p50": percentile(ttfts, 50) if ttfts else None, "ttft_p99": percentile(ttfts, 99) if ttfts else None}
+
+
+def rendered(tokenizer, texts: list[str]) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+            for t in texts]
+
+
+@torch.inference_mode()
+def baseline_sequential(model, tokenizer, texts: list[str], n: int, tokens: int) -> float:
+    started = time.perf_counter()
+    total = 0
+    for text in rendered(tokenizer, texts):
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**ids, do_sample=True, num_return_sequences=n, max_new_tokens=tokens,
+                             min_new_tokens=tokens, pad_token_id=tokenizer.pad_token_id)
+        total += (out.shape[1] - ids.input_ids.shape[1]) * out.shape[0]
+    return total / (time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def baseline_static_batch(model, tokenizer, texts: list[str], n: int, tokens: int) -> float:
+    tokenizer.padding_side = "left"
+    batch = tokenizer(rendered(tokenizer, texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    started = time.perf_counter()
+    out = model.generate(**batch, do_sample=True, num_return_sequences=n, max_new_tokens=tokens,
+                         min_new_tokens=tokens, pad_token_id=tokenizer.pad_token_id)
+    total = (out.shape[1] - batch.input_ids.shape[1]) * out.shape[0]
+    return total / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--model", default="", help="model folder; default the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--data-dir", default=str(ROOT / ".flywheel"))
+    args = parser.parse_args()
+    texts = prompts(args.clients)
+    dtype = resolve_dtype(args.dtype)
+    print(f"model {args.model or 'SmolLM2-135M-Instruct'}  dtype {dtype}  threads {torch.get_num_threads()}  "
+          f"{args.clients} clients x n={args.n} x {args.tokens} tokens, {args.repeats} repeats (medians)")
+
+    loaded = load_model(args.model, Path(args.data_dir), args.dtype)  # also converts the GGUF once
+    process, port = start_server(args.data_dir, args.dtype, args.model)
+    try:
+        run_clients(port, texts[:2], args.n, 8, stream=False)  # warm-up
+        unary = [run_clients(port, texts, args.n, args.tokens, stream=False) for _ in range(args.repeats)]
+        streamed = [run_clients(port, texts, args.n, args.tokens, stream=True) for _ in range(args.repeats)]
+    finally:
+        process.terminate()
+        process.wait(30)
+
+    baseline_static_batch(loaded.model, loaded.tokenizer, texts[:2], args.n, 4)  # warm-up
+    static = [baseline_static_batch(loaded.model, loaded.tokenizer, texts, args.n, args.tokens)
+              for _ in range(args.repeats)]
+    sequential = [baseline_sequential(loaded.model, loaded.tokenizer, texts, args.n, args.tokens)
+                  for _ in range(max(1, args.repeats - 1))]
+
+    med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+    server_tps = med(unary, "tokens_per_s")
+    static_tps, sequential_tps = statistics.median(static), statistics.median(sequential)
+    print(f"server (Complete)        {server_tps:8.1f} tok/s   latency p50 {med(unary, 'p50'):.2f} s  "
+          f"p99 {med(unary, 'p99'):.2f} s")
+    print(f"server (StreamComplete)  {med(streamed, 'tokens_per_s'):8.1f} tok/s   latency p50 "
+          f"{med(streamed, 'p50'):.2f} s  p99 {med(streamed, 'p99'):.2f} s  TTFT p50 {med(streamed, 'ttft_p50'):.2f} s"
+          f"  p99 {med(streamed, 'ttft_p99'):.2f} s")
+    print(f"baseline (a) generate per request, sequential  {sequential_tps:8.1f} tok/s")
+    print(f"baseline (b) generate, one static batch        {static_tps:8.1f} tok/s")
+    print(f"server / sequential: {server_tps / sequential_tps:.2f}x")
+    print(f"server / static batch: {server_tps / static_tps:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
