@@ -41,6 +41,9 @@ class Settings:
     default_max_new_tokens: int = field(default=128, metadata={"help": "max_new_tokens when a request leaves it 0"})
     max_samples: int = field(default=16, metadata={"help": "largest n a request may ask"})
     grpc_workers: int = field(default=64, metadata={"help": "gRPC handler threads (concurrent RPCs)"})
+    policy_poll_seconds: float = field(
+        default=5.0, metadata={"help": "how often a server re-checks the policy pointer besides pub/sub"}
+    )
 
     # ---- Redis (feedback stream, group records, registries, Celery broker) ----
     redis_url: str = field(

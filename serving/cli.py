@@ -15,7 +15,8 @@ from flywheel.cli import add_settings_flags, settings_from_args
 
 SERVE_SETTINGS = ["data_dir", "model", "dtype", "torch_threads", "grpc_address", "metrics_port",
                   "max_batch_sequences", "max_queued_requests", "max_new_tokens_limit", "default_max_new_tokens",
-                  "max_samples", "grpc_workers", "redis_url", "group_ttl_seconds", "store_groups"]
+                  "max_samples", "grpc_workers", "redis_url", "group_ttl_seconds", "store_groups",
+                  "policy_poll_seconds"]
 
 
 def register(subparsers) -> None:
@@ -64,7 +65,7 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
     metrics = ServingMetrics()
     feedback = FeedbackServicer(client, group_ttl_seconds=settings.group_ttl_seconds, registry=metrics.registry)
     server = InferenceServer(
-        settings, metrics=metrics, group_sink=GroupStore(client, settings.group_ttl_seconds).save,
+        settings, metrics=metrics, group_sink=GroupStore(client, settings.group_ttl_seconds).save, policy_redis=client,
         services=[(FEEDBACK_SERVICE, lambda grpc_server: add_feedback_service(grpc_server, feedback))])
 
     def release() -> None:

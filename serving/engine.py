@@ -157,17 +157,62 @@ class _Sequence:
         self.finish_reason: str | None = None
 
 
+class _Batch:
+    """The running rows of one policy version: its model, its left-padded cache and the rows' state.
+
+    After a hot-swap, the old version's batch keeps decoding until its rows finish (so every
+    completion comes from one version), while new requests join the new version's batch.
+    """
+
+    def __init__(self, model: torch.nn.Module, version: int) -> None:
+        self.model = model
+        self.version = version
+        self.num_layers = model.config.num_hidden_layers
+        self.clear()
+
+    def clear(self) -> None:
+        self.cache = BatchKVCache(self.num_layers)
+        self.rows: list[_Sequence] = []
+        self.pads = torch.zeros(0, dtype=torch.long)
+        self.last_tokens = torch.zeros(0, 1, dtype=torch.long)
+
+    def add(self, prefilled: BatchKVCache, rows: list[_Sequence], first_tokens: torch.Tensor) -> None:
+        pad_ours, pad_new = self.cache.append(prefilled)
+        self.pads = torch.cat([self.pads + pad_ours, torch.full((len(rows),), pad_new, dtype=torch.long)])
+        self.rows.extend(rows)
+        self.last_tokens = torch.cat([self.last_tokens, first_tokens.unsqueeze(1)])
+
+    def keep(self, keep: list[int]) -> None:
+        if not keep:
+            self.clear()
+            return
+        rows = torch.tensor(keep, dtype=torch.long)
+        pads = self.pads[rows]
+        drop = int(pads.min())  # columns that are padding in every remaining row
+        self.cache.keep_rows(rows, drop_leading=drop)
+        self.pads = pads - drop
+        self.last_tokens = self.last_tokens[rows]
+        self.rows = [self.rows[i] for i in keep]
+
+    def forward_step(self) -> torch.Tensor:
+        """Decode one token for every row; returns the logits [rows, vocab]."""
+        length = self.cache.length
+        positions = torch.arange(length + 1)
+        attention_mask = (positions.unsqueeze(0) >= self.pads.unsqueeze(1)).long()
+        position_ids = (length - self.pads).unsqueeze(1)
+        out = self.model(input_ids=self.last_tokens, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+
 class Engine:
-    """Owns the model; ``submit`` from any thread, results arrive on the request's event queue."""
+    """Owns the model(s); ``submit`` from any thread, results arrive on the request's event queue."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig | None = None,
                  observer: EngineObserver | None = None, policy_version: int = 0) -> None:
-        self.model = model
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
-        self.policy_version = policy_version
-        self.num_layers = model.config.num_hidden_layers
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -179,14 +224,22 @@ class Engine:
         self._running = False
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._pending_swap: tuple[torch.nn.Module, int, threading.Event] | None = None
 
-        # the running batch: one row per sequence, left-padded
-        self._cache = BatchKVCache(self.num_layers)
-        self._rows: list[_Sequence] = []
-        self._pads = torch.zeros(0, dtype=torch.long)
-        self._last_tokens = torch.zeros(0, 1, dtype=torch.long)
+        # the batches being decoded: the last one belongs to the current version and admits new rows
+        self._batches: list[_Batch] = [_Batch(model, policy_version)]
 
     # ---- public API (any thread) ----
+
+    @property
+    def policy_version(self) -> int:
+        """The version new requests are served by."""
+        pending = self._pending_swap
+        return pending[1] if pending is not None else self._batches[-1].version
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._batches[-1].model
 
     def start(self) -> None:
         with self._lock:
@@ -203,6 +256,16 @@ class Engine:
             self._wakeup.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def swap(self, model: torch.nn.Module, version: int) -> threading.Event:
+        """Serve ``version`` from the next step boundary on. Requests already running finish on the
+        model they started with; requests admitted after the boundary use the new one. Returns an
+        event set once the swap has happened."""
+        done = threading.Event()
+        with self._wakeup:
+            self._pending_swap = (model, version, done)
+            self._wakeup.notify()
+        return done
 
     def submit(self, request: GenerationRequest) -> GenerationRequest:
         with self._wakeup:
@@ -221,7 +284,7 @@ class Engine:
 
     @property
     def running_sequences(self) -> int:
-        return len(self._rows)
+        return sum(len(b.rows) for b in self._batches)
 
     # ---- the engine thread ----
 
@@ -232,29 +295,51 @@ class Engine:
                     with self._wakeup:
                         if not self._running:
                             break
-                        if not self._rows and not self._waiting:
+                        if not self.running_sequences and not self._waiting and self._pending_swap is None:
                             self._wakeup.wait(self.config.idle_wait_seconds)
                             continue
+                    self._apply_swap()
                     self._drop_cancelled()
                     self._admit()
-                    if self._rows:
-                        self._decode_step()
-                    self.observer.on_queue(len(self._waiting), len(self._rows))
+                    for batch in list(self._batches):
+                        if batch.rows:
+                            self._decode_step(batch)
+                    # an old version's batch goes (with its model) once its last row is done
+                    self._batches = [b for b in self._batches[:-1] if b.rows] + [self._batches[-1]]
+                    self.observer.on_queue(len(self._waiting), self.running_sequences)
         except BaseException as exc:  # a bug or OOM: fail every request loudly rather than hang them
             log.exception("engine loop failed")
             self._failure = exc
         finally:
             self._fail_everything(self._failure or EngineStoppedError("the server is shutting down"))
 
+    def _apply_swap(self) -> None:
+        with self._lock:
+            pending, self._pending_swap = self._pending_swap, None
+        if pending is None:
+            return
+        model, version, done = pending
+        current = self._batches[-1]
+        if current.rows:
+            self._batches.append(_Batch(model, version))
+        else:
+            self._batches[-1] = _Batch(model, version)
+        log.info("now serving policy version %d (%d sequences finish on the previous version)",
+                 version, sum(len(b.rows) for b in self._batches[:-1]))
+        done.set()
+
     def _fail_everything(self, error: BaseException) -> None:
         with self._lock:
             self._running = False
             waiting, self._waiting = list(self._waiting), collections.deque()
-        groups = {id(s.group): s.group for s in self._rows}
+            pending, self._pending_swap = self._pending_swap, None
+        groups = {id(s.group): s.group for b in self._batches for s in b.rows}
         for request in waiting + [g.request for g in groups.values()]:
             request.events.put(ErrorEvent(error))
-        self._rows = []
-        self._cache = BatchKVCache(self.num_layers)
+        for batch in self._batches:
+            batch.clear()
+        if pending is not None:
+            pending[2].set()
 
     def _admit(self) -> None:
         """Prefill waiting requests that fit in the free slots (in arrival order)."""
@@ -269,7 +354,7 @@ class Engine:
                     self._waiting.popleft()
                     self._finish_unstarted(request)
                     continue
-                if len(self._rows) + request.params.n > self.config.max_batch_sequences:
+                if self.running_sequences + request.params.n > self.config.max_batch_sequences:
                     return
                 self._waiting.popleft()
             budget -= len(request.prompt_token_ids)
@@ -283,38 +368,28 @@ class Engine:
 
     def _prefill(self, request: GenerationRequest) -> None:
         started = time.perf_counter()
-        group = _Group(request, self.policy_version, self.eos_ids, self.tokenizer)
-        cache = BatchKVCache(self.num_layers)
+        batch = self._batches[-1]
+        group = _Group(request, batch.version, self.eos_ids, self.tokenizer)
+        cache = BatchKVCache(batch.num_layers)
         ids = torch.tensor([request.prompt_token_ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = batch.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         n = request.params.n
         cache.repeat_rows(n)
-        pad_ours, pad_new = self._cache.append(cache)
-        self._pads = torch.cat([self._pads + pad_ours, torch.full((n,), pad_new, dtype=torch.long)])
-        self._rows.extend(group.samples)
-        logits = out.logits[:, -1].expand(n, -1)
-        tokens = self._sample(logits, group.samples)
+        tokens = self._sample(out.logits[:, -1].expand(n, -1), group.samples)
+        batch.add(cache, group.samples, tokens)
         self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started, n)
-        self._last_tokens = torch.cat([self._last_tokens, tokens.unsqueeze(1)])
-        if group.first_token_at is None:
-            group.first_token_at = time.time()
-            self.observer.on_first_token(group.first_token_at - request.created_at)
-        # a sample may already be finished (max_new_tokens=1, eos): retire them now
-        self._retire_finished()
+        group.first_token_at = time.time()
+        self.observer.on_first_token(group.first_token_at - request.created_at)
+        # a sample may already be finished (max_new_tokens=1, end of sequence): retire it now
+        self._retire_finished(batch)
 
-    def _decode_step(self) -> None:
+    def _decode_step(self, batch: _Batch) -> None:
         started = time.perf_counter()
-        length = self._cache.length
-        positions = torch.arange(length + 1)
-        attention_mask = (positions.unsqueeze(0) >= self._pads.unsqueeze(1)).long()
-        position_ids = (length - self._pads).unsqueeze(1)
-        out = self.model(input_ids=self._last_tokens, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=self._cache, use_cache=True)
-        tokens = self._sample(out.logits[:, -1], self._rows)
-        self._last_tokens = tokens.unsqueeze(1)
-        batch = len(self._rows)
-        self._retire_finished()
-        self.observer.on_step(batch, time.perf_counter() - started, batch)
+        logits = batch.forward_step()
+        batch.last_tokens = self._sample(logits, batch.rows).unsqueeze(1)
+        size = len(batch.rows)
+        self._retire_finished(batch)
+        self.observer.on_step(size, time.perf_counter() - started, size)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> torch.Tensor:
         params = [s.group.request.params for s in rows]
@@ -348,36 +423,26 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
-        for sequence in self._rows:
-            request = sequence.group.request
-            if sequence.finish_reason is None and (request.cancelled.is_set() or request.expired(now)):
-                sequence.finish_reason = FINISH_CANCELLED
-        self._retire_finished()
+        for batch in self._batches:
+            for sequence in batch.rows:
+                request = sequence.group.request
+                if sequence.finish_reason is None and (request.cancelled.is_set() or request.expired(now)):
+                    sequence.finish_reason = FINISH_CANCELLED
+            self._retire_finished(batch)
 
-    def _retire_finished(self) -> None:
+    def _retire_finished(self, batch: _Batch) -> None:
         """Remove finished rows from the batch; complete groups whose samples are all done."""
-        keep = [i for i, s in enumerate(self._rows) if s.finish_reason is None]
-        if len(keep) == len(self._rows):
+        keep = [i for i, s in enumerate(batch.rows) if s.finish_reason is None]
+        if len(keep) == len(batch.rows):
             return
         done_groups = []
-        for sequence in self._rows:
+        for sequence in batch.rows:
             if sequence.finish_reason is not None:
                 group = sequence.group
                 group.remaining -= 1
                 if group.remaining == 0:
                     done_groups.append(group)
-        rows = torch.tensor(keep, dtype=torch.long)
-        if keep:
-            pads = self._pads[rows]
-            drop = int(pads.min())  # columns that are padding in every remaining row
-            self._cache.keep_rows(rows, drop_leading=drop)
-            self._pads = pads - drop
-            self._last_tokens = self._last_tokens[rows]
-        else:
-            self._cache = BatchKVCache(self.num_layers)
-            self._pads = torch.zeros(0, dtype=torch.long)
-            self._last_tokens = torch.zeros(0, 1, dtype=torch.long)
-        self._rows = [self._rows[i] for i in keep]
+        batch.keep(keep)
         for group in done_groups:  # after the batch shrank, so a finished request sees its slots free
             group.request.events.put(DoneEvent(group.result()))
 

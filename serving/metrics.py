@@ -45,6 +45,12 @@ class ServingMetrics(EngineObserver):
                                               registry=r)
         self.group_store_failures = Counter("flywheel_group_store_failures",
                                             "served groups that could not be stored (Redis down)", registry=r)
+        self.policy_swaps = Counter("flywheel_policy_swaps", "hot-swaps to another policy version", registry=r)
+        self.policy_swap_duration = Histogram("flywheel_policy_swap_duration_seconds",
+                                              "loading, verifying and swapping in a policy version",
+                                              buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
+        self.policy_load_failures = Counter("flywheel_policy_load_failures",
+                                            "policy versions refused (missing, corrupt, not loadable)", registry=r)
         self.model_loaded = Gauge("flywheel_serving_model_loaded", "1 once the model is loaded and serving",
                                   registry=r)
 

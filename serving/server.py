@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 import time
+from pathlib import Path
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -28,6 +29,8 @@ from serving.engine import (
     iter_events,
 )
 from serving.metrics import ServingMetrics
+from serving.policy_follower import PolicyFollower
+from serving.policy_loader import LoadedPolicy, PolicyLoader
 from serving.validation import InvalidRequest, RequestLimits, validate_request
 
 log = logging.getLogger(__name__)
@@ -138,6 +141,8 @@ class InferenceServer:
     group_sink: GroupSink | None = None  # stores each finished group (the feedback store)
     # more services on the same port: (full service name, function that adds it to a grpc.Server)
     services: list[tuple[str, Callable[[grpc.Server], None]]] = field(default_factory=list)
+    # follow the policy registry's pointer and hot-swap to it (None: always serve the base model)
+    policy_redis: object | None = None
     metrics: ServingMetrics = field(default_factory=ServingMetrics)
     engine: Engine | None = None
     port: int = 0
@@ -150,6 +155,7 @@ class InferenceServer:
         self._metrics_http = None
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
+        self.follower: PolicyFollower | None = None
 
     # ---- lifecycle ----
 
@@ -209,6 +215,8 @@ class InferenceServer:
             engine.start()
             self.engine = engine
             self.metrics.policy_version.set(engine.policy_version)
+            if self.policy_redis is not None:
+                self._follow_registry(model)
             self.metrics.model_loaded.set(1)
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("serving policy version %d", engine.policy_version)
@@ -218,9 +226,31 @@ class InferenceServer:
         finally:
             self._ready.set()
 
+    def _follow_registry(self, base_model) -> None:
+        loader = PolicyLoader(base_model, Path(self.settings.data_dir) / "policies")
+        self.follower = PolicyFollower(
+            self.policy_redis, loader.load, self.swap_to, lambda: self.engine.policy_version,
+            poll_seconds=self.settings.policy_poll_seconds,
+            on_failure=lambda version, exc: self.metrics.policy_load_failures.inc())
+        try:  # start on the registry's current version rather than the base model
+            self.follower.check_once()
+        except Exception as exc:  # Redis down at start: serve the base model, the follower catches up
+            log.warning("could not read the policy pointer at start (%s); serving v0 until it is readable", exc)
+        self.follower.start()
+
+    def swap_to(self, loaded: LoadedPolicy) -> None:
+        """Hand a loaded version to the engine and wait for the step boundary where it takes over."""
+        started = time.perf_counter()
+        self.engine.swap(loaded.model, loaded.version).wait(60)
+        self.metrics.policy_swaps.inc()
+        self.metrics.policy_swap_duration.observe(loaded.seconds + time.perf_counter() - started)
+        self.metrics.policy_version.set(loaded.version)
+
     def stop(self, grace: float = 10.0) -> None:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then stop the engine."""
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.follower is not None:
+            self.follower.stop()
         if self._grpc is not None:
             self._grpc.stop(grace).wait(grace + 5)
         if self.engine is not None:

@@ -34,7 +34,7 @@ PROMPTS = ["Hello", "The quick brown fox jumps over the lazy dog and", "A much l
 def test_greedy_batched_decoding_equals_generate_per_prompt(loaded, engine):
     """Rows of different lengths joining one batch must decode exactly as they would alone."""
     tok, model = loaded.tokenizer, loaded.model
-    requests = [request(tok, p, n=2, max_new_tokens=12, temperature=0.0) for p in PROMPTS]
+    requests = [request(tok, p, n=2, max_new_tokens=12, min_new_tokens=12, temperature=0.0) for p in PROMPTS]
     for r in requests:
         engine.submit(r)
     results = [next(e for e in iter_events(r) if isinstance(e, DoneEvent)).result for r in requests]
@@ -75,7 +75,7 @@ def test_samples_differ_and_a_seed_reproduces_them_whatever_shares_the_batch(loa
 
 def test_cancelled_request_frees_its_slots(loaded, engine):
     tok = loaded.tokenizer
-    long = request(tok, "Tell me everything", n=4, max_new_tokens=400)
+    long = request(tok, "Tell me everything", n=4, max_new_tokens=400, min_new_tokens=400)
     engine.submit(long)
     deadline = time.monotonic() + 10
     while engine.running_sequences < 4 and time.monotonic() < deadline:
@@ -88,7 +88,7 @@ def test_cancelled_request_frees_its_slots(loaded, engine):
 
 
 def test_deadline_cancels_a_request(loaded, engine):
-    r = request(loaded.tokenizer, "Go on", n=2, max_new_tokens=500)
+    r = request(loaded.tokenizer, "Go on", n=2, max_new_tokens=500, min_new_tokens=500)
     r.deadline = time.monotonic() + 0.3
     result = run_to_completion(engine, r, timeout=30)
     assert {s.finish_reason for s in result.samples} == {"cancelled"}
@@ -98,7 +98,7 @@ def test_full_queue_is_refused(loaded):
     engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(max_batch_sequences=2, max_queued_requests=1))
     engine.start()
     try:
-        blocker = engine.submit(request(loaded.tokenizer, "a", n=2, max_new_tokens=300))
+        blocker = engine.submit(request(loaded.tokenizer, "a", n=2, max_new_tokens=300, min_new_tokens=300))
         while engine.running_sequences < 2:
             time.sleep(0.01)
         engine.submit(request(loaded.tokenizer, "b", n=2, max_new_tokens=2))  # waits: batch is full

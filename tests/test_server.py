@@ -50,7 +50,7 @@ def metric_value(text: str, name: str, labels: str = "") -> float:
 
 
 def test_n_distinct_samples_with_their_data(stub):
-    response = stub.Complete(pb.CompleteRequest(prompt="Tell me a story", n=4, max_new_tokens=12), timeout=30)
+    response = stub.Complete(pb.CompleteRequest(prompt="Tell me a story", n=4, max_new_tokens=12, min_new_tokens=12), timeout=30)
     assert len(response.completions) == 4
     assert len({c.text for c in response.completions}) == 4
     assert len({c.completion_id for c in response.completions}) == 4
@@ -146,7 +146,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(stub, request_, field):
 
 
 def test_cancellation_frees_the_batch(server, stub):
-    call = stub.StreamComplete(pb.CompleteRequest(prompt="Ramble", n=4, max_new_tokens=500), timeout=60)
+    call = stub.StreamComplete(pb.CompleteRequest(prompt="Ramble", n=4, max_new_tokens=500, min_new_tokens=500), timeout=60)
     next(call)  # generation is running
     assert server.engine.running_sequences >= 4
     call.cancel()
@@ -159,7 +159,7 @@ def test_cancellation_frees_the_batch(server, stub):
 def test_deadline_is_honoured(server, stub):
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
-        stub.Complete(pb.CompleteRequest(prompt="Ramble", n=4, max_new_tokens=500), timeout=0.5)
+        stub.Complete(pb.CompleteRequest(prompt="Ramble", n=4, max_new_tokens=500, min_new_tokens=500), timeout=0.5)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 5
     deadline = time.monotonic() + 10
@@ -173,7 +173,7 @@ def test_full_queue_is_resource_exhausted(tiny_model_dir):
                                            max_queued_requests=1)).start(wait_until_ready=True)
     try:
         stub = rpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-        running = stub.StreamComplete(pb.CompleteRequest(prompt="a", n=4, max_new_tokens=500), timeout=60)
+        running = stub.StreamComplete(pb.CompleteRequest(prompt="a", n=4, max_new_tokens=500, min_new_tokens=500), timeout=60)
         next(running)
         waiting = stub.Complete.future(pb.CompleteRequest(prompt="b", n=1, max_new_tokens=2), timeout=60)
         deadline = time.monotonic() + 10
@@ -237,7 +237,7 @@ def test_graceful_shutdown_lets_in_flight_requests_finish(tiny_model_dir):
     server = InferenceServer(make_settings(tiny_model_dir)).start(wait_until_ready=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     stub = rpc.InferenceStub(channel)
-    in_flight = stub.StreamComplete(pb.CompleteRequest(prompt="finish me", n=2, max_new_tokens=200), timeout=60)
+    in_flight = stub.StreamComplete(pb.CompleteRequest(prompt="finish me", n=2, max_new_tokens=200, min_new_tokens=200), timeout=60)
     next(in_flight)
     stopper = threading.Thread(target=server.stop, kwargs={"grace": 30})
     stopper.start()
