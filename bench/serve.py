@@ -3,7 +3,8 @@
 16 concurrent clients each ask ``Complete`` for n=4 samples of exactly 64 new tokens, through a
 real ``flywheel serve`` process. In the same run, on the same model and dtype, the baselines:
 (a) one ``generate`` call per request, sequentially; (b) one left-padded static batch of all
-requests. Each measurement is repeated and the median reported; the last line is the ratio
+requests. The server runs with the group store on (every group written to an embedded Redis, as
+in production) and once more with it off, to show what storing costs. Each measurement is repeated and the median reported; the last line is the ratio
 server / static batch. Targets on a 2-core CPU: >= 1.5x the static batch, >= 5x sequential.
 
     python bench/serve.py [--clients 16] [--n 4] [--tokens 64] [--repeats 3] [--dtype auto]
@@ -46,10 +47,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def start_server(data_dir: str, dtype: str, model: str) -> tuple[subprocess.Popen, int]:
+def start_server(data_dir: str, dtype: str, model: str, store_groups: bool) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = dict(os.environ, FLYWHEEL_DATA_DIR=data_dir, FLYWHEEL_GRPC_ADDRESS=f"127.0.0.1:{port}",
-               FLYWHEEL_METRICS_PORT="0", FLYWHEEL_DTYPE=dtype, FLYWHEEL_MODEL=model)
+               FLYWHEEL_METRICS_PORT="0", FLYWHEEL_DTYPE=dtype, FLYWHEEL_MODEL=model,
+               FLYWHEEL_STORE_GROUPS=str(store_groups).lower())
     process = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve"], env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -156,14 +158,24 @@ def main() -> None:
           f"{args.clients} clients x n={args.n} x {args.tokens} tokens, {args.repeats} repeats (medians)")
 
     loaded = load_model(args.model, Path(args.data_dir), args.dtype)  # also converts the GGUF once
-    process, port = start_server(args.data_dir, args.dtype, args.model)
-    try:
-        run_clients(port, texts[:2], args.n, 8, stream=False)  # warm-up
-        unary = [run_clients(port, texts, args.n, args.tokens, stream=False) for _ in range(args.repeats)]
-        streamed = [run_clients(port, texts, args.n, args.tokens, stream=True) for _ in range(args.repeats)]
-    finally:
-        process.terminate()
-        process.wait(30)
+    with tempfile.TemporaryDirectory() as scratch:  # its own embedded Redis, so the bench leaves no data behind
+        models = Path(scratch) / "models"
+        models.symlink_to(Path(args.data_dir).resolve() / "models")
+        process, port = start_server(scratch, args.dtype, args.model, store_groups=True)
+        try:
+            run_clients(port, texts[:2], args.n, 8, stream=False)  # warm-up
+            unary = [run_clients(port, texts, args.n, args.tokens, stream=False) for _ in range(args.repeats)]
+            streamed = [run_clients(port, texts, args.n, args.tokens, stream=True) for _ in range(args.repeats)]
+        finally:
+            process.terminate()
+            process.wait(30)
+        process, port = start_server(scratch, args.dtype, args.model, store_groups=False)
+        try:
+            run_clients(port, texts[:2], args.n, 8, stream=False)
+            unstored = [run_clients(port, texts, args.n, args.tokens, stream=False) for _ in range(args.repeats)]
+        finally:
+            process.terminate()
+            process.wait(30)
 
     baseline_static_batch(loaded.model, loaded.tokenizer, texts[:2], args.n, 4)  # warm-up
     static = [baseline_static_batch(loaded.model, loaded.tokenizer, texts, args.n, args.tokens)
@@ -179,6 +191,9 @@ def main() -> None:
     print(f"server (StreamComplete)  {med(streamed, 'tokens_per_s'):8.1f} tok/s   latency p50 "
           f"{med(streamed, 'p50'):.2f} s  p99 {med(streamed, 'p99'):.2f} s  TTFT p50 {med(streamed, 'ttft_p50'):.2f} s"
           f"  p99 {med(streamed, 'ttft_p99'):.2f} s")
+    print(f"server without storing groups in Redis  {med(unstored, 'tokens_per_s'):8.1f} tok/s   latency p50 "
+          f"{med(unstored, 'p50'):.2f} s   (storing costs {100 * (1 - server_tps / med(unstored, 'tokens_per_s')):+.1f}% "
+          f"throughput)")
     print(f"baseline (a) generate per request, sequential  {sequential_tps:8.1f} tok/s")
     print(f"baseline (b) generate, one static batch        {static_tps:8.1f} tok/s")
     print(f"server / sequential: {server_tps / sequential_tps:.2f}x")

@@ -14,16 +14,16 @@ class PolicyStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POLICY_STATUS_CANDIDATE: _ClassVar[PolicyStatus]
     POLICY_STATUS_REJECTED: _ClassVar[PolicyStatus]
     POLICY_STATUS_ROLLED_BACK: _ClassVar[PolicyStatus]
-    POLICY_STATUS_RETIRED: _ClassVar[PolicyStatus]
+    POLICY_STATUS_SUPERSEDED: _ClassVar[PolicyStatus]
 POLICY_STATUS_UNSPECIFIED: PolicyStatus
 POLICY_STATUS_CURRENT: PolicyStatus
 POLICY_STATUS_CANDIDATE: PolicyStatus
 POLICY_STATUS_REJECTED: PolicyStatus
 POLICY_STATUS_ROLLED_BACK: PolicyStatus
-POLICY_STATUS_RETIRED: PolicyStatus
+POLICY_STATUS_SUPERSEDED: PolicyStatus
 
 class PolicyVersion(_message.Message):
-    __slots__ = ("version", "parent_version", "reward_model_version", "status", "created_unix", "gate_metrics", "artifact_path")
+    __slots__ = ("version", "parent_version", "reward_model_version", "status", "created_unix", "gate_metrics", "artifact_path", "format")
     class GateMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class PolicyVersion(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     GATE_METRICS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_PATH_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     version: int
     parent_version: int
     reward_model_version: int
@@ -45,7 +46,8 @@ class PolicyVersion(_message.Message):
     created_unix: float
     gate_metrics: _containers.ScalarMap[str, float]
     artifact_path: str
-    def __init__(self, version: _Optional[int] = ..., parent_version: _Optional[int] = ..., reward_model_version: _Optional[int] = ..., status: _Optional[_Union[PolicyStatus, str]] = ..., created_unix: _Optional[float] = ..., gate_metrics: _Optional[_Mapping[str, float]] = ..., artifact_path: _Optional[str] = ...) -> None: ...
+    format: str
+    def __init__(self, version: _Optional[int] = ..., parent_version: _Optional[int] = ..., reward_model_version: _Optional[int] = ..., status: _Optional[_Union[PolicyStatus, str]] = ..., created_unix: _Optional[float] = ..., gate_metrics: _Optional[_Mapping[str, float]] = ..., artifact_path: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
 
 class ListPoliciesRequest(_message.Message):
     __slots__ = ()
@@ -96,11 +98,9 @@ class RollbackRequest(_message.Message):
     def __init__(self, to_version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PolicyChange(_message.Message):
-    __slots__ = ("from_version", "to_version", "audit_entry_id")
+    __slots__ = ("from_version", "to_version")
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     TO_VERSION_FIELD_NUMBER: _ClassVar[int]
-    AUDIT_ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     from_version: int
     to_version: int
-    audit_entry_id: str
-    def __init__(self, from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., audit_entry_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, from_version: _Optional[int] = ..., to_version: _Optional[int] = ...) -> None: ...
