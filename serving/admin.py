@@ -1,0 +1,126 @@
+"""The Admin gRPC service: the policy registry, platform status, promotion and rollback.
+
+Promotion and rollback only move the registry's ``current`` pointer (recorded in its audit
+stream with who, when, from, to and why); every replica follows the pointer through pub/sub, this
+one included. A version is verified (manifest checksums) before it is promoted, so an operator
+cannot point the fleet at an artifact no server would load.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import redis
+
+from flywheel.policy_admin import PolicyNotFoundError, promote_policy, rollback_policy
+from flywheel.registry import VersionRegistry
+from flywheel.v1 import admin_pb2, admin_pb2_grpc
+from serving.policy_loader import PolicyLoadError, read_verified_manifest
+
+log = logging.getLogger(__name__)
+
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+REWARD_MODEL_CURRENT_KEY = "flywheel:registry:reward_model:current"
+STATUSES = {
+    "current": admin_pb2.POLICY_STATUS_CURRENT,
+    "candidate": admin_pb2.POLICY_STATUS_CANDIDATE,
+    "rejected": admin_pb2.POLICY_STATUS_REJECTED,
+    "rolled_back": admin_pb2.POLICY_STATUS_ROLLED_BACK,
+    "superseded": admin_pb2.POLICY_STATUS_SUPERSEDED,
+}
+
+
+def operator(context: grpc.ServicerContext) -> str:
+    """Who made a change, for the audit stream: the caller's declared name, else its address."""
+    metadata = dict(context.invocation_metadata())
+    return metadata.get("x-flywheel-operator") or f"grpc:{context.peer()}"
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, client: redis.Redis, policies_dir: Path, serving_status: Callable[[], tuple[int, int, int]],
+                 rankings_waiting: Callable[[], int] | None = None) -> None:
+        self.registry = VersionRegistry(client, "policy", policies_dir)
+        self.client = client
+        self.serving_status = serving_status  # () -> (serving version, running sequences, queued requests)
+        self.rankings_waiting = rankings_waiting
+
+    def ListPolicies(self, request, context):
+        with self._redis_errors(context):
+            current = self.registry.current_version()
+            records = self.registry.versions()
+        policies = [admin_pb2.PolicyVersion(
+            version=0, status=admin_pb2.POLICY_STATUS_CURRENT if current == 0 else admin_pb2.POLICY_STATUS_SUPERSEDED,
+            format="base")]
+        for record in records:
+            manifest = record.manifest
+            policies.append(admin_pb2.PolicyVersion(
+                version=record.version, parent_version=int(record.parent or 0),
+                reward_model_version=int(manifest.get("reward_model_version") or 0),
+                status=STATUSES.get(record.status, admin_pb2.POLICY_STATUS_UNSPECIFIED),
+                created_unix=record.created_at,
+                gate_metrics={k: float(v) for k, v in record.figures.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                artifact_path=str(self.registry.path(record.version)), format=str(manifest.get("format", ""))))
+        return admin_pb2.ListPoliciesResponse(policies=policies, current_version=current)
+
+    def GetStatus(self, request, context):
+        serving, running, queued = self.serving_status()
+        with self._redis_errors(context):
+            registry_version = self.registry.current_version()
+            reward = self.client.get(REWARD_MODEL_CURRENT_KEY)
+            waiting = self.rankings_waiting() if self.rankings_waiting else 0
+        return admin_pb2.PlatformStatus(
+            serving_policy_version=serving, registry_policy_version=registry_version,
+            reward_model_version=int(reward) if reward else 0, rankings_waiting=waiting,
+            running_sequences=running, queued_requests=queued)
+
+    def Promote(self, request, context):
+        if request.version:
+            try:
+                read_verified_manifest(self.registry.path(request.version))
+            except PolicyLoadError as exc:
+                if not self.registry.path(request.version).exists():
+                    context.abort(grpc.StatusCode.NOT_FOUND, f"policy v{request.version} does not exist")
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"v{request.version} cannot be served: {exc}")
+        return self._change(context, lambda who: promote_policy(
+            self.registry, request.version, who, request.reason or "promoted by an operator"))
+
+    def Rollback(self, request, context):
+        to_version = request.to_version if request.HasField("to_version") else None
+        return self._change(context, lambda who: rollback_policy(
+            self.registry, to_version, who, request.reason or "rolled back by an operator"))
+
+    def _change(self, context, apply: Callable[[str], object]):
+        who = operator(context)
+        with self._redis_errors(context):
+            previous = self.registry.current_version()
+            try:
+                apply(who)
+            except PolicyNotFoundError as exc:
+                context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            except ValueError as exc:  # already current, nothing to roll back to, ...
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            now = self.registry.current_version()
+        log.info("policy pointer v%d -> v%d by %s", previous, now, who)
+        return admin_pb2.PolicyChange(from_version=previous, to_version=now)
+
+    class _redis_errors:
+        def __init__(self, context) -> None:
+            self.context = context
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, exc, tb):
+            if isinstance(exc, redis.RedisError):
+                self.context.abort(grpc.StatusCode.UNAVAILABLE, f"the registry (Redis) is unavailable: {exc}")
+            return False
+
+
+def add_admin_service(server: grpc.Server, servicer: AdminServicer) -> None:
+    admin_pb2_grpc.add_AdminServicer_to_server(servicer, server)
+
+
