@@ -25,7 +25,7 @@ from flywheel.celery_app import app
 from flywheel.settings import Settings
 from training.metrics import RewardModelMetrics
 from training.rankings import RankingStreamReader
-from training.reward_model_run import LOCK_KEY, RewardModelCache, run_reward_model_training
+from training.reward_model_run import LOCK_KEY, RewardModelCache, reward_model_registry, run_reward_model_training
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,12 @@ def _start_worker_services(sender=None, **_kwargs) -> None:
     if settings.training_metrics_port:
         start_http_server(settings.training_metrics_port, registry=METRICS_REGISTRY)
         log.info("training metrics on :%d/metrics", settings.training_metrics_port)
+        try:
+            client = redis_client(settings)
+            REWARD_MODEL_METRICS.current_version.set(reward_model_registry(client, settings).current_version())
+            client.close()
+        except redis_lib.RedisError as exc:
+            log.warning("could not read the current reward model: %s", exc)
     if settings.reward_model_check_seconds > 0:
         _WATCHER_STOP.clear()
         threading.Thread(target=_watch, args=(settings,), name="reward-model trigger", daemon=True).start()
