@@ -75,6 +75,12 @@ class RewardModel(torch.nn.Module):
 
     # ---- which parameters train ----
     def set_trainable(self, trainable_layers: int) -> None:
+        """Train the top ``trainable_layers`` (with the final norm and the head), freeze the rest.
+
+        Under a bfloat16 autocast the frozen parameters are stored in bfloat16 outright: autocast
+        would otherwise cast every frozen float32 weight again on every forward, which on a CPU
+        costs about as much as the matmuls of a small batch. Trained parameters stay float32.
+        """
         self.requires_grad_(False)
         if trainable_layers < 0:
             self.requires_grad_(True)
@@ -89,17 +95,27 @@ class RewardModel(torch.nn.Module):
             norm = getattr(self.backbone, "norm", None)
             if norm is not None:
                 norm.requires_grad_(True)
+        compute_dtype = self.compute_dtype
+        if compute_dtype is not None:
+            for parameter in self.parameters():
+                if not parameter.requires_grad:
+                    parameter.data = parameter.data.to(compute_dtype)
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # ---- forward ----
-    def autocast(self) -> contextlib.AbstractContextManager:
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The autocast dtype, None for plain float32."""
         if self.config.autocast_dtype in ("float32", "fp32"):
+            return None
+        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16}[self.config.autocast_dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype is None:
             return contextlib.nullcontext()
-        dtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16}[self.config.autocast_dtype]
-        device = next(self.parameters()).device.type
-        return torch.autocast(device_type=device, dtype=dtype)
+        return torch.autocast(device_type=self.reward_head.weight.device.type, dtype=self.compute_dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards [N] (float32) of N right-padded sequences, read at each last non-pad token."""
