@@ -8,7 +8,7 @@ precision, learning rate, optimizer (AdamW), seed and number of epochs over the 
 is timed over its training loop only (model loading and TRL's dataset preparation excluded). The
 held-out accuracy of both is measured by the same code on the same held-out rankings.
 
-    python bench/train_reward.py            # 64 training rankings (384 pairs), 32 held out
+    python bench/train_reward.py            # 64 training rankings (384 pairs), 64 held out
     python bench/train_reward.py --quick    # 16 training rankings, one repeat
 
 Each side trains --repeats times, alternately, from the same seed; the best time of each counts
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="", help="HF causal-LM folder; empty = embedded SmolLM2-135M-Instruct")
     parser.add_argument("--data-dir", default=str(ROOT / ".flywheel"))
     parser.add_argument("--rankings", type=int, default=64, help="training rankings (each gives C(K,2) pairs)")
-    parser.add_argument("--heldout", type=int, default=32)
+    parser.add_argument("--heldout", type=int, default=64)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-5)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each side; the best time counts")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; the best time counts")
     parser.add_argument("--quick", action="store_true", help="16 training rankings, 16 held out")
     args = parser.parse_args(argv)
     if args.quick:
