@@ -77,7 +77,8 @@ def run_ours(args, model_path: Path, train, held):
     return {
         "what": (f"RewardModelTrainer: {len(train)} rankings x {args.epochs} epoch(s), batch {args.batch_rankings} "
                  f"rankings (= {args.batch_rankings * args.k} sequences per forward, each completion once), "
-                 f"{stats.steps} steps, {model.trainable_parameter_count() / 1e6:.1f} M trained parameters"),
+                 f"{stats.steps} steps, {model.trainable_parameter_count() / 1e6:.1f} M trained parameters, "
+                 f"frozen parameters in {'bfloat16' if model.compute_dtype is not None else 'float32'}"),
         "pairs": stats.pairs, "seconds": stats.seconds, "accuracy": accuracy, "loss": stats.loss,
     }
 
@@ -94,6 +95,10 @@ def run_baseline(args, model_path: Path, train, held):
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
     freeze_all_but_top(model.model.layers, args.trainable_layers, model, [model.model.norm, model.score])
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.baseline_frozen_bf16:  # give the baseline this trainer's trick too (not what trl does by itself)
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     with tempfile.TemporaryDirectory() as out:
         config = RewardConfig(
             output_dir=out, per_device_train_batch_size=args.baseline_batch_pairs, num_train_epochs=args.epochs,
@@ -127,7 +132,8 @@ def run_baseline(args, model_path: Path, train, held):
         "what": (f"trl {__import__('trl').__version__} RewardTrainer: {len(rows)} chosen/rejected pairs x "
                  f"{args.epochs} epoch(s), batch {args.baseline_batch_pairs} pairs (= "
                  f"{2 * args.baseline_batch_pairs} sequences per forward), {steps} steps, "
-                 f"{trained / 1e6:.1f} M trained parameters, gradient checkpointing off"),
+                 f"{trained / 1e6:.1f} M trained parameters, gradient checkpointing off, frozen parameters in "
+                 f"{'bfloat16' if args.baseline_frozen_bf16 else 'float32 (autocast casts them each forward)'}"),
         "pairs": len(rows) * args.epochs, "seconds": seconds, "accuracy": accuracy,
         "loss": float(result.training_loss),
     }
@@ -148,6 +154,8 @@ def main(argv=None) -> int:
                         help="this trainer: rankings per step (1 ranking = C(K,2) = 6 pairs, vs the baseline's 8)")
     parser.add_argument("--baseline-batch-pairs", type=int, default=8, help="baseline: pairs per step")
     parser.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--baseline-frozen-bf16", action="store_true",
+                        help="also hold the baseline's frozen parameters in bfloat16 (as this trainer does)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; the best time counts")
