@@ -64,6 +64,7 @@ def _write_json_atomically(path: Path, data: dict) -> None:
             json.dump(data, handle, indent=2, sort_keys=True)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -153,6 +154,7 @@ class VersionRegistry:
             manifest.setdefault("figures", {})
             manifest.setdefault("parent", None)
             _write_json_atomically(tmp / MANIFEST, manifest)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; replicas under other users read artifacts
             os.replace(tmp, target)
             _fsync_dir(self.root_dir)
         except BaseException:
