@@ -149,6 +149,7 @@ class VersionRegistry:
             for child in tmp.iterdir():
                 with open(child, "rb") as handle:
                     os.fsync(handle.fileno())
+                os.chmod(child, 0o644)
             manifest = dict(manifest) | {"version": version, "kind": self.kind, "status": CANDIDATE,
                                          "created_at": manifest.get("created_at", time.time())}
             manifest.setdefault("figures", {})
