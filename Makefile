@@ -25,8 +25,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	# the baselines the benchmarks measure against (the optional extra `bench`)
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) bench/serve.py
+	$(PY) bench/train_reward.py
 
 protos: $(STAMP)
 	$(PY) -m flywheel.protos

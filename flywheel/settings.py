@@ -81,6 +81,36 @@ class Settings:
         default=9401, metadata={"help": "HTTP port of a labelling worker's /metrics; 0 = disabled"})
 
     # ---- training ----
+    training_metrics_port: int = field(
+        default=9402, metadata={"help": "HTTP port of a training worker's /metrics; 0 = disabled"})
+    reward_model_backbone: str = field(
+        default="", metadata={"help": "HF causal-LM folder of the reward model's backbone; empty = the served model"})
+    reward_model_trigger_rankings: int = field(
+        default=64, metadata={"help": "new rankings that start a reward-model run"})
+    reward_model_check_seconds: float = field(
+        default=30.0, metadata={"help": "how often a training worker checks whether enough rankings arrived"})
+    reward_model_max_rankings: int = field(
+        default=4096, metadata={"help": "most new rankings one reward-model run reads from the stream"})
+    reward_model_heldout_fraction: float = field(
+        default=0.1, metadata={"help": "share of groups (by a hash of the group id) held out for evaluation"})
+    reward_model_max_heldout: int = field(
+        default=2000, metadata={"help": "most held-out rankings (the newest) evaluated per run"})
+    reward_model_accuracy_margin: float = field(
+        default=0.02, metadata={"help": "a new version is promoted unless its held-out accuracy is this much below the current's"})
+    reward_model_replay_ratio: float = field(
+        default=1.0, metadata={"help": "replayed older rankings per new ranking in a run"})
+    reward_model_ai_weight: float = field(
+        default=0.5, metadata={"help": "weight of an AI-labelled ranking relative to a human one"})
+    reward_model_learning_rate: float = field(default=1e-5, metadata={"help": "reward-model AdamW learning rate"})
+    reward_model_batch_rankings: int = field(default=8, metadata={"help": "rankings per reward-model optimizer step"})
+    reward_model_epochs: int = field(default=1, metadata={"help": "passes over a run's rankings"})
+    reward_model_max_length: int = field(default=512, metadata={"help": "longest prompt + completion in tokens"})
+    reward_model_trainable_layers: int = field(
+        default=4, metadata={"help": "top decoder layers trained with the head; -1 = all parameters"})
+    reward_model_autocast: str = field(
+        default="auto", metadata={"help": "reward-model compute dtype: bfloat16, float32 or auto (bf16 where native)"})
+    reward_model_lock_seconds: float = field(
+        default=60.0, metadata={"help": "TTL of the reward-model run lock (a dead worker frees it after this)"})
 
     @classmethod
     def field_names(cls) -> list[str]:

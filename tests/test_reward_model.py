@@ -1,0 +1,49 @@
+"""The reward model on a tiny backbone: it learns a synthetic rule, and a version stores only what
+it trained (safetensors), which loads back to the same scores."""
+
+from __future__ import annotations
+
+import torch
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from training.reward_model import RewardModel, RewardModelConfig
+from training.reward_trainer import RewardModelTrainer, RewardTrainingConfig
+from training.synthetic import synthetic_rankings
+
+
+def test_training_the_top_layer_in_bfloat16_learns_shorter_wins_well_above_chance(tiny_model_dir):
+    torch.manual_seed(0)
+    config = RewardModelConfig(str(tiny_model_dir), trainable_layers=1, max_length=96, autocast_dtype="bfloat16")
+    model = RewardModel.from_backbone(config)
+    trainer = RewardModelTrainer(model, AutoTokenizer.from_pretrained(tiny_model_dir),
+                                 RewardTrainingConfig(learning_rate=3e-3, epochs=3, batch_rankings=4))
+    held_out = synthetic_rankings(32, seed=99)
+    before = trainer.evaluate(held_out)
+    stats = trainer.train(synthetic_rankings(64, seed=1))
+    after = trainer.evaluate(held_out)
+    assert stats.pairs == 3 * 64 * 6 and stats.sequences == 3 * 64 * 4  # each completion once per epoch
+    assert after.accuracy > 0.8 > before.accuracy, (before, after)
+    assert after.loss < before.loss
+
+
+def test_a_version_stores_the_trained_parameters_and_loads_back_to_the_same_scores(tiny_model_dir, tmp_path):
+    torch.manual_seed(0)
+    config = RewardModelConfig(str(tiny_model_dir), trainable_layers=1, max_length=96, autocast_dtype="float32")
+    model = RewardModel.from_backbone(config)
+    with torch.no_grad():
+        model.reward_head.weight.add_(1.0)
+        model.backbone.layers[-1].mlp.up_proj.weight.mul_(1.5)
+    names = model.save(tmp_path)
+    assert "reward_head.weight" in names and any(n.startswith("backbone.layers.1.") for n in names)
+    assert not any(n.startswith("backbone.layers.0.") or "embed_tokens" in n for n in names)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        assert all(handle.get_tensor(n).dtype == torch.float32 for n in handle.keys())
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt, completions = "<|im_start|>user\nhi<|im_end|>\n", ["short", "a much longer answer"]
+    expected = RewardModelTrainer(model, tokenizer).score(prompt, completions)
+    torch.manual_seed(1)
+    fresh = RewardModel.from_backbone(config)
+    fresh.load_stored(tmp_path / "model.safetensors")
+    assert RewardModelTrainer(fresh, tokenizer).score(prompt, completions) == expected

@@ -1,0 +1,188 @@
+"""The reward model of InstructGPT (Ouyang et al., 2022, §3.5): a causal-LM backbone with its
+language-model head removed and a scalar head read at the last token of prompt + completion.
+
+It also holds the paper's K-way ranking loss. For a ranking of K completions, all C(K,2) pairs of
+that ranking form ONE batch element:
+
+    loss(θ) = −1/C(K,2) · Σ_{(y_w, y_l)} log σ(r_θ(x, y_w) − r_θ(x, y_l))
+
+and every completion of the ranking goes through the backbone once, not once per pair: a batch of
+rankings is one padded forward of all their completions, and the pairs are differences of those
+rewards (``PairIndex``). AI-labelled pairs carry the labeler's probability P(a ≻ b) as a soft
+target (cross-entropy) and a weight relative to human rankings.
+
+Artifacts: a version stores the *trained* parameters only (the scalar head, the top
+``trainable_layers`` decoder layers and the final norm, in float32 so training resumes exactly) in
+``model.safetensors``; the frozen rest is the backbone folder named in the manifest, which never
+changes. For SmolLM2-135M with 4 trained layers that is ~56 MB per version instead of 540 MB. With
+``trainable_layers=-1`` every parameter is trained and stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+HEAD_PREFIX = "reward_head."
+
+
+@dataclass
+class RewardModelConfig:
+    """What a reward model is made of."""
+
+    backbone: str
+    """Hugging Face causal-LM folder whose transformer is the backbone (its LM head is dropped)."""
+    trainable_layers: int = 4
+    """Top decoder layers trained together with the final norm and the head; -1 = every parameter.
+    Training the top of a pretrained backbone learns the ranking rule nearly as well on this data
+    and skips most of the backward pass."""
+    max_length: int = 512
+    """Longest prompt + completion in tokens; longer prompts are cut from the left (the completion
+    and the scored last token are kept)."""
+    autocast_dtype: str = "bfloat16"
+    """Compute dtype inside the forward (float32 master weights); "float32" turns autocast off."""
+
+
+class RewardModel(torch.nn.Module):
+    """r_θ(x, y): the backbone's hidden state at the last non-pad token, through a linear head."""
+
+    def __init__(self, backbone: torch.nn.Module, config: RewardModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        hidden = int(backbone.config.hidden_size)
+        self.reward_head = torch.nn.Linear(hidden, 1, bias=True)
+        torch.nn.init.normal_(self.reward_head.weight, std=1.0 / math.sqrt(hidden + 1))
+        torch.nn.init.zeros_(self.reward_head.bias)
+        self.set_trainable(config.trainable_layers)
+
+    @classmethod
+    def from_backbone(cls, config: RewardModelConfig) -> "RewardModel":
+        from transformers import AutoModel
+
+        backbone = AutoModel.from_pretrained(config.backbone, dtype=torch.float32)
+        backbone.config.use_cache = False
+        return cls(backbone, config)
+
+    # ---- which parameters train ----
+    def set_trainable(self, trainable_layers: int) -> None:
+        """Train the top ``trainable_layers`` (with the final norm and the head), freeze the rest.
+
+        Under a bfloat16 autocast the frozen parameters are stored in bfloat16 outright: autocast
+        would otherwise cast every frozen float32 weight again on every forward, which on a CPU
+        costs about as much as the matmuls of a small batch. Trained parameters stay float32.
+        """
+        self.requires_grad_(False)
+        if trainable_layers < 0:
+            self.requires_grad_(True)
+            return
+        self.reward_head.requires_grad_(True)
+        layers = getattr(self.backbone, "layers", None)
+        if trainable_layers > 0:
+            if layers is None:
+                raise ValueError("trainable_layers > 0 needs a backbone with .layers; use -1 to train all")
+            for layer in list(layers)[-trainable_layers:]:
+                layer.requires_grad_(True)
+            norm = getattr(self.backbone, "norm", None)
+            if norm is not None:
+                norm.requires_grad_(True)
+        compute_dtype = self.compute_dtype
+        if compute_dtype is not None:
+            for parameter in self.parameters():
+                if not parameter.requires_grad:
+                    parameter.data = parameter.data.to(compute_dtype)
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ---- forward ----
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The autocast dtype, None for plain float32."""
+        if self.config.autocast_dtype in ("float32", "fp32"):
+            return None
+        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16}[self.config.autocast_dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.reward_head.weight.device.type, dtype=self.compute_dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards [N] (float32) of N right-padded sequences, read at each last non-pad token."""
+        with self.autocast():
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            last = attention_mask.sum(dim=1) - 1
+            final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            return self.reward_head(final).squeeze(-1).float()
+
+    # ---- artifacts (safetensors only) ----
+    def stored_state_dict(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """The trained parameters (plus any ``keys`` a parent stored), float32, contiguous."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad} | set(keys or ())
+        state = self.state_dict()
+        return {n: state[n].detach().to(torch.float32).contiguous().clone() for n in sorted(names)}
+
+    def save(self, directory: Path, keys: set[str] | None = None) -> list[str]:
+        state = self.stored_state_dict(keys)
+        save_file(state, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
+        return list(state)
+
+    def load_stored(self, path: Path) -> list[str]:
+        """Load a version's stored parameters over the backbone's; returns their names."""
+        state = load_file(str(path))
+        missing = set(state) - set(self.state_dict())
+        if missing:
+            raise ValueError(f"{path} holds parameters this model does not have: {sorted(missing)[:5]}")
+        self.load_state_dict(state, strict=False)
+        return list(state)
+
+
+# ---- the K-way ranking loss ----
+@dataclass
+class PairIndex:
+    """The comparison pairs of a batch of rankings, as indices into the batch's flat reward vector.
+
+    ``target`` is P(winner ≻ loser): 1 for a human ranking, the labeler's probability for an AI one.
+    ``weight`` is (ranking weight) / (pairs of that ranking), so each ranking counts once whatever
+    its K; the loss is divided by the number of rankings in the batch.
+    """
+
+    winner: torch.Tensor
+    loser: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor
+    ranking: torch.Tensor
+    n_rankings: int
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.winner.numel())
+
+
+def k_way_ranking_loss(rewards: torch.Tensor, pairs: PairIndex) -> torch.Tensor:
+    """−1/B · Σ_rankings w/C(K,2) · Σ_pairs [p log σ(r_w − r_l) + (1−p) log σ(r_l − r_w)].
+
+    With p = 1 (human rankings) and w = 1 this is InstructGPT's −1/C(K,2) Σ log σ(r_w − r_l)
+    averaged over the rankings of the batch.
+    """
+    diff = rewards[pairs.winner] - rewards[pairs.loser]
+    per_pair = pairs.target * F.logsigmoid(diff) + (1.0 - pairs.target) * F.logsigmoid(-diff)
+    return -(pairs.weight * per_pair).sum() / max(pairs.n_rankings, 1)
+
+
+def pairwise_accuracy_counts(rewards: torch.Tensor, pairs: PairIndex) -> tuple[int, int]:
+    """(pairs ordered as labelled, pairs with a preference); ties in the label (p = 0.5) skipped."""
+    decided = pairs.target != 0.5
+    diff = rewards[pairs.winner] - rewards[pairs.loser]
+    agree = torch.where(pairs.target > 0.5, diff > 0, diff < 0)
+    return int((agree & decided).sum()), int(decided.sum())

@@ -1,0 +1,102 @@
+"""Celery tasks of the training queue, and what a training worker runs beside them.
+
+- ``training.train_reward_model``: one incremental reward-model run (skips when another holds the
+  lock or fewer than ``min_rankings`` rankings wait).
+- A watcher thread in each worker checks the rankings stream every ``reward_model_check_seconds``
+  and enqueues ``training.train_reward_model`` once ``reward_model_trigger_rankings`` new rankings
+  have arrived (a short-lived Redis key keeps several workers from enqueueing it twice).
+- ``/metrics`` on ``training_metrics_port``.
+
+The backbone stays loaded in the worker process between runs (``RewardModelCache``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+import redis as redis_lib
+from celery import signals
+from prometheus_client import CollectorRegistry, start_http_server
+
+from flywheel.celery_app import app
+from flywheel.settings import Settings
+from training.metrics import RewardModelMetrics
+from training.rankings import RankingStreamReader
+from training.reward_model_run import LOCK_KEY, RewardModelCache, reward_model_registry, run_reward_model_training
+
+log = logging.getLogger(__name__)
+
+TRAIN_REWARD_MODEL = "training.train_reward_model"
+TRIGGER_KEY = "flywheel:trigger:reward_model"
+
+METRICS_REGISTRY = CollectorRegistry()
+REWARD_MODEL_METRICS = RewardModelMetrics(METRICS_REGISTRY)
+_CACHE = RewardModelCache()
+_WATCHER_STOP = threading.Event()
+
+
+def redis_client(settings: Settings) -> redis_lib.Redis:
+    url = settings.redis_url or os.environ.get("REDIS_URL") or app.conf.broker_url
+    return redis_lib.Redis.from_url(url)
+
+
+@app.task(name=TRAIN_REWARD_MODEL, bind=True)
+def train_reward_model(self, min_rankings: int = 1, who: str = "") -> dict:
+    settings = Settings.load()
+    client = redis_client(settings)
+    try:
+        client.delete(TRIGGER_KEY)
+        report = run_reward_model_training(
+            settings, client, min_rankings=min_rankings, who=who or f"celery:{self.request.hostname}",
+            metrics=REWARD_MODEL_METRICS, cache=_CACHE)
+        return report.to_dict()
+    finally:
+        client.close()
+
+
+def trigger_if_ready(client: redis_lib.Redis, settings: Settings) -> bool:
+    """Enqueue a reward-model run when enough new rankings wait and none is running or queued."""
+    threshold = max(1, settings.reward_model_trigger_rankings)
+    if client.exists(LOCK_KEY):
+        return False
+    if RankingStreamReader(client).waiting(threshold) < threshold:
+        return False
+    if not client.set(TRIGGER_KEY, socket.gethostname(), nx=True, ex=max(60, int(settings.reward_model_lock_seconds))):
+        return False
+    train_reward_model.apply_async(kwargs={"min_rankings": threshold, "who": "trigger"})
+    log.info("enqueued a reward-model run: at least %d new rankings", threshold)
+    return True
+
+
+def _watch(settings: Settings) -> None:
+    client = redis_client(settings)
+    while not _WATCHER_STOP.wait(settings.reward_model_check_seconds):
+        try:
+            trigger_if_ready(client, settings)
+        except redis_lib.RedisError as exc:
+            log.warning("reward-model trigger check failed: %s", exc)
+
+
+@signals.worker_ready.connect
+def _start_worker_services(sender=None, **_kwargs) -> None:
+    settings = Settings.load()
+    if settings.training_metrics_port:
+        start_http_server(settings.training_metrics_port, registry=METRICS_REGISTRY)
+        log.info("training metrics on :%d/metrics", settings.training_metrics_port)
+        try:
+            client = redis_client(settings)
+            REWARD_MODEL_METRICS.current_version.set(reward_model_registry(client, settings).current_version())
+            client.close()
+        except redis_lib.RedisError as exc:
+            log.warning("could not read the current reward model: %s", exc)
+    if settings.reward_model_check_seconds > 0:
+        _WATCHER_STOP.clear()
+        threading.Thread(target=_watch, args=(settings,), name="reward-model trigger", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def _stop_worker_services(**_kwargs) -> None:
+    _WATCHER_STOP.set()
