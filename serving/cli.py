@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -56,7 +57,9 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
 
     from feedback.groups import GroupStore
     from feedback.service import FEEDBACK_SERVICE, FeedbackServicer, add_feedback_service
+    from feedback.rankings import REWARD_MODEL_CONSUMER_GROUP
     from flywheel.redis_server import resolve_redis_url
+    from serving.admin import ADMIN_SERVICE, AdminServicer, add_admin_service
     from serving.metrics import ServingMetrics
 
     url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
@@ -65,8 +68,21 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
     metrics = ServingMetrics()
     feedback = FeedbackServicer(client, group_ttl_seconds=settings.group_ttl_seconds, registry=metrics.registry)
     server = InferenceServer(
-        settings, metrics=metrics, group_sink=GroupStore(client, settings.group_ttl_seconds).save, policy_redis=client,
-        services=[(FEEDBACK_SERVICE, lambda grpc_server: add_feedback_service(grpc_server, feedback))])
+        settings, metrics=metrics, group_sink=GroupStore(client, settings.group_ttl_seconds).save, policy_redis=client)
+
+    def serving_status() -> tuple[int, int, int]:
+        engine = server.engine
+        return (engine.policy_version, engine.running_sequences, engine.queued) if engine else (0, 0, 0)
+
+    def rankings_waiting() -> int:
+        """Rankings the reward-model trainer has not used yet (all of them before it first reads)."""
+        stats = feedback.stream.stats()
+        group = next((g for g in stats.consumer_groups if g.name == REWARD_MODEL_CONSUMER_GROUP), None)
+        return stats.length if group is None else group.lag + group.pending
+
+    admin = AdminServicer(client, Path(settings.data_dir) / "policies", serving_status, rankings_waiting)
+    server.services = [(FEEDBACK_SERVICE, lambda grpc_server: add_feedback_service(grpc_server, feedback)),
+                       (ADMIN_SERVICE, lambda grpc_server: add_admin_service(grpc_server, admin))]
 
     def release() -> None:
         client.close()
