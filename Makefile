@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install protos clean
+.PHONY: demo test bench install protos clean check-deploy
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# deploy/: promtool checks and rule unit tests, dashboard metric names, compose, Dockerfile, k8s schemas
+check-deploy: $(STAMP)
+	$(PY) -m pytest tests/test_deploy.py
 
 bench: $(STAMP)
 	$(PY) bench/serve.py
