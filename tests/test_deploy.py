@@ -207,6 +207,36 @@ def test_alerts_reference_only_exported_metrics_and_labels():
         assert not unknown_labels(rule["expr"], known), (rule["alert"], unknown_labels(rule["expr"], known))
 
 
+def test_commented_kubernetes_discovery_keeps_the_k8s_pods(promtool, tmp_path):
+    lines = (PROMETHEUS / "prometheus.yml").read_text().splitlines()
+    start = lines.index("    # kubernetes_sd_configs:")
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("    #"))
+    block = yaml.safe_load("\n".join(line.removeprefix("    # ") for line in lines[start:end]))
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    config.pop("rule_files")
+    jobs = []
+    for component, job in [("server", "flywheel-server"), ("labelling-worker", "flywheel-labelling"),
+                           ("training-worker", "flywheel-training")]:
+        relabel = json.loads(json.dumps(block["relabel_configs"]).replace('"regex": "server"',
+                                                                          f'"regex": "{component}"'))
+        # Debian's promtool is built without Kubernetes discovery ("field kubernetes_sd_configs not
+        # found"), so promtool checks the relabelling on a static target and Python the discovery
+        jobs.append({"job_name": job, "static_configs": [{"targets": ["pod:1"]}], "relabel_configs": relabel})
+    config["scrape_configs"] = jobs
+    assert block["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": ["flywheel"]}}]
+    path = tmp_path / "prometheus-k8s.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = run(promtool, "check", "config", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # what it keeps is what the manifests carry
+    pods = {doc["metadata"]["name"]: doc["spec"]["template"]["metadata"] for _, doc in k8s_documents()
+            if doc["kind"] == "Deployment"}
+    for name, component in [("flywheel-server", "server"), ("flywheel-labelling-worker", "labelling-worker"),
+                            ("flywheel-training-worker", "training-worker")]:
+        assert pods[name]["labels"]["app.kubernetes.io/component"] == component
+        assert pods[name]["annotations"]["prometheus.io/scrape"] == "true"
+
+
 def test_scrape_config_covers_every_process_on_its_metrics_port():
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     assert config["rule_files"] == ["alerts.yml"]
