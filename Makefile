@@ -25,10 +25,6 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# deploy/: promtool checks and rule unit tests, dashboard metric names, compose, Dockerfile, k8s schemas
-check-deploy: $(STAMP)
-	$(PY) -m pytest tests/test_deploy.py
-
 bench: $(STAMP)
 	$(PY) bench/serve.py
 
@@ -37,3 +33,7 @@ protos: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .flywheel .pytest_cache
+
+# deploy/: promtool checks and rule unit tests, dashboard metric names, compose, Dockerfile, k8s schemas
+check-deploy: $(STAMP)
+	$(PY) -m pytest tests/test_deploy.py
