@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from training.registry import CURRENT, REJECTED, ROLLED_BACK, SUPERSEDED, VersionRegistry
+from flywheel.registry import CURRENT, REJECTED, ROLLED_BACK, SUPERSEDED, VersionRegistry
 
 
 def write(registry, parent=None, figures=None):

@@ -29,7 +29,7 @@ from flywheel.models import cpu_has_fast_bfloat16, resolve_model_path
 from flywheel.settings import Settings
 from training.metrics import RewardModelMetrics
 from training.rankings import RankingStreamReader, ReplayStore, is_held_out, sample_replay
-from training.registry import VersionRecord, VersionRegistry
+from flywheel.registry import VersionRecord, VersionRegistry
 from training.reward_model import RewardModel, RewardModelConfig
 from training.reward_trainer import EvalStats, RewardModelTrainer, RewardTrainingConfig
 from training.run_lock import RunLock
