@@ -30,6 +30,7 @@ class PolicyGateConfig:
     kl_budget: float = 10.0
     perplexity_margin: float = 0.05
     response_length: int = 48
+    max_prompt_length: int = 256
     batch_size: int = 32
     seed: int = 1234
 
@@ -45,19 +46,22 @@ class PolicyEvaluation:
 def evaluate_policy(policy: PolicyWithValueHead, reward_fn: RewardFunction, prompts: Sequence[Prompt],
                     text_batches: list, config: PolicyGateConfig) -> PolicyEvaluation:
     """Mean score and KL to π_ref of sampled responses (seeded: the same draws for every policy
-    evaluated), and perplexity on the text batches."""
+    evaluated), and perplexity on the text batches. A policy with a non-finite weight cannot even
+    be sampled from: its figures are NaN (and the gate rejects it)."""
+    if not policy.all_finite():
+        return PolicyEvaluation(float("nan"), float("nan"), float("nan"))
     generator = torch.Generator().manual_seed(config.seed)
     scores, kls = [], []
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start:start + config.batch_size]
-        query_responses, attention_mask, responses, mask = policy.generate(chunk, config.response_length,
-                                                                           generator=generator)
+        query_responses, attention_mask, responses, mask = policy.generate(
+            chunk, config.response_length, max_prompt_length=config.max_prompt_length, generator=generator)
         logits, _ = policy(query_responses, attention_mask, responses.shape[1])
         ref_logits = policy.reference_logits(query_responses, attention_mask, responses.shape[1])
         kl = (token_logprobs(logits, responses) - token_logprobs(ref_logits, responses)) * mask
         kls.append(kl.sum(dim=1))
         response_ids = [row[:int(n)].tolist() for row, n in zip(responses, mask.sum(dim=1))]
-        scores.append(reward_fn([list(p.token_ids) for p in chunk], response_ids).float())
+        scores.append(reward_fn([list(p.token_ids[-config.max_prompt_length:]) for p in chunk], response_ids).float())
     return PolicyEvaluation(mean_score=float(torch.cat(scores).mean()) if scores else float("nan"),
                             kl_to_ref=float(torch.cat(kls).mean()) if kls else float("nan"),
                             perplexity=perplexity(policy, text_batches))
