@@ -88,6 +88,8 @@ class Settings:
         default="lora", metadata={"help": "lora (adapters on the frozen base model) or full (every weight)"})
     policy_lora_rank: int = field(default=16, metadata={"help": "LoRA rank of the policy adapters"})
     policy_lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the policy adapters"})
+    policy_lora_layers: int = field(
+        default=8, metadata={"help": "top decoder layers that get LoRA adapters; -1 = every layer"})
     policy_autocast: str = field(
         default="auto", metadata={"help": "PPO compute dtype: bfloat16, float32 or auto (bf16 where native)"})
     policy_iterations: int = field(default=4, metadata={"help": "PPO iterations (rollout + update) per run"})

@@ -7,7 +7,10 @@ Why one module holds all three roles:
   the last hidden state), so PPO pays for one backbone pass per minibatch, not two;
 - π_ref is the same backbone with the adapters disabled (``reference_logits``): no second copy of
   the model in memory. Full fine-tuning keeps a frozen copy instead;
-- logits are computed for the response positions only (the LM head is the largest matmul).
+- logits are computed for the response positions only (the LM head is the largest matmul);
+- with adapters on the top layers only, the frozen bottom layers give the same hidden states for
+  π, π_ref and every PPO epoch: ``frozen_prefix`` computes them once per rollout and the forwards
+  run only the top layers from there (Llama-style bodies; others run whole).
 
 Under a bfloat16 autocast the frozen base weights are stored in bfloat16 (no per-forward casts);
 adapters and the value head stay float32 master weights.
@@ -24,7 +27,7 @@ import contextlib
 import copy
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -35,6 +38,7 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA, FULL = "lora", "full"
 
 
@@ -54,7 +58,13 @@ class PolicyModelConfig:
     """"lora": train adapters on the frozen base (a version is a few MB); "full": every weight."""
     lora_rank: int = 16
     lora_alpha: int = 32
-    lora_target_modules: str | list[str] = "all-linear"
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LINEAR_MODULES))
+    """Every linear layer of a Llama-style decoder layer ("all-linear" cannot be combined with
+    ``lora_layers``)."""
+    lora_layers: int = 8
+    """Adapters go on the top ``lora_layers`` decoder layers only (-1 = every layer): the backward
+    pass then stops there instead of running through the whole network, which on a CPU is most of
+    a PPO update's cost (the same trade as the reward model's ``trainable_layers``)."""
     autocast_dtype: str = "bfloat16"
     """Compute dtype inside forwards; "float32" turns autocast off."""
 
@@ -73,8 +83,11 @@ class PolicyWithValueHead(torch.nn.Module):
             from peft import LoraConfig, get_peft_model
 
             lm.requires_grad_(False)
+            n_layers = int(lm.config.num_hidden_layers)
+            top = {} if not 0 < config.lora_layers < n_layers else {
+                "layers_to_transform": list(range(n_layers - config.lora_layers, n_layers)), "layers_pattern": "layers"}
             lm = get_peft_model(lm, LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                                               target_modules=config.lora_target_modules, task_type="CAUSAL_LM"))
+                                               target_modules=config.lora_target_modules, task_type="CAUSAL_LM", **top))
         elif config.finetune == FULL:
             self.reference_lm = copy.deepcopy(lm).requires_grad_(False).eval()
             lm.requires_grad_(True)
@@ -84,6 +97,11 @@ class PolicyWithValueHead(torch.nn.Module):
         causal_lm = lm.get_base_model() if config.finetune == LORA else lm
         self.body = causal_lm.model
         self.lm_head = causal_lm.lm_head
+        self.frozen_layers = 0
+        """Bottom decoder layers without adapters whose output ``frozen_prefix`` caches (0 = none)."""
+        if config.finetune == LORA and all(hasattr(self.body, a) for a in ("embed_tokens", "layers", "rotary_emb", "norm")):
+            n_layers = len(self.body.layers)
+            self.frozen_layers = n_layers - config.lora_layers if 0 < config.lora_layers < n_layers else 0
         hidden = int(causal_lm.config.hidden_size)
         self.value_head = torch.nn.Linear(hidden, 1)
         self.reset_value_head()
@@ -127,18 +145,19 @@ class PolicyWithValueHead(torch.nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # ---- forwards ----
-    def forward(self, query_responses: torch.Tensor, attention_mask: torch.Tensor,
-                response_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
+                frozen_hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] that predict each of the last T tokens and the values V(s_t) [B, T]
-        (the state before each response token), from one backbone pass."""
+        (the state before each response token), from one backbone pass. ``frozen_hidden`` is
+        ``frozen_prefix``'s output for these rows, if already computed."""
         with self.autocast():
-            hidden = self._hidden(self.body, query_responses, attention_mask)
+            hidden = self._hidden(self.body, query_responses, attention_mask, frozen_hidden)
             hidden = hidden[:, -response_length - 1:-1]
             return self.lm_head(hidden), self.value_head(hidden).squeeze(-1)
 
     @torch.no_grad()
-    def reference_logits(self, query_responses: torch.Tensor, attention_mask: torch.Tensor,
-                         response_length: int) -> torch.Tensor:
+    def reference_logits(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
+                         frozen_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """π_ref's logits for the last T tokens: the base with adapters disabled (or the frozen copy)."""
         with self.autocast():
             if self.reference_lm is not None:
@@ -146,14 +165,37 @@ class PolicyWithValueHead(torch.nn.Module):
                 hidden = self._hidden(body, query_responses, attention_mask)
                 return head(hidden[:, -response_length - 1:-1])
             with self.lm.disable_adapter():
-                hidden = self._hidden(self.body, query_responses, attention_mask)
+                hidden = self._hidden(self.body, query_responses, attention_mask, frozen_hidden)
                 return self.lm_head(hidden[:, -response_length - 1:-1])
 
-    @staticmethod
-    def _hidden(body, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    @torch.no_grad()
+    def frozen_prefix(self, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The output of the bottom layers that have no adapters (None when there are none)."""
+        if not self.frozen_layers:
+            return None
+        with self.autocast():
+            embeddings = self.body.embed_tokens(query_responses)
+            return self._run_layers(embeddings, attention_mask, self.body.layers[:self.frozen_layers])
+
+    def _hidden(self, body, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                frozen_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        if frozen_hidden is not None and body is self.body and self.frozen_layers:
+            return body.norm(self._run_layers(frozen_hidden, attention_mask, body.layers[self.frozen_layers:]))
+        return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
                     use_cache=False).last_hidden_state
+
+    def _run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers) -> torch.Tensor:
+        """What the Llama-style body's forward does for a slice of its layers."""
+        from transformers.masking_utils import create_causal_mask
+
+        position_ids = _position_ids(attention_mask)
+        mask = create_causal_mask(config=self.body.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  cache=None, position_ids=position_ids)
+        position_embeddings = self.body.rotary_emb(hidden, position_ids=position_ids)
+        for layer in layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                           position_ids=position_ids)
+        return hidden
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], response_length: int, temperature: float = 1.0,
@@ -171,7 +213,7 @@ class PolicyWithValueHead(torch.nn.Module):
         responses = torch.full((batch, response_length), self.pad_id, dtype=torch.long)
         finished = torch.zeros(batch, dtype=torch.bool)
         cache = DynamicCache()
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        position_ids = _position_ids(attention_mask)
         step_ids, step_mask = input_ids, attention_mask
         with self.autocast():
             for t in range(response_length):
@@ -291,6 +333,11 @@ class PolicyWithValueHead(torch.nn.Module):
 
     def all_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.parameters() if p.requires_grad)
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding (a left-padded row starts at position 0)."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 def response_mask_until_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:

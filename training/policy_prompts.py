@@ -30,8 +30,9 @@ DEFAULT_PTX_CORPUS = DATA_DIR / "ptx_corpus.jsonl"
 DEFAULT_HELDOUT_CORPUS = DATA_DIR / "heldout_corpus.jsonl"
 
 
-def served_prompts(client: redis_lib.Redis, max_prompts: int = 4096) -> list[Prompt]:
-    """Distinct prompts of the served groups in Redis, newest first, at most ``max_prompts``."""
+def served_prompts(client: redis_lib.Redis, tokenizer, max_prompts: int = 4096) -> list[Prompt]:
+    """Distinct prompts of the served groups in Redis, newest first, at most ``max_prompts``. A
+    record without token ids (written by something other than the server) has its text tokenized."""
     found: dict[str, tuple[float, Prompt]] = {}
     keys = list(client.scan_iter(match=GROUP_KEY_PATTERN, count=1000))
     for start in range(0, len(keys), 500):
@@ -40,13 +41,15 @@ def served_prompts(client: redis_lib.Redis, max_prompts: int = 4096) -> list[Pro
                 continue
             try:
                 group = json.loads(raw)
-                prompt = Prompt(str(group["prompt"]), tuple(int(t) for t in group["prompt_token_ids"]))
+                text, token_ids = str(group["prompt"]), tuple(int(t) for t in group.get("prompt_token_ids") or ())
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("skipping an unreadable group record: %s", exc)
                 continue
+            if not token_ids and text:
+                token_ids = tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
             created = float(group.get("created_at", 0.0))
-            if prompt.token_ids and (prompt.text not in found or found[prompt.text][0] < created):
-                found[prompt.text] = (created, prompt)
+            if token_ids and (text not in found or found[text][0] < created):
+                found[text] = (created, Prompt(text, token_ids))
     newest_first = sorted(found.values(), key=lambda item: -item[0])
     return [prompt for _, prompt in newest_first[:max_prompts]]
 
@@ -77,7 +80,7 @@ def render_prompt(tokenizer, user_message: str) -> Prompt:
     return Prompt(text, tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
 
 
-def split_held_out(prompts: list[Prompt], fraction: float) -> tuple[list[Prompt], list[Prompt]]:
+def split_prompts(prompts: list[Prompt], fraction: float) -> tuple[list[Prompt], list[Prompt]]:
     """(training prompts, held-out prompts), each prompt once, by a hash of its text."""
     seen: set[str] = set()
     train, held_out = [], []

@@ -31,7 +31,7 @@ from training.policy_admin import policy_registry
 from training.policy_gate import PolicyGateConfig, evaluate_policy, gate_decision, perplexity
 from training.policy_model import LORA, PolicyModelConfig, PolicyWithValueHead
 from training.policy_prompts import (DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS, file_prompts, load_texts,
-                                     served_prompts, split_held_out)
+                                     served_prompts, split_prompts)
 from training.policy_reward import RewardModelScorer
 from training.ppo import PPOConfig, PPOStats, PPOTrainer
 from training.registry import VersionRecord
@@ -53,7 +53,8 @@ def _autocast(name: str) -> str:
 def policy_model_config(settings: Settings) -> PolicyModelConfig:
     return PolicyModelConfig(base_model=str(resolve_model_path(settings.model, Path(settings.data_dir))),
                              finetune=settings.policy_finetune, lora_rank=settings.policy_lora_rank,
-                             lora_alpha=settings.policy_lora_alpha, autocast_dtype=_autocast(settings.policy_autocast))
+                             lora_alpha=settings.policy_lora_alpha,
+                             lora_layers=settings.policy_lora_layers, autocast_dtype=_autocast(settings.policy_autocast))
 
 
 def ppo_config(settings: Settings) -> PPOConfig:
@@ -149,10 +150,10 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, who: str, metrics: 
 
     model_config = policy_model_config(settings)
     policy = cache.policy(model_config)
-    prompts = served_prompts(client, settings.policy_max_prompts)
+    prompts = served_prompts(client, policy.tokenizer, settings.policy_max_prompts)
     if settings.policy_prompts_file:
         prompts += file_prompts(Path(settings.policy_prompts_file), policy.tokenizer)
-    train_prompts, held_out = split_held_out(prompts, settings.policy_heldout_fraction)
+    train_prompts, held_out = split_prompts(prompts, settings.policy_heldout_fraction)
     held_out = held_out[:settings.policy_max_heldout]
     if len(train_prompts) < max(settings.policy_min_prompts, 1):
         return RunReport("skipped", f"{len(train_prompts)} training prompts, fewer than {settings.policy_min_prompts}")

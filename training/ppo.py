@@ -200,6 +200,8 @@ class Rollout:
     values: torch.Tensor
     scores: torch.Tensor
     """[B]: the reward model's score of each (prompt, response)."""
+    frozen_hidden: torch.Tensor | None = None
+    """[B, P + T, H]: output of the policy's frozen bottom layers, reused by every epoch."""
 
 
 @dataclass
@@ -267,19 +269,21 @@ class PPOTrainer:
             query_responses, attention_mask, responses, response_mask = self.policy.generate(
                 chunk, self.config.response_length, self.config.temperature, self.config.max_prompt_length,
                 generator=self.generator)
-            logits, values = self.policy(query_responses, attention_mask, responses.shape[1])
+            frozen = self.policy.frozen_prefix(query_responses, attention_mask)
+            logits, values = self.policy(query_responses, attention_mask, responses.shape[1], frozen)
             logprobs = token_logprobs(logits, responses)
             del logits
-            ref_logits = self.policy.reference_logits(query_responses, attention_mask, responses.shape[1])
+            ref_logits = self.policy.reference_logits(query_responses, attention_mask, responses.shape[1], frozen)
             ref_logprobs = token_logprobs(ref_logits, responses)
             del ref_logits
             prompt_ids = [p.token_ids[-self.config.max_prompt_length:] for p in chunk]
             response_ids = [row[:int(n)].tolist() for row, n in zip(responses, response_mask.sum(dim=1))]
             scores = self.reward_fn(prompt_ids, response_ids).float()
             parts.append((query_responses, attention_mask, responses, response_mask, logprobs, ref_logprobs,
-                          values.float(), scores))
+                          values.float(), scores, frozen))
+        frozen = None if parts[0][8] is None else _cat_padded([p[8] for p in parts], left=True, pad=0)
         return Rollout(*[_cat_padded([p[i] for p in parts], left=i < 2, pad=self.pad_id if i == 0 else 0)
-                         for i in range(8)])
+                         for i in range(8)], frozen_hidden=frozen)
 
     # 2-4. rewards, GAE, minibatch epochs
     def update(self, rollout: Rollout) -> dict[str, float]:
@@ -303,8 +307,10 @@ class PPOTrainer:
             for start in range(0, batch, c.mini_batch_size):
                 idx = torch.tensor(order[start:start + c.mini_batch_size])
                 mb_mask = mask[idx]
-                qr, am = _trim_left(rollout.query_responses[idx], rollout.attention_mask[idx], response_length)
-                logits, values = self.policy(qr, am, response_length)
+                first = _first_used_column(rollout.attention_mask[idx], response_length)
+                qr, am = rollout.query_responses[idx, first:], rollout.attention_mask[idx, first:]
+                frozen = None if rollout.frozen_hidden is None else rollout.frozen_hidden[idx, first:]
+                logits, values = self.policy(qr, am, response_length, frozen)
                 new_logprobs = token_logprobs(logits, rollout.responses[idx])
                 pg_loss, pg_stats = clipped_policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx], mb_mask,
                                                         c.cliprange)
@@ -384,13 +390,11 @@ class PPOTrainer:
         return result
 
 
-def _trim_left(query_responses: torch.Tensor, attention_mask: torch.Tensor,
-               response_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the columns of left padding that every row of a minibatch shares."""
+def _first_used_column(attention_mask: torch.Tensor, response_length: int) -> int:
+    """The first column that is not left padding in every row: a minibatch need not compute the rest."""
     prompt_mask = attention_mask[:, :-response_length] if response_length else attention_mask
     used = prompt_mask.any(dim=0).nonzero()
-    first = int(used[0]) if used.numel() else 0
-    return query_responses[:, first:], attention_mask[:, first:]
+    return int(used[0]) if used.numel() else 0
 
 
 def _cat_padded(tensors: list[torch.Tensor], left: bool, pad: int | float) -> torch.Tensor:
