@@ -111,6 +111,7 @@ def main() -> int:
     parser.add_argument("--response-length", type=int, default=48)
     parser.add_argument("--ppo-epochs", type=int, default=4)
     parser.add_argument("--precision", default="auto", help="our autocast: bfloat16, float32 or auto")
+    parser.add_argument("--lora-layers", type=int, default=8, help="our adapters on the top N layers; -1 = all")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--baseline-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,7 +142,8 @@ def main() -> int:
     reward_model = RewardModel.from_backbone(RewardModelConfig(str(model_path), trainable_layers=0,
                                                                autocast_dtype=precision))
     reward_model.requires_grad_(False)
-    policy = PolicyWithValueHead.from_pretrained(PolicyModelConfig(str(model_path), autocast_dtype=precision))
+    policy = PolicyWithValueHead.from_pretrained(PolicyModelConfig(str(model_path), autocast_dtype=precision,
+                                                                           lora_layers=args.lora_layers))
     prompts = [render_prompt(policy.tokenizer, text) for text in bench_prompts(args.episodes)]
     scorer = RewardModelScorer(reward_model, eos_id=policy.eos_id, pad_id=policy.pad_id)
     trainer = PPOTrainer(policy, scorer, config)
@@ -149,8 +151,11 @@ def main() -> int:
     stats = trainer.step(prompts)
     ours_seconds = time.monotonic() - started
     steps = config.ppo_epochs * config.batch_size // config.mini_batch_size
-    print(f"flywheel: PPOTrainer, 1 iteration of {config.batch_size} episodes, LoRA r={policy.config.lora_rank} on the "
-          f"frozen base ({policy.trainable_parameter_count() / 1e6:.2f} M trained parameters incl. the value head), "
+    layers = len(policy.body.layers)
+    adapted = layers - policy.frozen_layers
+    print(f"flywheel: PPOTrainer, 1 iteration of {config.batch_size} episodes, LoRA r={policy.config.lora_rank} on "
+          f"the top {adapted} of {layers} layers of the frozen base (bottom {policy.frozen_layers} computed once per "
+          f"rollout), {policy.trainable_parameter_count() / 1e6:.2f} M trained parameters incl. the value head, "
           f"value head sharing the policy's backbone, π_ref = adapters disabled, {precision} autocast, "
           f"{config.ppo_epochs} epochs x {config.batch_size // config.mini_batch_size} minibatches of "
           f"{config.mini_batch_size} ({steps} optimizer steps), one batched KV-cached generation of "

@@ -7,6 +7,7 @@ import json
 import time
 from dataclasses import asdict
 
+import pytest
 import torch
 
 from flywheel.settings import Settings
@@ -47,3 +48,12 @@ TINY_PPO = {
     "policy_lora_rank": "4", "policy_min_reward_gain": "-1000", "policy_kl_budget": "1000000",
     "policy_perplexity_margin": "1000",
 }
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: a second thread only adds synchronization (and other jobs share the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

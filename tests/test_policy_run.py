@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from flywheel.settings import Settings
-from policy_fixtures import TINY_PPO, promote_reward_model, store_served_groups
+from policy_fixtures import TINY_PPO, one_thread, promote_reward_model, store_served_groups  # noqa: F401
 from training.policy_admin import policy_registry, promote_policy, rollback_policy
 from training.policy_model import PolicyWithValueHead
 from training.policy_run import run_policy_training
@@ -22,12 +21,7 @@ from training.policy_run import run_policy_training
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

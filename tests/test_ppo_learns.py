@@ -6,19 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from policy_fixtures import one_thread  # noqa: F401 (fixture)
 from training.policy_gate import PolicyGateConfig, evaluate_policy, gate_decision, perplexity
 from training.policy_model import PolicyModelConfig, PolicyWithValueHead
 from training.policy_prompts import render_prompt
 from training.ppo import PPOConfig, PPOTrainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only adds synchronization (and other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

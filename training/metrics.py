@@ -43,7 +43,7 @@ class PPOMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         def gauge(name: str, text: str) -> Gauge:
-            return Gauge(f"flywheel_ppo_{name}", text, registry=registry)
+            return Gauge(name if name.startswith("flywheel_") else f"flywheel_ppo_{name}", text, registry=registry)
 
         self.mean_score = gauge("mean_score", "mean reward-model score of the last iteration's responses")
         self.mean_reward = gauge("mean_reward", "mean score − β·KL of the last iteration's responses")
@@ -63,14 +63,11 @@ class PPOMetrics:
         self.run_duration = Histogram(
             "flywheel_ppo_run_duration_seconds", "wall time of a PPO run", registry=registry,
             buckets=(60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800))
-        self.gate_reward_gain = Gauge(
-            "flywheel_policy_gate_reward_gain", "held-out score gain of the last candidate over the current policy",
-            registry=registry)
-        self.gate_kl_to_ref = Gauge(
-            "flywheel_policy_gate_kl_to_ref_nats", "held-out KL to the initial policy of the last candidate",
-            registry=registry)
-        self.gate_perplexity_ratio = Gauge(
-            "flywheel_policy_gate_perplexity_ratio", "held-out text perplexity of the last candidate / the initial policy's",
-            registry=registry)
-        self.current_version = Gauge(
-            "flywheel_policy_current_version", "the current policy version (0 = the base model)", registry=registry)
+        self.gate_reward_gain = gauge("flywheel_policy_gate_reward_gain",
+                                      "held-out score gain of the last candidate over the current policy")
+        self.gate_kl_to_ref = gauge("flywheel_policy_gate_kl_to_ref_nats",
+                                    "held-out KL to the initial policy of the last candidate")
+        self.gate_perplexity_ratio = gauge("flywheel_policy_gate_perplexity_ratio",
+                                           "held-out text perplexity of the last candidate / the initial policy's")
+        self.current_version = gauge("flywheel_policy_current_version",
+                                     "the current policy version (0 = the base model)")

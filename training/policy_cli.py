@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -55,33 +56,35 @@ def _who() -> str:
         return "unknown"
 
 
-def _with_registry(args, action):
+@contextlib.contextmanager
+def _redis(settings):
+    """A client of the configured Redis (or of an embedded one, stopped afterwards)."""
     from training.cli import _client
-    from training.policy_admin import policy_registry
 
-    settings = settings_from_args(args)
     client, server = _client(settings)
     try:
-        return action(policy_registry(client, settings.data_dir))
+        yield client
     finally:
         client.close()
         if server is not None:
             server.stop()
 
 
+def _with_registry(args, action):
+    from training.policy_admin import policy_registry
+
+    settings = settings_from_args(args)
+    with _redis(settings) as client:
+        return action(policy_registry(client, settings.data_dir))
+
+
 def train_policy_command(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.local:
-        from training.cli import _client
         from training.policy_run import run_policy_training
 
-        client, server = _client(settings)
-        try:
+        with _redis(settings) as client:
             report = run_policy_training(settings, client, who=f"cli:{_who()}")
-        finally:
-            client.close()
-            if server is not None:
-                server.stop()
         print(json.dumps(report.to_dict(), indent=2))
         return 0
 

@@ -239,31 +239,15 @@ class PolicyWithValueHead(torch.nn.Module):
         return query_responses, full_mask, responses, response_mask.float()
 
     def left_pad(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            if sequence:
-                input_ids[row, width - len(sequence):] = torch.tensor(list(sequence))
-                attention_mask[row, width - len(sequence):] = 1
-        return input_ids, attention_mask
+        return pad_sequences(sequences, self.pad_id, left=True)
 
     # ---- language-model loss on plain text (PPO-ptx, perplexity) ----
     def text_batches(self, texts: Sequence[str], batch_size: int, max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Tokenized right-padded batches of texts (each cut to ``max_length`` tokens)."""
         encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
         encoded = [e + [self.eos_id] for e in encoded if e]
-        batches = []
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            width = max(len(e) for e in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, e in enumerate(chunk):
-                ids[row, :len(e)] = torch.tensor(e)
-                mask[row, :len(e)] = 1
-            batches.append((ids, mask))
-        return batches
+        return [pad_sequences(encoded[start:start + batch_size], self.pad_id)
+                for start in range(0, len(encoded), batch_size)]
 
     def language_model_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             reference: bool = False, reduction: str = "mean") -> torch.Tensor:
@@ -333,6 +317,20 @@ class PolicyWithValueHead(torch.nn.Module):
 
     def all_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.parameters() if p.requires_grad)
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id lists padded to one width (right, or left for prompts
+    that a generation continues)."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            columns = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+            input_ids[row, columns] = torch.tensor(list(sequence))
+            attention_mask[row, columns] = 1
+    return input_ids, attention_mask
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from training.policy_model import pad_sequences
 from training.reward_model import RewardModel
 
 
@@ -29,14 +30,6 @@ class RewardModelScorer:
             if not response or response[-1] != self.eos_id:
                 ids.append(self.eos_id)
             sequences.append(ids[-self.model.config.max_length:])
-        scores = []
-        for start in range(0, len(sequences), self.batch_size):
-            chunk = sequences[start:start + self.batch_size]
-            width = max(len(s) for s in chunk)
-            input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, ids in enumerate(chunk):
-                input_ids[row, :len(ids)] = torch.tensor(ids)
-                attention_mask[row, :len(ids)] = 1
-            scores.append(self.model(input_ids, attention_mask))
+        scores = [self.model(*pad_sequences(sequences[start:start + self.batch_size], self.pad_id))
+                  for start in range(0, len(sequences), self.batch_size)]
         return torch.cat(scores)
