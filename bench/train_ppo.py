@@ -59,6 +59,8 @@ def run_baseline(spec_path: str) -> None:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     spec = json.loads(Path(spec_path).read_text())
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     tokenizer = AutoTokenizer.from_pretrained(spec["model"], padding_side="left")
     tokenizer.pad_token = "<|endoftext|>"  # pad == eos in SmolLM2; trl masks on the pad id
@@ -112,6 +114,9 @@ def main() -> int:
     parser.add_argument("--ppo-epochs", type=int, default=4)
     parser.add_argument("--precision", default="auto", help="our autocast: bfloat16, float32 or auto")
     parser.add_argument("--lora-layers", type=int, default=8, help="our adapters on the top N layers; -1 = all")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads on both sides; 0 = torch's default (all cores). On a shared machine "
+                             "1 avoids OpenMP threads spinning against other jobs")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--baseline-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -136,7 +141,9 @@ def main() -> int:
     model_path = resolve_model_path(args.model, Path(args.data_dir))
     config = PPOConfig(batch_size=args.episodes, mini_batch_size=args.mini_batch_size, rollout_batch_size=args.episodes,
                        ppo_epochs=args.ppo_epochs, response_length=args.response_length, learning_rate=3e-6, seed=0)
-    print(f"load average before: {os.getloadavg()}", flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"load average before: {os.getloadavg()}; torch threads {torch.get_num_threads()} on both sides", flush=True)
 
     torch.manual_seed(0)
     reward_model = RewardModel.from_backbone(RewardModelConfig(str(model_path), trainable_layers=0,
@@ -178,7 +185,7 @@ def main() -> int:
                     "response_length": config.response_length, "temperature": config.temperature,
                     "learning_rate": config.learning_rate, "kl_coef": config.kl_coef, "cliprange": config.cliprange,
                     "cliprange_value": config.cliprange_value, "vf_coef": config.vf_coef, "gamma": config.gamma,
-                    "lam": config.lam, "seed": config.seed}
+                    "lam": config.lam, "seed": config.seed, "threads": torch.get_num_threads()}
             (Path(tmp) / "spec.json").write_text(json.dumps(spec))
             env = dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1")
             done = subprocess.run([str(python), __file__, "--baseline-worker", str(Path(tmp) / "spec.json")],
