@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install protos clean check-deploy
+.PHONY: demo test bench bench-venv install protos clean check-deploy
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,15 +32,31 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)
+# trl's PPO trainer (the baseline of bench/train_ppo.py) exists only up to trl 1.12.0, which
+# conflicts with the trl 1.16 above: it gets its own venv, same torch and transformers as ours.
+PPO_VENV := .venv-trl112
+PPO_STAMP := $(PPO_VENV)/.installed
+
+$(PPO_STAMP): $(STAMP) Makefile
+	$(PYTHON) -m venv $(PPO_VENV)
+	$(PPO_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PPO_VENV)/bin/python -m pip install --quiet "torch==2.13.0"
+	$(PPO_VENV)/bin/python -m pip install --quiet "trl==1.12.0" "peft>=0.13" \
+		"transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')"
+	touch $(PPO_STAMP)
+
+bench-venv: $(PPO_STAMP)
+
+bench: $(BENCH_STAMP) $(PPO_STAMP)
 	$(PY) bench/serve.py
 	$(PY) bench/train_reward.py
+	$(PY) bench/train_ppo.py
 
 protos: $(STAMP)
 	$(PY) -m flywheel.protos
 
 clean:
-	rm -rf $(VENV) .flywheel .pytest_cache
+	rm -rf $(VENV) $(PPO_VENV) .flywheel .pytest_cache
 
 # deploy/: promtool checks and rule unit tests, dashboard metric names, compose, Dockerfile, k8s schemas
 check-deploy: $(STAMP)

@@ -194,15 +194,19 @@ class VersionRegistry:
         self._record("reject", version, who, why, self.current_version())
         return record
 
-    def rollback(self, to_version: int, who: str, why: str) -> VersionRecord:
-        """Point ``current`` back at an earlier version; the one left is marked ``rolled_back``."""
-        if self.get(to_version) is None:
+    def rollback(self, to_version: int, who: str, why: str) -> VersionRecord | None:
+        """Point ``current`` back at an earlier version; the one left is marked ``rolled_back``.
+        ``to_version`` 0 means no version (for the policy: the base model); it returns None."""
+        if to_version and self.get(to_version) is None:
             raise ValueError(f"{self.kind} v{to_version} does not exist")
         previous = self.current_version()
         if previous and previous != to_version:
             self.set_status(previous, ROLLED_BACK, who, why)
-        record = self.set_status(to_version, CURRENT, who, f"rollback: {why}")
-        self.client.set(self.current_key, to_version)
+        record = self.set_status(to_version, CURRENT, who, f"rollback: {why}") if to_version else None
+        if to_version:
+            self.client.set(self.current_key, to_version)
+        else:
+            self.client.delete(self.current_key)
         self._record("rollback", to_version, who, why, previous)
         return record
 

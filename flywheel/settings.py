@@ -111,6 +111,48 @@ class Settings:
         default="auto", metadata={"help": "reward-model compute dtype: bfloat16, float32 or auto (bf16 where native)"})
     reward_model_lock_seconds: float = field(
         default=60.0, metadata={"help": "TTL of the reward-model run lock (a dead worker frees it after this)"})
+    # PPO
+    policy_train_after_reward_model: bool = field(
+        default=True, metadata={"help": "enqueue a PPO run whenever a new reward model is promoted"})
+    policy_finetune: str = field(
+        default="lora", metadata={"help": "lora (adapters on the frozen base model) or full (every weight)"})
+    policy_lora_rank: int = field(default=16, metadata={"help": "LoRA rank of the policy adapters"})
+    policy_lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha of the policy adapters"})
+    policy_lora_layers: int = field(
+        default=8, metadata={"help": "top decoder layers that get LoRA adapters; -1 = every layer"})
+    policy_autocast: str = field(
+        default="auto", metadata={"help": "PPO compute dtype: bfloat16, float32 or auto (bf16 where native)"})
+    policy_iterations: int = field(default=4, metadata={"help": "PPO iterations (rollout + update) per run"})
+    policy_batch_size: int = field(default=64, metadata={"help": "episodes (prompts) per PPO iteration"})
+    policy_mini_batch_size: int = field(default=8, metadata={"help": "episodes per PPO optimizer step"})
+    policy_ppo_epochs: int = field(default=4, metadata={"help": "passes over an iteration's episodes"})
+    policy_response_length: int = field(default=64, metadata={"help": "most tokens of a PPO response"})
+    policy_temperature: float = field(default=1.0, metadata={"help": "sampling temperature of PPO rollouts"})
+    policy_learning_rate: float = field(default=1e-4, metadata={"help": "PPO AdamW learning rate"})
+    policy_kl_coef: float = field(default=0.05, metadata={"help": "β: per-token KL penalty to the initial policy"})
+    policy_kl_target: float = field(
+        default=0.0, metadata={"help": "adapt β towards this KL per response (nats); 0 = fixed β"})
+    policy_ptx_coef: float = field(
+        default=0.0, metadata={"help": "γ of PPO-ptx (language-model loss on the pretraining corpus); 0 = off"})
+    policy_ptx_corpus: str = field(
+        default="", metadata={"help": "JSONL {\"text\": ...} pretraining corpus for PPO-ptx; empty = the shipped one"})
+    policy_heldout_corpus: str = field(
+        default="", metadata={"help": "JSONL held-out text for the gate's perplexity; empty = the shipped one"})
+    policy_prompts_file: str = field(
+        default="", metadata={"help": "JSONL prompts added to the served ones ({\"prompt\": ...} per line)"})
+    policy_max_prompts: int = field(default=4096, metadata={"help": "most served prompts (newest) a PPO run reads"})
+    policy_min_prompts: int = field(default=8, metadata={"help": "skip a PPO run with fewer training prompts"})
+    policy_heldout_fraction: float = field(
+        default=0.1, metadata={"help": "share of prompts (by a hash of the prompt) held out for the gate"})
+    policy_max_heldout: int = field(default=64, metadata={"help": "most held-out prompts the gate evaluates"})
+    policy_min_reward_gain: float = field(
+        default=0.0, metadata={"help": "gate: least held-out reward-model score gain over the current policy"})
+    policy_kl_budget: float = field(
+        default=10.0, metadata={"help": "gate: most KL to the initial policy per response (nats)"})
+    policy_perplexity_margin: float = field(
+        default=0.05, metadata={"help": "gate: held-out perplexity may exceed the initial policy's by this fraction"})
+    policy_lock_seconds: float = field(
+        default=60.0, metadata={"help": "TTL of the PPO run lock (a dead worker frees it after this)"})
 
     @classmethod
     def field_names(cls) -> list[str]:

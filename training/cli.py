@@ -1,4 +1,5 @@
-"""``flywheel train reward-model`` and ``flywheel reward-models``."""
+"""``flywheel train reward-model`` and ``flywheel reward-models``; the policy commands are in
+``training.policy_cli``."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ def register(subparsers) -> None:
     versions.add_argument("--json", action="store_true", help="print the records as JSON")
     add_settings_flags(versions, ["data_dir", "redis_url"])
     versions.set_defaults(handler=reward_models_command)
+
+    from training import policy_cli
+
+    policy_cli.register(subparsers, train_sub)
 
 
 def _client(settings):

@@ -36,3 +36,38 @@ class RewardModelMetrics:
         self.pairs_per_second = Gauge(
             "flywheel_reward_model_training_pairs_per_second", "training throughput of the last run",
             registry=registry)
+
+
+class PPOMetrics:
+    """What a PPO run exports: the objective's figures per iteration, progress, and the gate."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def gauge(name: str, text: str) -> Gauge:
+            return Gauge(name if name.startswith("flywheel_") else f"flywheel_ppo_{name}", text, registry=registry)
+
+        self.mean_score = gauge("mean_score", "mean reward-model score of the last iteration's responses")
+        self.mean_reward = gauge("mean_reward", "mean score − β·KL of the last iteration's responses")
+        self.kl_to_ref = gauge("kl_to_ref_nats", "mean KL to the initial policy per response, last iteration")
+        self.kl_coef = gauge("kl_coef", "β of the last iteration")
+        self.policy_loss = gauge("policy_loss", "clipped surrogate loss, last iteration")
+        self.value_loss = gauge("value_loss", "clipped value loss, last iteration")
+        self.clipfrac = gauge("clip_ratio", "fraction of tokens whose ratio was clipped, last iteration")
+        self.approx_kl = gauge("approx_kl_nats", "approximate KL between the old and the new policy, last iteration")
+        self.entropy = gauge("entropy_nats", "mean policy entropy per response token, last iteration")
+        self.progress = gauge("progress_ratio", "iterations done / iterations of the running PPO run")
+        self.episodes_per_second = gauge("episodes_per_second", "PPO throughput of the running run")
+        self.eta = gauge("eta_seconds", "estimated seconds left in the running PPO run")
+        self.episodes = Counter("flywheel_ppo_episodes_total", "PPO episodes trained on", registry=registry)
+        self.iterations = Counter("flywheel_ppo_iterations_total", "PPO iterations", registry=registry)
+        self.runs = Counter("flywheel_ppo_runs_total", "PPO runs by outcome", ["outcome"], registry=registry)
+        self.run_duration = Histogram(
+            "flywheel_ppo_run_duration_seconds", "wall time of a PPO run", registry=registry,
+            buckets=(60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800))
+        self.gate_reward_gain = gauge("flywheel_policy_gate_reward_gain",
+                                      "held-out score gain of the last candidate over the current policy")
+        self.gate_kl_to_ref = gauge("flywheel_policy_gate_kl_to_ref_nats",
+                                    "held-out KL to the initial policy of the last candidate")
+        self.gate_perplexity_ratio = gauge("flywheel_policy_gate_perplexity_ratio",
+                                           "held-out text perplexity of the last candidate / the initial policy's")
+        self.current_version = gauge("flywheel_policy_current_version",
+                                     "the current policy version (0 = the base model)")

@@ -5,9 +5,12 @@
 - A watcher thread in each worker checks the rankings stream every ``reward_model_check_seconds``
   and enqueues ``training.train_reward_model`` once ``reward_model_trigger_rankings`` new rankings
   have arrived (a short-lived Redis key keeps several workers from enqueueing it twice).
+- ``training.train_policy``: one PPO run (skips when another holds the lock or there is no reward
+  model yet); enqueued after every promoted reward model (``policy_train_after_reward_model``) and
+  by ``flywheel train policy``.
 - ``/metrics`` on ``training_metrics_port``.
 
-The backbone stays loaded in the worker process between runs (``RewardModelCache``).
+The models stay loaded in the worker process between runs (``RewardModelCache``, ``PolicyModelCache``).
 """
 
 from __future__ import annotations
@@ -23,18 +26,23 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from flywheel.celery_app import app
 from flywheel.settings import Settings
-from training.metrics import RewardModelMetrics
+from training.metrics import PPOMetrics, RewardModelMetrics
+from flywheel.policy_admin import policy_registry
+from training.policy_run import PolicyModelCache, run_policy_training
 from training.rankings import RankingStreamReader
 from training.reward_model_run import LOCK_KEY, RewardModelCache, reward_model_registry, run_reward_model_training
 
 log = logging.getLogger(__name__)
 
 TRAIN_REWARD_MODEL = "training.train_reward_model"
+TRAIN_POLICY = "training.train_policy"
 TRIGGER_KEY = "flywheel:trigger:reward_model"
 
 METRICS_REGISTRY = CollectorRegistry()
 REWARD_MODEL_METRICS = RewardModelMetrics(METRICS_REGISTRY)
+PPO_METRICS = PPOMetrics(METRICS_REGISTRY)
 _CACHE = RewardModelCache()
+_POLICY_CACHE = PolicyModelCache()
 _WATCHER_STOP = threading.Event()
 
 
@@ -52,6 +60,21 @@ def train_reward_model(self, min_rankings: int = 1, who: str = "") -> dict:
         report = run_reward_model_training(
             settings, client, min_rankings=min_rankings, who=who or f"celery:{self.request.hostname}",
             metrics=REWARD_MODEL_METRICS, cache=_CACHE)
+        if report.outcome == "promoted" and settings.policy_train_after_reward_model:
+            train_policy.apply_async(kwargs={"who": f"reward model v{report.version}"})
+            log.info("enqueued a policy run for reward model v%d", report.version)
+        return report.to_dict()
+    finally:
+        client.close()
+
+
+@app.task(name=TRAIN_POLICY, bind=True)
+def train_policy(self, who: str = "", iterations: int | None = None) -> dict:
+    settings = Settings.load()
+    client = redis_client(settings)
+    try:
+        report = run_policy_training(settings, client, who=who or f"celery:{self.request.hostname}",
+                                     metrics=PPO_METRICS, cache=_POLICY_CACHE, iterations=iterations)
         return report.to_dict()
     finally:
         client.close()
@@ -89,9 +112,10 @@ def _start_worker_services(sender=None, **_kwargs) -> None:
         try:
             client = redis_client(settings)
             REWARD_MODEL_METRICS.current_version.set(reward_model_registry(client, settings).current_version())
+            PPO_METRICS.current_version.set(policy_registry(client, settings.data_dir).current_version())
             client.close()
         except redis_lib.RedisError as exc:
-            log.warning("could not read the current reward model: %s", exc)
+            log.warning("could not read the current reward model and policy: %s", exc)
     if settings.reward_model_check_seconds > 0:
         _WATCHER_STOP.clear()
         threading.Thread(target=_watch, args=(settings,), name="reward-model trigger", daemon=True).start()

@@ -1,0 +1,68 @@
+"""Promote and roll back policy versions: what ``flywheel promote``/``flywheel rollback`` and the
+serving process's Admin.Promote/Admin.Rollback both do.
+
+It depends on the version registry and Redis only (serving may not import the training code),
+and every change lands in the registry's audit stream with who and why and is PUBLISHed on
+``flywheel:registry:policy``, which the servers follow. Version 0 is the base model: it has no
+record, and "current = 0" means no ``current`` pointer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flywheel.registry import CURRENT, REJECTED, SUPERSEDED, VersionRecord, VersionRegistry
+
+POLICY_KIND = "policy"
+
+
+class PolicyNotFoundError(ValueError):
+    """The named version does not exist (gRPC: NOT_FOUND); other refusals are plain ValueErrors."""
+
+
+def policy_registry(client, data_dir: Path | str) -> VersionRegistry:
+    return VersionRegistry(client, POLICY_KIND, Path(data_dir) / "policies")
+
+
+def promote_policy(registry: VersionRegistry, version: int, who: str, why: str) -> VersionRecord | None:
+    """Make ``version`` the served policy (0 = the base model). A rejected version may be promoted
+    by hand (an operator's override, recorded as such)."""
+    if version == 0:
+        return registry.rollback(0, who, why or "promote the base model")
+    record = registry.get(version)
+    if record is None:
+        raise PolicyNotFoundError(f"policy v{version} does not exist")
+    if not registry.path(version).is_dir():
+        raise ValueError(f"policy v{version} has no artifacts in {registry.path(version)}")
+    if record.status == CURRENT and registry.current_version() == version:
+        raise ValueError(f"policy v{version} is already current")
+    if record.status == REJECTED:
+        why = f"{why} (overrides the gate's rejection)" if why else "overrides the gate's rejection"
+    return registry.promote(version, who, why)
+
+
+def rollback_target(registry: VersionRegistry) -> int:
+    """The previous good version: the newest version older than the current one that was served
+    until a newer one replaced it (``superseded``; a ``rolled_back`` one was bad), else 0 (the base)."""
+    current = registry.current_version()
+    if current == 0:
+        raise ValueError("the base model (v0) is already current: nothing to roll back")
+    for record in reversed(registry.versions()):
+        if record.version < current and record.status == SUPERSEDED:
+            return record.version
+    return 0
+
+
+def rollback_policy(registry: VersionRegistry, to_version: int | None, who: str, why: str) -> VersionRecord | None:
+    """Point the served policy back at ``to_version`` (None = the previous good version; 0 = the
+    base model). The version left is marked ``rolled_back``."""
+    target = rollback_target(registry) if to_version is None else int(to_version)
+    if target == registry.current_version():
+        raise ValueError(f"policy v{target} is already current")
+    if target:
+        record = registry.get(target)
+        if record is None:
+            raise PolicyNotFoundError(f"policy v{target} does not exist")
+        if not registry.path(target).is_dir():
+            raise ValueError(f"policy v{target} has no artifacts in {registry.path(target)}")
+    return registry.rollback(target, who, why or "rollback")

@@ -1,0 +1,406 @@
+"""PPO for a language-model policy, as in InstructGPT (Ouyang et al., 2022, §3.5) and laid out like
+CleanRL's single-file PPO: every step of one iteration is a visible function.
+
+One iteration (``PPOTrainer.step``):
+
+1. rollout: sample a response y to each prompt x from π_θ (batched, KV cache); keep per response
+   token the log-prob log π_θold(y_t), the reference log-prob log π_ref(y_t) and the value V(s_t);
+   score (x, y) with the reward model r_φ.
+2. rewards with a KL penalty: r_t = −β·(log π_θold(y_t) − log π_ref(y_t)) for every token, plus
+   r_φ(x, y) at the last token (``kl_penalized_rewards``); β fixed or adapted to a KL target
+   (``AdaptiveKLController``, Ziegler et al., 2019).
+3. GAE: advantages Â_t and returns from the rewards and values, advantages whitened
+   (``gae_advantages``, ``whiten``).
+4. several epochs over shuffled minibatches: the clipped surrogate loss (``clipped_policy_loss``),
+   the clipped value loss (``clipped_value_loss``) and, for PPO-ptx, γ times the language-model
+   loss on a pretraining text batch (``pretraining_loss``).
+
+The policy is a ``PolicyWithValueHead`` (one forward gives the logits and the values; π_ref is the
+same backbone with its LoRA adapters disabled). Responses are right-aligned after left-padded
+prompts, so the response of every row occupies the last ``response_length`` positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from training.policy_model import PolicyWithValueHead, Prompt
+
+log = logging.getLogger(__name__)
+
+RewardFunction = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
+"""score(prompt token ids, response token ids (ending with EOS when the policy stopped)) → [N]."""
+
+
+@dataclass
+class PPOConfig:
+    """How one PPO run trains (names as in TRL's ``PPOConfig`` where they mean the same)."""
+
+    batch_size: int = 64
+    """Episodes (prompts, one response each) per PPO iteration."""
+    mini_batch_size: int = 8
+    """Episodes per optimizer step; an iteration makes ppo_epochs · batch_size / mini_batch_size steps."""
+    rollout_batch_size: int = 64
+    """Prompts generated together (one batched, KV-cached generation)."""
+    ppo_epochs: int = 4
+    response_length: int = 48
+    temperature: float = 1.0
+    learning_rate: float = 1e-4
+    max_grad_norm: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    """ε of the clipped surrogate objective."""
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    kl_coef: float = 0.05
+    """β: weight of the per-token KL penalty (the initial value when adaptive)."""
+    kl_target: float | None = None
+    """Adapt β so that the mean KL per response approaches this (nats); None = fixed β."""
+    kl_horizon: int = 10000
+    whiten_rewards: bool = False
+    ptx_coef: float = 0.0
+    """γ of PPO-ptx: weight of the language-model loss on pretraining text; 0 = plain PPO."""
+    ptx_batch_size: int = 4
+    ptx_max_length: int = 128
+    max_prompt_length: int = 256
+    """Longer prompts are cut from the left."""
+    seed: int = 0
+    log_every_seconds: float = 10.0
+
+
+# ---- the pieces of the objective, on tensors ----
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x − mean) / std over the unmasked entries; masked entries come back 0."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
+                         mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards r_t = −β·(log π(y_t) − log π_ref(y_t)), plus the score at each response's
+    last token. Returns (rewards [B, T], kl [B, T]); both 0 past the end of a response."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
+    return rewards, kl
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al., 2016), backwards over the tokens:
+    δ_t = r_t + γ·V(s_{t+1}) − V(s_t), Â_t = δ_t + γλ·Â_{t+1}; V past the end of a response is 0.
+    Returns (advantages, returns = advantages + values), 0 past the end."""
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        next_values = values[:, t + 1] if t + 1 < length else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def clipped_policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L^CLIP: mean over tokens of max(−Â·ρ, −Â·clip(ρ, 1−ε, 1+ε)), ρ = π_θ(y_t)/π_θold(y_t).
+    Also the clip fraction and CleanRL's approximate KL, E[(ρ − 1) − log ρ]."""
+    log_ratio = new_logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((pg_losses_clipped > pg_losses).float(), mask),
+                 "approx_kl": masked_mean((ratio - 1) - log_ratio, mask)}
+    return loss, stats
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """½ · mean of max((V − R)², (clip(V, V_old ± ε_v) − R)²): the value may not move further than
+    ε_v from the rollout's estimate in one iteration, as the policy may not."""
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    losses = (values - returns) ** 2
+    losses_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((losses_clipped > losses).float(), mask)}
+    return loss, stats
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H(π(·|s_t)) per position: logsumexp(z) − Σ softmax(z)·z."""
+    probabilities = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probabilities * logits).sum(dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log π(y_t) of the given tokens, in float32."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+# ---- β ----
+class FixedKLController:
+    def __init__(self, kl_coef: float) -> None:
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon) (Ziegler et al., 2019): a proportional
+    controller that keeps the KL to π_ref near ``target`` nats per response."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int) -> None:
+        self.value = kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+
+# ---- one iteration ----
+@dataclass
+class Rollout:
+    """What one batch of episodes left behind, per response token ([B, T] unless noted)."""
+
+    query_responses: torch.Tensor
+    """[B, P + T]: left-padded prompts followed by right-padded responses."""
+    attention_mask: torch.Tensor
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+    """1 up to and including a response's EOS (or its last sampled token), 0 after."""
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    """[B]: the reward model's score of each (prompt, response)."""
+    frozen_hidden: torch.Tensor | None = None
+    """[B, P + T, H]: output of the policy's frozen bottom layers, reused by every epoch."""
+
+
+@dataclass
+class PPOStats:
+    """The figures an iteration reports (all means over the iteration's tokens or responses)."""
+
+    mean_score: float
+    mean_reward: float
+    """score − β·KL, per response."""
+    kl_to_ref: float
+    """Σ_t log π(y_t) − log π_ref(y_t), per response (nats)."""
+    kl_coef: float
+    policy_loss: float
+    value_loss: float
+    clipfrac: float
+    approx_kl: float
+    entropy: float
+    ptx_loss: float | None
+    response_length: float
+    episodes: int
+    seconds: float
+    rollout_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    iterations: list[PPOStats] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def last(self) -> PPOStats | None:
+        return self.iterations[-1] if self.iterations else None
+
+
+class PPOTrainer:
+    """Improves a ``PolicyWithValueHead`` against a reward function with PPO (see module doc)."""
+
+    def __init__(self, policy: PolicyWithValueHead, reward_fn: RewardFunction, config: PPOConfig,
+                 ptx_texts: Sequence[str] = (), progress: Callable[[int, int, float, PPOStats], None] | None = None):
+        if config.batch_size % config.mini_batch_size:
+            raise ValueError("batch_size must be a multiple of mini_batch_size")
+        self.policy = policy
+        self.reward_fn = reward_fn
+        self.config = config
+        self.progress = progress
+        self.pad_id = policy.pad_id
+        self.optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
+                                           lr=config.learning_rate, eps=1e-5)
+        self.kl_controller = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+                              if config.kl_target else FixedKLController(config.kl_coef))
+        self.rng = random.Random(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.ptx_batches = (policy.text_batches(ptx_texts, config.ptx_batch_size, config.ptx_max_length)
+                            if config.ptx_coef > 0 and ptx_texts else [])
+
+    # 1. rollout
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[Prompt]) -> Rollout:
+        parts = []
+        for start in range(0, len(prompts), self.config.rollout_batch_size):
+            chunk = prompts[start:start + self.config.rollout_batch_size]
+            query_responses, attention_mask, responses, response_mask = self.policy.generate(
+                chunk, self.config.response_length, self.config.temperature, self.config.max_prompt_length,
+                generator=self.generator)
+            frozen = self.policy.frozen_prefix(query_responses, attention_mask)
+            logits, values = self.policy(query_responses, attention_mask, responses.shape[1], frozen)
+            logprobs = token_logprobs(logits, responses)
+            del logits
+            ref_logits = self.policy.reference_logits(query_responses, attention_mask, responses.shape[1], frozen)
+            ref_logprobs = token_logprobs(ref_logits, responses)
+            del ref_logits
+            prompt_ids = [p.token_ids[-self.config.max_prompt_length:] for p in chunk]
+            response_ids = [row[:int(n)].tolist() for row, n in zip(responses, response_mask.sum(dim=1))]
+            scores = self.reward_fn(prompt_ids, response_ids).float()
+            parts.append((query_responses, attention_mask, responses, response_mask, logprobs, ref_logprobs,
+                          values.float(), scores, frozen))
+        frozen = None if parts[0][8] is None else _cat_padded([p[8] for p in parts], left=True, pad=0)
+        return Rollout(*[_cat_padded([p[i] for p in parts], left=i < 2, pad=self.pad_id if i == 0 else 0)
+                         for i in range(8)], frozen_hidden=frozen)
+
+    # 2-4. rewards, GAE, minibatch epochs
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        c = self.config
+        mask = rollout.response_mask
+        rewards, kl = kl_penalized_rewards(rollout.logprobs, rollout.ref_logprobs, rollout.scores, mask,
+                                           self.kl_controller.value)
+        if c.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae_advantages(rewards, rollout.values, mask, c.gamma, c.lam)
+        advantages = whiten(advantages, mask)
+
+        sums: dict[str, float] = {}
+        steps = 0
+        batch = rollout.responses.shape[0]
+        response_length = rollout.responses.shape[1]
+        self.policy.train()
+        for _epoch in range(c.ppo_epochs):
+            order = list(range(batch))
+            self.rng.shuffle(order)
+            for start in range(0, batch, c.mini_batch_size):
+                idx = torch.tensor(order[start:start + c.mini_batch_size])
+                mb_mask = mask[idx]
+                first = _first_used_column(rollout.attention_mask[idx], response_length)
+                qr, am = rollout.query_responses[idx, first:], rollout.attention_mask[idx, first:]
+                frozen = None if rollout.frozen_hidden is None else rollout.frozen_hidden[idx, first:]
+                logits, values = self.policy(qr, am, response_length, frozen)
+                new_logprobs = token_logprobs(logits, rollout.responses[idx])
+                pg_loss, pg_stats = clipped_policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx], mb_mask,
+                                                        c.cliprange)
+                vf_loss, vf_stats = clipped_value_loss(values.float(), rollout.values[idx], returns[idx], mb_mask,
+                                                       c.cliprange_value)
+                loss = pg_loss + c.vf_coef * vf_loss
+                ptx = None
+                if self.ptx_batches:
+                    ptx = self.policy.language_model_loss(*self.ptx_batches[steps % len(self.ptx_batches)])
+                    loss = loss + c.ptx_coef * ptx
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad],
+                                               c.max_grad_norm)
+                self.optimizer.step()
+                with torch.no_grad():
+                    entropy = masked_mean(entropy_from_logits(logits.float()), mb_mask)
+                figures = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy}
+                figures |= pg_stats | vf_stats
+                if ptx is not None:
+                    figures["ptx_loss"] = ptx.detach()
+                for name, value in figures.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+                steps += 1
+        self.policy.eval()
+        means = {name: value / max(steps, 1) for name, value in sums.items()}
+        per_response_kl = kl.sum(dim=1)
+        means |= {"kl_to_ref": float(per_response_kl.mean()),
+                  "mean_reward": float((rollout.scores - self.kl_controller.value * per_response_kl).mean()),
+                  "kl_coef": self.kl_controller.value}
+        self.kl_controller.update(means["kl_to_ref"], batch)
+        return means
+
+    def step(self, prompts: Sequence[Prompt]) -> PPOStats:
+        started = time.monotonic()
+        rollout = self.rollout(prompts)
+        rollout_seconds = time.monotonic() - started
+        figures = self.update(rollout)
+        return PPOStats(
+            mean_score=float(rollout.scores.mean()), mean_reward=figures["mean_reward"],
+            kl_to_ref=figures["kl_to_ref"], kl_coef=figures["kl_coef"], policy_loss=figures["policy_loss"],
+            value_loss=figures["value_loss"], clipfrac=figures["clipfrac"], approx_kl=figures["approx_kl"],
+            entropy=figures["entropy"], ptx_loss=figures.get("ptx_loss"),
+            response_length=float(rollout.response_mask.sum(dim=1).float().mean()), episodes=len(prompts),
+            seconds=time.monotonic() - started, rollout_seconds=rollout_seconds)
+
+    def train(self, prompts: Sequence[Prompt], iterations: int) -> TrainResult:
+        """``iterations`` PPO iterations of ``batch_size`` prompts each, drawn from ``prompts``
+        (reshuffled whenever they run out). Progress (rate, ETA) is logged and passed to ``progress``."""
+        if not prompts:
+            raise ValueError("no prompts to train on")
+        result = TrainResult()
+        started = time.monotonic()
+        pool: list[Prompt] = []
+        for iteration in range(1, iterations + 1):
+            batch: list[Prompt] = []
+            while len(batch) < self.config.batch_size:
+                if not pool:
+                    pool = list(prompts)
+                    self.rng.shuffle(pool)
+                batch.append(pool.pop())
+            stats = self.step(batch)
+            result.iterations.append(stats)
+            elapsed = time.monotonic() - started
+            rate = iteration * self.config.batch_size / elapsed
+            eta = (iterations - iteration) * elapsed / iteration
+            log.info("PPO iteration %d/%d: score %.4f, reward %.4f, KL %.3f (β %.4f), policy loss %.4f, value loss "
+                     "%.4f, clipfrac %.3f, approx KL %.4f, entropy %.3f | %.2f episodes/s, ETA %.0f s",
+                     iteration, iterations, stats.mean_score, stats.mean_reward, stats.kl_to_ref, stats.kl_coef,
+                     stats.policy_loss, stats.value_loss, stats.clipfrac, stats.approx_kl, stats.entropy, rate, eta)
+            if self.progress is not None:
+                self.progress(iteration, iterations, eta, stats)
+            if not all(math.isfinite(v) for v in (stats.policy_loss, stats.value_loss, stats.kl_to_ref)):
+                log.warning("PPO stopped at iteration %d: a loss is not finite", iteration)
+                break
+        result.seconds = time.monotonic() - started
+        return result
+
+
+def _first_used_column(attention_mask: torch.Tensor, response_length: int) -> int:
+    """The first column that is not left padding in every row: a minibatch need not compute the rest."""
+    prompt_mask = attention_mask[:, :-response_length] if response_length else attention_mask
+    used = prompt_mask.any(dim=0).nonzero()
+    return int(used[0]) if used.numel() else 0
+
+
+def _cat_padded(tensors: list[torch.Tensor], left: bool, pad: int | float) -> torch.Tensor:
+    """Concatenate along the batch, padding the second dimension (on the left for prompts)."""
+    if len(tensors) == 1 or tensors[0].dim() == 1:
+        return torch.cat(tensors)
+    width = max(t.shape[1] for t in tensors)
+    padded = [F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=pad) for t in tensors]
+    return torch.cat(padded)
