@@ -82,6 +82,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def registry_channel(kind: str) -> str:
+    """The pub/sub channel on which every change of ``kind``'s registry is announced."""
+    return f"flywheel:registry:{kind}"
+
+
+def current_pointer_key(kind: str) -> str:
+    """The Redis key holding ``kind``'s current version number (absent = none)."""
+    return f"flywheel:registry:{kind}:current"
+
+
 class VersionRegistry:
     """Versions of one ``kind`` of model, their statuses, and the ``current`` pointer."""
 
@@ -89,10 +99,10 @@ class VersionRegistry:
         self.client = client
         self.kind = kind
         self.root_dir = Path(root_dir)
-        prefix = f"flywheel:registry:{kind}"
+        prefix = registry_channel(kind)
         self.channel = prefix
         self.versions_key = f"{prefix}:versions"
-        self.current_key = f"{prefix}:current"
+        self.current_key = current_pointer_key(kind)
         self.next_key = f"{prefix}:next"
         self.audit_key = f"{prefix}:audit"
 

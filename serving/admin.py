@@ -16,14 +16,14 @@ import grpc
 import redis
 
 from flywheel.policy_admin import PolicyNotFoundError, promote_policy, rollback_policy
-from flywheel.registry import VersionRegistry
+from flywheel.registry import VersionRegistry, current_pointer_key
 from flywheel.v1 import admin_pb2, admin_pb2_grpc
 from serving.policy_loader import PolicyLoadError, read_verified_manifest
 
 log = logging.getLogger(__name__)
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
-REWARD_MODEL_CURRENT_KEY = "flywheel:registry:reward_model:current"
+REWARD_MODEL_CURRENT_KEY = current_pointer_key("reward_model")
 STATUSES = {
     "current": admin_pb2.POLICY_STATUS_CURRENT,
     "candidate": admin_pb2.POLICY_STATUS_CANDIDATE,

@@ -16,12 +16,14 @@ from typing import Callable
 
 import redis
 
+from flywheel.policy_admin import POLICY_KIND
+from flywheel.registry import current_pointer_key, registry_channel
 from serving.policy_loader import LoadedPolicy, PolicyLoadError
 
 log = logging.getLogger(__name__)
 
-POLICY_CHANNEL = "flywheel:registry:policy"
-POLICY_CURRENT_KEY = "flywheel:registry:policy:current"
+POLICY_CHANNEL = registry_channel(POLICY_KIND)
+POLICY_CURRENT_KEY = current_pointer_key(POLICY_KIND)
 
 
 class PolicyFollower:
