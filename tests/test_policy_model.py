@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from training.policy_model import PolicyModelConfig, PolicyWithValueHead, response_mask_until_eos
@@ -41,3 +42,27 @@ def test_a_response_is_masked_after_its_eos():
     eos = 2
     responses = torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]])
     assert response_mask_until_eos(responses, eos).long().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_full_fine_tuning_trains_every_weight_against_a_frozen_reference_and_saves_a_whole_model(
+        tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from training.ppo import PPOConfig, PPOTrainer
+
+    torch.manual_seed(0)
+    policy = PolicyWithValueHead.from_pretrained(
+        PolicyModelConfig(str(tiny_model_dir), finetune="full", autocast_dtype="float32"))
+    assert policy.reference_lm is not None and not any(p.requires_grad for p in policy.reference_lm.parameters())
+    prompts = [render_prompt(policy.tokenizer, f"Say {i}.") for i in range(4)]
+    config = PPOConfig(batch_size=4, mini_batch_size=2, rollout_batch_size=4, response_length=3, learning_rate=1e-2)
+    stats = PPOTrainer(policy, lambda p, r: torch.ones(len(r)), config).step(prompts)
+    assert stats.kl_to_ref == pytest.approx(0.0, abs=1e-5)  # measured on the rollout, before the update
+
+    assert policy.save(tmp_path) == "full"
+    assert {p.name for p in tmp_path.iterdir()} == {"model.safetensors", "config.json", "value_head.safetensors"}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trained = policy.lm.state_dict()
+    assert torch.allclose(reloaded.state_dict()["model.norm.weight"], trained["model.norm.weight"])
+    assert not torch.allclose(reloaded.state_dict()["model.norm.weight"], base.state_dict()["model.norm.weight"])
