@@ -189,8 +189,8 @@ class PolicyWithValueHead(torch.nn.Module):
         from transformers.masking_utils import create_causal_mask
 
         position_ids = _position_ids(attention_mask)
-        mask = create_causal_mask(config=self.body.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  cache=None, position_ids=position_ids)
+        # the cache argument is positional: transformers 5.23 calls it past_key_values, 5.24 cache
+        mask = create_causal_mask(self.body.config, hidden, attention_mask, None, position_ids=position_ids)
         position_embeddings = self.body.rotary_emb(hidden, position_ids=position_ids)
         for layer in layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
