@@ -12,6 +12,8 @@ which the gRPC handlers read.
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
 import logging
 import queue
 import threading
@@ -157,6 +159,16 @@ class _Sequence:
         self.finish_reason: str | None = None
 
 
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_argument(model: torch.nn.Module, cache: BatchKVCache) -> dict:
+    """The cache keyword of ``model.forward``: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    return {_cache_keyword(type(model)): cache}
+
+
 class _Batch:
     """The running rows of one policy version: its model, its left-padded cache and the rows' state.
 
@@ -201,7 +213,7 @@ class _Batch:
         attention_mask = (positions.unsqueeze(0) >= self.pads.unsqueeze(1)).long()
         position_ids = (length - self.pads).unsqueeze(1)
         out = self.model(input_ids=self.last_tokens, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=self.cache, use_cache=True)
+                         use_cache=True, **cache_argument(self.model, self.cache))
         return out.logits[:, -1]
 
 
@@ -372,7 +384,7 @@ class Engine:
         group = _Group(request, batch.version, self.eos_ids, self.tokenizer)
         cache = BatchKVCache(batch.num_layers)
         ids = torch.tensor([request.prompt_token_ids], dtype=torch.long, device=self.device)
-        out = batch.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = batch.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_argument(batch.model, cache))
         n = request.params.n
         cache.repeat_rows(n)
         tokens = self._sample(out.logits[:, -1].expand(n, -1), group.samples)
