@@ -19,6 +19,7 @@ newer version was promoted), ``rejected`` (failed its gate; kept with its figure
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -80,6 +81,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file: manifests list one per artifact, and loaders verify them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def registry_channel(kind: str) -> str:

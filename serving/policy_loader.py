@@ -11,7 +11,6 @@ causal-LM state dict in safetensors.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import time
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from flywheel.registry import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ class LoadedPolicy:
     version: int
     model: torch.nn.Module
     seconds: float
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_verified_manifest(folder: Path) -> dict:

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -34,7 +33,7 @@ from training.policy_prompts import (DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS,
                                      served_prompts, split_prompts)
 from training.policy_reward import RewardModelScorer
 from training.ppo import PPOConfig, PPOStats, PPOTrainer
-from flywheel.registry import VersionRecord
+from flywheel.registry import VersionRecord, sha256_file
 from training.reward_model import RewardModel, RewardModelConfig
 from training.reward_model_run import RunReport, reward_model_registry
 from training.run_lock import RunLock
@@ -105,14 +104,6 @@ class PolicyModelCache:
             model.requires_grad_(False)
             self._reward, self._reward_key = model.eval(), key
         return self._reward
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_policy_training(settings: Settings, client: redis_lib.Redis, *, who: str = "",
@@ -206,7 +197,7 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, who: str, metrics: 
 
     def write_artifacts(folder: Path) -> None:
         manifest["format"] = policy.save(folder)
-        manifest["files"] = {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
     record = registry.write_version(write_artifacts, manifest)
     if decision.passed:
