@@ -1,6 +1,7 @@
 """The Admin service on a real serving process: list, status, promote, rollback, audit."""
 
 import json
+import re
 import time
 
 import grpc
@@ -115,3 +116,19 @@ def test_bad_promotions_are_refused_with_the_right_code(platform):
         admin_stub.Rollback(admin.RollbackRequest(), timeout=10)  # v0 is current: nothing to roll back
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert registry.current_version() == 0 and served_version(stub) == 0
+
+
+def test_status_command_shows_the_platform(platform, redis_server, capsys):
+    from flywheel.cli import main
+
+    server, registry, admin_stub, stub = platform
+    admin_stub.Promote(admin.PromoteRequest(version=1, reason="status"), timeout=10)
+    wait_served(stub, 1)
+    code = main(["status", "--grpc-address", f"127.0.0.1:{server.port}", "--redis-url", redis_server.url,
+                 "--data-dir", str(registry.root_dir.parent)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "serving policy v1" in out and "current v1" in out
+    assert re.search(r"rankings waiting\s+0\n", out)
+    assert "last policy runs:" in out and "v2" in out and "candidate" in out
+    assert "last reward-model runs:\n  none yet" in out

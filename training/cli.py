@@ -8,6 +8,7 @@ import json
 import time
 
 from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.tables import format_table
 
 RUN_SETTINGS = ["data_dir", "model", "redis_url", "reward_model_backbone", "reward_model_max_rankings",
                 "reward_model_heldout_fraction", "reward_model_accuracy_margin", "reward_model_replay_ratio",
@@ -85,7 +86,7 @@ def train_reward_model_command(args: argparse.Namespace) -> int:
 def format_versions_table(records, current: int) -> str:
     header = ("version", "status", "parent", "created (UTC)", "rankings", "new/replay", "human/ai",
               "held-out acc", "held-out loss", "train loss", "stream range")
-    rows = [header]
+    rows = []
     for r in records:
         m, f = r.manifest, r.figures
         used = m.get("rankings", {})
@@ -102,8 +103,7 @@ def format_versions_table(records, current: int) -> str:
             num(f.get("heldout_accuracy")), num(f.get("heldout_loss")), num(f.get("training_loss")),
             f"{stream.get('first_id', '')}..{stream.get('last_id', '')}",
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return format_table(header, rows)
 
 
 def reward_models_command(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import os
 import time
 
 from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.tables import format_table
 
 RUN_SETTINGS = ["data_dir", "model", "redis_url", "policy_finetune", "policy_iterations", "policy_batch_size",
                 "policy_mini_batch_size", "policy_ppo_epochs", "policy_response_length", "policy_learning_rate",
@@ -110,15 +111,14 @@ def _num(value, digits: int = 4) -> str:
 def format_policies_table(records, current: int) -> str:
     header = ("version", "status", "parent", "reward model", "format", "reward gain", "KL to ref", "ppl ratio",
               "created (UTC)")
-    rows = [header, ("v0" + (" *" if current == 0 else ""), "base", "-", "-", "-", "-", "-", "-", "-")]
+    rows = [("v0" + (" *" if current == 0 else ""), "base", "-", "-", "-", "-", "-", "-", "-")]
     for r in records:
         m, f = r.manifest, r.figures
         rows.append((f"v{r.version}" + (" *" if r.version == current else ""), r.status,
                      f"v{r.parent}" if r.parent is not None else "-", f"v{m.get('reward_model_version', '-')}",
                      str(m.get("format", "-")), _num(f.get("reward_gain")), _num(f.get("kl_to_ref"), 3),
                      _num(f.get("perplexity_ratio")), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.created_at))))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return format_table(header, rows)
 
 
 def policies_command(args: argparse.Namespace) -> int:

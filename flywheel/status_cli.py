@@ -1,0 +1,103 @@
+"""``flywheel status``: the platform at a glance for an operator.
+
+What this server replica serves and how busy it is (Admin.GetStatus over gRPC), what the
+registries point at, how many rankings wait for training, and the last training runs of the
+reward model and the policy with their outcome (from Redis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.tables import format_table
+
+RANKINGS_STREAM = "flywheel:rankings"
+REWARD_MODEL_GROUP = "reward-model"
+
+
+def register(subparsers) -> None:
+    status = subparsers.add_parser("status", help="serving version, registries, rankings waiting, last runs",
+                                   description=__doc__)
+    status.add_argument("--runs", type=int, default=5, help="training runs to list per kind")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server")
+    add_settings_flags(status, ["grpc_address", "redis_url", "data_dir"])
+    status.set_defaults(handler=run_status)
+
+
+def rankings_waiting(client) -> int:
+    """Rankings the reward-model trainer has not used yet (all of them before it first reads)."""
+    import redis
+
+    try:
+        groups = client.xinfo_groups(RANKINGS_STREAM)
+    except redis.ResponseError:  # no stream yet
+        return 0
+    for group in groups:
+        group = {(k.decode() if isinstance(k, bytes) else k): v for k, v in group.items()}
+        name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+        if name == REWARD_MODEL_GROUP:
+            lag = group.get("lag")
+            if lag is None:  # Redis < 7
+                last = group.get("last-delivered-id")
+                last = last.decode() if isinstance(last, bytes) else last
+                lag = len(client.xrange(RANKINGS_STREAM, "(" + last, "+"))
+            return int(lag) + int(group.get("pending") or 0)
+    return int(client.xlen(RANKINGS_STREAM))
+
+
+def server_status(address: str, timeout: float):
+    import grpc
+
+    from flywheel.v1 import admin_pb2, admin_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return admin_pb2_grpc.AdminStub(channel).GetStatus(admin_pb2.GetStatusRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+
+
+def run_status(args: argparse.Namespace) -> int:
+    import redis
+
+    from flywheel.redis_server import resolve_redis_url
+    from flywheel.registry import VersionRegistry
+
+    settings = settings_from_args(args)
+    served = server_status(settings.grpc_address, args.timeout)
+    url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        registries = {kind: VersionRegistry(client, kind, settings.data_dir / folder)
+                      for kind, folder in (("reward_model", "reward_models"), ("policy", "policies"))}
+        rows = []
+        if isinstance(served, str):
+            rows.append(("server", settings.grpc_address, f"unreachable ({served})"))
+        else:
+            rows += [("server", settings.grpc_address, f"serving policy v{served.serving_policy_version}"),
+                     ("", "batch", f"{served.running_sequences} sequences running, {served.queued_requests} queued")]
+        rows += [("registry", "policy", f"current v{registries['policy'].current_version()}"),
+                 ("registry", "reward model", f"current v{registries['reward_model'].current_version()}"),
+                 ("feedback", "rankings waiting", str(rankings_waiting(client)))]
+        print(format_table(("part", "what", "state"), rows))
+        for kind, registry in registries.items():
+            records = registry.versions()[-args.runs:]
+            print(f"\nlast {kind.replace('_', '-')} runs:")
+            if not records:
+                print("  none yet")
+                continue
+            print(format_table(("version", "outcome", "created (UTC)", "figures"), [
+                (f"v{r.version}", r.status, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.created_at)),
+                 ", ".join(f"{k} {v:.3f}" for k, v in sorted(r.figures.items())
+                           if isinstance(v, float) and k in KEY_FIGURES))
+                for r in reversed(records)]))
+    finally:
+        client.close()
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+KEY_FIGURES = {"heldout_accuracy", "heldout_loss", "reward_gain", "kl_to_ref", "perplexity_ratio"}
