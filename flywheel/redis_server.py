@@ -57,6 +57,8 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> "RedisServer":
         if self.port == 0:
             self.port = free_port()
+        # absolute: redis-server changes into --dir before it opens --logfile
+        self.data_dir = Path(self.data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             redis_server_binary(), "--port", str(self.port), "--bind", self.host, "--dir", str(self.data_dir),

@@ -83,3 +83,15 @@ def test_complete_command_and_clean_shutdown(served):
     assert process.wait(60) == 0
     assert not (data_dir / "redis" / "redis.url").exists(), "the embedded redis-server was not stopped"
     assert list((data_dir / "redis").rglob("appendonly*")), "no append-only file: rankings would not survive a restart"
+
+
+def test_the_demo_runs_from_a_fresh_directory(tmp_path):
+    """`make demo` on a fresh machine: default (relative) data dir, model conversion, embedded Redis."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_") and k != "REDIS_URL"}
+    out = subprocess.run([sys.executable, "-m", "flywheel.demo"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.count("(group ") == 3
+    assert "feedback stream: 3 rankings (3 human, 0 AI)" in out.stdout
+    assert (tmp_path / ".flywheel" / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").exists()
+    assert not (tmp_path / ".flywheel" / "redis" / "redis.url").exists(), "the embedded redis-server was left running"

@@ -1,6 +1,7 @@
 """The Inference service over a real gRPC server on a free port, with a tiny model."""
 
 import threading
+from pathlib import Path
 import time
 import urllib.request
 
@@ -274,3 +275,18 @@ def test_processes_on_one_data_dir_share_one_embedded_redis(tmp_path):
     url2, server2 = resolve_redis_url("", tmp_path)  # restarts after the first one stopped
     server2.stop()
     assert url2.startswith("redis://127.0.0.1:")
+
+
+def test_embedded_redis_starts_from_a_relative_data_dir(tmp_path, monkeypatch):
+    """The default data dir is ./.flywheel: a relative path must work (redis-server changes directory)."""
+    from flywheel.redis_server import resolve_redis_url
+
+    monkeypatch.chdir(tmp_path)
+    url, server = resolve_redis_url("", Path(".flywheel"))
+    try:
+        import redis
+
+        assert redis.Redis.from_url(url).ping()
+        assert (tmp_path / ".flywheel" / "redis" / "redis.log").exists()
+    finally:
+        server.stop()
