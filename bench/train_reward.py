@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                         help="also hold the baseline's frozen parameters in bfloat16 (as this trainer does)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; the best time counts")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; the median time counts")
     parser.add_argument("--quick", action="store_true", help="16 training rankings, 16 held out")
     args = parser.parse_args(argv)
     if args.quick:
@@ -172,17 +172,18 @@ def main(argv=None) -> int:
     print(f"backbone {model_path.name}, K={args.k}, {len(train)} training rankings "
           f"({len(train) * math.comb(args.k, 2)} pairs), {len(held)} held-out rankings, max_length {args.max_length}, "
           f"{args.precision}, lr {args.lr}, {torch.get_num_threads()} threads", flush=True)
-    # A B A B ...: each repeat trains a fresh model from the same seed; the best time of each side
-    # counts, so a burst of load from other processes on the machine does not decide the ratio.
+    # A B A B ...: each repeat trains a fresh model from the same seed; the median run of each side
+    # counts, so one burst of load from other processes on the machine does not decide the ratio.
     runs: dict[str, list[dict]] = {"flywheel": [], "baseline": []}
     for _ in range(args.repeats):
         runs["flywheel"].append(run_ours(args, model_path, train, held))
         runs["baseline"].append(run_baseline(args, model_path, train, held))
-    ours, baseline = (min(runs[name], key=lambda r: r["seconds"]) for name in ("flywheel", "baseline"))
+    ours, baseline = (sorted(runs[name], key=lambda r: r["seconds"])[(len(runs[name]) - 1) // 2]
+                      for name in ("flywheel", "baseline"))
     for name, r in (("flywheel", ours), ("baseline", baseline)):
         times = ", ".join(f"{x['seconds']:.1f}" for x in runs[name])
         print(f"{name}: {r['what']}")
-        print(f"{name}: {r['pairs']} pairs in {r['seconds']:.1f} s (best of {times}) = "
+        print(f"{name}: {r['pairs']} pairs in {r['seconds']:.1f} s (median of {times}) = "
               f"{r['pairs'] / r['seconds']:.2f} pairs/s, train loss {r['loss']:.4f}, "
               f"held-out pairwise accuracy {r['accuracy']:.3f}", flush=True)
     ratio = (ours["pairs"] / ours["seconds"]) / (baseline["pairs"] / baseline["seconds"])
