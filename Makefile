@@ -51,6 +51,8 @@ bench: $(BENCH_STAMP) $(PPO_STAMP)
 	$(PY) bench/serve.py
 	$(PY) bench/train_reward.py
 	$(PY) bench/train_ppo.py
+	$(PY) bench/swap.py
+	$(PY) bench/group_store.py
 
 protos: $(STAMP)
 	$(PY) -m flywheel.protos
