@@ -36,7 +36,7 @@ from training.ppo import PPOConfig, PPOStats, PPOTrainer
 from flywheel.registry import VersionRecord, sha256_file
 from training.reward_model import RewardModel, RewardModelConfig
 from training.reward_model_run import RunReport, reward_model_registry
-from training.run_lock import RunLock
+from training.run_lock import RunLock, run_exclusively
 
 log = logging.getLogger(__name__)
 
@@ -112,24 +112,10 @@ def run_policy_training(settings: Settings, client: redis_lib.Redis, *, who: str
     """One PPO run (see the module docstring); skipped when another run holds the lock."""
     who = who or f"{socket.gethostname()}:{os.getpid()}"
     lock = RunLock(client, LOCK_KEY, settings.policy_lock_seconds)
-    if not lock.acquire():
-        return RunReport("skipped", "another policy run holds the lock")
-    started = time.monotonic()
-    try:
-        report = _run_locked(settings, client, who, metrics, cache or PolicyModelCache(),
-                             settings.policy_iterations if iterations is None else iterations, started)
-    except BaseException:
-        if metrics is not None:
-            metrics.runs.labels("failed").inc()
-        raise
-    finally:
-        lock.release()
-    if metrics is not None:
-        metrics.runs.labels(report.outcome).inc()
-        if report.outcome != "skipped":
-            metrics.run_duration.observe(time.monotonic() - started)
-    log.info("policy run %s: %s", report.outcome, report.reason)
-    return report
+    iterations = settings.policy_iterations if iterations is None else iterations
+    return run_exclusively(lock, metrics, "policy", RunReport("skipped", "another policy run holds the lock"),
+                           lambda started: _run_locked(settings, client, who, metrics, cache or PolicyModelCache(),
+                                                       iterations, started))
 
 
 def _run_locked(settings: Settings, client: redis_lib.Redis, who: str, metrics: PPOMetrics | None,

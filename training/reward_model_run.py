@@ -32,7 +32,7 @@ from training.rankings import RankingStreamReader, ReplayStore, is_held_out, sam
 from flywheel.registry import VersionRecord, VersionRegistry
 from training.reward_model import RewardModel, RewardModelConfig
 from training.reward_trainer import EvalStats, RewardModelTrainer, RewardTrainingConfig
-from training.run_lock import RunLock
+from training.run_lock import RunLock, run_exclusively
 
 log = logging.getLogger(__name__)
 
@@ -114,24 +114,10 @@ def run_reward_model_training(settings: Settings, client: redis_lib.Redis, *, mi
     """Run once if at least ``min_rankings`` rankings wait in the stream; see the module docstring."""
     who = who or f"{socket.gethostname()}:{os.getpid()}"
     lock = RunLock(client, LOCK_KEY, settings.reward_model_lock_seconds)
-    if not lock.acquire():
-        return RunReport("skipped", "another reward-model run holds the lock")
-    started = time.monotonic()
-    try:
-        report = _run_locked(settings, client, min_rankings, who, metrics, cache or RewardModelCache(), consumer,
-                             started)
-    except BaseException:
-        if metrics is not None:
-            metrics.runs.labels("failed").inc()
-        raise
-    finally:
-        lock.release()
-    if metrics is not None:
-        metrics.runs.labels(report.outcome).inc()
-        if report.outcome != "skipped":
-            metrics.run_duration.observe(time.monotonic() - started)
-    log.info("reward-model run %s: %s", report.outcome, report.reason)
-    return report
+    return run_exclusively(lock, metrics, "reward-model",
+                           RunReport("skipped", "another reward-model run holds the lock"),
+                           lambda started: _run_locked(settings, client, min_rankings, who, metrics,
+                                                       cache or RewardModelCache(), consumer, started))
 
 
 def _run_locked(settings: Settings, client: redis_lib.Redis, min_rankings: int, who: str,

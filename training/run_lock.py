@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from typing import Callable, TypeVar
 
 import redis as redis_lib
 from redis.exceptions import LockError
+
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -60,3 +64,25 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def run_exclusively(lock: RunLock, metrics, name: str, skipped: R, body: Callable[[float], R]) -> R:
+    """Run ``body(started)`` while holding ``lock`` (``skipped`` when another run holds it), and
+    count the outcome and duration on ``metrics`` (its ``runs`` counter and ``run_duration``)."""
+    if not lock.acquire():
+        return skipped
+    started = time.monotonic()
+    try:
+        report = body(started)
+    except BaseException:
+        if metrics is not None:
+            metrics.runs.labels("failed").inc()
+        raise
+    finally:
+        lock.release()
+    if metrics is not None:
+        metrics.runs.labels(report.outcome).inc()
+        if report.outcome != "skipped":
+            metrics.run_duration.observe(time.monotonic() - started)
+    log.info("%s run %s: %s", name, report.outcome, report.reason)
+    return report
