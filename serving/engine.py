@@ -387,8 +387,9 @@ class Engine:
         out = batch.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_argument(batch.model, cache))
         n = request.params.n
         cache.repeat_rows(n)
-        tokens = self._sample(out.logits[:, -1].expand(n, -1), group.samples)
+        tokens, logprobs = self._choose(out.logits[:, -1].expand(n, -1), group.samples)
         batch.add(cache, group.samples, tokens)
+        self._record(group.samples, tokens, logprobs)  # clients hear of the rows once they are in the batch
         self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started, n)
         group.first_token_at = time.time()
         self.observer.on_first_token(group.first_token_at - request.created_at)
@@ -398,12 +399,15 @@ class Engine:
     def _decode_step(self, batch: _Batch) -> None:
         started = time.perf_counter()
         logits = batch.forward_step()
-        batch.last_tokens = self._sample(logits, batch.rows).unsqueeze(1)
+        tokens, logprobs = self._choose(logits, batch.rows)
+        batch.last_tokens = tokens.unsqueeze(1)
+        self._record(batch.rows, tokens, logprobs)
         size = len(batch.rows)
         self._retire_finished(batch)
         self.observer.on_step(size, time.perf_counter() - started, size)
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Sequence]) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, rows: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample one token per row with each row's own parameters and random stream."""
         params = [s.group.request.params for s in rows]
         temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32)
         top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32)
@@ -413,10 +417,11 @@ class Engine:
         if early:
             eos = sorted(self.eos_ids)
             blocked = (torch.tensor(early).repeat_interleave(len(eos)), torch.tensor(eos * len(early)))
-        tokens, logprobs = sample_tokens(logits, temperatures, top_ps, uniforms, blocked)
+        return sample_tokens(logits, temperatures, top_ps, uniforms, blocked)
+
+    def _record(self, rows: list[_Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
         for sequence, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
             self._append_token(sequence, token, logprob)
-        return tokens
 
     def _append_token(self, sequence: _Sequence, token: int, logprob: float) -> None:
         group = sequence.group
