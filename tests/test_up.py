@@ -1,0 +1,71 @@
+"""`flywheel up` runs the platform's processes under one Ctrl-C (tiny model, real processes)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from flywheel.redis_server import free_port
+from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
+from flywheel.v1 import inference_pb2 as pb
+from flywheel.v1 import inference_pb2_grpc as rpc
+
+
+def wait_for(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, f"{what} not ready after {timeout} s"
+        time.sleep(0.5)
+
+
+def metrics_up(port):
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).status == 200
+
+
+def test_up_starts_every_process_and_ctrl_c_stops_them(tiny_model_dir, tmp_path):
+    port, metrics, labelling, training = (free_port() for _ in range(4))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_") and k != "REDIS_URL"}
+    env.update(FLYWHEEL_MODEL=str(tiny_model_dir), FLYWHEEL_DTYPE="float32",
+               FLYWHEEL_REWARD_MODEL_BACKBONE=str(tiny_model_dir))
+    up = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "up", "--data-dir", str(tmp_path),
+                           "--grpc-address", f"127.0.0.1:{port}", "--metrics-port", str(metrics),
+                           "--labelling-metrics-port", str(labelling), "--training-metrics-port", str(training)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2).status ==
+                 health_pb2.HealthCheckResponse.SERVING, 120, "the server")
+        for name, metrics_port in (("server", metrics), ("labelling worker", labelling),
+                                   ("training worker", training)):
+            wait_for(lambda: metrics_up(metrics_port), 120, f"the {name}'s /metrics")
+        response = rpc.InferenceStub(channel).Complete(pb.CompleteRequest(prompt="hi", n=2, max_new_tokens=4),
+                                                       timeout=30)
+        ack = feedback_pb2_grpc.FeedbackStub(channel).SubmitRanking(feedback_pb2.SubmitRankingRequest(
+            group_id=response.group_id, completion_ids=[c.completion_id for c in response.completions]), timeout=30)
+        assert ack.stream_entry_id
+        channel.close()
+        for name in ("server", "labelling-worker", "training-worker", "beat"):
+            assert (tmp_path / "logs" / f"{name}.log").exists()
+    finally:
+        up.send_signal(signal.SIGINT)
+        output, _ = up.communicate(timeout=120)
+    assert up.returncode == 0, output[-3000:]
+    assert "stopping" in output
+    assert not (tmp_path / "redis" / "redis.url").exists(), "the embedded redis-server was left running"
+    for port_ in (port, metrics, labelling, training):  # every process is gone
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port_}/metrics", timeout=1)
+            raise AssertionError(f"something still answers on port {port_}")
+        except OSError:
+            pass
