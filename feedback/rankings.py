@@ -219,6 +219,11 @@ class RankingStream:
             out.append(ConsumerGroupStats(text(g["name"]), int(g.get("pending") or 0), int(lag), last))
         return out
 
+    def waiting_for(self, group_name: str) -> int:
+        """Entries ``group_name`` has not acknowledged yet (all of them before it first reads)."""
+        group = next((g for g in self.consumer_groups() if g.name == group_name), None)
+        return int(self.redis.xlen(self.stream)) if group is None else group.lag + group.pending
+
     def stats(self) -> StreamStats:
         pipe = self.redis.pipeline(transaction=False)
         pipe.xlen(self.stream)

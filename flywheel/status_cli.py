@@ -13,10 +13,6 @@ import time
 from flywheel.cli import add_settings_flags, settings_from_args
 from flywheel.tables import format_table
 
-RANKINGS_STREAM = "flywheel:rankings"
-REWARD_MODEL_GROUP = "reward-model"
-
-
 def register(subparsers) -> None:
     status = subparsers.add_parser("status", help="serving version, registries, rankings waiting, last runs",
                                    description=__doc__)
@@ -24,27 +20,6 @@ def register(subparsers) -> None:
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server")
     add_settings_flags(status, ["grpc_address", "redis_url", "data_dir"])
     status.set_defaults(handler=run_status)
-
-
-def rankings_waiting(client) -> int:
-    """Rankings the reward-model trainer has not used yet (all of them before it first reads)."""
-    import redis
-
-    try:
-        groups = client.xinfo_groups(RANKINGS_STREAM)
-    except redis.ResponseError:  # no stream yet
-        return 0
-    for group in groups:
-        group = {(k.decode() if isinstance(k, bytes) else k): v for k, v in group.items()}
-        name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
-        if name == REWARD_MODEL_GROUP:
-            lag = group.get("lag")
-            if lag is None:  # Redis < 7
-                last = group.get("last-delivered-id")
-                last = last.decode() if isinstance(last, bytes) else last
-                lag = len(client.xrange(RANKINGS_STREAM, "(" + last, "+"))
-            return int(lag) + int(group.get("pending") or 0)
-    return int(client.xlen(RANKINGS_STREAM))
 
 
 def server_status(address: str, timeout: float):
@@ -62,6 +37,7 @@ def server_status(address: str, timeout: float):
 def run_status(args: argparse.Namespace) -> int:
     import redis
 
+    from feedback.rankings import REWARD_MODEL_CONSUMER_GROUP, RankingStream
     from flywheel.redis_server import resolve_redis_url
     from flywheel.registry import VersionRegistry
 
@@ -80,7 +56,8 @@ def run_status(args: argparse.Namespace) -> int:
                      ("", "batch", f"{served.running_sequences} sequences running, {served.queued_requests} queued")]
         rows += [("registry", "policy", f"current v{registries['policy'].current_version()}"),
                  ("registry", "reward model", f"current v{registries['reward_model'].current_version()}"),
-                 ("feedback", "rankings waiting", str(rankings_waiting(client)))]
+                 ("feedback", "rankings waiting",
+                  str(RankingStream(client).waiting_for(REWARD_MODEL_CONSUMER_GROUP)))]
         print(format_table(("part", "what", "state"), rows))
         for kind, registry in registries.items():
             records = registry.versions()[-args.runs:]

@@ -74,13 +74,8 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
         engine = server.engine
         return (engine.policy_version, engine.running_sequences, engine.queued) if engine else (0, 0, 0)
 
-    def rankings_waiting() -> int:
-        """Rankings the reward-model trainer has not used yet (all of them before it first reads)."""
-        stats = feedback.stream.stats()
-        group = next((g for g in stats.consumer_groups if g.name == REWARD_MODEL_CONSUMER_GROUP), None)
-        return stats.length if group is None else group.lag + group.pending
-
-    admin = AdminServicer(client, Path(settings.data_dir) / "policies", serving_status, rankings_waiting)
+    admin = AdminServicer(client, Path(settings.data_dir) / "policies", serving_status,
+                          lambda: feedback.stream.waiting_for(REWARD_MODEL_CONSUMER_GROUP))
     server.services = [(FEEDBACK_SERVICE, lambda grpc_server: add_feedback_service(grpc_server, feedback)),
                        (ADMIN_SERVICE, lambda grpc_server: add_admin_service(grpc_server, admin))]
 
