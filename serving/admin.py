@@ -8,6 +8,7 @@ cannot point the fleet at an artifact no server would load.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Callable
@@ -107,17 +108,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         log.info("policy pointer v%d -> v%d by %s", previous, now, who)
         return admin_pb2.PolicyChange(from_version=previous, to_version=now)
 
-    class _redis_errors:
-        def __init__(self, context) -> None:
-            self.context = context
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, kind, exc, tb):
-            if isinstance(exc, redis.RedisError):
-                self.context.abort(grpc.StatusCode.UNAVAILABLE, f"the registry (Redis) is unavailable: {exc}")
-            return False
+    @staticmethod
+    @contextlib.contextmanager
+    def _redis_errors(context):
+        """Redis down: UNAVAILABLE with a message, instead of an INTERNAL error."""
+        try:
+            yield
+        except redis.RedisError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"the registry (Redis) is unavailable: {exc}")
 
 
 def add_admin_service(server: grpc.Server, servicer: AdminServicer) -> None:
