@@ -1,85 +1,427 @@
-"""``make demo``: the main job on the embedded defaults.
+"""``make demo``: the whole loop on the embedded defaults, driven by simulated users.
 
-Starts the gRPC server on the embedded SmolLM2-135M-Instruct (converting its GGUF once into the
-data directory), sends it a few real requests through the public API as an application would,
-and prints the sampled completions and the server's own figures. Later parts of the loop
-(feedback, training, hot-swap) join this demo as they land.
+1. ``flywheel up`` starts the platform (embedded Redis, gRPC server, labelling and training
+   workers, beat) on the embedded SmolLM2-135M-Instruct, in a fresh demo data directory.
+2. Version 0 answers the held-out questions (the ones PPO never trains on): the "before".
+3. Simulated users (``flywheel.simulated_users``) ask questions through the public gRPC API,
+   get ``n`` answers each and rank them by a stated preference (concise answers win).
+4. The loop moves by itself: enough rankings trigger a reward-model run, a promoted reward model
+   triggers a PPO run, the gate decides, a promoted policy reaches the server by hot-swap. If the
+   gate rejects a candidate, the users rank another round.
+5. The promoted version answers the same held-out questions with the same seeds: the "after". A
+   table compares them: win rate against version 0 under the users' preference, reward-model
+   accuracy, KL to version 0, time. Then an operator's rollback and re-promotion, timed, and the
+   metrics of every process.
+
+Progress is printed every ``--progress-seconds``. ``--summary-json`` writes the figures for scripts
+and the whole-loop test (which runs this with a tiny model).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import math
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from flywheel import simulated_users as simulated
 from flywheel.redis_server import free_port
-from flywheel.settings import Settings
-from flywheel.v1 import feedback_pb2 as feedback_pb
-from flywheel.v1 import feedback_pb2_grpc as feedback_rpc
-from flywheel.v1 import inference_pb2 as pb
-from flywheel.v1 import inference_pb2_grpc as rpc
+from flywheel.settings import ENV_PREFIX, Settings
+from flywheel.tables import format_table
+from flywheel.v1 import admin_pb2, admin_pb2_grpc
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Give me one tip for writing clear emails.",
-    "Write a haiku about the sea.",
-]
+log = logging.getLogger(__name__)
+
+# The loop's settings for the demo, unless the environment sets them: one reward-model run per
+# round of rankings, a PPO run long enough to move the policy, and an idle AI labeler (the
+# simulated users rank every training group; the judge would only compete for the two cores).
+DEMO_DEFAULTS = {
+    "REWARD_MODEL_CHECK_SECONDS": "3",
+    "REWARD_MODEL_EPOCHS": "2",
+    "REWARD_MODEL_LEARNING_RATE": "3e-5",
+    "POLICY_ITERATIONS": "8",
+    "POLICY_BATCH_SIZE": "32",
+    "POLICY_RESPONSE_LENGTH": "64",
+    "POLICY_POLL_SECONDS": "2",
+    "POLICY_HELDOUT_FRACTION": "0.2",
+    "LABELLING_FRACTION": "0",
+}
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from serving.cli import build_server
+@dataclass
+class DemoConfig:
+    data_dir: Path
+    model: str
+    rankings_per_round: int = 256
+    max_rounds: int = 3
+    budget_minutes: float = 30.0
+    users: int = 4
+    plan: simulated.SamplingPlan = field(default_factory=simulated.SamplingPlan)
+    progress_seconds: float = 15.0
+    summary_json: Path | None = None
+    startup_timeout: float = 600.0
 
-    settings = Settings.load({"grpc_address": "127.0.0.1:0", "metrics_port": free_port()})
-    print(f"== starting Redis and the server (data dir {settings.data_dir}; the first run converts the model, ~20 s)")
+
+class Platform:
+    """``flywheel up`` in a subprocess, with the ports it was given."""
+
+    def __init__(self, config: DemoConfig) -> None:
+        self.grpc_port, self.metrics_port, self.labelling_port, self.training_port = (free_port() for _ in range(4))
+        env = dict(os.environ)
+        for name, value in DEMO_DEFAULTS.items():
+            env.setdefault(ENV_PREFIX + name, value)
+        env[ENV_PREFIX + "REWARD_MODEL_TRIGGER_RANKINGS"] = env.get(
+            ENV_PREFIX + "REWARD_MODEL_TRIGGER_RANKINGS", str(config.rankings_per_round))
+        env[ENV_PREFIX + "DATA_DIR"] = str(config.data_dir)
+        if config.model:
+            env[ENV_PREFIX + "MODEL"] = config.model
+        self.settings = Settings.load(environ=env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flywheel.cli", "up", "--data-dir", str(config.data_dir),
+             "--grpc-address", f"127.0.0.1:{self.grpc_port}", "--metrics-port", str(self.metrics_port),
+             "--labelling-metrics-port", str(self.labelling_port), "--training-metrics-port", str(self.training_port)],
+            env=env, stdin=subprocess.DEVNULL)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+        self.admin = admin_pb2_grpc.AdminStub(self.channel)
+
+    def wait_until_serving(self, timeout: float) -> None:
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flywheel up exited with code {self.process.returncode}")
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server was not serving after {timeout:.0f} s")
+            time.sleep(1.0)
+
+    def status(self) -> admin_pb2.PlatformStatus:
+        return self.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=10)
+
+    def policies(self) -> admin_pb2.ListPoliciesResponse:
+        return self.admin.ListPolicies(admin_pb2.ListPoliciesRequest(), timeout=10)
+
+    def metrics(self, port: int) -> dict[str, float]:
+        """A process's /metrics as {sample name with labels: value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return samples
+
+    def training_metrics(self) -> dict[str, float]:
+        try:
+            return self.metrics(self.training_port)
+        except OSError:
+            return {}
+
+    def stop(self) -> int:
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def runs(metrics: dict[str, float], family: str) -> dict[str, int]:
+    """{outcome: count} of a ``*_runs_total{outcome=...}`` counter."""
+    prefix = f'{family}{{outcome="'
+    return {k[len(prefix):-2]: int(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+class Progress:
+    """One line every few seconds: where the loop is, with rate and figures."""
+
+    def __init__(self, platform: Platform, started: float, every: float) -> None:
+        self.platform, self.started, self.every = platform, started, every
+        self.rankings_target = 0
+        self.tally: simulated.UserTally | None = None
+        self.phase = "starting"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="demo progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        parts = [f"[{int(elapsed // 60):2d}:{int(elapsed % 60):02d}] {self.phase}"]
+        if self.tally is not None and self.phase.startswith("users ranking"):
+            parts.append(f"rankings {self.tally.rankings}/{self.rankings_target}")
+        try:
+            status = self.platform.status()
+            parts.append(f"serving v{status.serving_policy_version}, reward model v{status.reward_model_version}, "
+                         f"{status.rankings_waiting} rankings waiting")
+        except grpc.RpcError:
+            pass
+        m = self.platform.training_metrics()
+        if runs(m, "flywheel_reward_model_runs_total") or m.get("flywheel_reward_model_heldout_accuracy_ratio"):
+            parts.append(f"RM acc {m.get('flywheel_reward_model_heldout_accuracy_ratio', float('nan')):.3f}")
+        if 0 < m.get("flywheel_ppo_progress_ratio", 0) < 1:
+            parts.append(f"PPO {m['flywheel_ppo_progress_ratio']:.0%} (score {m.get('flywheel_ppo_mean_score', 0):+.3f}, "
+                         f"KL {m.get('flywheel_ppo_kl_to_ref_nats', 0):.2f}, ETA {m.get('flywheel_ppo_eta_seconds', 0):.0f} s)")
+        return " | ".join(parts)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            print(self.line(), flush=True)
+
+
+def run_counts(platform: Platform) -> tuple[dict[str, int], dict[str, int]]:
+    """({outcome: reward-model runs}, {outcome: PPO runs}) so far, from the training worker."""
+    m = platform.training_metrics()
+    return runs(m, "flywheel_reward_model_runs_total"), runs(m, "flywheel_ppo_runs_total")
+
+
+def wait_for_round(platform: Platform, before: tuple[dict[str, int], dict[str, int]], deadline: float) -> str:
+    """Wait until the round's PPO run has ended, or its reward model was rejected; the outcome."""
+    reward_before, ppo_before = before
+    while time.monotonic() < deadline:
+        if platform.process.poll() is not None:
+            raise RuntimeError(f"flywheel up exited with code {platform.process.returncode}")
+        reward, ppo = run_counts(platform)
+        new_ppo = [k for k, v in ppo.items() if v > ppo_before.get(k, 0) and k != "skipped"]
+        if new_ppo:
+            return "promoted" if "promoted" in new_ppo and _newest_is_current(platform) else new_ppo[0]
+        if reward.get("rejected", 0) > reward_before.get("rejected", 0):
+            return "reward model rejected"
+        time.sleep(2.0)
+    return "out of time"
+
+
+def _newest_is_current(platform: Platform) -> bool:
+    listing = platform.policies()
+    return bool(listing.policies) and listing.current_version == max(p.version for p in listing.policies)
+
+
+def wait_for_serving(platform: Platform, version: int, timeout: float) -> float:
+    """Seconds until this server samples from ``version``."""
     started = time.monotonic()
-    server, release = build_server(settings)
-    server.start(wait_until_ready=True)
-    print(f"== serving on 127.0.0.1:{server.port} after {time.monotonic() - started:.1f} s; "
-          f"metrics on http://127.0.0.1:{server.metrics_port}/metrics")
+    while platform.status().serving_policy_version != version:
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"the server did not swap to v{version} within {timeout:.0f} s")
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+def win_rates(after: dict[str, list[str]], before: dict[str, list[str]]) -> list[float]:
+    return [simulated.preference_win_rate(after[q], before[q]) for q in before]
+
+
+def bootstrap_interval(values: list[float], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean, resampling questions."""
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(samples))
+    return means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
+
+
+def length_figures(answers: dict[str, list[str]]) -> tuple[float, int]:
+    texts = [t for ts in answers.values() for t in ts]
+    return statistics.median(len(t.strip()) for t in texts), sum(not t.strip() for t in texts)
+
+
+def reward_model_accuracy(platform: Platform, config: DemoConfig) -> float:
+    import redis
+
+    from training.reward_model_run import reward_model_registry
+
+    client = redis.Redis.from_url(_redis_url(config.data_dir))
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = rpc.InferenceStub(channel)
-            calls = [stub.Complete.future(pb.CompleteRequest(
-                messages=[pb.ChatMessage(role="user", content=q)], n=3, max_new_tokens=48, temperature=0.8,
-                top_p=0.95, seed=i), timeout=300) for i, q in enumerate(QUESTIONS)]
-            t0 = time.monotonic()
-            responses = [c.result() for c in calls]
-            elapsed = time.monotonic() - t0
-            for question, response in zip(QUESTIONS, responses):
-                print(f"\n### {question}\n(group {response.group_id}, policy v{response.policy_version})")
-                for c in response.completions:
-                    reason = pb.FinishReason.Name(c.finish_reason).removeprefix("FINISH_REASON_").lower()
-                    text = " ".join(c.text.split())
-                    print(f"  [{c.index}] ({c.token_count} tokens, {reason}, logprob {c.logprob:.1f}) {text}")
-            tokens = sum(c.token_count for r in responses for c in r.completions)
-            print(f"\n== {len(responses)} concurrent requests x 3 samples: {tokens} tokens in {elapsed:.1f} s "
-                  f"({tokens / elapsed:.0f} tok/s, batched together)")
-            # a user ranks each group by a simple stated preference: the shortest answer is best
-            feedback = feedback_rpc.FeedbackStub(channel)
-            for response in responses:
-                ranking = sorted(response.completions, key=lambda c: len(c.text))
-                ack = feedback.SubmitRanking(feedback_pb.SubmitRankingRequest(
-                    group_id=response.group_id, completion_ids=[c.completion_id for c in ranking],
-                    annotator_id="demo-user", idempotency_key=f"demo-{response.group_id}"), timeout=30)
-                print(f"== ranked group {response.group_id[:8]}… (shortest first): stream entry {ack.stream_entry_id}")
-            stats = feedback.GetFeedbackStats(feedback_pb.GetFeedbackStatsRequest(), timeout=30)
-            print(f"== feedback stream: {stats.rankings_total} rankings ({stats.human_rankings} human, "
-                  f"{stats.ai_rankings} AI), stream length {stats.stream_length}")
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-        wanted = ("flywheel_requests_total{", "flywheel_generated_tokens_total ", "flywheel_serving_policy_version ",
-                  "flywheel_rankings_accepted_total{", "flywheel_group_store_duration_seconds_count")
-        print("== server metrics:")
-        for line in metrics.splitlines():
-            if line.startswith(wanted):
-                print("  " + line)
+        current = reward_model_registry(client, platform.settings).current()
+        return float(current.figures.get("heldout_accuracy", math.nan)) if current else math.nan
     finally:
-        server.stop(grace=5)
-        release()
-    return 0
+        client.close()
+
+
+def _redis_url(data_dir: Path) -> str:
+    return os.environ.get("REDIS_URL") or (data_dir / "redis" / "redis.url").read_text().strip()
+
+
+def run_demo(config: DemoConfig) -> dict:
+    from transformers import AutoTokenizer
+
+    from flywheel.models import resolve_model_path
+
+    started = time.monotonic()
+    model_path = resolve_model_path(config.model, config.data_dir.parent)
+    config.model = str(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if config.data_dir.exists():
+        print(f"== removing the previous demo run in {config.data_dir}")
+        shutil.rmtree(config.data_dir)
+    platform = Platform(config)
+    train_questions, eval_questions = simulated.split_prompts(simulated.question_pool(), tokenizer,
+                                                         platform.settings.policy_heldout_fraction)
+    print(f"== simulated users' preference: {simulated.PREFERENCE}")
+    print(f"== {len(train_questions)} questions to rank answers to, {len(eval_questions)} held out for the "
+          f"before/after comparison (PPO never trains on them)")
+    summary: dict = {"preference": simulated.PREFERENCE, "eval_questions": len(eval_questions), "rounds": []}
+    progress = Progress(platform, started, config.progress_seconds)
+    try:
+        platform.wait_until_serving(config.startup_timeout)
+        print(f"== platform up after {time.monotonic() - started:.0f} s (data dir {config.data_dir})", flush=True)
+        progress.start()
+        progress.phase = "version 0 answers the held-out questions"
+        before, versions = simulated.sample_answers(platform.channel, eval_questions, config.plan)
+        assert versions == {0}, f"expected version 0 to answer, got {versions}"
+        loop_started = time.monotonic()
+        deadline = started + config.budget_minutes * 60
+        outcome = "not started"
+        for round_number in range(1, config.max_rounds + 1):
+            counts_before = run_counts(platform)
+            progress.phase, progress.rankings_target = f"users ranking (round {round_number})", config.rankings_per_round
+            progress.tally = simulated.UserTally()
+            tally = simulated.rank_rounds(platform.channel, train_questions, config.rankings_per_round, users=config.users,
+                                      plan=config.plan, seed=round_number,
+                                      on_ranking=lambda t: setattr(progress, "tally", t))
+            if tally.errors:
+                print(f"== {len(tally.errors)} user requests failed, e.g. {tally.errors[0]}")
+            progress.phase = f"training (round {round_number})"
+            outcome = wait_for_round(platform, counts_before, deadline)
+            summary["rounds"].append({"round": round_number, "rankings": tally.rankings, "outcome": outcome,
+                                      "seconds": time.monotonic() - loop_started})
+            print(f"== round {round_number}: {tally.rankings} rankings -> {outcome}", flush=True)
+            if outcome == "promoted" or time.monotonic() > deadline:
+                break
+        if outcome != "promoted":
+            print(f"== no policy was promoted ({outcome}); nothing to compare", flush=True)
+            summary["outcome"] = outcome
+            return summary
+        listing = platform.policies()
+        promoted = listing.current_version
+        swap_seconds = wait_for_serving(platform, promoted, 120)
+        loop_seconds = time.monotonic() - loop_started
+        progress.phase = f"v{promoted} answers the held-out questions"
+        after, versions = simulated.sample_answers(platform.channel, eval_questions, config.plan)
+        progress.stop()
+        assert versions == {promoted}, f"expected v{promoted} to answer, got {versions}"
+        record = next(p for p in listing.policies if p.version == promoted)
+        rates = win_rates(after, before)
+        low, high = bootstrap_interval(rates)
+        before_len, before_empty = length_figures(before)
+        after_len, after_empty = length_figures(after)
+        rm_accuracy = reward_model_accuracy(platform, config)
+        kl = record.gate_metrics.get("kl_to_ref", math.nan)
+        print()
+        print(format_table(
+            ("policy", "win rate vs v0 (95% CI)", "median answer chars", "empty answers", "RM held-out acc",
+             "KL to v0 (nats)", "time"),
+            [("v0 (base)", "50%", f"{before_len:.0f}", str(before_empty), "-", "0", "-"),
+             (f"v{promoted} (promoted)", f"{statistics.fmean(rates):.0%} ({low:.0%}-{high:.0%})", f"{after_len:.0f}",
+              str(after_empty), f"{rm_accuracy:.3f}", f"{kl:.2f}", f"{loop_seconds / 60:.1f} min")]))
+        print(f"\n{len(eval_questions)} held-out questions x {config.plan.n} answers per version, every pair of "
+              f"answers compared under the preference ({simulated.PREFERENCE}); ties count half.")
+        summary.update({
+            "outcome": outcome, "promoted_version": promoted, "win_rate": statistics.fmean(rates),
+            "win_rate_interval": [low, high], "median_chars": {"before": before_len, "after": after_len},
+            "empty_answers": {"before": before_empty, "after": after_empty}, "reward_model_accuracy": rm_accuracy,
+            "kl_to_v0": kl, "loop_seconds": loop_seconds, "swap_seconds": swap_seconds,
+            "gate": dict(record.gate_metrics),
+        })
+        summary.update(operator_checks(platform, promoted))
+        summary["metrics"] = scrape_every_process(platform)
+        return summary
+    finally:
+        progress.stop()
+        code = platform.stop()
+        summary["up_exit_code"] = code
+        summary["total_seconds"] = time.monotonic() - started
+        if config.summary_json is not None:
+            config.summary_json.write_text(json.dumps(summary, indent=2))
+
+
+def operator_checks(platform: Platform, promoted: int) -> dict:
+    """What an operator would do next: roll back (the servers return to v0), then promote again."""
+    change = platform.admin.Rollback(admin_pb2.RollbackRequest(reason="demo: operator rollback"), timeout=30)
+    rollback_seconds = wait_for_serving(platform, change.to_version, 120)
+    print(f"== operator rollback v{change.from_version} -> v{change.to_version}: the server swapped in "
+          f"{rollback_seconds:.2f} s")
+    again = platform.admin.Promote(admin_pb2.PromoteRequest(version=promoted, reason="demo: promote again"), timeout=60)
+    promote_seconds = wait_for_serving(platform, promoted, 120)
+    print(f"== operator promote v{again.from_version} -> v{again.to_version}: the server swapped in "
+          f"{promote_seconds:.2f} s")
+    return {"rollback": {"from": change.from_version, "to": change.to_version, "seconds": rollback_seconds},
+            "repromote": {"to": again.to_version, "seconds": promote_seconds}}
+
+
+SHOWN_METRICS = {
+    "server": ("flywheel_requests_total", "flywheel_generated_tokens_total", "flywheel_serving_policy_version",
+               "flywheel_policy_swaps_total", "flywheel_rankings_accepted_total"),
+    "labelling worker": ("flywheel_labelling_",),
+    "training worker": ("flywheel_reward_model_heldout_accuracy_ratio", "flywheel_reward_model_runs_total",
+                        "flywheel_ppo_runs_total", "flywheel_ppo_kl_to_ref_nats", "flywheel_policy_gate_reward_gain"),
+}
+
+
+def scrape_every_process(platform: Platform) -> dict[str, dict[str, float]]:
+    scraped = {}
+    for name, port in (("server", platform.metrics_port), ("labelling worker", platform.labelling_port),
+                       ("training worker", platform.training_port)):
+        samples = platform.metrics(port)
+        scraped[name] = {k: v for k, v in samples.items() if k.startswith("flywheel_")}
+        shown = [f"{k} {v:g}" for k, v in samples.items()
+                 if k.startswith(SHOWN_METRICS[name]) and "_bucket" not in k and "_created" not in k][:8]
+        print(f"== {name} /metrics (:{port}): {len(scraped[name])} flywheel samples, e.g.")
+        for line in shown:
+            print("   " + line)
+    return scraped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flywheel.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Settings.load()
+    parser.add_argument("--data-dir", type=Path, default=Path(defaults.data_dir) / "demo",
+                        help="the demo's own data directory (removed and recreated); the model is converted once "
+                             "into its parent")
+    parser.add_argument("--model", default=defaults.model, help="HF causal-LM folder; empty = the embedded model")
+    parser.add_argument("--rankings", type=int, default=256, help="rankings the users submit per round")
+    parser.add_argument("--rounds", type=int, default=3, help="most rounds (a round ends with a PPO run)")
+    parser.add_argument("--budget-minutes", type=float, default=30.0, help="give up after this long")
+    parser.add_argument("--users", type=int, default=4, help="simulated users ranking at once")
+    parser.add_argument("--n", type=int, default=4, help="answers per question")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--progress-seconds", type=float, default=15.0)
+    parser.add_argument("--summary-json", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = DemoConfig(data_dir=args.data_dir.resolve(), model=args.model, rankings_per_round=args.rankings,
+                        max_rounds=args.rounds, budget_minutes=args.budget_minutes, users=args.users,
+                        plan=simulated.SamplingPlan(n=args.n, max_new_tokens=args.max_new_tokens),
+                        progress_seconds=args.progress_seconds, summary_json=args.summary_json)
+    summary = run_demo(config)
+    return 0 if summary.get("outcome") == "promoted" else 1
 
 
 if __name__ == "__main__":

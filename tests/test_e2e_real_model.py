@@ -85,13 +85,18 @@ def test_complete_command_and_clean_shutdown(served):
     assert list((data_dir / "redis").rglob("appendonly*")), "no append-only file: rankings would not survive a restart"
 
 
-def test_the_demo_runs_from_a_fresh_directory(tmp_path):
-    """`make demo` on a fresh machine: default (relative) data dir, model conversion, embedded Redis."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_") and k != "REDIS_URL"}
-    out = subprocess.run([sys.executable, "-m", "flywheel.demo"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert out.stdout.count("(group ") == 3
-    assert "feedback stream: 3 rankings (3 human, 0 AI)" in out.stdout
+def test_the_demo_runs_the_loop_from_a_fresh_directory(tmp_path):
+    """`make demo` on a fresh machine (default relative data dir, model conversion, embedded Redis),
+    with a short loop: the real model's reward model and one small PPO iteration."""
+    from test_loop_e2e import run_demo
+
+    short_loop = {"POLICY_ITERATIONS": "1", "POLICY_BATCH_SIZE": "8", "POLICY_MINI_BATCH_SIZE": "4",
+                  "POLICY_PPO_EPOCHS": "1", "POLICY_RESPONSE_LENGTH": "8", "REWARD_MODEL_EPOCHS": "1",
+                  "POLICY_MIN_REWARD_GAIN": "-1000", "POLICY_KL_BUDGET": "1000000", "POLICY_PERPLEXITY_MARGIN": "1000"}
+    summary, output = run_demo(tmp_path, "", short_loop, ["--rankings", "16", "--n", "2", "--max-new-tokens", "16",
+                                                          "--budget-minutes", "12"], timeout=900)
+    assert summary.get("outcome") == "promoted" and summary["up_exit_code"] == 0, output[-4000:]
+    assert summary["metrics"]["server"]['flywheel_rankings_accepted_total{source="human"}'] == 16
     assert (tmp_path / ".flywheel" / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").exists()
-    assert not (tmp_path / ".flywheel" / "redis" / "redis.url").exists(), "the embedded redis-server was left running"
+    assert (tmp_path / ".flywheel" / "demo" / "policies" / "v1" / "manifest.json").exists()
+    assert not (tmp_path / ".flywheel" / "demo" / "redis" / "redis.url").exists(), "embedded Redis left running"

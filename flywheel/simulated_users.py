@@ -1,0 +1,189 @@
+"""Simulated users for the demo and the whole-loop test: they call the public gRPC API as an
+application's users would, and rank what they got by one stated, simple preference.
+
+The preference is "concise": of the answers to a question, the shortest non-empty one is best
+(characters of the stripped text; an empty answer is worst). It is the classic first preference of
+RLHF write-ups because a reward model picks it up from a few hundred rankings and a policy can act
+on it (say the answer, then stop), so the loop's effect shows on a CPU within minutes.
+
+The prompts are short questions (facts, arithmetic, definitions, advice). ``split_prompts`` sets
+aside the ones the PPO runs hold out (the same hash of the rendered prompt that
+``training.policy_prompts.split_prompts`` uses), so the before/after comparison is on questions
+the policy never trained on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import grpc
+
+from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
+from flywheel.v1 import inference_pb2 as pb
+from flywheel.v1 import inference_pb2_grpc as rpc
+
+PREFERENCE = "concise: the shortest non-empty answer is best"
+
+_COUNTRIES = ["France", "Italy", "Spain", "Germany", "Japan", "Canada", "Brazil", "Egypt", "Kenya", "Peru",
+              "Norway", "Greece", "India", "Mexico", "Chile", "Poland", "Turkey", "Vietnam", "Ireland", "Portugal"]
+_THINGS = ["the sky", "grass", "snow", "a banana", "a ripe tomato", "coal", "an orange", "milk", "a lemon", "blood"]
+_ANIMALS = ["a spider", "a dog", "a bird", "an ant", "a horse", "a snake", "a cat", "an octopus", "a cow", "a fish"]
+_SHAPES = ["a triangle", "a square", "a pentagon", "a hexagon", "an octagon", "a circle"]
+_WORDS = ["hello", "cat", "water", "bread", "house", "thank you", "good night", "book", "sun", "friend"]
+_CONCEPTS = ["gravity", "a noun", "photosynthesis", "an atom", "a verb", "democracy", "inflation", "a virus",
+             "a planet", "an ecosystem", "a budget", "a metaphor", "electricity", "a vaccine", "a volcano",
+             "an algorithm", "a prime number", "evaporation", "a mammal", "friction"]
+_ADJECTIVES = ["hot", "tall", "fast", "happy", "heavy", "early", "loud", "empty", "strong", "bright", "wet",
+               "old", "rich", "soft", "open", "near", "thick", "clean", "easy", "true"]
+_NOUNS = ["mouse", "child", "tooth", "box", "city", "leaf", "person", "goose", "knife", "potato", "man", "foot",
+          "woman", "bus", "wolf"]
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
+_PAIRS = [("an elephant", "a mouse"), ("the Sun", "the Moon"), ("a lake", "an ocean"), ("a car", "a bicycle"),
+          ("a city", "a village"), ("a minute", "an hour"), ("a kilometre", "a metre"), ("a whale", "a shark"),
+          ("Jupiter", "Earth"), ("a tree", "a flower")]
+_TASKS = ["sleeping better", "saving money", "writing a clear email", "learning a language", "staying focused",
+          "cooking rice", "running a meeting", "reading more", "keeping plants alive", "drinking more water"]
+
+
+def question_pool() -> list[str]:
+    """The questions the simulated users ask (about 350, fixed)."""
+    questions = [f"What is the capital of {c}?" for c in _COUNTRIES]
+    questions += [f"What color is {t}?" for t in _THINGS]
+    questions += [f"How many legs does {a} have?" for a in _ANIMALS]
+    questions += [f"How many sides does {s} have?" for s in _SHAPES]
+    questions += [f"How do you say '{w}' in French?" for w in _WORDS]
+    questions += [f"What is {a} plus {b}?" for a, b in itertools.product((3, 7, 12, 25), (4, 9, 16, 30))]
+    questions += [f"What is {c}?" for c in _CONCEPTS]
+    questions += [f"Define {c} in your own words." for c in _CONCEPTS]
+    questions += [f"Give me one tip for {t}." for t in _TASKS]
+    questions += [f"Why is {t} a good habit?" for t in _TASKS]
+    questions += [f"Is {a} a mammal?" for a in _ANIMALS]
+    questions += [f"Which continent is {c} in?" for c in _COUNTRIES]
+    questions += [f"What language is spoken in {c}?" for c in _COUNTRIES]
+    questions += [f"What is the currency of {c}?" for c in _COUNTRIES]
+    questions += [f"What is the opposite of '{a}'?" for a in _ADJECTIVES]
+    questions += [f"What is the plural of '{n}'?" for n in _NOUNS]
+    questions += [f"What is {a} times {b}?" for a, b in itertools.product((2, 6, 9, 11), (3, 5, 8, 12))]
+    questions += [f"How many days are in {m}?" for m in _MONTHS]
+    questions += [f"Which is bigger, {a} or {b}?" for a, b in _PAIRS]
+    questions += [f"What sound does {a} make?" for a in _ANIMALS]
+    return questions
+
+
+def split_prompts(questions: Sequence[str], tokenizer, held_out_fraction: float) -> tuple[list[str], list[str]]:
+    """(questions PPO may train on, questions it holds out), decided as the PPO runs decide."""
+    from training.policy_prompts import render_prompt
+    from training.rankings import is_held_out
+
+    train, held_out = [], []
+    for question in questions:
+        (held_out if is_held_out(render_prompt(tokenizer, question).text, held_out_fraction) else train).append(question)
+    return train, held_out
+
+
+def answer_length(text: str) -> int:
+    """How the simulated users measure an answer: characters, an empty answer counting as endless."""
+    stripped = text.strip()
+    return len(stripped) if stripped else 10**9
+
+
+def rank_by_preference(completions: Sequence[pb.Completion]) -> list[pb.Completion]:
+    """Best first under the stated preference."""
+    return sorted(completions, key=lambda c: answer_length(c.text))
+
+
+def preference_win_rate(candidate: Sequence[str], baseline: Sequence[str]) -> float:
+    """P(a candidate answer beats a baseline answer) over all pairs, ties counting half."""
+    wins = 0.0
+    for a, b in itertools.product(candidate, baseline):
+        la, lb = answer_length(a), answer_length(b)
+        wins += 1.0 if la < lb else 0.5 if la == lb else 0.0
+    return wins / (len(candidate) * len(baseline))
+
+
+@dataclass
+class SamplingPlan:
+    """What every simulated request asks for."""
+    n: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_p: float = 0.95
+    timeout_seconds: float = 600.0
+
+
+@dataclass
+class UserTally:
+    requests: int = 0
+    rankings: int = 0
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def sample(stub: rpc.InferenceStub, question: str, plan: SamplingPlan, seed: int,
+           metadata: Sequence[tuple[str, str]] = ()) -> pb.CompleteResponse:
+    return stub.Complete(pb.CompleteRequest(
+        messages=[pb.ChatMessage(role="user", content=question)], n=plan.n, max_new_tokens=plan.max_new_tokens,
+        temperature=plan.temperature, top_p=plan.top_p, seed=seed), timeout=plan.timeout_seconds, metadata=metadata)
+
+
+def rank_rounds(channel: grpc.Channel, questions: Sequence[str], rankings: int, *, users: int = 4,
+                plan: SamplingPlan | None = None, seed: int = 0, metadata: Sequence[tuple[str, str]] = (),
+                on_ranking: Callable[[UserTally], None] | None = None) -> UserTally:
+    """``users`` threads ask questions and rank the answers until ``rankings`` rankings were
+    acknowledged by the server (each user is one annotator). Returns the tally."""
+    plan = plan or SamplingPlan()
+    inference, feedback = rpc.InferenceStub(channel), feedback_pb2_grpc.FeedbackStub(channel)
+    tally = UserTally()
+    tickets = itertools.count()
+
+    def user(number: int) -> None:
+        rng = random.Random(seed * 1000 + number)
+        while True:
+            ticket = next(tickets)
+            if ticket >= rankings:
+                return
+            try:
+                response = sample(inference, rng.choice(questions), plan, seed=rng.randrange(2**31), metadata=metadata)
+                ranked = rank_by_preference(response.completions)
+                feedback.SubmitRanking(feedback_pb2.SubmitRankingRequest(
+                    group_id=response.group_id, completion_ids=[c.completion_id for c in ranked],
+                    annotator_id=f"simulated-user-{number}", idempotency_key=f"{response.group_id}:{number}"),
+                    timeout=60, metadata=metadata)
+            except grpc.RpcError as exc:
+                with tally.lock:
+                    tally.errors.append(f"{exc.code().name}: {exc.details()}")
+                time.sleep(1.0)
+                continue
+            with tally.lock:
+                tally.requests += 1
+                tally.rankings += 1
+            if on_ranking is not None:
+                on_ranking(tally)
+
+    threads = [threading.Thread(target=user, args=(i,), name=f"simulated-user-{i}", daemon=True) for i in range(users)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return tally
+
+
+def sample_answers(channel: grpc.Channel, questions: Sequence[str], plan: SamplingPlan, *, seed: int = 12345,
+                   parallel: int = 16, metadata: Sequence[tuple[str, str]] = ()
+                   ) -> tuple[dict[str, list[str]], set[int]]:
+    """Answers to every question (seeded, so two policies face the same draws), and the policy
+    versions that produced them. ``parallel`` requests at a time, so the server batches them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    inference = rpc.InferenceStub(channel)
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="sample") as pool:
+        responses = list(pool.map(lambda item: sample(inference, item[1], plan, seed + item[0], metadata),
+                                  enumerate(questions)))
+    answers = {q: [c.text for c in r.completions] for q, r in zip(questions, responses)}
+    return answers, {r.policy_version for r in responses}
