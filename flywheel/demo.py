@@ -13,8 +13,7 @@ import sys
 import time
 import urllib.request
 
-import grpc
-
+from flywheel.grpc_client import open_channel
 from flywheel.redis_server import free_port
 from flywheel.settings import Settings
 from flywheel.v1 import feedback_pb2 as feedback_pb
@@ -41,7 +40,8 @@ def main() -> int:
     print(f"== serving on 127.0.0.1:{server.port} after {time.monotonic() - started:.1f} s; "
           f"metrics on http://127.0.0.1:{server.metrics_port}/metrics")
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        # the server created this machine's API keys in the data directory; the client reads its key there
+        with open_channel(settings, f"127.0.0.1:{server.port}") as channel:
             stub = rpc.InferenceStub(channel)
             calls = [stub.Complete.future(pb.CompleteRequest(
                 messages=[pb.ChatMessage(role="user", content=q)], n=3, max_new_tokens=48, temperature=0.8,
@@ -64,7 +64,7 @@ def main() -> int:
                 ranking = sorted(response.completions, key=lambda c: len(c.text))
                 ack = feedback.SubmitRanking(feedback_pb.SubmitRankingRequest(
                     group_id=response.group_id, completion_ids=[c.completion_id for c in ranking],
-                    annotator_id="demo-user", idempotency_key=f"demo-{response.group_id}"), timeout=30)
+                    idempotency_key=f"demo-{response.group_id}"), timeout=30)  # ranks as the key's name
                 print(f"== ranked group {response.group_id[:8]}… (shortest first): stream entry {ack.stream_entry_id}")
             stats = feedback.GetFeedbackStats(feedback_pb.GetFeedbackStatsRequest(), timeout=30)
             print(f"== feedback stream: {stats.rankings_total} rankings ({stats.human_rankings} human, "
