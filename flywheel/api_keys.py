@@ -216,9 +216,10 @@ class KeyStore:
             if not path.exists():
                 raise FileNotFoundError(f"api_keys_file {path} does not exist (create keys with `flywheel keys create`)")
             return cls(fixed, path)
-        if fixed:
-            return cls(fixed)
+        # the default file counts too (`flywheel keys create` writes there), even if it appears later
         path = default_keys_file(settings.data_dir)
+        if fixed:
+            return cls(fixed, path)
         if not path.exists() and create_local_keys(settings.data_dir) is not None:
             log.warning("auth: created API keys for this machine; clients read them from %s and %s "
                         "(FLYWHEEL_API_KEY overrides)", local_key_file(settings.data_dir, ROLE_CLIENT),

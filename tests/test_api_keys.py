@@ -47,6 +47,15 @@ def test_the_keys_file_holds_hashes_and_changes_apply_without_a_restart(tmp_path
         keys_file.revoke("alice")
 
 
+def test_environment_keys_and_the_default_file_work_together(tmp_path):
+    settings = Settings.load({"data_dir": str(tmp_path), "api_keys": "app:client:fwk_env"}, environ={})
+    store = KeyStore.from_settings(settings)
+    assert not (tmp_path / "secrets" / "client.key").exists()  # configured keys: no local keys are made
+    made = KeyFile(tmp_path / "secrets" / "api_keys.json").create("late", ROLE_CLIENT)
+    assert store.authenticate("fwk_env") == Caller("app", ROLE_CLIENT)
+    assert store.authenticate(made) == Caller("late", ROLE_CLIENT)
+
+
 def test_auth_on_with_no_key_at_all_is_an_error(tmp_path):
     KeyFile(tmp_path / "empty.json").write([])
     with pytest.raises(ValueError, match="no API key is configured"):
