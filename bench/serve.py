@@ -29,6 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flywheel.api_keys import generate_key  # noqa: E402
+from flywheel.grpc_client import with_key  # noqa: E402
 from flywheel.models import load_model, resolve_dtype  # noqa: E402
 from flywheel.redis_server import free_port  # noqa: E402
 from flywheel.v1 import inference_pb2 as pb  # noqa: E402
@@ -36,6 +38,9 @@ from flywheel.v1 import inference_pb2_grpc as rpc  # noqa: E402
 
 TOPICS = ["the sea", "a lighthouse", "autumn", "a red fox", "the moon", "a library", "rain in a city", "a violin",
           "mountains", "a train at night", "bread", "the desert", "a garden", "snow", "an old clock", "the river"]
+
+
+BENCH_KEY = generate_key()
 
 
 def prompts(count: int) -> list[str]:
@@ -51,7 +56,9 @@ def start_server(data_dir: str, dtype: str, model: str, store_groups: bool) -> t
     port = free_port()
     env = dict(os.environ, FLYWHEEL_DATA_DIR=data_dir, FLYWHEEL_GRPC_ADDRESS=f"127.0.0.1:{port}",
                FLYWHEEL_METRICS_PORT="0", FLYWHEEL_DTYPE=dtype, FLYWHEEL_MODEL=model,
-               FLYWHEEL_STORE_GROUPS=str(store_groups).lower())
+               FLYWHEEL_STORE_GROUPS=str(store_groups).lower(),
+               # a key of its own, and no rate limit: the benchmark measures the engine, not the limiter
+               FLYWHEEL_API_KEYS=f"bench:client:{BENCH_KEY}", FLYWHEEL_CLIENT_REQUESTS_PER_SECOND="0")
     process = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve"], env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -72,7 +79,7 @@ def start_server(data_dir: str, dtype: str, model: str, store_groups: bool) -> t
 
 def run_clients(port: int, texts: list[str], n: int, tokens: int, stream: bool) -> dict:
     """All clients start together; each sends one request. Returns throughput and latency figures."""
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = with_key(grpc.insecure_channel(f"127.0.0.1:{port}"), BENCH_KEY)
     stub = rpc.InferenceStub(channel)
     barrier = threading.Barrier(len(texts) + 1)
     latencies, ttfts, counts, errors = [], [], [], []

@@ -31,6 +31,8 @@ from flywheel.models import load_model  # noqa: E402
 from flywheel.registry import VersionRegistry  # noqa: E402
 from flywheel.settings import Settings  # noqa: E402
 from flywheel.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc  # noqa: E402
+from flywheel.api_keys import generate_key  # noqa: E402
+from flywheel.grpc_client import with_key  # noqa: E402
 from serving.cli import build_server  # noqa: E402
 from serving.policy_loader import sha256_file  # noqa: E402
 
@@ -62,13 +64,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         (Path(scratch) / "models").symlink_to(models)
+        key = generate_key()
         settings = Settings.load({"data_dir": scratch, "grpc_address": "127.0.0.1:0", "metrics_port": 0,
-                                  "policy_poll_seconds": 5.0}, environ={})
+                                  "policy_poll_seconds": 5.0, "api_keys": f"bench:admin:{key}",
+                                  "admin_requests_per_second": 0}, environ={})
         server, release = build_server(settings)
         server.start(wait_until_ready=True)
         registry = VersionRegistry(server.policy_redis, "policy", Path(scratch) / "policies")
         version = write_version(registry, base)
-        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        channel = with_key(grpc.insecure_channel(f"127.0.0.1:{server.port}"), key)
         stub = inference_pb2_grpc.InferenceStub(channel)
         admin = admin_pb2_grpc.AdminStub(channel)
         stop = threading.Event()

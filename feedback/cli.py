@@ -14,6 +14,7 @@ import uuid
 import grpc
 
 from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.grpc_client import CLIENT_SETTINGS, open_channel
 from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 
 
@@ -22,18 +23,19 @@ def register(subparsers) -> None:
                                  description="Rank 2 to 9 completions of one served group, best first.")
     rank.add_argument("group_id")
     rank.add_argument("completion_ids", nargs="+", metavar="COMPLETION_ID", help="best first")
-    rank.add_argument("--annotator", default="", help="who ranked (e.g. your user name)")
+    rank.add_argument("--annotator", default="",
+                      help="who ranked; with auth on, a client key ranks as its own name (leave this empty)")
     rank.add_argument("--comment", default="")
     rank.add_argument("--idempotency-key", default="", help="default: a fresh key, reused by the retries")
     rank.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
-    add_settings_flags(rank, ["grpc_address"])
+    add_settings_flags(rank, ["grpc_address", *CLIENT_SETTINGS])
     rank.set_defaults(handler=run_rank)
 
     feedback = subparsers.add_parser("feedback", help="feedback stream statistics and maintenance")
     commands = feedback.add_subparsers(dest="feedback_command", metavar="COMMAND")
     stats = commands.add_parser("stats", help="rankings collected, stream length, pending per consumer group")
     stats.add_argument("--timeout", type=float, default=10.0)
-    add_settings_flags(stats, ["grpc_address"])
+    add_settings_flags(stats, ["grpc_address", *CLIENT_SETTINGS])
     stats.set_defaults(handler=run_stats)
     schedule = commands.add_parser("schedule", help="enqueue AI labelling of the groups that are due, once")
     add_settings_flags(schedule, ["redis_url", "data_dir", "labelling_delay_seconds", "labelling_fraction"])
@@ -44,7 +46,7 @@ def register(subparsers) -> None:
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, feedback_pb2_grpc.FeedbackStub]:
-    channel = grpc.insecure_channel(settings_from_args(args).grpc_address)
+    channel = open_channel(settings_from_args(args))
     return channel, feedback_pb2_grpc.FeedbackStub(channel)
 
 

@@ -34,6 +34,7 @@ RANKINGS_STREAM = "flywheel:rankings"
 DEAD_LETTER_STREAM = "flywheel:rankings:dead"  # entries no consumer could parse, kept for a person
 IDEMPOTENCY_KEY_PREFIX = "flywheel:rankings:idempotency:"  # + source + ":" + the caller's key
 GROUP_RANKINGS_KEY_PREFIX = "flywheel:group-rankings:"  # hash: source -> latest ranking (JSON ids)
+GROUP_ANNOTATORS_KEY_PREFIX = "flywheel:group-annotators:"  # set: people who ranked the group (one ranking each)
 STATS_KEY = "flywheel:rankings:stats"  # hash of counters: rankings:{source}, agreement:pairs, agreement:agreed
 
 SOURCE_HUMAN = "human"
@@ -49,6 +50,19 @@ MAX_RANKED = 9  # InstructGPT asks labelers to rank K = 4..9
 
 def group_rankings_key(group_id: str) -> str:
     return GROUP_RANKINGS_KEY_PREFIX + group_id
+
+
+def group_annotators_key(group_id: str) -> str:
+    return GROUP_ANNOTATORS_KEY_PREFIX + group_id
+
+
+class AlreadyRankedError(Exception):
+    """This annotator has ranked this group already: a person gets one ranking per group."""
+
+    def __init__(self, group_id: str, annotator_id: str) -> None:
+        super().__init__(f"{annotator_id!r} has ranked group {group_id} already (one ranking per annotator per group)")
+        self.group_id = group_id
+        self.annotator_id = annotator_id
 
 
 @dataclass
@@ -134,18 +148,25 @@ class StreamStats:
 
 
 _APPEND_SCRIPT = """
--- KEYS: stream, per-group rankings hash, stats hash, idempotency key
+-- KEYS: stream, per-group rankings hash, stats hash, idempotency key, per-group annotators set
 -- ARGV: use_idempotency, idempotency_ttl, group_ttl, source, other_source, completion_ids_json,
---       ranking_id, then the entry's field/value pairs
+--       ranking_id, annotator ('' = not limited to one ranking), then the entry's field/value pairs
 if ARGV[1] == '1' then
   local prior = redis.call('GET', KEYS[4])
   if prior then return {'duplicate', prior, ''} end
 end
+if ARGV[8] ~= '' and redis.call('SISMEMBER', KEYS[5], ARGV[8]) == 1 then
+  return {'already_ranked', '', ''}
+end
 local fields = {}
-for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
 if ARGV[1] == '1' then
   redis.call('SET', KEYS[4], ARGV[7] .. ' ' .. id, 'EX', tonumber(ARGV[2]))
+end
+if ARGV[8] ~= '' then
+  redis.call('SADD', KEYS[5], ARGV[8])
+  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[3]))
 end
 local other = redis.call('HGET', KEYS[2], ARGV[5])
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[6])
@@ -181,18 +202,27 @@ class RankingStream:
         return None if prior is None else _duplicate(prior)
 
     def append(self, entry: RankingEntry, idempotency_key: str = "") -> AppendResult:
-        """Add one ranking; with an idempotency key already used, return the first acknowledgement."""
+        """Add one ranking; with an idempotency key already used, return the first acknowledgement.
+
+        A named person ranks a group once: a second human ranking of the group by the same
+        ``annotator_id`` (under another idempotency key) raises ``AlreadyRankedError``. Anonymous
+        rankings (no annotator_id) and the AI labeler's (idempotent per judge) are not limited here.
+        """
         other_source = SOURCE_AI if entry.source == SOURCE_HUMAN else SOURCE_HUMAN
         ids_json = json.dumps(list(entry.completion_ids))
+        once_per = entry.annotator_id if entry.source == SOURCE_HUMAN else ""
         args: list[str] = ["1" if idempotency_key else "0", str(self.idempotency_ttl_seconds),
-                           str(self.group_ttl_seconds), entry.source, other_source, ids_json, entry.ranking_id]
+                           str(self.group_ttl_seconds), entry.source, other_source, ids_json, entry.ranking_id,
+                           once_per]
         for name, value in entry.to_fields().items():
             args += [name, value]
         keys = [self.stream, group_rankings_key(entry.group_id), STATS_KEY,
-                self.idempotency_key(entry.source, idempotency_key or "-")]
+                self.idempotency_key(entry.source, idempotency_key or "-"), group_annotators_key(entry.group_id)]
         status, entry_id, other = self._append(keys=keys, args=args)
         if text(status) == "duplicate":
             return _duplicate(entry_id)
+        if text(status) == "already_ranked":
+            raise AlreadyRankedError(entry.group_id, entry.annotator_id)
         agreement = None
         if text(other):
             agreement = pairwise_agreement(json.loads(text(other)), list(entry.completion_ids))

@@ -2,9 +2,15 @@
 
 Every refusal carries the status code a client can act on: NOT_FOUND for a group that never
 existed or has expired, INVALID_ARGUMENT for a ranking that cannot be right whatever the server
-state, PERMISSION_DENIED for an attempt to pass as the AI labeler, UNAVAILABLE while Redis is
+state, PERMISSION_DENIED for an attempt to pass as the AI labeler or as another annotator,
+ALREADY_EXISTS for a second ranking of a group by the same annotator, UNAVAILABLE while Redis is
 down (retry later, with the same idempotency key). Rankings submitted here are always
 ``source=human``: the API has no way to mark feedback as coming from the AI labeler.
+
+With auth on, the annotator is bound to the API key: a client key ranks as its own name
+(``annotator_id`` empty or equal to it), so one key cannot pose as many annotators to get around
+"one ranking per annotator per group". An admin key may name any annotator (a labelling front end
+that authenticates its own users); left empty, it ranks as its own name too.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from prometheus_client import CollectorRegistry
 
 from feedback.groups import CompletionGroup, GroupStore
 from feedback.metrics import FeedbackMetrics, register_stream_collector
-from feedback.rankings import MAX_RANKED, MIN_RANKED, SOURCE_HUMAN, RankingEntry, RankingStream
+from feedback.rankings import MAX_RANKED, MIN_RANKED, SOURCE_HUMAN, AlreadyRankedError, RankingEntry, RankingStream
+from flywheel.api_keys import current_caller
 from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -66,6 +73,18 @@ def check_request_shape(request: feedback_pb2.SubmitRankingRequest) -> None:
                         f"annotator ids starting with {AI_ANNOTATOR_PREFIX!r} are reserved for the AI labeler")
 
 
+def annotator_of(request: feedback_pb2.SubmitRankingRequest) -> str:
+    """Who ranked: the request's annotator_id, bound to the caller's key when auth is on."""
+    caller = current_caller()
+    if caller is None or (caller.is_admin and request.annotator_id):
+        return request.annotator_id
+    if request.annotator_id and request.annotator_id != caller.name:
+        raise Rejection(grpc.StatusCode.PERMISSION_DENIED, "foreign_annotator",
+                        f"this API key ranks as {caller.name!r}; leave annotator_id empty or set it to that "
+                        f"(only an admin key may rank on behalf of other annotators)")
+    return caller.name
+
+
 def check_against_group(group: CompletionGroup | None, request: feedback_pb2.SubmitRankingRequest) -> CompletionGroup:
     if group is None:
         raise Rejection(grpc.StatusCode.NOT_FOUND, "unknown_group",
@@ -92,15 +111,19 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
     def SubmitRanking(self, request: feedback_pb2.SubmitRankingRequest, context: grpc.ServicerContext):
         try:
             check_request_shape(request)
+            annotator = annotator_of(request)
             prior = self.stream.find_duplicate(SOURCE_HUMAN, request.idempotency_key)
             if prior is not None:
                 return _ack(prior)
             group = check_against_group(self.groups.load(request.group_id), request)
             entry = RankingEntry(
                 group_id=group.group_id, completion_ids=list(request.completion_ids), source=SOURCE_HUMAN,
-                policy_version=group.policy_version, annotator_id=request.annotator_id, comment=request.comment,
+                policy_version=group.policy_version, annotator_id=annotator, comment=request.comment,
                 created_at=time.time())
             result = self.stream.append(entry, request.idempotency_key)
+        except AlreadyRankedError as exc:
+            self._count_rejection("already_ranked")
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except Rejection as rejection:
             self._count_rejection(rejection.reason)
             context.abort(rejection.code, rejection.message)

@@ -12,6 +12,8 @@ they can run on different machines (training on GPU nodes):
 from __future__ import annotations
 
 import os
+import ssl
+from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 
@@ -22,9 +24,39 @@ TRAINING_QUEUE = "training"
 TASK_MODULES = ["feedback.tasks", "training.tasks"]
 
 
+CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE,
+             "CERT_REQUIRED": ssl.CERT_REQUIRED, "CERT_OPTIONAL": ssl.CERT_OPTIONAL, "CERT_NONE": ssl.CERT_NONE}
+
+
+def redis_ssl_options(url: str) -> dict | None:
+    """For a ``rediss://`` URL, the TLS options Celery's broker and backend need (they refuse a
+    rediss URL without them): certificate checks on unless the URL says ``ssl_cert_reqs=none``,
+    and the CA / client certificate files the URL names (the query parameters redis-py reads)."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    reqs = query.get("ssl_cert_reqs", "required")
+    if reqs not in CERT_REQS:
+        raise ValueError(f"REDIS_URL: ssl_cert_reqs must be required, optional or none; got {reqs!r}")
+    options: dict = {"ssl_cert_reqs": CERT_REQS[reqs]}
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if query.get(name):
+            options[name] = query[name]
+    return options
+
+
+def broker_url() -> str:
+    """The one Redis URL of every process: FLYWHEEL_REDIS_URL, else REDIS_URL (as resolve_redis_url reads it)."""
+    return os.environ.get("FLYWHEEL_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
 def make_celery(redis_url: str | None = None) -> Celery:
-    url = redis_url or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    url = redis_url or broker_url()
     app = Celery("flywheel", broker=url, backend=url)
+    tls = redis_ssl_options(url)
+    if tls is not None:
+        app.conf.update(broker_use_ssl=tls, redis_backend_use_ssl=tls)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -12,7 +12,8 @@ import sys
 from flywheel.settings import ENV_PREFIX, Settings
 
 # modules that add subcommands; each has register(subparsers) -> None
-COMMAND_MODULES = ["serving.cli", "feedback.cli", "training.cli", "flywheel.status_cli", "flywheel.up"]
+COMMAND_MODULES = ["serving.cli", "feedback.cli", "training.cli", "flywheel.status_cli", "flywheel.up",
+                   "flywheel.keys_cli"]
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:

@@ -40,9 +40,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flywheel import simulated_users as simulated
+from flywheel.api_keys import ROLE_ADMIN, ROLE_CLIENT, KeyFile, default_keys_file
+from flywheel.grpc_client import with_key
 from flywheel.redis_server import free_port
 from flywheel.settings import ENV_PREFIX, Settings
 from flywheel.tables import format_table
+from flywheel.tls import channel_credentials
 from flywheel.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -80,7 +83,7 @@ class DemoConfig:
 class Platform:
     """``flywheel up`` in a subprocess, with the ports it was given."""
 
-    def __init__(self, config: DemoConfig) -> None:
+    def __init__(self, config: DemoConfig, operator_key: str) -> None:
         self.grpc_port, self.metrics_port, self.labelling_port, self.training_port = (free_port() for _ in range(4))
         env = dict(os.environ)
         for name, value in DEMO_DEFAULTS.items():
@@ -96,11 +99,15 @@ class Platform:
              "--grpc-address", f"127.0.0.1:{self.grpc_port}", "--metrics-port", str(self.metrics_port),
              "--labelling-metrics-port", str(self.labelling_port), "--training-metrics-port", str(self.training_port)],
             env=env, stdin=subprocess.DEVNULL)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
-        self.admin = admin_pb2_grpc.AdminStub(self.channel)
+        address = f"127.0.0.1:{self.grpc_port}"
+        credentials = channel_credentials(self.settings)
+        # users send their own keys per call; the operator's channel adds the admin key to each call
+        self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+        self.operator_channel = with_key(self.channel, operator_key)
+        self.admin = admin_pb2_grpc.AdminStub(self.operator_channel)
 
     def wait_until_serving(self, timeout: float) -> None:
-        health = health_pb2_grpc.HealthStub(self.channel)
+        health = health_pb2_grpc.HealthStub(self.channel)  # open without a key, as probes need
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -280,7 +287,12 @@ def run_demo(config: DemoConfig) -> dict:
     if config.data_dir.exists():
         print(f"== removing the previous demo run in {config.data_dir}")
         shutil.rmtree(config.data_dir)
-    platform = Platform(config)
+    # the operator and each simulated user get their own API key (hashed in the demo's keys file)
+    keys = KeyFile(default_keys_file(config.data_dir))
+    operator_key = keys.create("demo-operator", ROLE_ADMIN)
+    simulated_users = [simulated.SimulatedUser(name, keys.create(name, ROLE_CLIENT))
+                       for name in (f"simulated-user-{i}" for i in range(config.users))]
+    platform = Platform(config, operator_key)
     train_questions, eval_questions = simulated.split_prompts(simulated.question_pool(), tokenizer,
                                                          platform.settings.policy_heldout_fraction)
     print(f"== simulated users' preference: {simulated.PREFERENCE}")
@@ -293,7 +305,7 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"== platform up after {time.monotonic() - started:.0f} s (data dir {config.data_dir})", flush=True)
         progress.start()
         progress.phase = "version 0 answers the held-out questions"
-        before, versions = simulated.sample_answers(platform.channel, eval_questions, config.plan)
+        before, versions = simulated.sample_answers(platform.operator_channel, eval_questions, config.plan)
         assert versions == {0}, f"expected version 0 to answer, got {versions}"
         loop_started = time.monotonic()
         deadline = started + config.budget_minutes * 60
@@ -302,9 +314,9 @@ def run_demo(config: DemoConfig) -> dict:
             counts_before = run_counts(platform)
             progress.phase, progress.rankings_target = f"users ranking (round {round_number})", config.rankings_per_round
             progress.tally = simulated.UserTally()
-            tally = simulated.rank_rounds(platform.channel, train_questions, config.rankings_per_round, users=config.users,
-                                      plan=config.plan, seed=round_number,
-                                      on_ranking=lambda t: setattr(progress, "tally", t))
+            tally = simulated.rank_rounds(platform.channel, train_questions, config.rankings_per_round,
+                                          simulated_users, plan=config.plan, seed=round_number,
+                                          on_ranking=lambda t: setattr(progress, "tally", t))
             if tally.errors:
                 print(f"== {len(tally.errors)} user requests failed, e.g. {tally.errors[0]}")
             progress.phase = f"training (round {round_number})"
@@ -323,7 +335,7 @@ def run_demo(config: DemoConfig) -> dict:
         swap_seconds = wait_for_serving(platform, promoted, 120)
         loop_seconds = time.monotonic() - loop_started
         progress.phase = f"v{promoted} answers the held-out questions"
-        after, versions = simulated.sample_answers(platform.channel, eval_questions, config.plan)
+        after, versions = simulated.sample_answers(platform.operator_channel, eval_questions, config.plan)
         progress.stop()
         assert versions == {promoted}, f"expected v{promoted} to answer, got {versions}"
         record = next(p for p in listing.policies if p.version == promoted)

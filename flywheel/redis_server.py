@@ -15,6 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -48,11 +49,13 @@ class RedisServer:
     port: int = 0
     host: str = "127.0.0.1"
     appendonly: bool = True
+    password: str = ""  # --requirepass: clients need it in their URL (redis://:PASSWORD@host:port/0)
     process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
         if self.port == 0:
@@ -66,8 +69,13 @@ class RedisServer:
             "--save", "", "--daemonize", "no", "--protected-mode", "yes",
             "--logfile", str(self.data_dir / "redis.log"),
         ]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        if self.password:  # through stdin, not argv, so that ps does not show it
+            args.append("-")
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE if self.password else subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        if self.password:
+            self.process.stdin.write(f'requirepass "{self.password}"\n'.encode())
+            self.process.stdin.close()
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         while True:

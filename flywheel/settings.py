@@ -44,6 +44,39 @@ class Settings:
     policy_poll_seconds: float = field(
         default=5.0, metadata={"help": "how often a server re-checks the policy pointer besides pub/sub"}
     )
+    max_prompt_tokens: int = field(default=4096, metadata={"help": "longest prompt (in tokens) a request may send"})
+    grpc_max_receive_message_bytes: int = field(
+        default=8 * 1024 * 1024, metadata={"help": "largest gRPC message the server accepts (RESOURCE_EXHAUSTED above)"})
+    grpc_max_send_message_bytes: int = field(
+        default=32 * 1024 * 1024, metadata={"help": "largest gRPC message the server sends"})
+
+    # ---- security: API keys, TLS, rate limits (see README "Security") ----
+    auth: str = field(
+        default="on", metadata={"help": "on: every RPC but health/reflection needs an API key; off: no keys (warned)"})
+    api_keys: str = field(
+        default="", metadata={"help": "keys the server accepts: name:role:KEY or name:role:sha256:HEX, comma-separated "
+                                      "(set it in the environment, not as a flag: flags show in ps)"})
+    api_keys_file: str = field(
+        default="", metadata={"help": "JSON file of hashed API keys (flywheel keys ...); empty = "
+                                      "DATA_DIR/secrets/api_keys.json, created with a client and an admin key"})
+    api_key: str = field(
+        default="", metadata={"help": "the key CLI clients send; empty = DATA_DIR/secrets/client.key or admin.key"})
+    tls_cert: str = field(default="", metadata={"help": "server: PEM certificate chain; set with tls_key to serve TLS"})
+    tls_key: str = field(default="", metadata={"help": "server: PEM private key of tls_cert"})
+    tls_client_ca: str = field(
+        default="", metadata={"help": "server: PEM CA bundle; when set, clients must present a certificate it signed"})
+    tls_ca: str = field(
+        default="", metadata={"help": "clients: PEM CA bundle that signed the server's certificate; set = use TLS"})
+    tls_client_cert: str = field(default="", metadata={"help": "clients: PEM certificate to present (mutual TLS)"})
+    tls_client_key: str = field(default="", metadata={"help": "clients: PEM private key of tls_client_cert"})
+    client_requests_per_second: float = field(
+        default=20.0, metadata={"help": "per client key: sustained requests per second (kept in Redis); 0 = no limit"})
+    client_request_burst: int = field(
+        default=40, metadata={"help": "per client key: requests allowed at once above the sustained rate"})
+    admin_requests_per_second: float = field(
+        default=5.0, metadata={"help": "per admin key: sustained requests per second; 0 = no limit"})
+    admin_request_burst: int = field(
+        default=20, metadata={"help": "per admin key: requests allowed at once above the sustained rate"})
 
     # ---- Redis (feedback stream, group records, registries, Celery broker) ----
     redis_url: str = field(

@@ -132,29 +132,42 @@ def sample(stub: rpc.InferenceStub, question: str, plan: SamplingPlan, seed: int
         temperature=plan.temperature, top_p=plan.top_p, seed=seed), timeout=plan.timeout_seconds, metadata=metadata)
 
 
-def rank_rounds(channel: grpc.Channel, questions: Sequence[str], rankings: int, *, users: int = 4,
-                plan: SamplingPlan | None = None, seed: int = 0, metadata: Sequence[tuple[str, str]] = (),
+@dataclass
+class SimulatedUser:
+    """One annotator: its name and, when the server checks keys, its own client API key (a client
+    key ranks as its own name, so each user needs one)."""
+    name: str
+    key: str | None = None
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        from flywheel.grpc_client import bearer
+
+        return (bearer(self.key),) if self.key else ()
+
+
+def rank_rounds(channel: grpc.Channel, questions: Sequence[str], rankings: int, simulated: Sequence[SimulatedUser], *,
+                plan: SamplingPlan | None = None, seed: int = 0,
                 on_ranking: Callable[[UserTally], None] | None = None) -> UserTally:
-    """``users`` threads ask questions and rank the answers until ``rankings`` rankings were
-    acknowledged by the server (each user is one annotator). Returns the tally."""
+    """Every simulated user (a thread each) asks questions and ranks the answers until ``rankings``
+    rankings were acknowledged by the server. A refused call is counted and retried after a pause."""
     plan = plan or SamplingPlan()
     inference, feedback = rpc.InferenceStub(channel), feedback_pb2_grpc.FeedbackStub(channel)
     tally = UserTally()
     tickets = itertools.count()
 
-    def user(number: int) -> None:
+    def run(number: int, user: SimulatedUser) -> None:
         rng = random.Random(seed * 1000 + number)
-        while True:
-            ticket = next(tickets)
-            if ticket >= rankings:
-                return
+        ticket = next(tickets)
+        while ticket < rankings:
             try:
-                response = sample(inference, rng.choice(questions), plan, seed=rng.randrange(2**31), metadata=metadata)
+                response = sample(inference, rng.choice(questions), plan, seed=rng.randrange(2**31),
+                                  metadata=user.metadata)
                 ranked = rank_by_preference(response.completions)
                 feedback.SubmitRanking(feedback_pb2.SubmitRankingRequest(
                     group_id=response.group_id, completion_ids=[c.completion_id for c in ranked],
-                    annotator_id=f"simulated-user-{number}", idempotency_key=f"{response.group_id}:{number}"),
-                    timeout=60, metadata=metadata)
+                    annotator_id=user.name, idempotency_key=f"{response.group_id}:{user.name}"),
+                    timeout=60, metadata=user.metadata)
             except grpc.RpcError as exc:
                 with tally.lock:
                     tally.errors.append(f"{exc.code().name}: {exc.details()}")
@@ -165,8 +178,9 @@ def rank_rounds(channel: grpc.Channel, questions: Sequence[str], rankings: int, 
                 tally.rankings += 1
             if on_ranking is not None:
                 on_ranking(tally)
+            ticket = next(tickets)
 
-    threads = [threading.Thread(target=user, args=(i,), name=f"simulated-user-{i}", daemon=True) for i in range(users)]
+    threads = [threading.Thread(target=run, args=(i, u), name=u.name, daemon=True) for i, u in enumerate(simulated)]
     for thread in threads:
         thread.start()
     for thread in threads:

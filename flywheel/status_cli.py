@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from flywheel.api_keys import ROLE_ADMIN
 from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.grpc_client import CLIENT_SETTINGS, open_channel
 from flywheel.tables import format_table
 
 def register(subparsers) -> None:
@@ -18,16 +20,16 @@ def register(subparsers) -> None:
                                    description=__doc__)
     status.add_argument("--runs", type=int, default=5, help="training runs to list per kind")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server")
-    add_settings_flags(status, ["grpc_address", "redis_url", "data_dir"])
+    add_settings_flags(status, ["grpc_address", "redis_url", *CLIENT_SETTINGS])
     status.set_defaults(handler=run_status)
 
 
-def server_status(address: str, timeout: float):
+def server_status(settings, timeout: float):
     import grpc
 
     from flywheel.v1 import admin_pb2, admin_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(settings, role=ROLE_ADMIN) as channel:
         try:
             return admin_pb2_grpc.AdminStub(channel).GetStatus(admin_pb2.GetStatusRequest(), timeout=timeout)
         except grpc.RpcError as exc:
@@ -42,7 +44,7 @@ def run_status(args: argparse.Namespace) -> int:
     from flywheel.registry import VersionRegistry
 
     settings = settings_from_args(args)
-    served = server_status(settings.grpc_address, args.timeout)
+    served = server_status(settings, args.timeout)
     url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
     try:

@@ -13,6 +13,7 @@ cleanly; a second start resumes from the data directory (Redis AOF, registries, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flywheel.api_keys import KeyStore
 from flywheel.cli import add_settings_flags, settings_from_args
 from flywheel.settings import ENV_PREFIX, Settings
 from flywheel.tables import format_table
@@ -30,7 +32,8 @@ from flywheel.tables import format_table
 log = logging.getLogger(__name__)
 
 UP_SETTINGS = ["data_dir", "model", "dtype", "grpc_address", "metrics_port", "redis_url",
-               "labelling_metrics_port", "training_metrics_port"]
+               "labelling_metrics_port", "training_metrics_port", "auth", "api_keys_file", "tls_cert", "tls_key",
+               "tls_client_ca"]
 
 
 @dataclass
@@ -93,6 +96,8 @@ def run_up(args: argparse.Namespace) -> int:
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     redis_url, embedded = resolve_redis_url(settings.redis_url, data_dir)
+    if settings.auth != "off":  # the machine's API keys exist (and are logged) before any client needs them
+        KeyStore.from_settings(dataclasses.replace(settings, data_dir=data_dir))
     processes = platform_processes(settings)
     env = child_environment(settings, redis_url)
     stopping = threading.Event()

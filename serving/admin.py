@@ -16,6 +16,7 @@ from typing import Callable
 import grpc
 import redis
 
+from flywheel.api_keys import current_caller
 from flywheel.policy_admin import PolicyNotFoundError, promote_policy, rollback_policy
 from flywheel.registry import VersionRegistry, current_pointer_key
 from flywheel.v1 import admin_pb2, admin_pb2_grpc
@@ -35,9 +36,13 @@ STATUSES = {
 
 
 def operator(context: grpc.ServicerContext) -> str:
-    """Who made a change, for the audit stream: the caller's declared name, else its address."""
-    metadata = dict(context.invocation_metadata())
-    return metadata.get("x-flywheel-operator") or f"grpc:{context.peer()}"
+    """Who made a change, for the audit stream: the caller's declared name (``x-flywheel-operator``)
+    and the name of the API key that made it; without auth, the declared name or the address."""
+    declared = dict(context.invocation_metadata()).get("x-flywheel-operator")
+    caller = current_caller()
+    if caller is None:
+        return declared or f"grpc:{context.peer()}"
+    return caller.name if not declared or declared == caller.name else f"{declared} (key {caller.name})"
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):

@@ -13,11 +13,15 @@ if TYPE_CHECKING:
     from serving.server import InferenceServer
 
 from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.grpc_client import CLIENT_SETTINGS
 
 SERVE_SETTINGS = ["data_dir", "model", "dtype", "torch_threads", "grpc_address", "metrics_port",
                   "max_batch_sequences", "max_queued_requests", "max_new_tokens_limit", "default_max_new_tokens",
-                  "max_samples", "grpc_workers", "redis_url", "group_ttl_seconds", "store_groups",
-                  "policy_poll_seconds"]
+                  "max_samples", "max_prompt_tokens", "grpc_max_receive_message_bytes", "grpc_max_send_message_bytes",
+                  "grpc_workers", "redis_url", "group_ttl_seconds", "store_groups", "policy_poll_seconds",
+                  "auth", "api_keys_file", "tls_cert", "tls_key", "tls_client_ca",
+                  "client_requests_per_second", "client_request_burst", "admin_requests_per_second",
+                  "admin_request_burst"]
 
 
 def register(subparsers) -> None:
@@ -41,6 +45,7 @@ def register(subparsers) -> None:
     complete.add_argument("--raw", action="store_true", help="send PROMPT verbatim instead of as a chat message")
     complete.add_argument("--stream", action="store_true", help="stream token deltas as they are decoded")
     complete.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    add_settings_flags(complete, CLIENT_SETTINGS)
     complete.set_defaults(handler=run_complete)
 
 
@@ -61,14 +66,19 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
     from flywheel.redis_server import resolve_redis_url
     from serving.admin import ADMIN_SERVICE, AdminServicer, add_admin_service
     from serving.metrics import ServingMetrics
+    from serving.rate_limit import RateLimiter
 
     url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
     # short timeouts: with Redis down, completions are still served (their groups just cannot be ranked)
     client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=10)
+    # shorter still for the rate limiter, which every RPC waits on (it lets requests through when Redis is down)
+    limiter_client = redis.Redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.25)
     metrics = ServingMetrics()
     feedback = FeedbackServicer(client, group_ttl_seconds=settings.group_ttl_seconds, registry=metrics.registry)
+    limiter = RateLimiter.from_settings(limiter_client, settings, on_error=metrics.rate_limiter_errors.inc)
     server = InferenceServer(
-        settings, metrics=metrics, group_sink=GroupStore(client, settings.group_ttl_seconds).save, policy_redis=client)
+        settings, metrics=metrics, group_sink=GroupStore(client, settings.group_ttl_seconds).save, policy_redis=client,
+        rate_limiter=limiter)
 
     def serving_status() -> tuple[int, int, int]:
         engine = server.engine
@@ -81,6 +91,7 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
 
     def release() -> None:
         client.close()
+        limiter_client.close()
         if embedded is not None:
             embedded.stop()
 
@@ -130,12 +141,12 @@ def build_request(args: argparse.Namespace):
 def run_complete(args: argparse.Namespace) -> int:
     import grpc
 
-    from flywheel.settings import Settings
+    from flywheel.grpc_client import open_channel
     from flywheel.v1 import inference_pb2, inference_pb2_grpc
 
-    address = args.address or Settings.load().grpc_address
+    settings = settings_from_args(args)
     request = build_request(args)
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(settings, args.address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         try:
             if args.stream:

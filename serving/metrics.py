@@ -51,6 +51,15 @@ class ServingMetrics(EngineObserver):
                                               buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
         self.policy_load_failures = Counter("flywheel_policy_load_failures",
                                             "policy versions refused (missing, corrupt, not loadable)", registry=r)
+        self.auth_failures = Counter("flywheel_auth_failures",
+                                     "RPCs refused by authentication or role (missing_key, invalid_key, forbidden)",
+                                     ["reason"], registry=r)
+        self.rate_limited = Counter("flywheel_rate_limited_requests",
+                                    "RPCs refused with RESOURCE_EXHAUSTED by the per-key rate limit", ["role"],
+                                    registry=r)
+        self.rate_limiter_errors = Counter("flywheel_rate_limiter_errors",
+                                           "rate-limit checks that could not reach Redis (the request went through)",
+                                           registry=r)
         self.model_loaded = Gauge("flywheel_serving_model_loaded", "1 once the model is loaded and serving",
                                   registry=r)
 

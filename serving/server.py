@@ -23,14 +23,17 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from flywheel.settings import Settings
+from flywheel.tls import server_credentials
 from flywheel.v1 import inference_pb2, inference_pb2_grpc
 from serving.engine import (
     DoneEvent, Engine, EngineConfig, EngineStoppedError, GenerationRequest, GroupResult, QueueFullError, TokenEvent,
     iter_events,
 )
+from serving.auth import server_interceptors
 from serving.metrics import ServingMetrics
 from serving.policy_follower import PolicyFollower
 from serving.policy_loader import LoadedPolicy, PolicyLoader
+from serving.rate_limit import RateLimiter
 from serving.validation import InvalidRequest, RequestLimits, validate_request
 
 log = logging.getLogger(__name__)
@@ -148,6 +151,8 @@ class InferenceServer:
     port: int = 0
     metrics_port: int = 0
     limits: RequestLimits = field(default_factory=RequestLimits)
+    # the per-key rate limit (in Redis); None = no rate limit (auth still applies)
+    rate_limiter: RateLimiter | None = None
 
     def __post_init__(self) -> None:
         self._grpc: grpc.Server | None = None
@@ -161,10 +166,13 @@ class InferenceServer:
 
     def start(self, wait_until_ready: bool = False, timeout: float = 600.0) -> "InferenceServer":
         s = self.settings
+        credentials = server_credentials(s)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
+            interceptors=server_interceptors(s, self.metrics, self.rate_limiter, tls=credentials is not None),
             maximum_concurrent_rpcs=s.grpc_workers,
-            options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
+            options=[("grpc.max_receive_message_length", s.grpc_max_receive_message_bytes),
+                     ("grpc.max_send_message_length", s.grpc_max_send_message_bytes)],
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
@@ -174,7 +182,10 @@ class InferenceServer:
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, *(name for name, _ in self.services), health.SERVICE_NAME, reflection.SERVICE_NAME),
             self._grpc)
-        self.port = self._grpc.add_insecure_port(s.grpc_address)
+        if credentials is not None:
+            self.port = self._grpc.add_secure_port(s.grpc_address, credentials)
+        else:
+            self.port = self._grpc.add_insecure_port(s.grpc_address)
         if self.port == 0:
             raise RuntimeError(f"could not bind the gRPC server to {s.grpc_address}")
         self._grpc.start()
@@ -182,7 +193,8 @@ class InferenceServer:
             host = s.grpc_address.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
             self._metrics_http, _ = start_http_server(s.metrics_port, addr=host, registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
-        log.info("gRPC on port %d, metrics on %s; loading the model", self.port, self.metrics_port or "(off)")
+        log.info("gRPC (%s) on port %d, metrics on %s; loading the model", "TLS" if credentials else "plaintext",
+                 self.port, self.metrics_port or "(off)")
         threading.Thread(target=self._load_and_serve, name="model-loader", daemon=True).start()
         if wait_until_ready:
             self.wait_until_ready(timeout)
@@ -208,6 +220,7 @@ class InferenceServer:
                 max_new_tokens_limit=self.settings.max_new_tokens_limit,
                 default_max_new_tokens=self.settings.default_max_new_tokens,
                 context_window=int(getattr(model.config, "max_position_embeddings", 2048)),
+                max_prompt_tokens=self.settings.max_prompt_tokens,
             )
             config = EngineConfig(max_batch_sequences=max(self.settings.max_batch_sequences, self.settings.max_samples),
                                   max_queued_requests=self.settings.max_queued_requests)

@@ -12,6 +12,7 @@ from serving.sampling import SamplingParams
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MAX_CHARS_PER_TOKEN = 32
 
 
 class InvalidRequest(ValueError):
@@ -26,7 +27,12 @@ class RequestLimits:
     max_new_tokens_limit: int = 1024
     default_max_new_tokens: int = 128
     context_window: int = 2048
-    max_prompt_chars: int = 1_000_000  # refuse before tokenizing something absurd
+    max_prompt_tokens: int = 4096
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """Refuse before tokenizing: no real prompt averages more than this many characters a token."""
+        return self.max_prompt_tokens * MAX_CHARS_PER_TOKEN
 
 
 @dataclass
@@ -88,10 +94,13 @@ def validate_request(request: inference_pb2.CompleteRequest, tokenizer, limits: 
 
     total_chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
     if total_chars > limits.max_prompt_chars:
-        raise InvalidRequest("prompt", f"is {total_chars} characters; the limit is {limits.max_prompt_chars}")
+        raise InvalidRequest("prompt", f"is {total_chars} characters; the limit is {limits.max_prompt_chars} "
+                                       f"({limits.max_prompt_tokens} tokens)")
     prompt, ids = render_prompt(request, tokenizer)
     if not ids:
         raise InvalidRequest("prompt", "encodes to no tokens")
+    if len(ids) > limits.max_prompt_tokens:
+        raise InvalidRequest("prompt", f"has {len(ids)} tokens; the limit is {limits.max_prompt_tokens}")
     if len(ids) + max_new_tokens > limits.context_window:
         raise InvalidRequest(
             "prompt",

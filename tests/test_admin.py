@@ -17,6 +17,8 @@ from flywheel.v1 import inference_pb2_grpc as rpc
 from serving.cli import build_server
 from serving.policy_loader import sha256_file
 
+from auth_fixtures import ADMIN_KEY, ADMIN_NAME, API_KEYS, keyed_channel
+
 
 def register_lora_version(registry, base_model, seed):
     """Write a policy version the way the PPO run does: a LoRA adapter, checksums, then register it."""
@@ -40,14 +42,15 @@ def register_lora_version(registry, base_model, seed):
 def platform(tiny_model_dir, tmp_path, redis_server, redis_client):
     settings = Settings.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": 0,
                               "dtype": "float32", "data_dir": str(tmp_path), "redis_url": redis_server.url,
-                              "policy_poll_seconds": 0.5}, environ={})
+                              "policy_poll_seconds": 0.5, "api_keys": API_KEYS,
+                              "admin_requests_per_second": 0}, environ={})
     base = load_model(str(tiny_model_dir), tmp_path, "float32").model
     registry = VersionRegistry(redis_client, "policy", tmp_path / "policies")
     for seed in (1, 2):
         register_lora_version(registry, base, seed)
     server, release = build_server(settings)
     server.start(wait_until_ready=True)
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    channel = keyed_channel(f"127.0.0.1:{server.port}", ADMIN_KEY)
     yield server, registry, admin_rpc.AdminStub(channel), rpc.InferenceStub(channel)
     channel.close()
     server.stop(grace=1)
@@ -96,9 +99,9 @@ def test_promote_and_rollback_move_every_request_and_are_audited(platform):
     statuses = {p.version: p.status for p in admin_stub.ListPolicies(admin.ListPoliciesRequest(), timeout=10).policies}
     assert statuses[2] == admin.POLICY_STATUS_ROLLED_BACK
     audit = [e for e in registry.audit() if e["action"] in ("promote", "rollback")]
+    who = f"alice (key {ADMIN_NAME})"  # the declared operator and the admin key that acted
     assert [(e["action"], e["from"], e["to"], e["who"]) for e in reversed(audit)] == [
-        ("promote", "", "1", "alice"), ("promote", "1", "2", "alice"), ("rollback", "2", "1", "alice"),
-        ("rollback", "1", "0", "alice")]
+        ("promote", "", "1", who), ("promote", "1", "2", who), ("rollback", "2", "1", who), ("rollback", "1", "0", who)]
     assert audit[0]["why"] == "back to base"
 
 
@@ -118,9 +121,10 @@ def test_bad_promotions_are_refused_with_the_right_code(platform):
     assert registry.current_version() == 0 and served_version(stub) == 0
 
 
-def test_status_command_shows_the_platform(platform, redis_server, capsys):
+def test_status_command_shows_the_platform(platform, redis_server, capsys, monkeypatch):
     from flywheel.cli import main
 
+    monkeypatch.setenv("FLYWHEEL_API_KEY", ADMIN_KEY)
     server, registry, admin_stub, stub = platform
     admin_stub.Promote(admin.PromoteRequest(version=1, reason="status"), timeout=10)
     wait_served(stub, 1)

@@ -24,6 +24,8 @@ import yaml
 
 from flywheel.settings import Settings
 
+from auth_fixtures import API_KEYS, keyed_channel
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
@@ -315,7 +317,8 @@ def server(tiny_model_dir):
     from serving.server import InferenceServer
 
     settings = Settings.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0",
-                              "metrics_port": free_port(), "dtype": "float32"}, environ={})
+                              "metrics_port": free_port(), "dtype": "float32", "api_keys": API_KEYS},
+                             environ={})
     server = InferenceServer(settings).start(wait_until_ready=True)
     yield server
     server.stop(grace=1)
@@ -326,7 +329,7 @@ def test_server_metrics_pass_promtool_lint(server, promtool):
 
     from flywheel.v1 import inference_pb2, inference_pb2_grpc
 
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:  # so the histograms have data
+    with keyed_channel(f"127.0.0.1:{server.port}") as channel:  # so the histograms have data
         inference_pb2_grpc.InferenceStub(channel).Complete(
             inference_pb2.CompleteRequest(prompt="Hello", n=2, max_new_tokens=4), timeout=30)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()

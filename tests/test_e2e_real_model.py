@@ -17,7 +17,14 @@ from flywheel.v1 import feedback_pb2_grpc as feedback_rpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 
+from auth_fixtures import keyed_channel
+
 pytestmark = pytest.mark.e2e
+
+
+def local_channel(port, data_dir):
+    """No keys configured: the server made this machine's keys in the data directory; use its client key."""
+    return keyed_channel(f"127.0.0.1:{port}", (data_dir / "secrets" / "client.key").read_text().strip())
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +58,7 @@ def served(tmp_path_factory):
 def test_real_model_answers_and_samples(served):
     process, port, data_dir = served
     assert (data_dir / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").exists()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with local_channel(port, data_dir) as channel:
         stub = rpc.InferenceStub(channel)
         greedy = stub.Complete(pb.CompleteRequest(
             messages=[pb.ChatMessage(role="user", content="What is the capital of France?")],
@@ -64,10 +71,11 @@ def test_real_model_answers_and_samples(served):
     # the served group is rankable on the same port, from the command line too
     best_first = sorted(sampled.completions, key=lambda c: len(c.text))
     out = subprocess.run([sys.executable, "-m", "flywheel.cli", "rank", sampled.group_id,
-                          *[c.completion_id for c in best_first], "--grpc-address", f"127.0.0.1:{port}"],
+                          *[c.completion_id for c in best_first], "--grpc-address", f"127.0.0.1:{port}",
+                          "--data-dir", str(data_dir)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with local_channel(port, data_dir) as channel:
         stats = feedback_rpc.FeedbackStub(channel).GetFeedbackStats(feedback_pb.GetFeedbackStatsRequest(), timeout=30)
     assert stats.human_rankings == 1 and stats.stream_length == 1
 
@@ -75,7 +83,8 @@ def test_real_model_answers_and_samples(served):
 def test_complete_command_and_clean_shutdown(served):
     process, port, data_dir = served
     out = subprocess.run([sys.executable, "-m", "flywheel.cli", "complete", "Say hello.", "--address",
-                          f"127.0.0.1:{port}", "-n", "2", "--max-new-tokens", "8", "--seed", "1"],
+                          f"127.0.0.1:{port}", "-n", "2", "--max-new-tokens", "8", "--seed", "1",
+                          "--data-dir", str(data_dir)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "#0" in out.stdout and "#1" in out.stdout and "policy v0" in out.stdout

@@ -19,6 +19,8 @@ from serving.policy_loader import PolicyLoader, PolicyLoadError, sha256_file
 from serving.sampling import SamplingParams
 from serving.server import InferenceServer
 
+from auth_fixtures import API_KEYS, keyed_channel
+
 
 def write_lora_version(policies_dir, version, base_model, seed=0, scale=0.5):
     """A policy version as the trainer writes it: a peft LoRA adapter + manifest with checksums."""
@@ -121,7 +123,8 @@ def run_to_completion_of(request):
 @pytest.fixture
 def followed_server(tiny_model_dir, tmp_path, redis_client, base):
     settings = Settings.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": 0,
-                              "dtype": "float32", "data_dir": str(tmp_path), "policy_poll_seconds": 0.5},
+                              "dtype": "float32", "data_dir": str(tmp_path), "policy_poll_seconds": 0.5,
+                              "api_keys": API_KEYS},
                              environ={})
     for version in (1, 2):
         write_lora_version(tmp_path / "policies", version, base.model, seed=version)
@@ -144,7 +147,7 @@ def wait_for_version(server, version, timeout=20):
 
 def test_server_follows_the_pointer_and_refuses_a_corrupt_version(followed_server, redis_client):
     server, policies = followed_server
-    stub = rpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    stub = rpc.InferenceStub(keyed_channel(f"127.0.0.1:{server.port}"))
     assert stub.Complete(pb.CompleteRequest(prompt="v?", max_new_tokens=2), timeout=30).policy_version == 0
     set_pointer(redis_client, 1)
     wait_for_version(server, 1)
@@ -172,7 +175,7 @@ def test_the_poll_catches_a_pointer_change_without_a_message(followed_server, re
 
 def test_promote_rollback_cycles_under_load_fail_no_request(followed_server, redis_client):
     server, _ = followed_server
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    channel = keyed_channel(f"127.0.0.1:{server.port}")
     stub = rpc.InferenceStub(channel)
     stop = threading.Event()
     seen, errors = [], []

@@ -17,10 +17,12 @@ from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 from serving.server import InferenceServer
 
+from auth_fixtures import API_KEYS, keyed_channel
+
 
 def make_settings(model_dir, **overrides):
     values = {"model": str(model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": free_port(),
-              "dtype": "float32", "max_new_tokens_limit": 600, "max_batch_sequences": 32}
+              "dtype": "float32", "max_new_tokens_limit": 600, "max_batch_sequences": 32, "api_keys": API_KEYS}
     values.update(overrides)
     return Settings.load(values, environ={})
 
@@ -34,7 +36,7 @@ def server(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def stub(server):
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    channel = keyed_channel(f"127.0.0.1:{server.port}")
     yield rpc.InferenceStub(channel)
     channel.close()
 
@@ -173,7 +175,7 @@ def test_full_queue_is_resource_exhausted(tiny_model_dir):
     server = InferenceServer(make_settings(tiny_model_dir, max_batch_sequences=4, max_samples=4,
                                            max_queued_requests=1)).start(wait_until_ready=True)
     try:
-        stub = rpc.InferenceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        stub = rpc.InferenceStub(keyed_channel(f"127.0.0.1:{server.port}"))
         running = stub.StreamComplete(pb.CompleteRequest(prompt="a", n=4, max_new_tokens=500, min_new_tokens=500), timeout=60)
         next(running)
         waiting = stub.Complete.future(pb.CompleteRequest(prompt="b", n=1, max_new_tokens=2), timeout=60)
@@ -200,7 +202,7 @@ def test_health_is_not_serving_until_the_model_is_loaded(tiny_model_dir):
 
     server = InferenceServer(make_settings(tiny_model_dir), load=slow_load).start()
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        channel = keyed_channel(f"127.0.0.1:{server.port}")
         health = health_pb2_grpc.HealthStub(channel)
         check = lambda: health.Check(health_pb2.HealthCheckRequest(service="flywheel.v1.Inference"), timeout=5).status
         assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -216,7 +218,7 @@ def test_health_is_not_serving_until_the_model_is_loaded(tiny_model_dir):
 
 
 def test_reflection_lists_the_services(server):
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    channel = keyed_channel(f"127.0.0.1:{server.port}")
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
     names = {s.name for r in responses for s in r.list_services_response.service}
@@ -236,7 +238,7 @@ def test_metrics_endpoint_exposes_the_serving_figures(server, stub):
 
 def test_graceful_shutdown_lets_in_flight_requests_finish(tiny_model_dir):
     server = InferenceServer(make_settings(tiny_model_dir)).start(wait_until_ready=True)
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    channel = keyed_channel(f"127.0.0.1:{server.port}")
     stub = rpc.InferenceStub(channel)
     in_flight = stub.StreamComplete(pb.CompleteRequest(prompt="finish me", n=2, max_new_tokens=200, min_new_tokens=200), timeout=60)
     next(in_flight)

@@ -15,6 +15,8 @@ from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 
+from auth_fixtures import keyed_channel
+
 
 def wait_for(check, timeout, what):
     deadline = time.monotonic() + timeout
@@ -46,6 +48,13 @@ def test_up_starts_every_process_and_ctrl_c_stops_them(tiny_model_dir, tmp_path)
         health = health_pb2_grpc.HealthStub(channel)
         wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=2).status ==
                  health_pb2.HealthCheckResponse.SERVING, 120, "the server")
+        # no keys configured: the platform made this machine's keys, and clients find them there
+        secrets = tmp_path / "secrets"
+        assert (secrets / "client.key").stat().st_mode & 0o077 == 0
+        client_key = (secrets / "client.key").read_text().strip()
+        assert client_key not in (secrets / "api_keys.json").read_text()
+        channel.close()
+        channel = keyed_channel(f"127.0.0.1:{port}", client_key)
         for name, metrics_port in (("server", metrics), ("labelling worker", labelling),
                                    ("training worker", training)):
             wait_for(lambda: metrics_up(metrics_port), 120, f"the {name}'s /metrics")

@@ -99,6 +99,30 @@ def test_same_idempotency_key_returns_the_first_acknowledgement(feedback_server,
     assert feedback_server.metric("flywheel_rankings_accepted_total", source="human") == 1
 
 
+def test_a_named_annotator_ranks_a_group_once(feedback_server, saved_group, redis_client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    first = submit(feedback_server, annotator_id="dana", idempotency_key="d-1")
+    details = rejected(feedback_server, grpc.StatusCode.ALREADY_EXISTS, ids=("g1-0", "g1-1"), annotator_id="dana",
+                       idempotency_key="d-2")
+    assert "dana" in details and "g1" in details
+    assert submit(feedback_server, annotator_id="dana", idempotency_key="d-1").ranking_id == first.ranking_id
+
+    # racing submissions by one person under different keys: exactly one is recorded
+    def race(i):
+        try:
+            return submit(feedback_server, annotator_id="erin", idempotency_key=f"e-{i}")
+        except grpc.RpcError as exc:
+            return exc.code()
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(race, range(8)))
+    assert outcomes.count(grpc.StatusCode.ALREADY_EXISTS) == 7
+    submit(feedback_server, annotator_id="frank")  # other people still may
+    assert [e.annotator_id for e in stream_entries(redis_client)] == ["dana", "erin", "frank"]
+    assert feedback_server.metric("flywheel_rankings_rejected_total", source="human", reason="already_ranked") == 8
+
+
 def test_concurrent_retries_with_one_key_record_once(feedback_server, saved_group, redis_client):
     from concurrent.futures import ThreadPoolExecutor
 
