@@ -266,7 +266,8 @@ def reward_model_accuracy(platform: Platform, config: DemoConfig) -> float:
     client = redis.Redis.from_url(_redis_url(config.data_dir))
     try:
         current = reward_model_registry(client, platform.settings).current()
-        return float(current.figures.get("heldout_accuracy", math.nan)) if current else math.nan
+        accuracy = current.figures.get("heldout_accuracy") if current else None
+        return math.nan if accuracy is None else float(accuracy)  # None: no held-out rankings yet
     finally:
         client.close()
 
@@ -290,6 +291,7 @@ def run_demo(config: DemoConfig) -> dict:
     # the operator and each simulated user get their own API key (hashed in the demo's keys file)
     keys = KeyFile(default_keys_file(config.data_dir))
     operator_key = keys.create("demo-operator", ROLE_ADMIN)
+    evaluator = simulated.SimulatedUser("demo-evaluator", keys.create("demo-evaluator", ROLE_CLIENT))
     simulated_users = [simulated.SimulatedUser(name, keys.create(name, ROLE_CLIENT))
                        for name in (f"simulated-user-{i}" for i in range(config.users))]
     platform = Platform(config, operator_key)
@@ -305,7 +307,8 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"== platform up after {time.monotonic() - started:.0f} s (data dir {config.data_dir})", flush=True)
         progress.start()
         progress.phase = "version 0 answers the held-out questions"
-        before, versions = simulated.sample_answers(platform.operator_channel, eval_questions, config.plan)
+        before, versions = simulated.sample_answers(platform.channel, eval_questions, config.plan,
+                                                      metadata=evaluator.metadata)
         assert versions == {0}, f"expected version 0 to answer, got {versions}"
         loop_started = time.monotonic()
         deadline = started + config.budget_minutes * 60
@@ -335,7 +338,8 @@ def run_demo(config: DemoConfig) -> dict:
         swap_seconds = wait_for_serving(platform, promoted, 120)
         loop_seconds = time.monotonic() - loop_started
         progress.phase = f"v{promoted} answers the held-out questions"
-        after, versions = simulated.sample_answers(platform.operator_channel, eval_questions, config.plan)
+        after, versions = simulated.sample_answers(platform.channel, eval_questions, config.plan,
+                                                      metadata=evaluator.metadata)
         progress.stop()
         assert versions == {promoted}, f"expected v{promoted} to answer, got {versions}"
         record = next(p for p in listing.policies if p.version == promoted)

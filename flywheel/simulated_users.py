@@ -126,10 +126,31 @@ class UserTally:
 
 
 def sample(stub: rpc.InferenceStub, question: str, plan: SamplingPlan, seed: int,
-           metadata: Sequence[tuple[str, str]] = ()) -> pb.CompleteResponse:
-    return stub.Complete(pb.CompleteRequest(
+           metadata: Sequence[tuple[str, str]] = (), retries: int = 20) -> pb.CompleteResponse:
+    """One request, retried as a polite client does when the server says RESOURCE_EXHAUSTED (a
+    full queue or the key's rate limit): after the ``retry-after-ms`` it names."""
+    request = pb.CompleteRequest(
         messages=[pb.ChatMessage(role="user", content=question)], n=plan.n, max_new_tokens=plan.max_new_tokens,
-        temperature=plan.temperature, top_p=plan.top_p, seed=seed), timeout=plan.timeout_seconds, metadata=metadata)
+        temperature=plan.temperature, top_p=plan.top_p, seed=seed)
+    for attempt in range(retries + 1):
+        try:
+            return stub.Complete(request, timeout=plan.timeout_seconds, metadata=metadata)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == retries:
+                raise
+            time.sleep(retry_after_seconds(exc))
+    raise AssertionError("unreachable")
+
+
+def retry_after_seconds(error: grpc.RpcError, default: float = 1.0) -> float:
+    """The server's retry hint (trailing metadata ``retry-after-ms``), in seconds."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            try:
+                return max(0.0, float(value) / 1000)
+            except ValueError:
+                break
+    return default
 
 
 @dataclass
