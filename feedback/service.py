@@ -108,7 +108,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             log.warning("SubmitRanking: Redis unavailable: %s", exc)
             self._count_rejection("unavailable")
             context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"the feedback store (Redis) is unavailable, retry with the same idempotency key: {exc}")
+                          "the feedback store is unavailable; retry with the same idempotency key")
         if self.metrics is not None and not result.duplicate:
             self.metrics.rankings_accepted.labels(SOURCE_HUMAN).inc()
             if result.agreement is not None:
@@ -119,7 +119,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         try:
             stats = self.stream.stats()
         except redis.RedisError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"the feedback store (Redis) is unavailable: {exc}")
+            log.warning("GetFeedbackStats: Redis unavailable: %s", exc)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the feedback store is unavailable; retry shortly")
         return feedback_pb2.FeedbackStats(
             rankings_total=sum(stats.rankings.values()),
             human_rankings=stats.rankings.get("human", 0),

@@ -15,6 +15,8 @@ import os
 
 from celery import Celery
 
+from flywheel.settings import Settings
+
 LABELLING_QUEUE = "labelling"
 TRAINING_QUEUE = "training"
 
@@ -22,7 +24,8 @@ TRAINING_QUEUE = "training"
 TASK_MODULES = ["feedback.tasks", "training.tasks"]
 
 
-def make_celery(redis_url: str | None = None) -> Celery:
+def make_celery(redis_url: str | None = None, settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.load()
     url = redis_url or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     app = Celery("flywheel", broker=url, backend=url)
     app.conf.update(
@@ -36,8 +39,11 @@ def make_celery(redis_url: str | None = None) -> Celery:
         task_track_started=True,
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,
-        # a task not acknowledged within this time is delivered again (longer than any run)
-        broker_transport_options={"visibility_timeout": 6 * 3600},
+        # a task whose worker died (SIGKILL, lost node) is still unacknowledged: the broker delivers it
+        # again once it has been out this long, and a worker sweeps for such tasks every interval
+        broker_transport_options={"visibility_timeout": settings.task_visibility_timeout_seconds,
+                                  "unacked_restore_interval": settings.task_restore_interval_seconds,
+                                  "unacked_restore_throttle": 1},
         task_default_queue=TRAINING_QUEUE,
         task_routes={"feedback.*": {"queue": LABELLING_QUEUE}, "training.*": {"queue": TRAINING_QUEUE}},
         worker_hijack_root_logger=False,

@@ -2,8 +2,9 @@
 
 Promotion and rollback only move the registry's ``current`` pointer (recorded in its audit
 stream with who, when, from, to and why); every replica follows the pointer through pub/sub, this
-one included. A version is verified (manifest checksums) before it is promoted, so an operator
-cannot point the fleet at an artifact no server would load.
+one included. A version is verified (manifest checksums) before the pointer moves to it, by a
+promotion or a rollback (``flywheel.policy_admin``), so an operator cannot point the fleet at an
+artifact no server would load: FAILED_PRECONDITION says why.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import redis
 from flywheel.policy_admin import PolicyNotFoundError, promote_policy, rollback_policy
 from flywheel.registry import VersionRegistry, current_pointer_key
 from flywheel.v1 import admin_pb2, admin_pb2_grpc
-from serving.policy_loader import PolicyLoadError, read_verified_manifest
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             running_sequences=running, queued_requests=queued)
 
     def Promote(self, request, context):
-        if request.version:
-            try:
-                read_verified_manifest(self.registry.path(request.version))
-            except PolicyLoadError as exc:
-                if not self.registry.path(request.version).exists():
-                    context.abort(grpc.StatusCode.NOT_FOUND, f"policy v{request.version} does not exist")
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"v{request.version} cannot be served: {exc}")
         return self._change(context, lambda who: promote_policy(
             self.registry, request.version, who, request.reason or "promoted by an operator"))
 
@@ -115,7 +108,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         try:
             yield
         except redis.RedisError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"the registry (Redis) is unavailable: {exc}")
+            log.warning("Admin: the registry is unavailable: %s", exc)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the registry store is unavailable; retry shortly")
 
 
 def add_admin_service(server: grpc.Server, servicer: AdminServicer) -> None:
