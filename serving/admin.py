@@ -34,10 +34,20 @@ STATUSES = {
 }
 
 
+MAX_REASON_CHARS = 1024  # a reason is kept in every manifest's history and the audit stream
+MAX_OPERATOR_CHARS = 128
+
+
 def operator(context: grpc.ServicerContext) -> str:
     """Who made a change, for the audit stream: the caller's declared name, else its address."""
     metadata = dict(context.invocation_metadata())
-    return metadata.get("x-flywheel-operator") or f"grpc:{context.peer()}"
+    declared = metadata.get("x-flywheel-operator")
+    return declared[:MAX_OPERATOR_CHARS] if declared else f"grpc:{context.peer()}"
+
+
+def check_reason(reason: str, context: grpc.ServicerContext) -> None:
+    if len(reason) > MAX_REASON_CHARS:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reason is longer than {MAX_REASON_CHARS} characters")
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -79,10 +89,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             running_sequences=running, queued_requests=queued)
 
     def Promote(self, request, context):
+        check_reason(request.reason, context)
         return self._change(context, lambda who: promote_policy(
             self.registry, request.version, who, request.reason or "promoted by an operator"))
 
     def Rollback(self, request, context):
+        check_reason(request.reason, context)
         to_version = request.to_version if request.HasField("to_version") else None
         return self._change(context, lambda who: rollback_policy(
             self.registry, to_version, who, request.reason or "rolled back by an operator"))

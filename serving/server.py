@@ -28,6 +28,7 @@ from serving.engine import (
     DoneEvent, Engine, EngineConfig, EngineStoppedError, GenerationRequest, GroupResult, QueueFullError, TokenEvent,
     iter_events,
 )
+from serving.malformed import MalformedRequestInterceptor
 from serving.metrics import ServingMetrics
 from serving.policy_follower import PolicyFollower
 from serving.policy_loader import LoadedPolicy, PolicyLoader
@@ -165,6 +166,7 @@ class InferenceServer:
             futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
             maximum_concurrent_rpcs=s.grpc_workers,
             options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
+            interceptors=[MalformedRequestInterceptor()],
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)

@@ -60,7 +60,7 @@ def test_nine_completions_is_the_most_one_ranking_takes(feedback_server, group_s
 @pytest.mark.parametrize("ids, reason, words", [
     (["g1-0"], "too_few", "at least 2"),
     ([], "too_few", "at least 2"),
-    (["g1-0", "g1-1", "g1-0"], "repeated_id", "repeated: g1-0"),
+    (["g1-0", "g1-1", "g1-0"], "repeated_id", "repeated: 'g1-0'"),
     (["g1-0", "g2-1"], "unknown_completion", "g2-1"),
 ])
 def test_invalid_rankings_are_invalid_argument(feedback_server, saved_group, redis_client, ids, reason, words):
