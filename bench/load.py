@@ -102,6 +102,19 @@ class RssSampler:
             self._thread.join()
 
 
+async def timed(call, latencies: list[float], tally: Tally):
+    """Await one RPC: its response (latency recorded), or None after counting a refusal or an error
+    and backing off."""
+    started = time.perf_counter()
+    try:
+        response = await call
+    except grpc.aio.AioRpcError as exc:
+        await asyncio.sleep(tally.refusal_or_error(exc))
+        return None
+    latencies.append(time.perf_counter() - started)
+    return response
+
+
 async def client(index: int, channel: grpc.aio.Channel, deadline: float, n: int, tokens: int, tally: Tally) -> None:
     inference, feedback = rpc.InferenceStub(channel), fb_rpc.FeedbackStub(channel)
     texts = prompts(64)
@@ -110,26 +123,17 @@ async def client(index: int, channel: grpc.aio.Channel, deadline: float, n: int,
         turn += 1
         request = pb.CompleteRequest(messages=[pb.ChatMessage(role="user", content=texts[(index + turn) % len(texts)])],
                                      n=n, max_new_tokens=tokens)
-        started = time.perf_counter()
-        try:
-            response = await inference.Complete(request, timeout=120)
-        except grpc.aio.AioRpcError as exc:
-            await asyncio.sleep(tally.refusal_or_error(exc))
+        response = await timed(inference.Complete(request, timeout=120), tally.complete_latencies, tally)
+        if response is None:
             continue
         tally.completes += 1
-        tally.complete_latencies.append(time.perf_counter() - started)
         ranking = fb.SubmitRankingRequest(group_id=response.group_id, annotator_id=f"load-{index}",
                                           completion_ids=[c.completion_id for c in reversed(response.completions)],
                                           idempotency_key=uuid.uuid4().hex)
-        started = time.perf_counter()
-        try:
-            ack = await feedback.SubmitRanking(ranking, timeout=60)
-        except grpc.aio.AioRpcError as exc:
-            await asyncio.sleep(tally.refusal_or_error(exc))
-            continue
-        tally.rankings += 1
-        tally.ranking_latencies.append(time.perf_counter() - started)
-        tally.acked_entries.add(ack.stream_entry_id)
+        ack = await timed(feedback.SubmitRanking(ranking, timeout=60), tally.ranking_latencies, tally)
+        if ack is not None:
+            tally.rankings += 1
+            tally.acked_entries.add(ack.stream_entry_id)
 
 
 async def drive(address: str, clients: int, seconds: float, n: int, tokens: int) -> tuple[Tally, float]:

@@ -9,35 +9,23 @@ import time
 import grpc
 import pytest
 
-from flywheel.models import load_model
-from flywheel.registry import VersionRegistry
-from flywheel.settings import Settings
 from flywheel.v1 import admin_pb2 as admin
-from flywheel.v1 import admin_pb2_grpc as admin_rpc
 from flywheel.v1 import feedback_pb2 as fb
 from flywheel.v1 import feedback_pb2_grpc as fb_rpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
-from serving.cli import build_server
-from test_admin import register_lora_version
+from test_admin import platform  # noqa: F401 (fixture)
 
 RANKINGS_STREAM = "flywheel:rankings"
 
 
 @pytest.fixture
-def serving(tiny_model_dir, tmp_path, redis_server, redis_client):
-    settings = Settings.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": 0,
-                              "dtype": "float32", "data_dir": str(tmp_path), "redis_url": redis_server.url,
-                              "policy_poll_seconds": 0.5}, environ={})
-    base = load_model(str(tiny_model_dir), tmp_path, "float32").model
-    register_lora_version(VersionRegistry(redis_client, "policy", tmp_path / "policies"), base, seed=1)
-    server, release = build_server(settings)
-    server.start(wait_until_ready=True)
+def serving(platform):
+    """test_admin's serving process (Redis, policy v1 and v2 registered) plus a Feedback stub."""
+    server, _registry, admin_stub, stub = platform
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    yield server, rpc.InferenceStub(channel), fb_rpc.FeedbackStub(channel), admin_rpc.AdminStub(channel)
+    yield server, stub, fb_rpc.FeedbackStub(channel), admin_stub
     channel.close()
-    server.stop(grace=1)
-    release()
 
 
 def complete(stub, i):

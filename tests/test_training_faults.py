@@ -7,6 +7,7 @@ restore sweep and the run locks are shortened through settings so a redelivery t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,6 +56,15 @@ class Workers:
 
     def log(self, index: int) -> str:
         return (self.folder / f"worker-{index}.log").read_text()
+
+    @contextlib.contextmanager
+    def log_on_failure(self, index: int):
+        """Print the tail of a worker's log when the block fails."""
+        try:
+            yield
+        except BaseException:
+            print(self.log(index)[-4000:])
+            raise
 
     def stop_all(self) -> None:
         for process in self.processes:
@@ -123,11 +133,8 @@ def test_a_reward_model_run_killed_midway_runs_again_and_loses_no_ranking(
             if redis_client.exists(RANKINGS_STREAM) and redis_client.xinfo_groups(RANKINGS_STREAM) else 0
         return redis_client.exists("flywheel:lock:reward_model") and int(pending) == len(published)
 
-    try:
+    with workers.log_on_failure(0):
         wait_for(reading, 120, "the reward-model run to start", first)
-    except AssertionError:
-        print(workers.log(0)[-4000:])
-        raise
     kill(first)
 
     assert redis_client.get("flywheel:registry:reward_model:current") is None
@@ -135,11 +142,8 @@ def test_a_reward_model_run_killed_midway_runs_again_and_loses_no_ranking(
     assert int(redis_client.xpending(RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP)["pending"]) == len(published)
 
     second = workers.start()
-    try:
+    with workers.log_on_failure(1):
         report = result.get(timeout=180)
-    except Exception:
-        print(workers.log(1)[-4000:])
-        raise
     assert report["outcome"] == "promoted" and report["version"] == 1
     received = f"Task training.train_reward_model[{result.id}] received"
     assert received in workers.log(0) and received in workers.log(1)  # the same task, delivered again
@@ -182,21 +186,15 @@ def test_a_ppo_run_killed_midway_runs_again_and_leaves_no_half_version(
     first = workers.start()
     result = send_task(fault_env, "training.train_policy", {"who": "fault-test"})
     port = fault_env["FLYWHEEL_TRAINING_METRICS_PORT"]
-    try:  # a PPO iteration is done: the run is in its middle (iterations 2 and 3 remain, then the write)
+    with workers.log_on_failure(0):  # a PPO iteration is done: the run is in its middle (2 more, then the write)
         wait_for(lambda: metric(port, "flywheel_ppo_iterations_total") >= 1, 180, "a PPO iteration", first)
-    except AssertionError:
-        print(workers.log(0)[-4000:])
-        raise
     kill(first)
     assert redis_client.get("flywheel:registry:policy:current") is None
     assert not list((data / "policies").glob("v*")), "a version appeared from a killed run"
 
     workers.start()
-    try:
+    with workers.log_on_failure(1):
         report = result.get(timeout=240)
-    except Exception:
-        print(workers.log(1)[-4000:])
-        raise
     assert report["outcome"] == "promoted" and report["version"] == 1
     received = f"Task training.train_policy[{result.id}] received"
     assert received in workers.log(0) and received in workers.log(1)
