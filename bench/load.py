@@ -169,7 +169,8 @@ def run(args: argparse.Namespace) -> dict:
             load_model("", data_dir, args.dtype)
             (Path(scratch.name) / "models").symlink_to(data_dir / "models")
         limits = {"FLYWHEEL_GRPC_WORKERS": str(args.grpc_workers),
-                  "FLYWHEEL_MAX_QUEUED_REQUESTS": str(args.max_queued_requests)}
+                  "FLYWHEEL_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
+                  "FLYWHEEL_TORCH_THREADS": str(args.torch_threads)}
         process, port = start_server(scratch.name, args.dtype, args.model, store_groups=True, extra_env=limits)
         address, pid = f"127.0.0.1:{port}", process.pid
         redis_url = (Path(scratch.name) / "redis" / "redis.url").read_text().strip()
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(ROOT / ".flywheel"), help="where the embedded model is converted")
     parser.add_argument("--grpc-workers", type=int, default=64, help="the started server's concurrent RPCs")
     parser.add_argument("--max-queued-requests", type=int, default=256)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="the started server's torch threads (0 = all cores; 1 on a machine shared with other jobs)")
     parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args(argv)
     report = run(args)
