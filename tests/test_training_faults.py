@@ -244,3 +244,28 @@ def test_a_registry_rebuild_skips_garbage_manifests(redis_client, tmp_path):
     assert registry.rebuild_from_disk() == 1
     assert [r.version for r in registry.versions()] == [1]
 
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage-manifest", "checksum-mismatch"])
+def test_a_damaged_reward_model_is_refused_for_training(redis_client, tmp_path, tiny_model_dir, damage):
+    from flywheel.registry import ArtifactError
+    from training.policy_run import PolicyModelCache
+    from training.reward_model_run import _parent, model_config_from_settings, reward_model_registry
+
+    settings = Settings.load({"model": str(tiny_model_dir), "data_dir": str(tmp_path)}, environ={})
+    promote_reward_model(redis_client, settings)
+    registry = reward_model_registry(redis_client, settings)
+    weights, manifest = registry.path(1) / "model.safetensors", registry.path(1) / "manifest.json"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "garbage-manifest":
+        manifest.write_text("{]")
+    else:
+        data = json.loads(manifest.read_text())
+        data["files"]["model.safetensors"] = "f" * 64
+        manifest.write_text(json.dumps(data))
+    current = registry.current()
+    with pytest.raises(ArtifactError, match="v1"):  # PPO does not train against it
+        PolicyModelCache().reward_model(current, registry.path(1))
+    with pytest.raises(ArtifactError, match="v1"):  # the next reward-model run does not warm-start from it
+        _parent(registry, current, model_config_from_settings(settings))
