@@ -52,13 +52,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def start_server(data_dir: str, dtype: str, model: str, store_groups: bool) -> tuple[subprocess.Popen, int]:
+def start_server(data_dir: str, dtype: str, model: str, store_groups: bool,
+                 extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = dict(os.environ, FLYWHEEL_DATA_DIR=data_dir, FLYWHEEL_GRPC_ADDRESS=f"127.0.0.1:{port}",
                FLYWHEEL_METRICS_PORT="0", FLYWHEEL_DTYPE=dtype, FLYWHEEL_MODEL=model,
                FLYWHEEL_STORE_GROUPS=str(store_groups).lower(),
                # a key of its own, and no rate limit: the benchmark measures the engine, not the limiter
-               FLYWHEEL_API_KEYS=f"bench:client:{BENCH_KEY}", FLYWHEEL_CLIENT_REQUESTS_PER_SECOND="0")
+               FLYWHEEL_API_KEYS=f"bench:client:{BENCH_KEY}", FLYWHEEL_CLIENT_REQUESTS_PER_SECOND="0",
+               **(extra_env or {}))
     process = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve"], env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -26,6 +26,7 @@ from feedback.groups import CompletionGroup, GroupStore
 from feedback.metrics import FeedbackMetrics, register_stream_collector
 from feedback.rankings import MAX_RANKED, MIN_RANKED, SOURCE_HUMAN, AlreadyRankedError, RankingEntry, RankingStream
 from flywheel.api_keys import current_caller
+from flywheel.quoting import quote
 from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,14 @@ def check_request_shape(request: feedback_pb2.SubmitRankingRequest) -> None:
     if len(ids) > MAX_RANKED:
         raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "too_many",
                         f"rank at most {MAX_RANKED} completions at once; got {len(ids)}")
+    for i, cid in enumerate(ids):
+        if len(cid) > MAX_ID_CHARS:
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "too_long",
+                            f"completion_ids[{i}] is longer than {MAX_ID_CHARS} characters")
     repeated = sorted({cid for cid in ids if ids.count(cid) > 1})
     if repeated:
         raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "repeated_id",
-                        f"each completion may appear once in a ranking; repeated: {', '.join(repeated)}")
+                        f"each completion may appear once in a ranking; repeated: {', '.join(map(quote, repeated))}")
     for name in ("group_id", "annotator_id", "idempotency_key"):
         if len(getattr(request, name)) > MAX_ID_CHARS:
             raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "too_long",
@@ -88,12 +93,12 @@ def annotator_of(request: feedback_pb2.SubmitRankingRequest) -> str:
 def check_against_group(group: CompletionGroup | None, request: feedback_pb2.SubmitRankingRequest) -> CompletionGroup:
     if group is None:
         raise Rejection(grpc.StatusCode.NOT_FOUND, "unknown_group",
-                        f"group {request.group_id!r} does not exist or has expired")
+                        f"group {quote(request.group_id)} does not exist or has expired")
     known = set(group.completion_ids)
     strangers = [cid for cid in request.completion_ids if cid not in known]
     if strangers:
         raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, "unknown_completion",
-                        f"not completions of group {group.group_id}: {', '.join(strangers)}")
+                        f"not completions of group {group.group_id}: {', '.join(map(quote, strangers))}")
     return group
 
 
@@ -131,7 +136,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             log.warning("SubmitRanking: Redis unavailable: %s", exc)
             self._count_rejection("unavailable")
             context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"the feedback store (Redis) is unavailable, retry with the same idempotency key: {exc}")
+                          "the feedback store is unavailable; retry with the same idempotency key")
         if self.metrics is not None and not result.duplicate:
             self.metrics.rankings_accepted.labels(SOURCE_HUMAN).inc()
             if result.agreement is not None:
@@ -142,7 +147,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         try:
             stats = self.stream.stats()
         except redis.RedisError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"the feedback store (Redis) is unavailable: {exc}")
+            log.warning("GetFeedbackStats: Redis unavailable: %s", exc)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the feedback store is unavailable; retry shortly")
         return feedback_pb2.FeedbackStats(
             rankings_total=sum(stats.rankings.values()),
             human_rankings=stats.rankings.get("human", 0),

@@ -17,6 +17,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 
+from flywheel.settings import Settings
+
 LABELLING_QUEUE = "labelling"
 TRAINING_QUEUE = "training"
 
@@ -51,7 +53,8 @@ def broker_url() -> str:
     return os.environ.get("FLYWHEEL_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 
-def make_celery(redis_url: str | None = None) -> Celery:
+def make_celery(redis_url: str | None = None, settings: Settings | None = None) -> Celery:
+    settings = settings or Settings.load()
     url = redis_url or broker_url()
     app = Celery("flywheel", broker=url, backend=url)
     tls = redis_ssl_options(url)
@@ -68,8 +71,11 @@ def make_celery(redis_url: str | None = None) -> Celery:
         task_track_started=True,
         result_expires=24 * 3600,
         broker_connection_retry_on_startup=True,
-        # a task not acknowledged within this time is delivered again (longer than any run)
-        broker_transport_options={"visibility_timeout": 6 * 3600},
+        # a task whose worker died (SIGKILL, lost node) is still unacknowledged: the broker delivers it
+        # again once it has been out this long, and a worker sweeps for such tasks every interval
+        broker_transport_options={"visibility_timeout": settings.task_visibility_timeout_seconds,
+                                  "unacked_restore_interval": settings.task_restore_interval_seconds,
+                                  "unacked_restore_throttle": 1},
         task_default_queue=TRAINING_QUEUE,
         task_routes={"feedback.*": {"queue": LABELLING_QUEUE}, "training.*": {"queue": TRAINING_QUEUE}},
         worker_hijack_root_logger=False,

@@ -11,13 +11,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flywheel.registry import CURRENT, REJECTED, SUPERSEDED, VersionRecord, VersionRegistry
+from flywheel.registry import (CURRENT, REJECTED, SUPERSEDED, ArtifactError, VersionRecord, VersionRegistry,
+                               verify_version)
 
 POLICY_KIND = "policy"
 
 
 class PolicyNotFoundError(ValueError):
     """The named version does not exist (gRPC: NOT_FOUND); other refusals are plain ValueErrors."""
+
+
+class PolicyNotServableError(ValueError):
+    """The named version exists but its artifacts do not check out (gRPC: FAILED_PRECONDITION)."""
+
+
+def check_servable(registry: VersionRegistry, version: int) -> None:
+    """Raise unless ``version`` (> 0) exists with artifacts whose checksums match its manifest."""
+    if registry.get(version) is None:
+        raise PolicyNotFoundError(f"policy v{version} does not exist")
+    if not registry.path(version).is_dir():
+        raise PolicyNotServableError(f"policy v{version} has no artifacts on disk")
+    try:
+        verify_version(registry.path(version))
+    except ArtifactError as exc:
+        raise PolicyNotServableError(f"policy v{version} cannot be served: {exc}") from exc
 
 
 def policy_registry(client, data_dir: Path | str) -> VersionRegistry:
@@ -29,11 +46,8 @@ def promote_policy(registry: VersionRegistry, version: int, who: str, why: str) 
     by hand (an operator's override, recorded as such)."""
     if version == 0:
         return registry.rollback(0, who, why or "promote the base model")
+    check_servable(registry, version)
     record = registry.get(version)
-    if record is None:
-        raise PolicyNotFoundError(f"policy v{version} does not exist")
-    if not registry.path(version).is_dir():
-        raise ValueError(f"policy v{version} has no artifacts in {registry.path(version)}")
     if record.status == CURRENT and registry.current_version() == version:
         raise ValueError(f"policy v{version} is already current")
     if record.status == REJECTED:
@@ -60,9 +74,5 @@ def rollback_policy(registry: VersionRegistry, to_version: int | None, who: str,
     if target == registry.current_version():
         raise ValueError(f"policy v{target} is already current")
     if target:
-        record = registry.get(target)
-        if record is None:
-            raise PolicyNotFoundError(f"policy v{target} does not exist")
-        if not registry.path(target).is_dir():
-            raise ValueError(f"policy v{target} has no artifacts in {registry.path(target)}")
+        check_servable(registry, target)
     return registry.rollback(target, who, why or "rollback")

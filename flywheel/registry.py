@@ -12,6 +12,9 @@ Disk is the source of truth, Redis the fast index:
   of every change: action, who, when, from, to, why). Each change is PUBLISHed on
   ``flywheel:registry:{kind}`` so followers (servers, for the policy) can react without polling.
 - ``rebuild_from_disk()`` recreates the Redis side from the manifests.
+- ``manifest["files"]`` lists every artifact file with its SHA-256 (``write_version`` fills it in);
+  ``verify_version()`` checks them before anything loads a version, so a truncated or corrupt
+  artifact is refused with a clear error instead of being served or trained on.
 
 Statuses: ``candidate`` (written, not yet decided), ``current``, ``superseded`` (was current until a
 newer version was promoted), ``rejected`` (failed its gate; kept with its figures), ``rolled_back``.
@@ -92,6 +95,38 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class ArtifactError(RuntimeError):
+    """A version folder that cannot be used: no manifest, a manifest that does not parse, or an
+    artifact that is missing or fails its checksum. Messages name the version, not paths (they
+    reach API clients)."""
+
+
+def verify_version(folder: Path) -> dict:
+    """The manifest of a version folder, after checking every listed artifact's SHA-256."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{folder.name} has no {MANIFEST} (missing or half-written version)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"the {MANIFEST} of {folder.name} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"the {MANIFEST} of {folder.name} is not a JSON object")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError(f"the {MANIFEST} of {folder.name} lists no artifact files with checksums")
+    for name, expected in files.items():
+        path = folder / name
+        if not name or Path(name).name != name or name == MANIFEST or not path.is_file():
+            raise ArtifactError(f"artifact {name[:80]!r} of {folder.name} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(f"artifact {name} of {folder.name} is corrupt: sha256 {actual[:12]}… "
+                                f"does not match the manifest's {str(expected)[:12]}…")
+    return manifest
+
+
 def registry_channel(kind: str) -> str:
     """The pub/sub channel on which every change of ``kind``'s registry is announced."""
     return f"flywheel:registry:{kind}"
@@ -155,8 +190,9 @@ class VersionRegistry:
                       version: int | None = None) -> VersionRecord:
         """Write a version atomically and register it as a ``candidate``.
 
-        ``write_artifacts(folder)`` writes the artifacts into a temporary folder; the manifest is added
-        and the folder renamed to ``v{N}``. Only then does Redis learn of the version.
+        ``write_artifacts(folder)`` writes the artifacts into a temporary folder; the manifest (with the
+        SHA-256 of every artifact) is added and the folder renamed to ``v{N}``. Only then does Redis
+        learn of the version.
         """
         version = version or self.allocate_version()
         self.root_dir.mkdir(parents=True, exist_ok=True)
@@ -170,8 +206,9 @@ class VersionRegistry:
                 with open(child, "rb") as handle:
                     os.fsync(handle.fileno())
                 os.chmod(child, 0o644)
+            files = {child.name: sha256_file(child) for child in sorted(tmp.iterdir()) if child.is_file()}
             manifest = dict(manifest) | {"version": version, "kind": self.kind, "status": CANDIDATE,
-                                         "created_at": manifest.get("created_at", time.time())}
+                                         "created_at": manifest.get("created_at", time.time()), "files": files}
             manifest.setdefault("figures", {})
             manifest.setdefault("parent", None)
             _write_json_atomically(tmp / MANIFEST, manifest)
@@ -190,7 +227,18 @@ class VersionRegistry:
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}")
         manifest_path = self.path(version) / MANIFEST
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            # a damaged manifest must not block moving away from its version (a rollback): take
+            # the copy Redis kept when the version was written
+            indexed = self.get(version)
+            if indexed is None:
+                raise ValueError(f"{self.kind} v{version} has no readable manifest") from exc
+            log.warning("%s v%d: manifest on disk unreadable (%s); using the registry's copy", self.kind, version, exc)
+            manifest = dict(indexed.manifest)
         manifest["status"] = status
         if figures:
             manifest["figures"] = dict(manifest.get("figures", {})) | figures
@@ -251,7 +299,10 @@ class VersionRegistry:
         for version in sorted(self._disk_versions()):
             path = self.path(version) / MANIFEST
             try:
-                manifests[version] = json.loads(path.read_text())
+                manifest = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(manifest, dict):
+                    raise ValueError("not a JSON object")
+                manifests[version] = manifest
             except (OSError, ValueError) as exc:
                 log.warning("skipping %s: %s", path, exc)
         pipe = self.client.pipeline()

@@ -113,6 +113,13 @@ class Settings:
     labelling_metrics_port: int = field(
         default=9401, metadata={"help": "HTTP port of a labelling worker's /metrics; 0 = disabled"})
 
+    # ---- Celery (labelling and training tasks) ----
+    task_visibility_timeout_seconds: float = field(
+        default=6 * 3600.0,
+        metadata={"help": "a task whose worker died unacknowledged is delivered again after this (longer than any run)"})
+    task_restore_interval_seconds: float = field(
+        default=60.0, metadata={"help": "how often a worker looks for such tasks to deliver again"})
+
     # ---- training ----
     training_metrics_port: int = field(
         default=9402, metadata={"help": "HTTP port of a training worker's /metrics; 0 = disabled"})

@@ -2,8 +2,9 @@
 
 Promotion and rollback only move the registry's ``current`` pointer (recorded in its audit
 stream with who, when, from, to and why); every replica follows the pointer through pub/sub, this
-one included. A version is verified (manifest checksums) before it is promoted, so an operator
-cannot point the fleet at an artifact no server would load.
+one included. A version is verified (manifest checksums) before the pointer moves to it, by a
+promotion or a rollback (``flywheel.policy_admin``), so an operator cannot point the fleet at an
+artifact no server would load: FAILED_PRECONDITION says why.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from flywheel.api_keys import current_caller
 from flywheel.policy_admin import PolicyNotFoundError, promote_policy, rollback_policy
 from flywheel.registry import VersionRegistry, current_pointer_key
 from flywheel.v1 import admin_pb2, admin_pb2_grpc
-from serving.policy_loader import PolicyLoadError, read_verified_manifest
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +35,23 @@ STATUSES = {
 }
 
 
+MAX_REASON_CHARS = 1024  # a reason is kept in every manifest's history and the audit stream
+MAX_OPERATOR_CHARS = 128
+
+
 def operator(context: grpc.ServicerContext) -> str:
     """Who made a change, for the audit stream: the caller's declared name (``x-flywheel-operator``)
     and the name of the API key that made it; without auth, the declared name or the address."""
-    declared = dict(context.invocation_metadata()).get("x-flywheel-operator")
+    declared = (dict(context.invocation_metadata()).get("x-flywheel-operator") or "")[:MAX_OPERATOR_CHARS]
     caller = current_caller()
     if caller is None:
         return declared or f"grpc:{context.peer()}"
     return caller.name if not declared or declared == caller.name else f"{declared} (key {caller.name})"
+
+
+def check_reason(reason: str, context: grpc.ServicerContext) -> None:
+    if len(reason) > MAX_REASON_CHARS:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reason is longer than {MAX_REASON_CHARS} characters")
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -84,17 +93,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             running_sequences=running, queued_requests=queued)
 
     def Promote(self, request, context):
-        if request.version:
-            try:
-                read_verified_manifest(self.registry.path(request.version))
-            except PolicyLoadError as exc:
-                if not self.registry.path(request.version).exists():
-                    context.abort(grpc.StatusCode.NOT_FOUND, f"policy v{request.version} does not exist")
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"v{request.version} cannot be served: {exc}")
+        check_reason(request.reason, context)
         return self._change(context, lambda who: promote_policy(
             self.registry, request.version, who, request.reason or "promoted by an operator"))
 
     def Rollback(self, request, context):
+        check_reason(request.reason, context)
         to_version = request.to_version if request.HasField("to_version") else None
         return self._change(context, lambda who: rollback_policy(
             self.registry, to_version, who, request.reason or "rolled back by an operator"))
@@ -120,7 +124,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         try:
             yield
         except redis.RedisError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"the registry (Redis) is unavailable: {exc}")
+            log.warning("Admin: the registry is unavailable: %s", exc)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the registry store is unavailable; retry shortly")
 
 
 def add_admin_service(server: grpc.Server, servicer: AdminServicer) -> None:

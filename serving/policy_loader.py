@@ -11,7 +11,6 @@ causal-LM state dict in safetensors.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,14 +18,12 @@ from pathlib import Path
 
 import torch
 
-from flywheel.registry import sha256_file
+from flywheel.registry import ArtifactError, sha256_file, verify_version  # noqa: F401 (sha256_file re-exported)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 
-
-class PolicyLoadError(RuntimeError):
+class PolicyLoadError(ArtifactError):
     """The version cannot be served: missing, corrupt, or not loadable."""
 
 
@@ -39,25 +36,12 @@ class LoadedPolicy:
 
 def read_verified_manifest(folder: Path) -> dict:
     """The manifest of a version folder, after checking every listed file's SHA-256."""
-    manifest_path = folder / MANIFEST
-    if not manifest_path.exists():
-        raise PolicyLoadError(f"{folder} has no {MANIFEST} (missing or half-written version)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError as exc:
-        raise PolicyLoadError(f"{manifest_path} is not valid JSON: {exc}") from exc
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise PolicyLoadError(f"{manifest_path} lists no artifact files with checksums")
-    for name, expected in files.items():
-        path = folder / name
-        if Path(name).name != name or not path.is_file():
-            raise PolicyLoadError(f"artifact {name!r} of {folder.name} is missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise PolicyLoadError(f"artifact {name} of {folder.name} is corrupt: sha256 {actual[:12]}… "
-                                  f"does not match the manifest's {str(expected)[:12]}…")
-    return manifest
+        return verify_version(folder)
+    except PolicyLoadError:
+        raise
+    except ArtifactError as exc:
+        raise PolicyLoadError(str(exc)) from exc
 
 
 class PolicyLoader:

@@ -30,6 +30,7 @@ from serving.engine import (
     iter_events,
 )
 from serving.auth import server_interceptors
+from serving.malformed import MalformedRequestInterceptor
 from serving.metrics import ServingMetrics
 from serving.policy_follower import PolicyFollower
 from serving.policy_loader import LoadedPolicy, PolicyLoader
@@ -169,7 +170,8 @@ class InferenceServer:
         credentials = server_credentials(s)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
-            interceptors=server_interceptors(s, self.metrics, self.rate_limiter, tls=credentials is not None),
+            interceptors=[*server_interceptors(s, self.metrics, self.rate_limiter, tls=credentials is not None),
+                          MalformedRequestInterceptor()],
             maximum_concurrent_rpcs=s.grpc_workers,
             options=[("grpc.max_receive_message_length", s.grpc_max_receive_message_bytes),
                      ("grpc.max_send_message_length", s.grpc_max_send_message_bytes)],

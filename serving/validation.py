@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from flywheel.quoting import quote
 from flywheel.v1 import inference_pb2
 from serving.sampling import SamplingParams
 
@@ -50,7 +51,7 @@ def render_prompt(request: inference_pb2.CompleteRequest, tokenizer) -> tuple[st
         messages = []
         for i, message in enumerate(request.messages):
             if message.role not in CHAT_ROLES:
-                raise InvalidRequest(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}; got {message.role!r}")
+                raise InvalidRequest(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}; got {quote(message.role)}")
             messages.append({"role": message.role, "content": message.content})
         if not any(m["content"].strip() for m in messages):
             raise InvalidRequest("messages", "every message is empty")

@@ -136,3 +136,25 @@ def test_status_command_shows_the_platform(platform, redis_server, capsys, monke
     assert re.search(r"rankings waiting\s+0\n", out)
     assert "last policy runs:" in out and "v2" in out and "candidate" in out
     assert "last reward-model runs:\n  none yet" in out
+
+
+@pytest.mark.parametrize("damage", ["garbage-manifest", "manifest-not-an-object", "checksum-mismatch"])
+def test_promoting_or_rolling_back_to_a_damaged_version_is_refused(platform, damage):
+    from test_hot_swap import damage_version
+
+    server, registry, admin_stub, stub = platform
+    admin_stub.Promote(admin.PromoteRequest(version=1), timeout=10)
+    damage_version(registry.path(2), damage)
+    for call in (lambda: admin_stub.Promote(admin.PromoteRequest(version=2), timeout=10),
+                 lambda: admin_stub.Rollback(admin.RollbackRequest(to_version=2), timeout=10)):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "v2 cannot be served" in info.value.details()
+        assert str(registry.root_dir) not in info.value.details()  # no file paths in client messages
+    assert registry.current_version() == 1
+    wait_served(stub, 1)  # the server keeps serving its version
+    # a damaged current version does not block rolling back away from it
+    damage_version(registry.path(1), damage)
+    assert admin_stub.Rollback(admin.RollbackRequest(to_version=0), timeout=10).to_version == 0
+    wait_served(stub, 0)

@@ -69,11 +69,10 @@ def test_lora_version_loads_merged_and_matches_the_adapter(base, tmp_path):
     assert torch.equal(base.model(ids).logits, original), "the base model must stay untouched"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "no-manifest", "missing-file"])
-def test_damaged_versions_are_refused(base, tmp_path, damage):
-    write_lora_version(tmp_path, 2, base.model)
-    folder = tmp_path / "v2"
+def damage_version(folder, damage):
+    """Break a written version the way a bad disk, a killed copy or a careless hand would."""
     weights = folder / "adapter_model.safetensors"
+    manifest = folder / "manifest.json"
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:100])
     elif damage == "flip":
@@ -81,9 +80,27 @@ def test_damaged_versions_are_refused(base, tmp_path, damage):
         data[-10] ^= 0xFF
         weights.write_bytes(bytes(data))
     elif damage == "no-manifest":
-        (folder / "manifest.json").unlink()
+        manifest.unlink()
+    elif damage == "garbage-manifest":
+        manifest.write_bytes(b"\x00{not json\xff")
+    elif damage == "manifest-not-an-object":
+        manifest.write_text("[1, 2, 3]")
+    elif damage == "checksum-mismatch":
+        data = json.loads(manifest.read_text())
+        data["files"]["adapter_model.safetensors"] = "0" * 64
+        manifest.write_text(json.dumps(data))
     else:
         weights.unlink()
+
+
+DAMAGES = ["truncate", "flip", "no-manifest", "missing-file", "garbage-manifest", "manifest-not-an-object",
+           "checksum-mismatch"]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_versions_are_refused(base, tmp_path, damage):
+    write_lora_version(tmp_path, 2, base.model)
+    damage_version(tmp_path / "v2", damage)
     with pytest.raises(PolicyLoadError) as info:
         PolicyLoader(base.model, tmp_path).load(2)
     assert "v2" in str(info.value)

@@ -33,7 +33,7 @@ from training.policy_prompts import (DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS,
                                      served_prompts, split_prompts)
 from training.policy_reward import RewardModelScorer
 from training.ppo import PPOConfig, PPOStats, PPOTrainer
-from flywheel.registry import VersionRecord, sha256_file
+from flywheel.registry import VersionRecord, verify_version
 from training.reward_model import RewardModel, RewardModelConfig
 from training.reward_model_run import RunReport, reward_model_registry
 from training.run_lock import RunLock, run_exclusively
@@ -99,6 +99,7 @@ class PolicyModelCache:
                                        trainable_layers=int(stored.get("trainable_layers", 4)),
                                        max_length=int(stored.get("max_length", 512)),
                                        autocast_dtype=stored.get("autocast_dtype", "float32"))
+            verify_version(folder)  # a corrupt reward model is refused, not trained against
             model = RewardModel.from_backbone(config)
             model.load_stored(folder / "model.safetensors")
             model.requires_grad_(False)
@@ -171,7 +172,6 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, who: str, metrics: 
         "created_by": who,
         "created_at": time.time(),
         "figures": figures,
-        "files": {},
         "prompts": {"train": len(train_prompts), "held_out": len(held_out),
                     "prompts_file": settings.policy_prompts_file or None},
         "model": asdict(model_config),
@@ -182,8 +182,7 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, who: str, metrics: 
     }
 
     def write_artifacts(folder: Path) -> None:
-        manifest["format"] = policy.save(folder)
-        manifest["files"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        manifest["format"] = policy.save(folder)  # the registry adds every file's checksum
 
     record = registry.write_version(write_artifacts, manifest)
     if decision.passed:

@@ -29,7 +29,7 @@ from flywheel.models import cpu_has_fast_bfloat16, resolve_model_path
 from flywheel.settings import Settings
 from training.metrics import RewardModelMetrics
 from training.rankings import RankingStreamReader, ReplayStore, is_held_out, sample_replay
-from flywheel.registry import VersionRecord, VersionRegistry
+from flywheel.registry import VersionRecord, VersionRegistry, verify_version
 from training.reward_model import RewardModel, RewardModelConfig
 from training.reward_trainer import EvalStats, RewardModelTrainer, RewardTrainingConfig
 from training.run_lock import RunLock, run_exclusively
@@ -233,5 +233,6 @@ def _parent(registry: VersionRegistry, current: VersionRecord | None,
         return None, set()
     from safetensors import safe_open
 
+    verify_version(registry.path(current.version))  # never warm-start from a corrupt artifact
     with safe_open(str(registry.path(current.version) / "model.safetensors"), "pt") as handle:
         return current, set(handle.keys())

@@ -1,0 +1,263 @@
+"""Load test: many concurrent clients against one server, completing and ranking what they got.
+
+Each of ``--clients`` clients loops for ``--seconds``: ``Complete`` (n samples of a few tokens), then
+``SubmitRanking`` of the group it got (the samples in reverse order, a fresh idempotency key). A
+refusal (RESOURCE_EXHAUSTED) is counted and the client backs off for the server's ``retry-after-ms``
+(or half a second); every other error is a failure. At the end the number of rankings acknowledged
+must equal the number of new entries in the rankings stream, and the server's memory must not
+have grown without bound (its RSS is sampled throughout; VmHWM is the kernel's peak).
+
+By default it starts its own ``flywheel serve`` (embedded model and its own embedded Redis, in a
+scratch data directory); ``--address`` and ``--redis-url`` point it at a running one instead.
+
+    python bench/load.py [--clients 200] [--seconds 60] [--n 2] [--tokens 8] [--model PATH]
+                         [--address HOST:PORT --redis-url redis://...] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.serve import percentile, prompts, start_server  # noqa: E402
+from flywheel.v1 import feedback_pb2 as fb  # noqa: E402
+from flywheel.v1 import feedback_pb2_grpc as fb_rpc  # noqa: E402
+from flywheel.v1 import inference_pb2 as pb  # noqa: E402
+from flywheel.v1 import inference_pb2_grpc as rpc  # noqa: E402
+
+RANKINGS_STREAM = "flywheel:rankings"
+CLIENTS_PER_CHANNEL = 25  # several HTTP/2 connections, as separate client processes would open
+
+
+@dataclass
+class Tally:
+    completes: int = 0
+    rankings: int = 0
+    refused: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    error_examples: list[str] = field(default_factory=list)
+    complete_latencies: list[float] = field(default_factory=list)
+    ranking_latencies: list[float] = field(default_factory=list)
+    acked_entries: set[str] = field(default_factory=set)
+
+    def refusal_or_error(self, exc: grpc.aio.AioRpcError) -> float:
+        """Count the failure; returns how long to back off."""
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self.refused += 1
+            retry = dict(exc.trailing_metadata() or ()).get("retry-after-ms")
+            return (int(retry) / 1000 if retry else 0.5) * random.uniform(0.5, 1.5)
+        self.errors[exc.code().name] = self.errors.get(exc.code().name, 0) + 1
+        if len(self.error_examples) < 5:
+            self.error_examples.append(f"{exc.code().name}: {exc.details()}")
+        return 0.5
+
+
+class RssSampler:
+    """The server process's resident memory, sampled from /proc every half second (Linux)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid, self.samples = pid, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def status_kib(self, key: str) -> int | None:
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        except (OSError, ValueError, TypeError):
+            return None
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            rss = self.status_kib("VmRSS")
+            if rss is not None:
+                self.samples.append(rss)
+
+    def start(self) -> "RssSampler":
+        if self.pid is not None:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+async def timed(call, latencies: list[float], tally: Tally):
+    """Await one RPC: its response (latency recorded), or None after counting a refusal or an error
+    and backing off."""
+    started = time.perf_counter()
+    try:
+        response = await call
+    except grpc.aio.AioRpcError as exc:
+        await asyncio.sleep(tally.refusal_or_error(exc))
+        return None
+    latencies.append(time.perf_counter() - started)
+    return response
+
+
+async def client(index: int, channel: grpc.aio.Channel, deadline: float, n: int, tokens: int, tally: Tally) -> None:
+    inference, feedback = rpc.InferenceStub(channel), fb_rpc.FeedbackStub(channel)
+    texts = prompts(64)
+    turn = 0
+    while time.monotonic() < deadline:
+        turn += 1
+        request = pb.CompleteRequest(messages=[pb.ChatMessage(role="user", content=texts[(index + turn) % len(texts)])],
+                                     n=n, max_new_tokens=tokens)
+        response = await timed(inference.Complete(request, timeout=120), tally.complete_latencies, tally)
+        if response is None:
+            continue
+        tally.completes += 1
+        ranking = fb.SubmitRankingRequest(group_id=response.group_id, annotator_id=f"load-{index}",
+                                          completion_ids=[c.completion_id for c in reversed(response.completions)],
+                                          idempotency_key=uuid.uuid4().hex)
+        ack = await timed(feedback.SubmitRanking(ranking, timeout=60), tally.ranking_latencies, tally)
+        if ack is not None:
+            tally.rankings += 1
+            tally.acked_entries.add(ack.stream_entry_id)
+
+
+async def drive(address: str, clients: int, seconds: float, n: int, tokens: int) -> tuple[Tally, float]:
+    tally = Tally()
+    channels = [grpc.aio.insecure_channel(address) for _ in range((clients + CLIENTS_PER_CHANNEL - 1)
+                                                                   // CLIENTS_PER_CHANNEL)]
+    started = time.monotonic()
+    deadline = started + seconds
+    await asyncio.gather(*(client(i, channels[i // CLIENTS_PER_CHANNEL], deadline, n, tokens, tally)
+                           for i in range(clients)))
+    wall = time.monotonic() - started
+    for channel in channels:
+        await channel.close()
+    return tally, wall
+
+
+def warm_up(address: str) -> None:
+    with grpc.insecure_channel(address) as channel:
+        rpc.InferenceStub(channel).Complete(pb.CompleteRequest(prompt="warm up", n=2, max_new_tokens=2), timeout=300)
+
+
+def run(args: argparse.Namespace) -> dict:
+    scratch = None
+    process = None
+    if args.address:
+        address, redis_url, pid = args.address, args.redis_url, args.server_pid
+    else:
+        scratch = tempfile.TemporaryDirectory()
+        data_dir = Path(args.data_dir).resolve()
+        if not args.model:  # the embedded model, converted once under the data directory
+            from flywheel.models import load_model
+
+            load_model("", data_dir, args.dtype)
+            (Path(scratch.name) / "models").symlink_to(data_dir / "models")
+        limits = {"FLYWHEEL_GRPC_WORKERS": str(args.grpc_workers),
+                  "FLYWHEEL_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
+                  "FLYWHEEL_TORCH_THREADS": str(args.torch_threads)}
+        process, port = start_server(scratch.name, args.dtype, args.model, store_groups=True, extra_env=limits)
+        address, pid = f"127.0.0.1:{port}", process.pid
+        redis_url = (Path(scratch.name) / "redis" / "redis.url").read_text().strip()
+    store = redis.Redis.from_url(redis_url) if redis_url else None
+    try:
+        warm_up(address)
+        stream_before = store.xlen(RANKINGS_STREAM) if store else 0
+        sampler = RssSampler(pid).start()
+        rss_start = sampler.status_kib("VmRSS") if pid else None
+        tally, wall = asyncio.run(drive(address, args.clients, args.seconds, args.n, args.tokens))
+        sampler.stop()
+        peak = max(sampler.samples + [sampler.status_kib("VmHWM") or 0]) if pid else None
+        stream_entries = store.xlen(RANKINGS_STREAM) - stream_before if store else None
+    finally:
+        if store is not None:
+            store.close()
+        if process is not None:
+            process.terminate()
+            process.wait(60)
+        if scratch is not None:
+            scratch.cleanup()
+    requests = tally.completes + tally.rankings + tally.refused + sum(tally.errors.values())
+    mib = lambda kib: round(kib / 1024, 1) if kib else None  # noqa: E731
+    return {
+        "clients": args.clients, "seconds": round(wall, 1), "n": args.n, "tokens": args.tokens,
+        "requests": requests, "requests_per_second": round(requests / wall, 1),
+        "answered_per_second": round((tally.completes + tally.rankings) / wall, 1),
+        "completes": tally.completes, "rankings": tally.rankings, "refused": tally.refused,
+        "other_errors": sum(tally.errors.values()), "errors_by_code": tally.errors,
+        "error_examples": tally.error_examples,
+        "complete_p50_s": round(percentile(tally.complete_latencies, 50), 3) if tally.complete_latencies else None,
+        "complete_p99_s": round(percentile(tally.complete_latencies, 99), 3) if tally.complete_latencies else None,
+        "ranking_p50_s": round(percentile(tally.ranking_latencies, 50), 3) if tally.ranking_latencies else None,
+        "ranking_p99_s": round(percentile(tally.ranking_latencies, 99), 3) if tally.ranking_latencies else None,
+        "server_rss_start_mib": mib(rss_start), "server_rss_peak_mib": mib(peak),
+        "rankings_acknowledged": len(tally.acked_entries), "stream_entries_added": stream_entries,
+    }
+
+
+def print_table(report: dict) -> None:
+    rows = [
+        ("clients x seconds", f"{report['clients']} x {report['seconds']} s (n={report['n']}, {report['tokens']} tokens)"),
+        ("requests (all)", f"{report['requests']}  ({report['requests_per_second']}/s)"),
+        ("answered", f"{report['completes']} Complete + {report['rankings']} SubmitRanking "
+                     f"({report['answered_per_second']}/s)"),
+        ("Complete latency", f"p50 {report['complete_p50_s']} s  p99 {report['complete_p99_s']} s"),
+        ("SubmitRanking latency", f"p50 {report['ranking_p50_s']} s  p99 {report['ranking_p99_s']} s"),
+        ("refused (RESOURCE_EXHAUSTED)", str(report["refused"])),
+        ("other errors (must be 0)", f"{report['other_errors']} {report['errors_by_code'] or ''}"),
+        ("server RSS", f"{report['server_rss_start_mib']} MiB at start, peak {report['server_rss_peak_mib']} MiB"),
+        ("rankings acked / in stream", f"{report['rankings_acknowledged']} / {report['stream_entries_added']}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    for example in report["error_examples"]:
+        print("  error:", example)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--n", type=int, default=2, help="samples per Complete")
+    parser.add_argument("--tokens", type=int, default=8, help="max_new_tokens per Complete")
+    parser.add_argument("--address", default="", help="a running server; default: start one")
+    parser.add_argument("--redis-url", default="", help="the running server's Redis (to count the stream)")
+    parser.add_argument("--server-pid", type=int, default=None, help="the running server's pid (to sample its RSS)")
+    parser.add_argument("--model", default="", help="model folder; default the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--data-dir", default=str(ROOT / ".flywheel"), help="where the embedded model is converted")
+    parser.add_argument("--grpc-workers", type=int, default=64, help="the started server's concurrent RPCs")
+    parser.add_argument("--max-queued-requests", type=int, default=256)
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="the started server's torch threads (0 = all cores; 1 on a machine shared with other jobs)")
+    parser.add_argument("--json", default="", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    report = run(args)
+    print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    consistent = report["stream_entries_added"] in (None, report["rankings_acknowledged"])
+    if report["other_errors"] or not consistent:
+        print("FAILED: errors other than RESOURCE_EXHAUSTED, or acknowledged rankings missing from the stream")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
