@@ -3,14 +3,22 @@
 Each of ``--clients`` clients loops for ``--seconds``: ``Complete`` (n samples of a few tokens), then
 ``SubmitRanking`` of the group it got (the samples in reverse order, a fresh idempotency key). A
 refusal (RESOURCE_EXHAUSTED) is counted and the client backs off for the server's ``retry-after-ms``
-(or half a second); every other error is a failure. At the end the number of rankings acknowledged
-must equal the number of new entries in the rankings stream, and the server's memory must not
-have grown without bound (its RSS is sampled throughout; VmHWM is the kernel's peak).
+(or half a second), then sends a refused ranking again (a refused Complete is not repeated: the
+client moves on to its next prompt); every other error is a failure. Refusals are counted by cause: the key's rate
+limit, or a busy server (gRPC's concurrent-RPC limit, the engine's full queue). At the end the number
+of rankings acknowledged must equal the number of new entries in the rankings stream, and the
+server's memory must not have grown without bound (its RSS is sampled throughout; VmHWM is the
+kernel's peak).
 
 By default it starts its own ``flywheel serve`` (embedded model and its own embedded Redis, in a
-scratch data directory); ``--address`` and ``--redis-url`` point it at a running one instead.
+scratch data directory) with auth on: every client gets a client API key of its own (the server is
+given only their SHA-256), so the per-key rate limit (``--client-requests-per-second``, default the
+server's) meters each client as it would meter separate users, and each client ranks as its key's
+name. ``--address`` and ``--redis-url`` point it at a running one instead; the clients then share the
+key of ``FLYWHEEL_API_KEY`` (else the client key of ``--data-dir``), and that key's rate limit.
 
     python bench/load.py [--clients 200] [--seconds 60] [--n 2] [--tokens 8] [--model PATH]
+                         [--client-requests-per-second R] [--client-request-burst B]
                          [--address HOST:PORT --redis-url redis://...] [--json PATH]
 """
 
@@ -36,6 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.serve import percentile, prompts, start_server  # noqa: E402
+from flywheel.api_keys import ROLE_CLIENT, client_key, generate_key, hash_key  # noqa: E402
+from flywheel.grpc_client import bearer  # noqa: E402
+from flywheel.settings import Settings  # noqa: E402
 from flywheel.v1 import feedback_pb2 as fb  # noqa: E402
 from flywheel.v1 import feedback_pb2_grpc as fb_rpc  # noqa: E402
 from flywheel.v1 import inference_pb2 as pb  # noqa: E402
@@ -43,6 +54,26 @@ from flywheel.v1 import inference_pb2_grpc as rpc  # noqa: E402
 
 RANKINGS_STREAM = "flywheel:rankings"
 CLIENTS_PER_CHANNEL = 25  # several HTTP/2 connections, as separate client processes would open
+RATE_LIMIT_REFUSAL = "rate limit of key"  # how the server's per-key limiter words its refusals
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """The key a client sends and the annotator it ranks as ('' = the key's own name)."""
+
+    key: str
+    annotator: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (bearer(self.key),)
+
+
+def own_keys(clients: int) -> tuple[list[ClientKey], str]:
+    """One fresh client key per client, and the FLYWHEEL_API_KEYS entries (hashes only) that admit them."""
+    keys = [ClientKey(generate_key(), f"load-{i}") for i in range(clients)]
+    spec = ",".join(f"{k.annotator}:{ROLE_CLIENT}:sha256:{hash_key(k.key)}" for k in keys)
+    return keys, spec
 
 
 @dataclass
@@ -50,6 +81,8 @@ class Tally:
     completes: int = 0
     rankings: int = 0
     refused: int = 0
+    refused_rate_limited: int = 0  # the key's rate limit (per client key)
+    refused_busy: int = 0  # the server's concurrent-RPC limit or the engine's full queue
     errors: dict[str, int] = field(default_factory=dict)
     error_examples: list[str] = field(default_factory=list)
     complete_latencies: list[float] = field(default_factory=list)
@@ -60,6 +93,10 @@ class Tally:
         """Count the failure; returns how long to back off."""
         if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             self.refused += 1
+            if (exc.details() or "").startswith(RATE_LIMIT_REFUSAL):
+                self.refused_rate_limited += 1
+            else:
+                self.refused_busy += 1
             retry = dict(exc.trailing_metadata() or ()).get("retry-after-ms")
             return (int(retry) / 1000 if retry else 0.5) * random.uniform(0.5, 1.5)
         self.errors[exc.code().name] = self.errors.get(exc.code().name, 0) + 1
@@ -102,20 +139,24 @@ class RssSampler:
             self._thread.join()
 
 
+REFUSED = object()  # what timed() returns for a RESOURCE_EXHAUSTED refusal (the request may be sent again)
+
+
 async def timed(call, latencies: list[float], tally: Tally):
-    """Await one RPC: its response (latency recorded), or None after counting a refusal or an error
-    and backing off."""
+    """Await one RPC: its response (latency recorded), or REFUSED / None after counting a refusal /
+    an error and backing off."""
     started = time.perf_counter()
     try:
         response = await call
     except grpc.aio.AioRpcError as exc:
         await asyncio.sleep(tally.refusal_or_error(exc))
-        return None
+        return REFUSED if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
     latencies.append(time.perf_counter() - started)
     return response
 
 
-async def client(index: int, channel: grpc.aio.Channel, deadline: float, n: int, tokens: int, tally: Tally) -> None:
+async def client(index: int, channel: grpc.aio.Channel, key: ClientKey, deadline: float, n: int, tokens: int,
+                 tally: Tally) -> None:
     inference, feedback = rpc.InferenceStub(channel), fb_rpc.FeedbackStub(channel)
     texts = prompts(64)
     turn = 0
@@ -123,26 +164,33 @@ async def client(index: int, channel: grpc.aio.Channel, deadline: float, n: int,
         turn += 1
         request = pb.CompleteRequest(messages=[pb.ChatMessage(role="user", content=texts[(index + turn) % len(texts)])],
                                      n=n, max_new_tokens=tokens)
-        response = await timed(inference.Complete(request, timeout=120), tally.complete_latencies, tally)
-        if response is None:
+        response = await timed(inference.Complete(request, timeout=120, metadata=key.metadata),
+                               tally.complete_latencies, tally)
+        if response is None or response is REFUSED:
             continue
         tally.completes += 1
-        ranking = fb.SubmitRankingRequest(group_id=response.group_id, annotator_id=f"load-{index}",
+        ranking = fb.SubmitRankingRequest(group_id=response.group_id, annotator_id=key.annotator,
                                           completion_ids=[c.completion_id for c in reversed(response.completions)],
                                           idempotency_key=uuid.uuid4().hex)
-        ack = await timed(feedback.SubmitRanking(ranking, timeout=60), tally.ranking_latencies, tally)
-        if ack is not None:
+        # a refused ranking is sent again after the back-off, as a person's client would (same
+        # idempotency key: it cannot be recorded twice); the group is lost only at the deadline
+        ack = REFUSED
+        while ack is REFUSED and time.monotonic() < deadline:
+            ack = await timed(feedback.SubmitRanking(ranking, timeout=60, metadata=key.metadata),
+                              tally.ranking_latencies, tally)
+        if ack is not None and ack is not REFUSED:
             tally.rankings += 1
             tally.acked_entries.add(ack.stream_entry_id)
 
 
-async def drive(address: str, clients: int, seconds: float, n: int, tokens: int) -> tuple[Tally, float]:
+async def drive(address: str, keys: list[ClientKey], seconds: float, n: int, tokens: int) -> tuple[Tally, float]:
     tally = Tally()
+    clients = len(keys)
     channels = [grpc.aio.insecure_channel(address) for _ in range((clients + CLIENTS_PER_CHANNEL - 1)
                                                                    // CLIENTS_PER_CHANNEL)]
     started = time.monotonic()
     deadline = started + seconds
-    await asyncio.gather(*(client(i, channels[i // CLIENTS_PER_CHANNEL], deadline, n, tokens, tally)
+    await asyncio.gather(*(client(i, channels[i // CLIENTS_PER_CHANNEL], keys[i], deadline, n, tokens, tally)
                            for i in range(clients)))
     wall = time.monotonic() - started
     for channel in channels:
@@ -150,9 +198,19 @@ async def drive(address: str, clients: int, seconds: float, n: int, tokens: int)
     return tally, wall
 
 
-def warm_up(address: str) -> None:
+def warm_up(address: str, key: ClientKey) -> None:
     with grpc.insecure_channel(address) as channel:
-        rpc.InferenceStub(channel).Complete(pb.CompleteRequest(prompt="warm up", n=2, max_new_tokens=2), timeout=300)
+        rpc.InferenceStub(channel).Complete(pb.CompleteRequest(prompt="warm up", n=2, max_new_tokens=2),
+                                            metadata=key.metadata, timeout=300)
+
+
+def shared_key(args: argparse.Namespace) -> ClientKey:
+    """A running server's key for every client: FLYWHEEL_API_KEY, else the local client key of --data-dir."""
+    key = client_key(Settings.load({"data_dir": args.data_dir}))
+    if not key:
+        raise SystemExit("a running server needs an API key: set FLYWHEEL_API_KEY (a client key, e.g. from "
+                         "`flywheel keys create --name NAME --role client`)")
+    return ClientKey(key, "")  # ranks as the key's name
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -160,6 +218,7 @@ def run(args: argparse.Namespace) -> dict:
     process = None
     if args.address:
         address, redis_url, pid = args.address, args.redis_url, args.server_pid
+        keys = [shared_key(args)] * args.clients
     else:
         scratch = tempfile.TemporaryDirectory()
         data_dir = Path(args.data_dir).resolve()
@@ -168,19 +227,23 @@ def run(args: argparse.Namespace) -> dict:
 
             load_model("", data_dir, args.dtype)
             (Path(scratch.name) / "models").symlink_to(data_dir / "models")
+        keys, keys_spec = own_keys(args.clients)
         limits = {"FLYWHEEL_GRPC_WORKERS": str(args.grpc_workers),
                   "FLYWHEEL_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
-                  "FLYWHEEL_TORCH_THREADS": str(args.torch_threads)}
+                  "FLYWHEEL_TORCH_THREADS": str(args.torch_threads),
+                  "FLYWHEEL_API_KEYS": keys_spec,
+                  "FLYWHEEL_CLIENT_REQUESTS_PER_SECOND": str(args.client_requests_per_second),
+                  "FLYWHEEL_CLIENT_REQUEST_BURST": str(args.client_request_burst)}
         process, port = start_server(scratch.name, args.dtype, args.model, store_groups=True, extra_env=limits)
         address, pid = f"127.0.0.1:{port}", process.pid
         redis_url = (Path(scratch.name) / "redis" / "redis.url").read_text().strip()
     store = redis.Redis.from_url(redis_url) if redis_url else None
     try:
-        warm_up(address)
+        warm_up(address, keys[0])
         stream_before = store.xlen(RANKINGS_STREAM) if store else 0
         sampler = RssSampler(pid).start()
         rss_start = sampler.status_kib("VmRSS") if pid else None
-        tally, wall = asyncio.run(drive(address, args.clients, args.seconds, args.n, args.tokens))
+        tally, wall = asyncio.run(drive(address, keys, args.seconds, args.n, args.tokens))
         sampler.stop()
         peak = max(sampler.samples + [sampler.status_kib("VmHWM") or 0]) if pid else None
         stream_entries = store.xlen(RANKINGS_STREAM) - stream_before if store else None
@@ -199,6 +262,8 @@ def run(args: argparse.Namespace) -> dict:
         "requests": requests, "requests_per_second": round(requests / wall, 1),
         "answered_per_second": round((tally.completes + tally.rankings) / wall, 1),
         "completes": tally.completes, "rankings": tally.rankings, "refused": tally.refused,
+        "refused_rate_limited": tally.refused_rate_limited, "refused_busy": tally.refused_busy,
+        "keys": "one per client" if not args.address else "one shared",
         "other_errors": sum(tally.errors.values()), "errors_by_code": tally.errors,
         "error_examples": tally.error_examples,
         "complete_p50_s": round(percentile(tally.complete_latencies, 50), 3) if tally.complete_latencies else None,
@@ -218,7 +283,8 @@ def print_table(report: dict) -> None:
                      f"({report['answered_per_second']}/s)"),
         ("Complete latency", f"p50 {report['complete_p50_s']} s  p99 {report['complete_p99_s']} s"),
         ("SubmitRanking latency", f"p50 {report['ranking_p50_s']} s  p99 {report['ranking_p99_s']} s"),
-        ("refused (RESOURCE_EXHAUSTED)", str(report["refused"])),
+        ("refused (RESOURCE_EXHAUSTED)", f"{report['refused']}  ({report['refused_rate_limited']} by the key's "
+                                         f"rate limit, {report['refused_busy']} busy; keys: {report['keys']})"),
         ("other errors (must be 0)", f"{report['other_errors']} {report['errors_by_code'] or ''}"),
         ("server RSS", f"{report['server_rss_start_mib']} MiB at start, peak {report['server_rss_peak_mib']} MiB"),
         ("rankings acked / in stream", f"{report['rankings_acknowledged']} / {report['stream_entries_added']}"),
@@ -244,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(ROOT / ".flywheel"), help="where the embedded model is converted")
     parser.add_argument("--grpc-workers", type=int, default=64, help="the started server's concurrent RPCs")
     parser.add_argument("--max-queued-requests", type=int, default=256)
+    defaults = Settings.load(environ={})
+    parser.add_argument("--client-requests-per-second", type=float, default=defaults.client_requests_per_second,
+                        help="the started server's rate limit per client key (each client has its own); 0 = none")
+    parser.add_argument("--client-request-burst", type=int, default=defaults.client_request_burst,
+                        help="the started server's burst per client key")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="the started server's torch threads (0 = all cores; 1 on a machine shared with other jobs)")
     parser.add_argument("--json", default="", help="also write the figures to this file")

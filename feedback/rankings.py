@@ -24,6 +24,7 @@ import redis
 
 from feedback.agreement import Agreement, pairwise_agreement
 from feedback.redis_text import text, text_dict
+from flywheel.quoting import quote
 
 if TYPE_CHECKING:
     from flywheel.settings import Settings
@@ -60,7 +61,8 @@ class AlreadyRankedError(Exception):
     """This annotator has ranked this group already: a person gets one ranking per group."""
 
     def __init__(self, group_id: str, annotator_id: str) -> None:
-        super().__init__(f"{annotator_id!r} has ranked group {group_id} already (one ranking per annotator per group)")
+        super().__init__(f"{quote(annotator_id)} has ranked group {group_id} already "
+                         f"(one ranking per annotator per group)")
         self.group_id = group_id
         self.annotator_id = annotator_id
 

@@ -54,8 +54,10 @@ def broker_url() -> str:
 
 
 def make_celery(redis_url: str | None = None, settings: Settings | None = None) -> Celery:
+    """The app on ``redis_url``, else the settings' redis_url, else ``broker_url()``; ``settings``
+    (default: from the environment) also give the redelivery timings of the broker."""
     settings = settings or Settings.load()
-    url = redis_url or broker_url()
+    url = redis_url or settings.redis_url or broker_url()
     app = Celery("flywheel", broker=url, backend=url)
     tls = redis_ssl_options(url)
     if tls is not None:

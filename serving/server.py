@@ -170,6 +170,8 @@ class InferenceServer:
         credentials = server_credentials(s)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
+            # the first interceptor is the outermost: the key (and its rate) is checked before anything
+            # is said about the request, so a caller without a valid key learns nothing from a malformed one
             interceptors=[*server_interceptors(s, self.metrics, self.rate_limiter, tls=credentials is not None),
                           MalformedRequestInterceptor()],
             maximum_concurrent_rpcs=s.grpc_workers,

@@ -1,7 +1,10 @@
 """Fuzzing every request field of every RPC (hypothesis) against one real serving process on a tiny
 model: no INTERNAL or UNKNOWN status, the server stays up, and no error message leaks internals
 (tracebacks, file paths, the storage backend, exception class names). Raw random bytes are sent as
-requests too."""
+requests too. Auth is on, as in production: Inference and Feedback are fuzzed with a client key (and
+SubmitRanking with an admin key too), Admin with an admin key; missing, garbage and wrong keys in the
+authorization metadata are fuzzed as well and must get UNAUTHENTICATED (PERMISSION_DENIED for a
+client key on Admin), never INTERNAL, whatever the request's bytes."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flywheel.grpc_client import with_key
 from flywheel.models import load_model
 from flywheel.redis_server import RedisServer
 from flywheel.registry import VersionRegistry
@@ -25,6 +29,8 @@ from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 from serving.cli import build_server
 from test_admin import register_lora_version
+
+from auth_fixtures import ADMIN_KEY, API_KEYS, CLIENT_KEY, CLIENT_NAME
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.data_too_large])
@@ -58,21 +64,26 @@ def platform(tiny_model_dir, tmp_path_factory):
     settings_ = Settings.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": 0,
                                "dtype": "float32", "data_dir": str(folder), "redis_url": redis_server.url,
                                "max_new_tokens_limit": 8, "default_max_new_tokens": 4,
-                               "policy_poll_seconds": 0.5}, environ={})
+                               "policy_poll_seconds": 0.5, "api_keys": API_KEYS,
+                               # the rate limit is test_security's subject; here it would only hide requests
+                               "client_requests_per_second": 0, "admin_requests_per_second": 0}, environ={})
     server, release = build_server(settings_)
     server.start(wait_until_ready=True)
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}",
+    # one connection, three ways to call on it: no key, the client key, the admin key
+    keyless = grpc.insecure_channel(f"127.0.0.1:{server.port}",
                                     options=[("grpc.max_send_message_length", 16 * 1024 * 1024)])
+    channel, admin_channel = with_key(keyless, CLIENT_KEY), with_key(keyless, ADMIN_KEY)
     stub = rpc.InferenceStub(channel)
     groups = [stub.Complete(pb.CompleteRequest(prompt=f"fuzz {i}", n=3, max_new_tokens=2), timeout=30)
               for i in range(3)]
-    yield {"server": server, "channel": channel, "stub": stub, "feedback": fb_rpc.FeedbackStub(channel),
-           "admin": admin_rpc.AdminStub(channel), "groups": groups, "folder": str(folder)}
-    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    yield {"server": server, "channel": channel, "admin_channel": admin_channel, "keyless": keyless, "stub": stub,
+           "feedback": fb_rpc.FeedbackStub(channel), "admin_feedback": fb_rpc.FeedbackStub(admin_channel),
+           "admin": admin_rpc.AdminStub(admin_channel), "groups": groups, "folder": str(folder)}
+    health = health_pb2_grpc.HealthStub(keyless).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING, "the server did not survive the fuzzing"
     print("fuzzing outcomes:", OUTCOMES)
     assert OUTCOMES.get("OK", 0) >= 50, "too few valid requests: the fuzzing hardly reached the engine"
-    channel.close()
+    keyless.close()
     server.stop(grace=1)
     release()
     client.close()
@@ -87,7 +98,8 @@ OUTCOMES: dict[str, int] = {}
 
 
 def check_reply(call, platform) -> None:
-    """Run one RPC; any outcome but INTERNAL/UNKNOWN is fine, and refusals say nothing internal."""
+    """Run one RPC with a valid key; any outcome but INTERNAL/UNKNOWN (or UNAUTHENTICATED) is fine, and
+    refusals say nothing internal."""
     try:
         result = call()
         if hasattr(result, "__next__"):
@@ -95,13 +107,19 @@ def check_reply(call, platform) -> None:
                 pass
         OUTCOMES["OK"] = OUTCOMES.get("OK", 0) + 1
     except grpc.RpcError as exc:
-        OUTCOMES[exc.code().name] = OUTCOMES.get(exc.code().name, 0) + 1
-        details = exc.details() or ""
-        assert exc.code() not in BAD_CODES, f"{exc.code()}: {details[:500]}"
-        leaks = [p.pattern for p in LEAK_PATTERNS if p.search(details)] + (
-            ["data dir"] if platform["folder"] in details else [])
-        assert not leaks, f"{exc.code().name} message leaks {leaks}: {details[:500]}"
-        assert len(details) <= 2000, f"an overlong message ({len(details)} characters) echoes the request"
+        check_refusal(exc, platform)
+        assert exc.code() != grpc.StatusCode.UNAUTHENTICATED, f"a valid key was refused: {exc.details()}"
+
+
+def check_refusal(exc: grpc.RpcError, platform) -> None:
+    OUTCOMES[exc.code().name] = OUTCOMES.get(exc.code().name, 0) + 1
+    details = exc.details() or ""
+    assert exc.code() not in BAD_CODES, f"{exc.code()}: {details[:500]}"
+    leaks = [p.pattern for p in LEAK_PATTERNS if p.search(details)] + (
+        ["data dir"] if platform["folder"] in details else []) + (
+        ["an API key"] if CLIENT_KEY in details or ADMIN_KEY in details else [])
+    assert not leaks, f"{exc.code().name} message leaks {leaks}: {details[:500]}"
+    assert len(details) <= 2000, f"an overlong message ({len(details)} characters) echoes the request"
 
 
 def optional(**values):
@@ -141,8 +159,10 @@ def test_submit_ranking(platform, data):
         group_id=st.one_of(st.just(group.group_id), TEXT),
         completion_ids=st.one_of(st.permutations(real_ids), st.lists(st.one_of(st.sampled_from(real_ids), TEXT),
                                                                       max_size=12)),
-        annotator_id=TEXT, comment=TEXT, idempotency_key=TEXT))
-    check_reply(lambda: platform["feedback"].SubmitRanking(request, timeout=30), platform)
+        # a client key ranks as its own name (empty or equal); an admin key may name anyone
+        annotator_id=st.one_of(st.just(""), st.just(CLIENT_NAME), TEXT), comment=TEXT, idempotency_key=TEXT))
+    feedback = platform[data.draw(st.sampled_from(["feedback", "admin_feedback"]))]
+    check_reply(lambda: feedback.SubmitRanking(request, timeout=30), platform)
 
 
 @FUZZ
@@ -174,9 +194,43 @@ METHODS = {
 @given(method=st.sampled_from(sorted(METHODS)), raw=st.one_of(st.binary(max_size=200), st.binary(min_size=1000,
                                                                                                   max_size=5000)))
 def test_raw_bytes(platform, method, raw):
-    channel = platform["channel"]
+    channel = platform["admin_channel" if method.startswith("/flywheel.v1.Admin/") else "channel"]
     call = channel.unary_stream(method) if METHODS[method] == "stream" else channel.unary_unary(method)
     check_reply(lambda: call(raw, timeout=30), platform)
+
+
+# what a client may put in the authorization metadata (gRPC carries printable ASCII only)
+ASCII = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=120)
+BAD_AUTHORIZATION = st.one_of(
+    st.none(), ASCII, st.builds(lambda s: "Bearer " + s, ASCII), st.builds(lambda s: "bearer " + s, ASCII),
+    st.sampled_from(["", "Bearer", "Bearer ", "Basic dGVzdDp0ZXN0", "Bearer fwk_", "Bearer " + CLIENT_KEY[:-1],
+                     "Bearer " + CLIENT_KEY + "x", "Bearer " + CLIENT_KEY.upper(), CLIENT_KEY, "Token " + ADMIN_KEY,
+                     "Bearer sha256:" + "0" * 64, "Bearer " + "x" * 4000]))
+
+
+@FUZZ
+@given(method=st.sampled_from(sorted(METHODS)), authorization=BAD_AUTHORIZATION,
+       extra=st.sampled_from([(), (("authorization-bin", b"\x00\xff"),), (("x-api-key", CLIENT_KEY),)]),
+       raw=st.one_of(st.just(b""), st.binary(max_size=200)))
+def test_bad_keys_are_unauthenticated(platform, method, authorization, extra, raw):
+    """A missing, garbage or wrong key gets UNAUTHENTICATED whatever the method and the request's bytes
+    (malformed ones included: the key is checked before anything about the request is said)."""
+    channel = platform["keyless"]
+    call = channel.unary_stream(method) if METHODS[method] == "stream" else channel.unary_unary(method)
+    metadata = (*extra, *((("authorization", authorization),) if authorization is not None else ()))
+    with pytest.raises(grpc.RpcError) as info:
+        result = call(raw, metadata=metadata, timeout=30)
+        if METHODS[method] == "stream":
+            list(result)
+    check_refusal(info.value, platform)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, f"{info.value.code()}: {info.value.details()}"
+
+
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if m.startswith("/flywheel.v1.Admin/")))
+def test_a_client_key_on_admin_is_permission_denied(platform, method):
+    with pytest.raises(grpc.RpcError) as info:
+        platform["channel"].unary_unary(method)(b"", timeout=30)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_a_malformed_request_is_invalid_argument(platform):
@@ -184,6 +238,9 @@ def test_a_malformed_request_is_invalid_argument(platform):
         platform["channel"].unary_unary("/flywheel.v1.Inference/Complete")(b"\x0a\x02\xff\xfe", timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # a prompt that is not UTF-8
     assert "not a valid Complete request" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # without a key, nothing is said about the request
+        platform["keyless"].unary_unary("/flywheel.v1.Inference/Complete")(b"\x0a\x02\xff\xfe", timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_refusals_do_not_echo_huge_values(platform):

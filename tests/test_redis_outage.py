@@ -1,6 +1,8 @@
 """Redis stopped (SIGKILL) and restarted under a serving process: completions keep being served,
 rankings are refused with UNAVAILABLE while it is down and accepted again after, every acknowledged
-ranking is still in the stream (AOF in the data directory), and the policy follower resumes."""
+ranking is still in the stream (AOF in the data directory), and the policy follower resumes. Auth stays
+on throughout: API keys are checked without Redis, and the per-key rate limit (kept in Redis) lets
+requests through unmetered while Redis is down."""
 
 from __future__ import annotations
 
@@ -16,15 +18,18 @@ from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 from test_admin import platform  # noqa: F401 (fixture)
 
+from auth_fixtures import CLIENT_KEY, keyed_channel
+
 RANKINGS_STREAM = "flywheel:rankings"
 
 
 @pytest.fixture
 def serving(platform):
-    """test_admin's serving process (Redis, policy v1 and v2 registered) plus a Feedback stub."""
-    server, _registry, admin_stub, stub = platform
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    yield server, stub, fb_rpc.FeedbackStub(channel), admin_stub
+    """test_admin's serving process (Redis, policy v1 and v2 registered, auth on) with Inference and
+    Feedback stubs on a client key (rate-limited through Redis) and its Admin stub on the admin key."""
+    server, _registry, admin_stub, _admin_inference = platform
+    channel = keyed_channel(f"127.0.0.1:{server.port}", CLIENT_KEY)
+    yield server, rpc.InferenceStub(channel), fb_rpc.FeedbackStub(channel), admin_stub
     channel.close()
 
 
@@ -49,6 +54,11 @@ def test_a_redis_outage_loses_no_acknowledged_ranking_and_serving_goes_on(servin
     assert all(len(r.completions) == 2 and r.policy_version == 0 for r in during)
     assert time.monotonic() - started < 20, "completions waited on the dead Redis"
     assert server.metrics.group_store_failures._value.get() >= 4
+    assert server.metrics.rate_limiter_errors._value.get() >= 4  # the limiter failed open, unmetered
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as keyless:  # keys are checked without Redis
+        with pytest.raises(grpc.RpcError) as info:
+            rpc.InferenceStub(keyless).Complete(pb.CompleteRequest(prompt="no key"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     for call in (lambda: rank(feedback, waiting, "retry-me"),
                  lambda: feedback.GetFeedbackStats(fb.GetFeedbackStatsRequest(), timeout=10),
                  lambda: admin_stub.ListPolicies(admin.ListPoliciesRequest(), timeout=10)):

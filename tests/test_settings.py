@@ -35,3 +35,19 @@ def test_help_explains_each_subcommand(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     assert "FLYWHEEL_MAX_BATCH_SEQUENCES" in capsys.readouterr().out
+
+
+def test_celery_takes_its_url_and_redelivery_timings_from_settings(monkeypatch):
+    from flywheel.celery_app import make_celery
+
+    monkeypatch.delenv("FLYWHEEL_REDIS_URL", raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://from-the-environment:6379/0")
+    settings = Settings.load(environ={"FLYWHEEL_REDIS_URL": "redis://:pw@from-settings:6380/1",
+                                      "FLYWHEEL_TASK_VISIBILITY_TIMEOUT_SECONDS": "4",
+                                      "FLYWHEEL_TASK_RESTORE_INTERVAL_SECONDS": "0.5"})
+    app = make_celery(settings=settings)  # builds without connecting
+    assert app.conf.broker_url == "redis://:pw@from-settings:6380/1"
+    assert app.conf.broker_transport_options["visibility_timeout"] == 4
+    assert app.conf.broker_transport_options["unacked_restore_interval"] == 0.5
+    assert make_celery("redis://explicit:6379/2", settings).conf.broker_url == "redis://explicit:6379/2"
+    assert make_celery(settings=Settings.load(environ={})).conf.broker_url == "redis://from-the-environment:6379/0"

@@ -69,8 +69,7 @@ def train_reward_model_command(args: argparse.Namespace) -> int:
 
     from flywheel.celery_app import make_celery
 
-    url = settings.redis_url or None
-    celery = make_celery(url)
+    celery = make_celery(settings=settings)
     result = celery.send_task("training.train_reward_model", kwargs={"min_rankings": args.min_rankings, "who": "cli"},
                               queue="training")
     print(f"enqueued reward-model run {result.id}")

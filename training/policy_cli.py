@@ -91,7 +91,7 @@ def train_policy_command(args: argparse.Namespace) -> int:
 
     from flywheel.celery_app import make_celery
 
-    celery = make_celery(settings.redis_url or None)
+    celery = make_celery(settings=settings)
     result = celery.send_task("training.train_policy", kwargs={"who": f"cli:{_who()}"}, queue="training")
     print(f"enqueued policy run {result.id}")
     if args.no_wait:
