@@ -195,6 +195,9 @@ class Progress:
         m = self.platform.training_metrics()
         if runs(m, "flywheel_reward_model_runs_total") or m.get("flywheel_reward_model_heldout_accuracy_ratio"):
             parts.append(f"RM acc {m.get('flywheel_reward_model_heldout_accuracy_ratio', float('nan')):.3f}")
+        if 0 < m.get("flywheel_reward_model_progress_ratio", 0) < 1:
+            parts.append(f"reward model training {m['flywheel_reward_model_progress_ratio']:.0%} "
+                         f"(ETA {m.get('flywheel_reward_model_eta_seconds', 0):.0f} s)")
         if 0 < m.get("flywheel_ppo_progress_ratio", 0) < 1:
             parts.append(f"PPO {m['flywheel_ppo_progress_ratio']:.0%} (score {m.get('flywheel_ppo_mean_score', 0):+.3f}, "
                          f"KL {m.get('flywheel_ppo_kl_to_ref_nats', 0):.2f}, ETA {m.get('flywheel_ppo_eta_seconds', 0):.0f} s)")
@@ -358,6 +361,7 @@ def run_demo(config: DemoConfig) -> dict:
               str(after_empty), f"{rm_accuracy:.3f}", f"{kl:.2f}", f"{loop_seconds / 60:.1f} min")]))
         print(f"\n{len(eval_questions)} held-out questions x {config.plan.n} answers per version, every pair of "
               f"answers compared under the preference ({simulated.PREFERENCE}); ties count half.")
+        print_examples(before, after, promoted)
         summary.update({
             "outcome": outcome, "promoted_version": promoted, "win_rate": statistics.fmean(rates),
             "win_rate_interval": [low, high], "median_chars": {"before": before_len, "after": after_len},
@@ -375,6 +379,17 @@ def run_demo(config: DemoConfig) -> dict:
         summary["total_seconds"] = time.monotonic() - started
         if config.summary_json is not None:
             config.summary_json.write_text(json.dumps(summary, indent=2))
+
+
+def print_examples(before: dict[str, list[str]], after: dict[str, list[str]], promoted: int, count: int = 4) -> None:
+    """A few held-out questions with the first answer of each version (the same seed), so a reader
+    sees what the win rate means (and would see a policy that games the preference)."""
+    print("\nexamples (held-out questions, first sample of each version, same seed):")
+    for question in list(before)[:count]:
+        print(f"  Q: {question}")
+        for label, answers in (("v0", before), (f"v{promoted}", after)):
+            text = " ".join(answers[question][0].split())
+            print(f"    {label:>4}: {text[:160]}{'…' if len(text) > 160 else ''}")
 
 
 def operator_checks(platform: Platform, promoted: int) -> dict:

@@ -36,6 +36,12 @@ class RewardModelMetrics:
         self.pairs_per_second = Gauge(
             "flywheel_reward_model_training_pairs_per_second", "training throughput of the last run",
             registry=registry)
+        self.progress = Gauge(
+            "flywheel_reward_model_progress_ratio", "optimizer steps done / steps of the running reward-model run",
+            registry=registry)
+        self.eta = Gauge(
+            "flywheel_reward_model_eta_seconds", "estimated seconds left in the running reward-model run",
+            registry=registry)
 
 
 class PPOMetrics:

@@ -160,7 +160,7 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, min_rankings: int, 
              f"v{parent.version}" if parent else "the backbone", model.trainable_parameter_count() / 1e6)
 
     before = trainer.evaluate(held_out) if current is not None else None
-    stats = trainer.train(new_train + replay)
+    stats = trainer.train(new_train + replay, progress=_progress_reporter(metrics))
     after = trainer.evaluate(held_out)
 
     margin = settings.reward_model_accuracy_margin
@@ -220,6 +220,19 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, min_rankings: int, 
         metrics.pairs_per_second.set(stats.pairs_per_second)
         metrics.current_version.set(registry.current_version())
     return RunReport("promoted" if promote else "rejected", why, record.version, figures)
+
+
+def _progress_reporter(metrics: RewardModelMetrics | None):
+    """Sets the run's progress and ETA gauges after every optimizer step (None without metrics)."""
+    if metrics is None:
+        return None
+    started = time.monotonic()
+
+    def report(step: int, total_steps: int, loss: float) -> None:
+        metrics.progress.set(step / total_steps if total_steps else 1.0)
+        metrics.eta.set((total_steps - step) * (time.monotonic() - started) / step if step else 0.0)
+
+    return report
 
 
 def _parent(registry: VersionRegistry, current: VersionRecord | None,
