@@ -102,6 +102,14 @@ def check_against_group(group: CompletionGroup | None, request: feedback_pb2.Sub
     return group
 
 
+def caller_scoped(annotator: str, idempotency_key: str) -> str:
+    """An idempotency key in the annotator's own namespace: another caller who happens to send the
+    same key neither gets this caller's acknowledgement nor loses its own ranking."""
+    if not idempotency_key or not annotator:
+        return idempotency_key
+    return f"{annotator}/{idempotency_key}"
+
+
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
     """Validates rankings and appends them to the rankings stream."""
 
@@ -117,7 +125,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
         try:
             check_request_shape(request)
             annotator = annotator_of(request)
-            prior = self.stream.find_duplicate(SOURCE_HUMAN, request.idempotency_key)
+            idempotency_key = caller_scoped(annotator, request.idempotency_key)
+            prior = self.stream.find_duplicate(SOURCE_HUMAN, idempotency_key)
             if prior is not None:
                 return _ack(prior)
             group = check_against_group(self.groups.load(request.group_id), request)
@@ -125,7 +134,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
                 group_id=group.group_id, completion_ids=list(request.completion_ids), source=SOURCE_HUMAN,
                 policy_version=group.policy_version, annotator_id=annotator, comment=request.comment,
                 created_at=time.time())
-            result = self.stream.append(entry, request.idempotency_key)
+            result = self.stream.append(entry, idempotency_key)
         except AlreadyRankedError as exc:
             self._count_rejection("already_ranked")
             context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))

@@ -99,6 +99,16 @@ def test_same_idempotency_key_returns_the_first_acknowledgement(feedback_server,
     assert feedback_server.metric("flywheel_rankings_accepted_total", source="human") == 1
 
 
+def test_idempotency_keys_belong_to_their_annotator(feedback_server, saved_group, redis_client):
+    """Another annotator who sends the same idempotency key gets its own ranking recorded, not the
+    first annotator's acknowledgement."""
+    mine = submit(feedback_server, annotator_id="fay", idempotency_key="shared-key")
+    theirs = submit(feedback_server, ids=("g1-0", "g1-1"), annotator_id="gus", idempotency_key="shared-key")
+    assert not theirs.duplicate and theirs.ranking_id != mine.ranking_id
+    assert redis_client.xlen("flywheel:rankings") == 2
+    assert submit(feedback_server, annotator_id="fay", idempotency_key="shared-key").ranking_id == mine.ranking_id
+
+
 def test_a_named_annotator_ranks_a_group_once(feedback_server, saved_group, redis_client):
     from concurrent.futures import ThreadPoolExecutor
 
