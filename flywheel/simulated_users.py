@@ -119,7 +119,6 @@ class SamplingPlan:
 
 @dataclass
 class UserTally:
-    requests: int = 0
     rankings: int = 0
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -195,7 +194,6 @@ def rank_rounds(channel: grpc.Channel, questions: Sequence[str], rankings: int, 
                 time.sleep(1.0)
                 continue
             with tally.lock:
-                tally.requests += 1
                 tally.rankings += 1
             if on_ranking is not None:
                 on_ranking(tally)
