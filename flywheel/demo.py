@@ -179,7 +179,8 @@ class Progress:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:  # started (a failed start must not hide its own error)
+            self._thread.join(timeout=5)
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.started
