@@ -299,14 +299,15 @@ def run_demo(config: DemoConfig) -> dict:
     simulated_users = [simulated.SimulatedUser(name, keys.create(name, ROLE_CLIENT))
                        for name in (f"simulated-user-{i}" for i in range(config.users))]
     platform = Platform(config, operator_key)
-    train_questions, eval_questions = simulated.split_prompts(simulated.question_pool(), tokenizer,
-                                                         platform.settings.policy_heldout_fraction)
-    print(f"== simulated users' preference: {simulated.PREFERENCE}")
-    print(f"== {len(train_questions)} questions to rank answers to, {len(eval_questions)} held out for the "
-          f"before/after comparison (PPO never trains on them)")
-    summary: dict = {"preference": simulated.PREFERENCE, "eval_questions": len(eval_questions), "rounds": []}
+    summary: dict = {"preference": simulated.PREFERENCE, "rounds": []}
     progress = Progress(platform, started, config.progress_seconds)
     try:
+        train_questions, eval_questions = simulated.split_prompts(simulated.question_pool(), tokenizer,
+                                                                  platform.settings.policy_heldout_fraction)
+        summary["eval_questions"] = len(eval_questions)
+        print(f"== simulated users' preference: {simulated.PREFERENCE}")
+        print(f"== {len(train_questions)} questions to rank answers to, {len(eval_questions)} held out for the "
+              f"before/after comparison (PPO never trains on them)")
         platform.wait_until_serving(config.startup_timeout)
         print(f"== platform up after {time.monotonic() - started:.0f} s (data dir {config.data_dir})", flush=True)
         progress.start()
