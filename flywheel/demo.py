@@ -42,7 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from flywheel import simulated_users as simulated
 from flywheel.api_keys import ROLE_ADMIN, ROLE_CLIENT, KeyFile, default_keys_file
 from flywheel.grpc_client import with_key
-from flywheel.redis_server import free_port
+from flywheel.redis_server import free_port, resolve_redis_url
 from flywheel.settings import ENV_PREFIX, Settings
 from flywheel.tables import format_table
 from flywheel.tls import channel_credentials
@@ -267,17 +267,14 @@ def reward_model_accuracy(platform: Platform, config: DemoConfig) -> float:
 
     from training.reward_model_run import reward_model_registry
 
-    client = redis.Redis.from_url(_redis_url(config.data_dir))
+    url, _ = resolve_redis_url(platform.settings.redis_url, config.data_dir)  # the platform's, running
+    client = redis.Redis.from_url(url)
     try:
         current = reward_model_registry(client, platform.settings).current()
         accuracy = current.figures.get("heldout_accuracy") if current else None
         return math.nan if accuracy is None else float(accuracy)  # None: no held-out rankings yet
     finally:
         client.close()
-
-
-def _redis_url(data_dir: Path) -> str:
-    return os.environ.get("REDIS_URL") or (data_dir / "redis" / "redis.url").read_text().strip()
 
 
 def run_demo(config: DemoConfig) -> dict:
