@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -45,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.serve import percentile, prompts, start_server  # noqa: E402
 from flywheel.api_keys import ROLE_CLIENT, client_key, generate_key, hash_key  # noqa: E402
-from flywheel.grpc_client import bearer  # noqa: E402
+from flywheel.grpc_client import bearer, retry_after_seconds  # noqa: E402
 from flywheel.settings import Settings  # noqa: E402
 from flywheel.v1 import feedback_pb2 as fb  # noqa: E402
 from flywheel.v1 import feedback_pb2_grpc as fb_rpc  # noqa: E402
@@ -97,8 +96,7 @@ class Tally:
                 self.refused_rate_limited += 1
             else:
                 self.refused_busy += 1
-            retry = dict(exc.trailing_metadata() or ()).get("retry-after-ms")
-            return (int(retry) / 1000 if retry else 0.5) * random.uniform(0.5, 1.5)
+            return retry_after_seconds(exc, default=0.5) * random.uniform(0.5, 1.5)
         self.errors[exc.code().name] = self.errors.get(exc.code().name, 0) + 1
         if len(self.error_examples) < 5:
             self.error_examples.append(f"{exc.code().name}: {exc.details()}")

@@ -318,10 +318,9 @@ def run_demo(config: DemoConfig) -> dict:
         for round_number in range(1, config.max_rounds + 1):
             counts_before = run_counts(platform)
             progress.phase, progress.rankings_target = f"users ranking (round {round_number})", config.rankings_per_round
-            progress.tally = simulated.UserTally()
-            tally = simulated.rank_rounds(platform.channel, train_questions, config.rankings_per_round,
-                                          simulated_users, plan=config.plan, seed=round_number,
-                                          on_ranking=lambda t: setattr(progress, "tally", t))
+            progress.tally = tally = simulated.UserTally()
+            simulated.rank_rounds(platform.channel, train_questions, config.rankings_per_round, simulated_users,
+                                  plan=config.plan, seed=round_number, tally=tally)
             if tally.errors:
                 print(f"== {len(tally.errors)} user requests failed, e.g. {tally.errors[0]}")
             progress.phase = f"training (round {round_number})"

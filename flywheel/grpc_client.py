@@ -52,3 +52,15 @@ def open_channel(settings: "Settings", address: str | None = None, role: str = R
     credentials = channel_credentials(settings)
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     return with_key(channel, client_key(settings, role))
+
+
+def retry_after_seconds(error: grpc.RpcError, default: float) -> float:
+    """The server's retry hint on a RESOURCE_EXHAUSTED refusal (trailing metadata ``retry-after-ms``),
+    in seconds; ``default`` when it names none."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            try:
+                return max(0.0, float(value) / 1000)
+            except ValueError:
+                break
+    return default

@@ -19,10 +19,11 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import grpc
 
+from flywheel.grpc_client import retry_after_seconds
 from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
@@ -137,19 +138,8 @@ def sample(stub: rpc.InferenceStub, question: str, plan: SamplingPlan, seed: int
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == retries:
                 raise
-            time.sleep(retry_after_seconds(exc))
+            time.sleep(retry_after_seconds(exc, default=1.0))
     raise AssertionError("unreachable")
-
-
-def retry_after_seconds(error: grpc.RpcError, default: float = 1.0) -> float:
-    """The server's retry hint (trailing metadata ``retry-after-ms``), in seconds."""
-    for key, value in error.trailing_metadata() or ():
-        if key == "retry-after-ms":
-            try:
-                return max(0.0, float(value) / 1000)
-            except ValueError:
-                break
-    return default
 
 
 @dataclass
@@ -167,13 +157,13 @@ class SimulatedUser:
 
 
 def rank_rounds(channel: grpc.Channel, questions: Sequence[str], rankings: int, simulated: Sequence[SimulatedUser], *,
-                plan: SamplingPlan | None = None, seed: int = 0,
-                on_ranking: Callable[[UserTally], None] | None = None) -> UserTally:
+                plan: SamplingPlan | None = None, seed: int = 0, tally: UserTally | None = None) -> UserTally:
     """Every simulated user (a thread each) asks questions and ranks the answers until ``rankings``
-    rankings were acknowledged by the server. A refused call is counted and retried after a pause."""
+    rankings were acknowledged by the server. A refused call is counted and retried after a pause.
+    ``tally`` (counted as the users go, so a progress printer can read it) is returned."""
     plan = plan or SamplingPlan()
     inference, feedback = rpc.InferenceStub(channel), feedback_pb2_grpc.FeedbackStub(channel)
-    tally = UserTally()
+    tally = tally if tally is not None else UserTally()
     tickets = itertools.count()
 
     def run(number: int, user: SimulatedUser) -> None:
@@ -195,8 +185,6 @@ def rank_rounds(channel: grpc.Channel, questions: Sequence[str], rankings: int, 
                 continue
             with tally.lock:
                 tally.rankings += 1
-            if on_ranking is not None:
-                on_ranking(tally)
             ticket = next(tickets)
 
     threads = [threading.Thread(target=run, args=(i, u), name=u.name, daemon=True) for i, u in enumerate(simulated)]
