@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from feedback.labeler import Labeler, LabellingConfig, LabellingScheduler
 from feedback.metrics import LabellingMetrics, register_stream_collector
 from feedback.rankings import RankingStream
-from flywheel.celery_app import LABELLING_QUEUE, app
+from flywheel.celery_app import LABELLING_QUEUE, app, worker_consumes
 from flywheel.settings import Settings
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def _serve_metrics() -> None:
 def _on_worker_setup(sender=None, instance=None, **_) -> None:
     """Serve /metrics from workers that consume the labelling queue (solo/threads pool: here)."""
     global _serve_metrics_in_child
-    if instance is None or LABELLING_QUEUE not in instance.app.amqp.queues.consume_from:
+    if not worker_consumes(getattr(instance, "app", None), LABELLING_QUEUE):
         return
     if "prefork" in str(getattr(instance, "pool_cls", "")).lower():
         _serve_metrics_in_child = True  # the tasks run in forked children; serve from there

@@ -53,6 +53,13 @@ def broker_url() -> str:
     return os.environ.get("FLYWHEEL_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 
 
+def worker_consumes(worker_app: Celery | None, queue: str) -> bool:
+    """Whether a starting worker (its app, from a worker signal) consumes ``queue``: every worker
+    imports every task module, and a module's worker-side services belong only to its own queue."""
+    queues = getattr(getattr(worker_app, "amqp", None), "queues", None)
+    return queues is not None and queue in queues.consume_from
+
+
 def make_celery(redis_url: str | None = None, settings: Settings | None = None) -> Celery:
     """The app on ``redis_url``, else the settings' redis_url, else ``broker_url()``; ``settings``
     (default: from the environment) also give the redelivery timings of the broker."""

@@ -24,7 +24,7 @@ import redis as redis_lib
 from celery import signals
 from prometheus_client import CollectorRegistry, start_http_server
 
-from flywheel.celery_app import TRAINING_QUEUE, app
+from flywheel.celery_app import TRAINING_QUEUE, app, worker_consumes
 from flywheel.settings import Settings
 from training.metrics import PPOMetrics, RewardModelMetrics
 from flywheel.policy_admin import policy_registry
@@ -107,8 +107,7 @@ def _watch(settings: Settings) -> None:
 def _start_worker_services(sender=None, **_kwargs) -> None:
     """Metrics and the trigger watcher, in workers that consume the training queue only (every
     worker imports these tasks; a labelling worker must not take the training metrics port)."""
-    queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
-    if queues is None or TRAINING_QUEUE not in queues.consume_from:
+    if not worker_consumes(getattr(sender, "app", None), TRAINING_QUEUE):
         return
     settings = Settings.load()
     if settings.training_metrics_port:
