@@ -23,7 +23,7 @@ from typing import Sequence
 
 import grpc
 
-from flywheel.grpc_client import retry_after_seconds
+from flywheel.grpc_client import bearer, retry_after_seconds
 from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
@@ -151,8 +151,6 @@ class SimulatedUser:
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        from flywheel.grpc_client import bearer
-
         return (bearer(self.key),) if self.key else ()
 
 
