@@ -62,4 +62,4 @@ clean:
 
 # deploy/: promtool checks and rule unit tests, dashboard metric names, compose, Dockerfile, k8s schemas
 check-deploy: $(STAMP)
-	$(PY) -m pytest tests/test_deploy.py
+	$(PY) -m pytest tests/deploy/test_deploy.py

@@ -31,13 +31,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # support.synthetic: the test data builder
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from flywheel.models import resolve_model_path  # noqa: E402
 from training.reward_model import RewardModel, RewardModelConfig  # noqa: E402
 from training.reward_trainer import RewardModelTrainer, RewardTrainingConfig  # noqa: E402
-from training.synthetic import synthetic_rankings  # noqa: E402
+from support.synthetic import synthetic_rankings  # noqa: E402
 
 BASELINE_PAD = "<|endoftext|>"  # SmolLM2's pad == eos; a distinct pad lets the classifier read the EOS
 

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from feedback.groups import GroupStore
-from feedback_testing import FeedbackServer, group_result
+from support.feedback import FeedbackServer, group_result
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def feedback_server(redis_client):
 @pytest.fixture(scope="session")
 def judge_model_dir(tiny_model_dir, tmp_path_factory):
     """A tiny judge model folder (random weights, real tokenizer and chat template), built once."""
-    from feedback_testing import build_biased_judge_dir
+    from support.feedback import build_biased_judge_dir
 
     return build_biased_judge_dir(tiny_model_dir, tmp_path_factory.mktemp("judge-model"))
 

@@ -14,7 +14,7 @@ from feedback.rankings import RANKINGS_STREAM, RankingConsumer, RankingEntry
 from flywheel.cli import main as flywheel_main
 from flywheel.v1 import feedback_pb2
 
-from feedback_testing import FeedbackServer, group_result
+from support.feedback import FeedbackServer, group_result
 
 
 def submit(server, group_id="g1", ids=("g1-1", "g1-0"), **kw):

@@ -16,7 +16,7 @@ from feedback.labeler import Labeler, LabellingConfig, LabellingScheduler, in_ag
 from feedback.metrics import LabellingMetrics
 from feedback.rankings import RANKINGS_STREAM, RankingEntry, RankingStream
 
-from feedback_testing import PROMPT, group_result
+from support.feedback import PROMPT, group_result
 
 ANSWERS = ["Four.", "2 + 2 = 4, because adding two and two makes four.", "Five.", "I like turtles."]
 

@@ -20,7 +20,7 @@ from feedback.tasks import label_group, schedule_due_groups
 from flywheel.celery_app import LABELLING_QUEUE, app
 from flywheel.redis_server import RedisServer, free_port
 
-from feedback_testing import group_result
+from support.feedback import group_result
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSWERS = ["Four.", "2 + 2 = 4, because adding two and two makes four.", "Five.", "I like turtles."]

@@ -12,7 +12,7 @@ from feedback.rankings import (
     DEAD_LETTER_STREAM, RANKINGS_STREAM, RankingConsumer, RankingEntry, RankingStream,
 )
 
-from feedback_testing import group_result
+from support.feedback import group_result
 
 
 def append_rankings(client, count: int, start: int = 0) -> list[str]:

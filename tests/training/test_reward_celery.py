@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from flywheel.redis_server import free_port
-from ranking_fixtures import publish_rankings
+from support.rankings import publish_rankings
 from training.rankings import RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP
-from training.synthetic import synthetic_rankings
+from support.synthetic import synthetic_rankings
 
 BIN = Path(sys.executable).parent
 

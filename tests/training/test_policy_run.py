@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flywheel.settings import Settings
-from policy_fixtures import TINY_PPO, one_thread, promote_reward_model, store_served_groups  # noqa: F401
+from support.policy import TINY_PPO, one_thread, promote_reward_model, store_served_groups  # noqa: F401
 from flywheel.policy_admin import policy_registry, promote_policy, rollback_policy
 from training.policy_model import PolicyWithValueHead
 from training.policy_run import run_policy_training

@@ -22,7 +22,7 @@ from flywheel.v1 import inference_pb2_grpc as rpc
 from serving.cli import build_server
 from serving.server import InferenceServer
 
-from auth_fixtures import ADMIN_KEY, API_KEYS, CLIENT_KEY, CLIENT_NAME, keyed_channel
+from support.auth import ADMIN_KEY, API_KEYS, CLIENT_KEY, CLIENT_NAME, keyed_channel
 
 MAX_PROMPT_TOKENS = 40
 MAX_MESSAGE_BYTES = 64 * 1024

@@ -10,10 +10,10 @@ import urllib.request
 
 import pytest
 
-from policy_fixtures import TINY_PPO, store_served_groups
-from ranking_fixtures import publish_rankings
+from support.policy import TINY_PPO, store_served_groups
+from support.rankings import publish_rankings
 from test_reward_celery import BIN, wait_for, worker, worker_env  # noqa: F401 (fixtures)
-from training.synthetic import synthetic_rankings
+from support.synthetic import synthetic_rankings
 
 
 @pytest.fixture

@@ -21,11 +21,11 @@ import pytest
 
 from flywheel.registry import CURRENT, VersionRegistry, verify_version
 from flywheel.settings import Settings
-from policy_fixtures import TINY_PPO, promote_reward_model, store_served_groups
-from ranking_fixtures import publish_rankings
+from support.policy import TINY_PPO, promote_reward_model, store_served_groups
+from support.rankings import publish_rankings
 from test_reward_celery import BIN, wait_for, worker_env  # noqa: F401 (fixture)
 from training.rankings import RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP, ReplayStore
-from training.synthetic import synthetic_rankings
+from support.synthetic import synthetic_rankings
 
 FAST_REDELIVERY = {
     "FLYWHEEL_REWARD_MODEL_CHECK_SECONDS": "0",  # no trigger watcher: the only run is the task we send
@@ -221,7 +221,7 @@ VersionRegistry(redis.Redis.from_url(sys.argv[1]), "reward_model", sys.argv[2]).
 def test_a_writer_killed_while_writing_leaves_no_version(redis_server, redis_client, tmp_path):
     root = tmp_path / "reward_models"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, redis_server.url, str(root)], stdout=subprocess.PIPE,
-                              text=True, cwd=Path(__file__).resolve().parent.parent)
+                              text=True, cwd=Path(__file__).resolve().parents[2])
     assert writer.stdout.readline().strip() == "writing"
     kill(writer)
     writer.stdout.close()

@@ -15,7 +15,7 @@ from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 
-from auth_fixtures import keyed_channel
+from support.auth import keyed_channel
 
 
 def wait_for(check, timeout, what):

@@ -17,7 +17,7 @@ from flywheel.v1 import inference_pb2_grpc as rpc
 from serving.cli import build_server
 from serving.policy_loader import sha256_file
 
-from auth_fixtures import ADMIN_KEY, ADMIN_NAME, API_KEYS, keyed_channel
+from support.auth import ADMIN_KEY, ADMIN_NAME, API_KEYS, keyed_channel
 
 
 def register_lora_version(registry, base_model, seed):

@@ -17,7 +17,7 @@ from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 from serving.server import InferenceServer
 
-from auth_fixtures import API_KEYS, keyed_channel
+from support.auth import API_KEYS, keyed_channel
 
 
 def make_settings(model_dir, **overrides):

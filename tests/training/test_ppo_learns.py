@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policy_fixtures import one_thread  # noqa: F401 (fixture)
+from support.policy import one_thread  # noqa: F401 (fixture)
 from training.policy_gate import PolicyGateConfig, evaluate_policy, gate_decision, perplexity
 from training.policy_model import PolicyModelConfig, PolicyWithValueHead
 from training.policy_prompts import render_prompt

@@ -18,7 +18,7 @@ from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 from test_admin import platform  # noqa: F401 (fixture)
 
-from auth_fixtures import CLIENT_KEY, keyed_channel
+from support.auth import CLIENT_KEY, keyed_channel
 
 RANKINGS_STREAM = "flywheel:rankings"
 

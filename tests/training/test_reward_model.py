@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from training.reward_model import RewardModel, RewardModelConfig
 from training.reward_trainer import RewardModelTrainer, RewardTrainingConfig
-from training.synthetic import synthetic_rankings
+from support.synthetic import synthetic_rankings
 
 
 def test_training_the_top_layer_in_bfloat16_learns_shorter_wins_well_above_chance(tiny_model_dir):

@@ -24,9 +24,9 @@ import yaml
 
 from flywheel.settings import Settings
 
-from auth_fixtures import API_KEYS, keyed_channel
+from support.auth import API_KEYS, keyed_channel
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"

@@ -17,7 +17,7 @@ from flywheel.v1 import feedback_pb2_grpc as feedback_rpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 
-from auth_fixtures import keyed_channel
+from support.auth import keyed_channel
 
 pytestmark = pytest.mark.e2e
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from flywheel.settings import Settings
-from ranking_fixtures import publish_rankings
+from support.rankings import publish_rankings
 from training.rankings import RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP, ReplayStore, is_held_out
 from training.reward_model_run import LOCK_KEY, RewardModelCache, reward_model_registry, run_reward_model_training
 from training.run_lock import RunLock
-from training.synthetic import synthetic_rankings
+from support.synthetic import synthetic_rankings
 
 HELD_OUT = 0.25
 
@@ -122,7 +122,7 @@ def test_a_run_killed_midway_leaves_no_version_and_its_entries_are_read_again(
                                 "reward_model_epochs": 1, "reward_model_lock_seconds": 1.0,
                                 "reward_model_autocast": "float32", "reward_model_max_length": 96})
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, redis_server.url, settings_json],
-                            cwd=Path(__file__).parent, timeout=120, capture_output=True, text=True)
+                            cwd=Path(__file__).resolve().parents[1], timeout=120, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     registry = reward_model_registry(redis_client, settings)
     root = settings.data_dir / "reward_models"

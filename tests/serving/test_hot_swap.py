@@ -19,7 +19,7 @@ from serving.policy_loader import PolicyLoader, PolicyLoadError, sha256_file
 from serving.sampling import SamplingParams
 from serving.server import InferenceServer
 
-from auth_fixtures import API_KEYS, keyed_channel
+from support.auth import API_KEYS, keyed_channel
 
 
 def write_lora_version(policies_dir, version, base_model, seed=0, scale=0.5):

@@ -30,7 +30,7 @@ from flywheel.v1 import inference_pb2_grpc as rpc
 from serving.cli import build_server
 from test_admin import register_lora_version
 
-from auth_fixtures import ADMIN_KEY, API_KEYS, CLIENT_KEY, CLIENT_NAME
+from support.auth import ADMIN_KEY, API_KEYS, CLIENT_KEY, CLIENT_NAME
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.data_too_large])

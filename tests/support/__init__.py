@@ -1,0 +1,1 @@
+"""Test support code: fixtures and builders shared by the test packages (never shipped)."""
