@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from bench.serve import percentile, prompts, start_server  # noqa: E402
 from flywheel.api_keys import ROLE_CLIENT, client_key, generate_key, hash_key  # noqa: E402
 from flywheel.grpc_client import bearer, retry_after_seconds  # noqa: E402
-from flywheel.settings import Settings  # noqa: E402
+from flywheel.config import FlywheelConfig  # noqa: E402
 from flywheel.v1 import feedback_pb2 as fb  # noqa: E402
 from flywheel.v1 import feedback_pb2_grpc as fb_rpc  # noqa: E402
 from flywheel.v1 import inference_pb2 as pb  # noqa: E402
@@ -204,7 +204,7 @@ def warm_up(address: str, key: ClientKey) -> None:
 
 def shared_key(args: argparse.Namespace) -> ClientKey:
     """A running server's key for every client: FLYWHEEL_API_KEY, else the local client key of --data-dir."""
-    key = client_key(Settings.load({"data_dir": args.data_dir}))
+    key = client_key(FlywheelConfig.load({"data_dir": args.data_dir}))
     if not key:
         raise SystemExit("a running server needs an API key: set FLYWHEEL_API_KEY (a client key, e.g. from "
                          "`flywheel keys create --name NAME --role client`)")
@@ -308,10 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(ROOT / ".flywheel"), help="where the embedded model is converted")
     parser.add_argument("--grpc-workers", type=int, default=64, help="the started server's concurrent RPCs")
     parser.add_argument("--max-queued-requests", type=int, default=256)
-    defaults = Settings.load(environ={})
-    parser.add_argument("--client-requests-per-second", type=float, default=defaults.client_requests_per_second,
+    defaults = FlywheelConfig.load(environ={})
+    parser.add_argument("--client-requests-per-second", type=float, default=defaults.security.client_requests_per_second,
                         help="the started server's rate limit per client key (each client has its own); 0 = none")
-    parser.add_argument("--client-request-burst", type=int, default=defaults.client_request_burst,
+    parser.add_argument("--client-request-burst", type=int, default=defaults.security.client_request_burst,
                         help="the started server's burst per client key")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="the started server's torch threads (0 = all cores; 1 on a machine shared with other jobs)")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from flywheel.models import load_model  # noqa: E402
 from flywheel.registry import VersionRegistry  # noqa: E402
-from flywheel.settings import Settings  # noqa: E402
+from flywheel.config import FlywheelConfig  # noqa: E402
 from flywheel.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc  # noqa: E402
 from flywheel.api_keys import generate_key  # noqa: E402
 from flywheel.grpc_client import with_key  # noqa: E402
@@ -65,7 +65,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         (Path(scratch) / "models").symlink_to(models)
         key = generate_key()
-        settings = Settings.load({"data_dir": scratch, "grpc_address": "127.0.0.1:0", "metrics_port": 0,
+        settings = FlywheelConfig.load({"data_dir": scratch, "grpc_address": "127.0.0.1:0", "metrics_port": 0,
                                   "policy_poll_seconds": 5.0, "api_keys": f"bench:admin:{key}",
                                   "admin_requests_per_second": 0}, environ={})
         server, release = build_server(settings)

@@ -13,8 +13,8 @@ import uuid
 
 import grpc
 
-from flywheel.cli import add_settings_flags, settings_from_args
-from flywheel.grpc_client import CLIENT_SETTINGS, open_channel
+from flywheel.config import ClientConfig, FlywheelConfig, LabellingWorkerConfig, add_config_flags, config_from_args
+from flywheel.grpc_client import open_channel
 from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 
 
@@ -28,25 +28,25 @@ def register(subparsers) -> None:
     rank.add_argument("--comment", default="")
     rank.add_argument("--idempotency-key", default="", help="default: a fresh key, reused by the retries")
     rank.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
-    add_settings_flags(rank, ["grpc_address", *CLIENT_SETTINGS])
+    add_config_flags(rank, FlywheelConfig, ClientConfig)
     rank.set_defaults(handler=run_rank)
 
     feedback = subparsers.add_parser("feedback", help="feedback stream statistics and maintenance")
     commands = feedback.add_subparsers(dest="feedback_command", metavar="COMMAND")
     stats = commands.add_parser("stats", help="rankings collected, stream length, pending per consumer group")
     stats.add_argument("--timeout", type=float, default=10.0)
-    add_settings_flags(stats, ["grpc_address", *CLIENT_SETTINGS])
+    add_config_flags(stats, FlywheelConfig, ClientConfig)
     stats.set_defaults(handler=run_stats)
     schedule = commands.add_parser("schedule", help="enqueue AI labelling of the groups that are due, once")
-    add_settings_flags(schedule, ["redis_url", "data_dir", "labelling_delay_seconds", "labelling_fraction"])
+    add_config_flags(schedule, FlywheelConfig, LabellingWorkerConfig)
     schedule.set_defaults(handler=run_schedule)
     trim = commands.add_parser("trim", help="delete rankings every consumer group has acknowledged")
-    add_settings_flags(trim, ["redis_url", "data_dir"])
+    add_config_flags(trim, FlywheelConfig)
     trim.set_defaults(handler=run_trim)
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, feedback_pb2_grpc.FeedbackStub]:
-    channel = open_channel(settings_from_args(args))
+    channel = open_channel(config_from_args(args))
     return channel, feedback_pb2_grpc.FeedbackStub(channel)
 
 
@@ -93,7 +93,7 @@ def _redis(args: argparse.Namespace):
 
     from flywheel.redis_server import resolve_redis_url
 
-    settings = settings_from_args(args)
+    settings = config_from_args(args)
     url, server = resolve_redis_url(settings.redis_url, settings.data_dir)
     client = redis.Redis.from_url(url)
     try:

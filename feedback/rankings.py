@@ -27,7 +27,7 @@ from feedback.redis_text import text, text_dict
 from flywheel.quoting import quote
 
 if TYPE_CHECKING:
-    from flywheel.settings import Settings
+    from flywheel.config import FeedbackConfig
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ class RankingConsumer:
         self._ensure_group()
 
     @classmethod
-    def from_settings(cls, client: redis.Redis, settings: "Settings", group_name: str,
+    def from_settings(cls, client: redis.Redis, settings: "FeedbackConfig", group_name: str,
                       consumer_name: str) -> "RankingConsumer":
         """A consumer that reclaims after ``settings.rankings_claim_idle_seconds``."""
         return cls(client, group_name, consumer_name, min_idle_ms=int(settings.rankings_claim_idle_seconds * 1000))

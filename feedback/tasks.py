@@ -25,7 +25,7 @@ from feedback.labeler import Labeler, LabellingConfig, LabellingScheduler
 from feedback.metrics import LabellingMetrics, register_stream_collector
 from feedback.rankings import RankingStream
 from flywheel.celery_app import LABELLING_QUEUE, app, worker_consumes
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 
 if TYPE_CHECKING:
     from feedback.judge import Judge
@@ -41,16 +41,16 @@ _worker: "WorkerState | None" = None
 
 @dataclass
 class WorkerState:
-    settings: Settings
+    settings: FlywheelConfig
     redis: redis.Redis
     metrics: LabellingMetrics
     labelling: LabellingConfig
 
 
-def labelling_config(settings: Settings) -> LabellingConfig:
-    return LabellingConfig(delay_seconds=settings.labelling_delay_seconds, fraction=settings.labelling_fraction,
-                           min_confidence=settings.labelling_min_confidence,
-                           group_ttl_seconds=settings.group_ttl_seconds)
+def labelling_config(settings: FlywheelConfig) -> LabellingConfig:
+    return LabellingConfig(delay_seconds=settings.labelling.delay_seconds, fraction=settings.labelling.fraction,
+                           min_confidence=settings.labelling.min_confidence,
+                           group_ttl_seconds=settings.feedback.group_ttl_seconds)
 
 
 def worker_state() -> WorkerState:
@@ -58,7 +58,7 @@ def worker_state() -> WorkerState:
     global _worker
     with _state_lock:
         if _worker is None:
-            settings = Settings.load()
+            settings = FlywheelConfig.load()
             url = settings.redis_url or os.environ.get("REDIS_URL") or app.conf.broker_url
             client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
             metrics = LabellingMetrics(WORKER_REGISTRY)
@@ -67,19 +67,19 @@ def worker_state() -> WorkerState:
         return _worker
 
 
-def get_judge(settings: Settings, metrics: LabellingMetrics | None = None) -> "Judge":
+def get_judge(settings: FlywheelConfig, metrics: LabellingMetrics | None = None) -> "Judge":
     """The judge for these settings, loaded on first use and kept for the life of the process."""
     # imported here: every process that imports the Celery app (to send tasks) need not load torch
     from feedback.judge import Judge, JudgeConfig, load_constitution
     from flywheel.models import load_model
 
-    config = JudgeConfig(settings.judge_max_text_tokens, settings.judge_batch_size, settings.judge_combine_orders)
-    key = (settings.judge_model, settings.dtype, settings.judge_constitution, config)
+    config = JudgeConfig(settings.judge.max_text_tokens, settings.judge.batch_size, settings.judge.combine_orders)
+    key = (settings.judge.model, settings.dtype, settings.judge.constitution, config)
     with _state_lock:
         judge = _judges.get(key)
         if judge is None:
-            loaded = load_model(settings.judge_model, settings.data_dir, settings.dtype)
-            constitution = load_constitution(settings.judge_constitution)
+            loaded = load_model(settings.judge.model, settings.data_dir, settings.dtype)
+            constitution = load_constitution(settings.judge.constitution)
             judge = Judge(loaded.model, loaded.tokenizer, constitution, Judge.make_id(loaded.path, constitution),
                           config)
             _judges[key] = judge
@@ -125,7 +125,7 @@ app.conf.beat_schedule = {
     **(app.conf.beat_schedule or {}),
     "feedback.schedule_labelling": {
         "task": "feedback.schedule_labelling",
-        "schedule": Settings.load().labelling_schedule_seconds,
+        "schedule": FlywheelConfig.load().labelling.schedule_seconds,
     },
 }
 
@@ -136,7 +136,7 @@ _serve_metrics_in_child = False
 
 
 def _serve_metrics() -> None:
-    port = worker_state().settings.labelling_metrics_port
+    port = worker_state().settings.labelling.metrics_port
     if not port:
         return
     try:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
-    from flywheel.settings import Settings
+    from flywheel.config import FlywheelConfig
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +208,11 @@ class KeyStore:
             raise ValueError("auth is on but no API key is configured (FLYWHEEL_API_KEYS or FLYWHEEL_API_KEYS_FILE)")
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> "KeyStore":
+    def from_settings(cls, settings: "FlywheelConfig") -> "KeyStore":
         """Keys of ``settings``; with none configured, the data directory's (created on first use)."""
-        fixed = parse_keys_spec(settings.api_keys)
-        if settings.api_keys_file:
-            path = Path(settings.api_keys_file)
+        fixed = parse_keys_spec(settings.security.api_keys)
+        if settings.security.api_keys_file:
+            path = Path(settings.security.api_keys_file)
             if not path.exists():
                 raise FileNotFoundError(f"api_keys_file {path} does not exist (create keys with `flywheel keys create`)")
             return cls(fixed, path)
@@ -258,11 +258,11 @@ class KeyStore:
         return None if found is None else Caller(found.name, found.role)
 
 
-def client_key(settings: "Settings", role: str = ROLE_CLIENT) -> str | None:
+def client_key(settings: "FlywheelConfig", role: str = ROLE_CLIENT) -> str | None:
     """The key a CLI client sends: ``FLYWHEEL_API_KEY``, else this machine's generated key of
     ``role`` (an admin key also serves a client command), else None."""
-    if settings.api_key:
-        return settings.api_key
+    if settings.client.api_key:
+        return settings.client.api_key
     candidates = [role] if role == ROLE_ADMIN else [role, ROLE_ADMIN]
     for candidate in candidates:
         path = local_key_file(settings.data_dir, candidate)

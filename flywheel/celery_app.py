@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery
 
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 
 LABELLING_QUEUE = "labelling"
 TRAINING_QUEUE = "training"
@@ -60,10 +60,10 @@ def worker_consumes(worker_app: Celery | None, queue: str) -> bool:
     return queues is not None and queue in queues.consume_from
 
 
-def make_celery(redis_url: str | None = None, settings: Settings | None = None) -> Celery:
+def make_celery(redis_url: str | None = None, settings: FlywheelConfig | None = None) -> Celery:
     """The app on ``redis_url``, else the settings' redis_url, else ``broker_url()``; ``settings``
     (default: from the environment) also give the redelivery timings of the broker."""
-    settings = settings or Settings.load()
+    settings = settings or FlywheelConfig.load()
     url = redis_url or settings.redis_url or broker_url()
     app = Celery("flywheel", broker=url, backend=url)
     tls = redis_ssl_options(url)
@@ -82,8 +82,8 @@ def make_celery(redis_url: str | None = None, settings: Settings | None = None) 
         broker_connection_retry_on_startup=True,
         # a task whose worker died (SIGKILL, lost node) is still unacknowledged: the broker delivers it
         # again once it has been out this long, and a worker sweeps for such tasks every interval
-        broker_transport_options={"visibility_timeout": settings.task_visibility_timeout_seconds,
-                                  "unacked_restore_interval": settings.task_restore_interval_seconds,
+        broker_transport_options={"visibility_timeout": settings.celery.visibility_timeout_seconds,
+                                  "unacked_restore_interval": settings.celery.restore_interval_seconds,
                                   "unacked_restore_throttle": 1},
         task_default_queue=TRAINING_QUEUE,
         task_routes={"feedback.*": {"queue": LABELLING_QUEUE}, "training.*": {"queue": TRAINING_QUEUE}},

@@ -4,31 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import logging
 import sys
 
-from flywheel.settings import ENV_PREFIX, Settings
-
 # modules that add subcommands; each has register(subparsers) -> None
 COMMAND_MODULES = ["serving.cli", "feedback.cli", "training.cli", "flywheel.status_cli", "flywheel.up",
                    "flywheel.keys_cli"]
-
-
-def add_settings_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
-    """Add ``--x`` flags for the named settings; their help names the environment variable."""
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
-    for name in names:
-        f = fields[name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, default=None,
-            help=f"{f.metadata.get('help', '')} (env {ENV_PREFIX}{name.upper()}, default {default})")
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings.load({name: getattr(args, name, None) for name in Settings.field_names()})
 
 
 def build_parser() -> argparse.ArgumentParser:

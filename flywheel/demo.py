@@ -43,7 +43,7 @@ from flywheel import simulated_users as simulated
 from flywheel.api_keys import ROLE_ADMIN, ROLE_CLIENT, KeyFile, default_keys_file
 from flywheel.grpc_client import with_key
 from flywheel.redis_server import free_port, resolve_redis_url
-from flywheel.settings import ENV_PREFIX, Settings
+from flywheel.config import ENV_PREFIX, FlywheelConfig
 from flywheel.tables import format_table
 from flywheel.tls import channel_credentials
 from flywheel.v1 import admin_pb2, admin_pb2_grpc
@@ -93,14 +93,14 @@ class Platform:
         env[ENV_PREFIX + "DATA_DIR"] = str(config.data_dir)
         if config.model:
             env[ENV_PREFIX + "MODEL"] = config.model
-        self.settings = Settings.load(environ=env)
+        self.settings = FlywheelConfig.load(environ=env)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "flywheel.cli", "up", "--data-dir", str(config.data_dir),
              "--grpc-address", f"127.0.0.1:{self.grpc_port}", "--metrics-port", str(self.metrics_port),
              "--labelling-metrics-port", str(self.labelling_port), "--training-metrics-port", str(self.training_port)],
             env=env, stdin=subprocess.DEVNULL)
         address = f"127.0.0.1:{self.grpc_port}"
-        credentials = channel_credentials(self.settings)
+        credentials = channel_credentials(self.settings.client)
         # users send their own keys per call; the operator's channel adds the admin key to each call
         self.channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
         self.operator_channel = with_key(self.channel, operator_key)
@@ -300,7 +300,7 @@ def run_demo(config: DemoConfig) -> dict:
     progress = Progress(platform, started, config.progress_seconds)
     try:
         train_questions, eval_questions = simulated.split_prompts(simulated.question_pool(), tokenizer,
-                                                                  platform.settings.policy_heldout_fraction)
+                                                                  platform.settings.policy.heldout_fraction)
         summary["eval_questions"] = len(eval_questions)
         print(f"== simulated users' preference: {simulated.PREFERENCE}")
         print(f"== {len(train_questions)} questions to rank answers to, {len(eval_questions)} held out for the "
@@ -430,7 +430,7 @@ def scrape_every_process(platform: Platform) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flywheel.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = Settings.load()
+    defaults = FlywheelConfig.load()
     parser.add_argument("--data-dir", type=Path, default=Path(defaults.data_dir) / "demo",
                         help="the demo's own data directory (removed and recreated); the model is converted once "
                              "into its parent")

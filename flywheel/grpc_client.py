@@ -14,11 +14,9 @@ from flywheel.api_keys import ROLE_CLIENT, client_key
 from flywheel.tls import channel_credentials
 
 if TYPE_CHECKING:
-    from flywheel.settings import Settings
+    from flywheel.config import FlywheelConfig
 
 AUTHORIZATION = "authorization"
-# the settings a command that calls the server offers as flags (the key itself: FLYWHEEL_API_KEY only)
-CLIENT_SETTINGS = ["data_dir", "tls_ca", "tls_client_cert", "tls_client_key"]
 
 
 def bearer(key: str) -> tuple[str, str]:
@@ -46,10 +44,10 @@ def with_key(channel: grpc.Channel, key: str | None) -> grpc.Channel:
     return channel if not key else grpc.intercept_channel(channel, _KeyInterceptor(key))
 
 
-def open_channel(settings: "Settings", address: str | None = None, role: str = ROLE_CLIENT) -> grpc.Channel:
+def open_channel(settings: "FlywheelConfig", address: str | None = None, role: str = ROLE_CLIENT) -> grpc.Channel:
     """A channel to ``address`` (default the grpc_address setting) with TLS and the key of ``role``."""
     address = address or settings.grpc_address
-    credentials = channel_credentials(settings)
+    credentials = channel_credentials(settings.client)
     channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
     return with_key(channel, client_key(settings, role))
 

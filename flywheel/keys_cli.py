@@ -12,10 +12,8 @@ import time
 from pathlib import Path
 
 from flywheel.api_keys import ROLES, KeyFile, default_keys_file
-from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.config import FlywheelConfig, SecurityConfig, add_config_flags, config_from_args
 from flywheel.tables import format_table
-
-KEYS_SETTINGS = ["data_dir", "api_keys_file"]
 
 
 def register(subparsers) -> None:
@@ -24,20 +22,21 @@ def register(subparsers) -> None:
     create = commands.add_parser("create", help="add a key and print it (once)")
     create.add_argument("--name", required=True, help="who holds the key (also the annotator name of a client key)")
     create.add_argument("--role", required=True, choices=ROLES, help="client: Inference and Feedback; admin: all")
-    add_settings_flags(create, KEYS_SETTINGS)
+    add_config_flags(create, FlywheelConfig, SecurityConfig)
     create.set_defaults(handler=run_create)
     listing = commands.add_parser("list", help="the keys' names, roles and creation times (never the keys)")
-    add_settings_flags(listing, KEYS_SETTINGS)
+    add_config_flags(listing, FlywheelConfig, SecurityConfig)
     listing.set_defaults(handler=run_list)
     revoke = commands.add_parser("revoke", help="remove a key; servers refuse it from their next request")
     revoke.add_argument("name")
-    add_settings_flags(revoke, KEYS_SETTINGS)
+    add_config_flags(revoke, FlywheelConfig, SecurityConfig)
     revoke.set_defaults(handler=run_revoke)
 
 
 def keys_file(args: argparse.Namespace) -> KeyFile:
-    settings = settings_from_args(args)
-    return KeyFile(Path(settings.api_keys_file) if settings.api_keys_file else default_keys_file(settings.data_dir))
+    settings = config_from_args(args)
+    keys_file = settings.security.api_keys_file
+    return KeyFile(Path(keys_file) if keys_file else default_keys_file(settings.data_dir))
 
 
 def run_create(args: argparse.Namespace) -> int:

@@ -11,8 +11,8 @@ import argparse
 import time
 
 from flywheel.api_keys import ROLE_ADMIN
-from flywheel.cli import add_settings_flags, settings_from_args
-from flywheel.grpc_client import CLIENT_SETTINGS, open_channel
+from flywheel.config import ClientConfig, FlywheelConfig, add_config_flags, config_from_args
+from flywheel.grpc_client import open_channel
 from flywheel.tables import format_table
 
 def register(subparsers) -> None:
@@ -20,7 +20,7 @@ def register(subparsers) -> None:
                                    description=__doc__)
     status.add_argument("--runs", type=int, default=5, help="training runs to list per kind")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server")
-    add_settings_flags(status, ["grpc_address", "redis_url", *CLIENT_SETTINGS])
+    add_config_flags(status, FlywheelConfig, ClientConfig)
     status.set_defaults(handler=run_status)
 
 
@@ -43,7 +43,7 @@ def run_status(args: argparse.Namespace) -> int:
     from flywheel.redis_server import resolve_redis_url
     from flywheel.registry import VersionRegistry
 
-    settings = settings_from_args(args)
+    settings = config_from_args(args)
     served = server_status(settings, args.timeout)
     url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
     client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)

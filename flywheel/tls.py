@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 if TYPE_CHECKING:
-    from flywheel.settings import Settings
+    from flywheel.config import ClientConfig, SecurityConfig
 
 
 def _read(path: str, setting: str) -> bytes:
@@ -29,7 +29,7 @@ def _pair(cert: str, key: str, names: str) -> tuple[bytes, bytes] | None:
     return (_read(key, names), _read(cert, names)) if cert else None
 
 
-def server_credentials(settings: "Settings") -> grpc.ServerCredentials | None:
+def server_credentials(settings: "SecurityConfig") -> grpc.ServerCredentials | None:
     """TLS credentials of the server, or None to serve plaintext."""
     pair = _pair(settings.tls_cert, settings.tls_key, "tls_cert and tls_key")
     if pair is None:
@@ -40,7 +40,7 @@ def server_credentials(settings: "Settings") -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
-def channel_credentials(settings: "Settings") -> grpc.ChannelCredentials | None:
+def channel_credentials(settings: "ClientConfig") -> grpc.ChannelCredentials | None:
     """TLS credentials of a client, or None for a plaintext channel."""
     pair = _pair(settings.tls_client_cert, settings.tls_client_key, "tls_client_cert and tls_client_key")
     if not settings.tls_ca:

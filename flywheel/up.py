@@ -25,16 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.api_keys import KeyStore
-from flywheel.cli import add_settings_flags, settings_from_args
-from flywheel.settings import ENV_PREFIX, Settings
+from flywheel.config import (ENV_PREFIX, FlywheelConfig, LabellingWorkerConfig, SecurityConfig, ServingConfig,
+                             TrainingWorkerConfig, add_config_flags, config_from_args)
 from flywheel.tables import format_table
 
 log = logging.getLogger(__name__)
-
-UP_SETTINGS = ["data_dir", "model", "dtype", "grpc_address", "metrics_port", "redis_url",
-               "labelling_metrics_port", "training_metrics_port", "auth", "api_keys_file", "tls_cert", "tls_key",
-               "tls_client_ca"]
-
 
 @dataclass
 class Process:
@@ -63,7 +58,7 @@ class Process:
             self.popen.wait()
 
 
-def platform_processes(settings: Settings) -> list[Process]:
+def platform_processes(settings: FlywheelConfig) -> list[Process]:
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "flywheel.celery_app"]
     schedule = str(Path(settings.data_dir) / "celerybeat-schedule")
@@ -77,11 +72,9 @@ def platform_processes(settings: Settings) -> list[Process]:
     ]
 
 
-def child_environment(settings: Settings, redis_url: str) -> dict:
+def child_environment(settings: FlywheelConfig, redis_url: str) -> dict:
     """Every child gets the same settings (as FLYWHEEL_* variables) and Redis."""
-    env = dict(os.environ)
-    for name in Settings.field_names():
-        env[ENV_PREFIX + name.upper()] = str(getattr(settings, name))
+    env = dict(os.environ) | settings.environment()
     env[ENV_PREFIX + "DATA_DIR"] = str(Path(settings.data_dir).resolve())
     env[ENV_PREFIX + "REDIS_URL"] = redis_url
     env["REDIS_URL"] = redis_url  # the Celery broker
@@ -91,12 +84,12 @@ def child_environment(settings: Settings, redis_url: str) -> dict:
 def run_up(args: argparse.Namespace) -> int:
     from flywheel.redis_server import resolve_redis_url
 
-    settings = settings_from_args(args)
+    settings = config_from_args(args)
     data_dir = Path(settings.data_dir).resolve()
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     redis_url, embedded = resolve_redis_url(settings.redis_url, data_dir)
-    if settings.auth != "off":  # the machine's API keys exist (and are logged) before any client needs them
+    if settings.security.auth != "off":  # the machine's API keys exist (and are logged) before any client needs them
         KeyStore.from_settings(dataclasses.replace(settings, data_dir=data_dir))
     processes = platform_processes(settings)
     env = child_environment(settings, redis_url)
@@ -133,18 +126,18 @@ def run_up(args: argparse.Namespace) -> int:
     return exit_code
 
 
-def _where(name: str, settings: Settings) -> str:
+def _where(name: str, settings: FlywheelConfig) -> str:
     if name == "server":
-        return f"gRPC {settings.grpc_address}, metrics :{settings.metrics_port}"
+        return f"gRPC {settings.grpc_address}, metrics :{settings.serving.metrics_port}"
     if name == "labelling-worker":
-        return f"queue labelling, metrics :{settings.labelling_metrics_port}"
+        return f"queue labelling, metrics :{settings.labelling.metrics_port}"
     if name == "training-worker":
-        return f"queue training, metrics :{settings.training_metrics_port}"
+        return f"queue training, metrics :{settings.training.metrics_port}"
     return "labelling schedule"
 
 
 def register(subparsers) -> None:
     up = subparsers.add_parser("up", help="run the whole platform on this machine (Ctrl-C stops it)",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_settings_flags(up, UP_SETTINGS)
+    add_config_flags(up, FlywheelConfig, ServingConfig, SecurityConfig, LabellingWorkerConfig, TrainingWorkerConfig)
     up.set_defaults(handler=run_up)

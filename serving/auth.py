@@ -143,9 +143,9 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 def server_interceptors(settings, metrics: "ServingMetrics", limiter: RateLimiter | None,
                         tls: bool) -> list[grpc.ServerInterceptor]:
     """The interceptors ``settings`` ask for; with auth off, none, and a warning nobody can miss."""
-    if settings.auth not in AUTH_MODES:
-        raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}; got {settings.auth!r}")
-    if settings.auth == "off":
+    if settings.security.auth not in AUTH_MODES:
+        raise ValueError(f"auth must be one of {', '.join(AUTH_MODES)}; got {settings.security.auth!r}")
+    if settings.security.auth == "off":
         log.warning("*** AUTH IS OFF: anyone who can reach %s may call every RPC, Admin included (promote, "
                     "rollback), with no rate limit. Only for a trusted network; unset FLYWHEEL_AUTH to turn "
                     "it back on. ***", settings.grpc_address)

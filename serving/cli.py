@@ -12,23 +12,15 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from serving.server import InferenceServer
 
-from flywheel.cli import add_settings_flags, settings_from_args
-from flywheel.grpc_client import CLIENT_SETTINGS
-
-SERVE_SETTINGS = ["data_dir", "model", "dtype", "torch_threads", "grpc_address", "metrics_port",
-                  "max_batch_sequences", "max_queued_requests", "max_new_tokens_limit", "default_max_new_tokens",
-                  "max_samples", "max_prompt_tokens", "grpc_max_receive_message_bytes", "grpc_max_send_message_bytes",
-                  "grpc_workers", "redis_url", "group_ttl_seconds", "store_groups", "policy_poll_seconds",
-                  "auth", "api_keys_file", "tls_cert", "tls_key", "tls_client_ca",
-                  "client_requests_per_second", "client_request_burst", "admin_requests_per_second",
-                  "admin_request_burst"]
+from flywheel.config import (ClientConfig, FeedbackConfig, FlywheelConfig, SecurityConfig, ServingConfig,
+                             add_config_flags, config_from_args)
 
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser(
         "serve", help="run the gRPC inference server",
         description="Serve the policy over gRPC (Inference, health, reflection) with Prometheus metrics.")
-    add_settings_flags(serve, SERVE_SETTINGS)
+    add_config_flags(serve, FlywheelConfig, ServingConfig, SecurityConfig, FeedbackConfig)
     serve.set_defaults(handler=run_serve)
 
     complete = subparsers.add_parser(
@@ -45,7 +37,7 @@ def register(subparsers) -> None:
     complete.add_argument("--raw", action="store_true", help="send PROMPT verbatim instead of as a chat message")
     complete.add_argument("--stream", action="store_true", help="stream token deltas as they are decoded")
     complete.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
-    add_settings_flags(complete, CLIENT_SETTINGS)
+    add_config_flags(complete, FlywheelConfig, ClientConfig)
     complete.set_defaults(handler=run_complete)
 
 
@@ -55,7 +47,7 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
     and a function that releases what it started besides."""
     from serving.server import InferenceServer
 
-    if not settings.store_groups:
+    if not settings.feedback.store_groups:
         return InferenceServer(settings), lambda: None
 
     import redis
@@ -74,11 +66,12 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
     # shorter still for the rate limiter, which every RPC waits on (it lets requests through when Redis is down)
     limiter_client = redis.Redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.25)
     metrics = ServingMetrics()
-    feedback = FeedbackServicer(client, group_ttl_seconds=settings.group_ttl_seconds, registry=metrics.registry)
-    limiter = RateLimiter.from_settings(limiter_client, settings, on_error=metrics.rate_limiter_errors.inc)
+    feedback = FeedbackServicer(client, group_ttl_seconds=settings.feedback.group_ttl_seconds,
+                                registry=metrics.registry)
+    limiter = RateLimiter.from_settings(limiter_client, settings.security, on_error=metrics.rate_limiter_errors.inc)
     server = InferenceServer(
-        settings, metrics=metrics, group_sink=GroupStore(client, settings.group_ttl_seconds).save, policy_redis=client,
-        rate_limiter=limiter)
+        settings, metrics=metrics, group_sink=GroupStore(client, settings.feedback.group_ttl_seconds).save,
+        policy_redis=client, rate_limiter=limiter)
 
     def serving_status() -> tuple[int, int, int]:
         engine = server.engine
@@ -101,7 +94,7 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
 def run_serve(args: argparse.Namespace) -> int:
     import torch
 
-    settings = settings_from_args(args)
+    settings = config_from_args(args)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     server, release = build_server(settings)
@@ -144,7 +137,7 @@ def run_complete(args: argparse.Namespace) -> int:
     from flywheel.grpc_client import open_channel
     from flywheel.v1 import inference_pb2, inference_pb2_grpc
 
-    settings = settings_from_args(args)
+    settings = config_from_args(args)
     request = build_request(args)
     with open_channel(settings, args.address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 from flywheel.tls import server_credentials
 from flywheel.v1 import inference_pb2, inference_pb2_grpc
 from serving.engine import (
@@ -140,8 +140,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 class InferenceServer:
     """Owns the gRPC server, the engine and the metrics endpoint of one serving process."""
 
-    settings: Settings
-    load: Callable[[], tuple[object, object]] | None = None  # returns (model, tokenizer); None = settings.model
+    config: FlywheelConfig
+    load: Callable[[], tuple[object, object]] | None = None  # returns (model, tokenizer); None = config.model
     group_sink: GroupSink | None = None  # stores each finished group (the feedback store)
     # more services on the same port: (full service name, function that adds it to a grpc.Server)
     services: list[tuple[str, Callable[[grpc.Server], None]]] = field(default_factory=list)
@@ -166,17 +166,17 @@ class InferenceServer:
     # ---- lifecycle ----
 
     def start(self, wait_until_ready: bool = False, timeout: float = 600.0) -> "InferenceServer":
-        s = self.settings
-        credentials = server_credentials(s)
+        s = self.config
+        credentials = server_credentials(s.security)
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=s.grpc_workers, thread_name_prefix="grpc"),
+            futures.ThreadPoolExecutor(max_workers=s.serving.grpc_workers, thread_name_prefix="grpc"),
             # the first interceptor is the outermost: the key (and its rate) is checked before anything
             # is said about the request, so a caller without a valid key learns nothing from a malformed one
             interceptors=[*server_interceptors(s, self.metrics, self.rate_limiter, tls=credentials is not None),
                           MalformedRequestInterceptor()],
-            maximum_concurrent_rpcs=s.grpc_workers,
-            options=[("grpc.max_receive_message_length", s.grpc_max_receive_message_bytes),
-                     ("grpc.max_send_message_length", s.grpc_max_send_message_bytes)],
+            maximum_concurrent_rpcs=s.serving.grpc_workers,
+            options=[("grpc.max_receive_message_length", s.serving.grpc_max_receive_message_bytes),
+                     ("grpc.max_send_message_length", s.serving.grpc_max_send_message_bytes)],
         )
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
@@ -193,9 +193,9 @@ class InferenceServer:
         if self.port == 0:
             raise RuntimeError(f"could not bind the gRPC server to {s.grpc_address}")
         self._grpc.start()
-        if s.metrics_port:
+        if s.serving.metrics_port:
             host = s.grpc_address.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
-            self._metrics_http, _ = start_http_server(s.metrics_port, addr=host, registry=self.metrics.registry)
+            self._metrics_http, _ = start_http_server(s.serving.metrics_port, addr=host, registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         log.info("gRPC (%s) on port %d, metrics on %s; loading the model", "TLS" if credentials else "plaintext",
                  self.port, self.metrics_port or "(off)")
@@ -217,17 +217,18 @@ class InferenceServer:
             else:
                 from flywheel.models import load_model
 
-                loaded = load_model(self.settings.model, self.settings.data_dir, self.settings.dtype)
+                loaded = load_model(self.config.model, self.config.data_dir, self.config.dtype)
                 model, tokenizer = loaded.model, loaded.tokenizer
             self.limits = RequestLimits(
-                max_samples=self.settings.max_samples,
-                max_new_tokens_limit=self.settings.max_new_tokens_limit,
-                default_max_new_tokens=self.settings.default_max_new_tokens,
+                max_samples=self.config.serving.max_samples,
+                max_new_tokens_limit=self.config.serving.max_new_tokens_limit,
+                default_max_new_tokens=self.config.serving.default_max_new_tokens,
                 context_window=int(getattr(model.config, "max_position_embeddings", 2048)),
-                max_prompt_tokens=self.settings.max_prompt_tokens,
+                max_prompt_tokens=self.config.serving.max_prompt_tokens,
             )
-            config = EngineConfig(max_batch_sequences=max(self.settings.max_batch_sequences, self.settings.max_samples),
-                                  max_queued_requests=self.settings.max_queued_requests)
+            # at least max_samples: ServingConfig refuses a smaller batch at load
+            config = EngineConfig(max_batch_sequences=self.config.serving.max_batch_sequences,
+                                  max_queued_requests=self.config.serving.max_queued_requests)
             engine = Engine(model, tokenizer, config, observer=self.metrics)
             engine.start()
             self.engine = engine
@@ -244,10 +245,10 @@ class InferenceServer:
             self._ready.set()
 
     def _follow_registry(self, base_model) -> None:
-        loader = PolicyLoader(base_model, Path(self.settings.data_dir) / "policies")
+        loader = PolicyLoader(base_model, Path(self.config.data_dir) / "policies")
         self.follower = PolicyFollower(
             self.policy_redis, loader.load, self.swap_to, lambda: self.engine.policy_version,
-            poll_seconds=self.settings.policy_poll_seconds,
+            poll_seconds=self.config.serving.policy_poll_seconds,
             on_failure=lambda version, exc: self.metrics.policy_load_failures.inc())
         try:  # start on the registry's current version rather than the base model
             self.follower.check_once()

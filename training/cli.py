@@ -7,15 +7,8 @@ import argparse
 import json
 import time
 
-from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.config import FlywheelConfig, RewardModelRunConfig, add_config_flags, config_from_args
 from flywheel.tables import format_table
-
-RUN_SETTINGS = ["data_dir", "model", "redis_url", "reward_model_backbone", "reward_model_max_rankings",
-                "reward_model_heldout_fraction", "reward_model_accuracy_margin", "reward_model_replay_ratio",
-                "reward_model_ai_weight", "reward_model_learning_rate", "reward_model_batch_rankings",
-                "reward_model_epochs", "reward_model_max_length", "reward_model_trainable_layers",
-                "reward_model_autocast"]
-
 
 def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="start a training run")
@@ -28,14 +21,14 @@ def register(subparsers) -> None:
     reward.add_argument("--min-rankings", type=int, default=1, help="skip unless this many rankings wait")
     reward.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
     reward.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the Celery run")
-    add_settings_flags(reward, RUN_SETTINGS)
+    add_config_flags(reward, FlywheelConfig, RewardModelRunConfig)
     reward.set_defaults(handler=train_reward_model_command)
     train.set_defaults(handler=lambda args: train.print_help() or 2)
 
     versions = subparsers.add_parser("reward-models", help="list the reward-model versions")
     versions.add_argument("--rebuild", action="store_true", help="rebuild the registry in Redis from the manifests")
     versions.add_argument("--json", action="store_true", help="print the records as JSON")
-    add_settings_flags(versions, ["data_dir", "redis_url"])
+    add_config_flags(versions, FlywheelConfig)
     versions.set_defaults(handler=reward_models_command)
 
     from training import policy_cli
@@ -53,7 +46,7 @@ def _client(settings):
 
 
 def train_reward_model_command(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    settings = config_from_args(args)
     if args.local:
         from training.reward_model_run import run_reward_model_training
 
@@ -108,7 +101,7 @@ def format_versions_table(records, current: int) -> str:
 def reward_models_command(args: argparse.Namespace) -> int:
     from training.reward_model_run import reward_model_registry
 
-    settings = settings_from_args(args)
+    settings = config_from_args(args)
     client, server = _client(settings)
     try:
         registry = reward_model_registry(client, settings)

@@ -9,15 +9,8 @@ import json
 import os
 import time
 
-from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.config import FlywheelConfig, PolicyRunConfig, add_config_flags, config_from_args
 from flywheel.tables import format_table
-
-RUN_SETTINGS = ["data_dir", "model", "redis_url", "policy_finetune", "policy_iterations", "policy_batch_size",
-                "policy_mini_batch_size", "policy_ppo_epochs", "policy_response_length", "policy_learning_rate",
-                "policy_kl_coef", "policy_kl_target", "policy_ptx_coef", "policy_prompts_file",
-                "policy_heldout_fraction", "policy_min_reward_gain", "policy_kl_budget", "policy_perplexity_margin",
-                "policy_autocast"]
-
 
 def register(subparsers, train_subparsers) -> None:
     train = train_subparsers.add_parser(
@@ -27,26 +20,26 @@ def register(subparsers, train_subparsers) -> None:
     train.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
     train.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
     train.add_argument("--timeout", type=float, default=12 * 3600, help="seconds to wait for the Celery run")
-    add_settings_flags(train, RUN_SETTINGS)
+    add_config_flags(train, FlywheelConfig, PolicyRunConfig)
     train.set_defaults(handler=train_policy_command)
 
     versions = subparsers.add_parser("policies", help="list the policy versions")
     versions.add_argument("--rebuild", action="store_true", help="rebuild the registry in Redis from the manifests")
     versions.add_argument("--json", action="store_true", help="print the records as JSON")
-    add_settings_flags(versions, ["data_dir", "redis_url"])
+    add_config_flags(versions, FlywheelConfig)
     versions.set_defaults(handler=policies_command)
 
     promote = subparsers.add_parser("promote", help="serve a policy version (0 = the base model)")
     promote.add_argument("version", type=int)
     promote.add_argument("--reason", default="", help="why (kept in the audit stream)")
-    add_settings_flags(promote, ["data_dir", "redis_url"])
+    add_config_flags(promote, FlywheelConfig)
     promote.set_defaults(handler=promote_command)
 
     rollback = subparsers.add_parser("rollback", help="serve the previous good policy version again")
     rollback.add_argument("--to", type=int, default=None, dest="to_version",
                           help="the version to serve (default: the previous good one, else 0 = the base model)")
     rollback.add_argument("--reason", default="", help="why (kept in the audit stream)")
-    add_settings_flags(rollback, ["data_dir", "redis_url"])
+    add_config_flags(rollback, FlywheelConfig)
     rollback.set_defaults(handler=rollback_command)
 
 
@@ -74,13 +67,13 @@ def _redis(settings):
 def _with_registry(args, action):
     from flywheel.policy_admin import policy_registry
 
-    settings = settings_from_args(args)
+    settings = config_from_args(args)
     with _redis(settings) as client:
         return action(policy_registry(client, settings.data_dir))
 
 
 def train_policy_command(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    settings = config_from_args(args)
     if args.local:
         from training.policy_run import run_policy_training
 

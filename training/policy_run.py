@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from dataclasses import asdict
@@ -23,8 +24,8 @@ from pathlib import Path
 import redis as redis_lib
 import torch
 
+from flywheel.config import FlywheelConfig, PolicyRunConfig
 from flywheel.models import cpu_has_fast_bfloat16, resolve_model_path
-from flywheel.settings import Settings
 from training.metrics import PPOMetrics
 from flywheel.policy_admin import policy_registry
 from training.policy_gate import PolicyGateConfig, evaluate_policy, gate_decision, perplexity
@@ -49,26 +50,25 @@ def _autocast(name: str) -> str:
     return name
 
 
-def policy_model_config(settings: Settings) -> PolicyModelConfig:
-    return PolicyModelConfig(base_model=str(resolve_model_path(settings.model, Path(settings.data_dir))),
-                             finetune=settings.policy_finetune, lora_rank=settings.policy_lora_rank,
-                             lora_alpha=settings.policy_lora_alpha,
-                             lora_layers=settings.policy_lora_layers, autocast_dtype=_autocast(settings.policy_autocast))
+def policy_model_config(config: FlywheelConfig) -> PolicyModelConfig:
+    """The policy a run trains: the served base model with the adapters its section asks for."""
+    section = config.policy
+    return PolicyModelConfig(base_model=str(resolve_model_path(config.model, Path(config.data_dir))),
+                             finetune=section.finetune, lora_rank=section.lora_rank, lora_alpha=section.lora_alpha,
+                             lora_layers=section.lora_layers, autocast_dtype=_autocast(section.autocast))
 
 
-def ppo_config(settings: Settings) -> PPOConfig:
-    return PPOConfig(batch_size=settings.policy_batch_size, mini_batch_size=settings.policy_mini_batch_size,
-                     rollout_batch_size=settings.policy_batch_size, ppo_epochs=settings.policy_ppo_epochs,
-                     response_length=settings.policy_response_length, temperature=settings.policy_temperature,
-                     learning_rate=settings.policy_learning_rate, kl_coef=settings.policy_kl_coef,
-                     kl_target=settings.policy_kl_target or None, ptx_coef=settings.policy_ptx_coef,
-                     seed=int(time.time()))
+def ppo_config(section: PolicyRunConfig, seed: int) -> PPOConfig:
+    return PPOConfig(batch_size=section.batch_size, mini_batch_size=section.mini_batch_size,
+                     rollout_batch_size=section.batch_size, ppo_epochs=section.ppo_epochs,
+                     response_length=section.response_length, temperature=section.temperature,
+                     learning_rate=section.learning_rate, kl_coef=section.kl_coef,
+                     kl_target=section.kl_target or None, ptx_coef=section.ptx_coef, seed=seed)
 
 
-def gate_config(settings: Settings) -> PolicyGateConfig:
-    return PolicyGateConfig(min_reward_gain=settings.policy_min_reward_gain, kl_budget=settings.policy_kl_budget,
-                            perplexity_margin=settings.policy_perplexity_margin,
-                            response_length=settings.policy_response_length)
+def gate_config(section: PolicyRunConfig) -> PolicyGateConfig:
+    return PolicyGateConfig(min_reward_gain=section.min_reward_gain, kl_budget=section.kl_budget,
+                            perplexity_margin=section.perplexity_margin, response_length=section.response_length)
 
 
 class PolicyModelCache:
@@ -107,19 +107,19 @@ class PolicyModelCache:
         return self._reward
 
 
-def run_policy_training(settings: Settings, client: redis_lib.Redis, *, who: str = "",
+def run_policy_training(settings: FlywheelConfig, client: redis_lib.Redis, *, who: str = "",
                         metrics: PPOMetrics | None = None, cache: PolicyModelCache | None = None,
                         iterations: int | None = None) -> RunReport:
     """One PPO run (see the module docstring); skipped when another run holds the lock."""
     who = who or f"{socket.gethostname()}:{os.getpid()}"
-    lock = RunLock(client, LOCK_KEY, settings.policy_lock_seconds)
-    iterations = settings.policy_iterations if iterations is None else iterations
+    lock = RunLock(client, LOCK_KEY, settings.policy.lock_seconds)
+    iterations = settings.policy.iterations if iterations is None else iterations
     return run_exclusively(lock, metrics, "policy", RunReport("skipped", "another policy run holds the lock"),
                            lambda started: _run_locked(settings, client, who, metrics, cache or PolicyModelCache(),
                                                        iterations, started))
 
 
-def _run_locked(settings: Settings, client: redis_lib.Redis, who: str, metrics: PPOMetrics | None,
+def _run_locked(settings: FlywheelConfig, client: redis_lib.Redis, who: str, metrics: PPOMetrics | None,
                 cache: PolicyModelCache, iterations: int, started: float) -> RunReport:
     rewards = reward_model_registry(client, settings)
     reward_record = rewards.current()
@@ -128,30 +128,31 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, who: str, metrics: 
 
     model_config = policy_model_config(settings)
     policy = cache.policy(model_config)
-    prompts = served_prompts(client, policy.tokenizer, settings.policy_max_prompts)
-    if settings.policy_prompts_file:
-        prompts += file_prompts(Path(settings.policy_prompts_file), policy.tokenizer)
-    train_prompts, held_out = split_prompts(prompts, settings.policy_heldout_fraction)
-    held_out = held_out[:settings.policy_max_heldout]
-    if len(train_prompts) < max(settings.policy_min_prompts, 1):
-        return RunReport("skipped", f"{len(train_prompts)} training prompts, fewer than {settings.policy_min_prompts}")
+    prompts = served_prompts(client, policy.tokenizer, settings.policy.max_prompts)
+    if settings.policy.prompts_file:
+        prompts += file_prompts(Path(settings.policy.prompts_file), policy.tokenizer)
+    train_prompts, held_out = split_prompts(prompts, settings.policy.heldout_fraction)
+    held_out = held_out[:settings.policy.max_heldout]
+    if len(train_prompts) < max(settings.policy.min_prompts, 1):
+        return RunReport("skipped", f"{len(train_prompts)} training prompts, fewer than {settings.policy.min_prompts}")
     if not held_out:  # tiny traffic: evaluate on a few training prompts rather than on nothing
-        held_out = train_prompts[:settings.policy_max_heldout]
+        held_out = train_prompts[:settings.policy.max_heldout]
 
     registry = policy_registry(client, settings.data_dir)
     current = registry.current()
     parent = _warm_start(policy, registry, current, model_config)
     reward_model = cache.reward_model(reward_record, rewards.path(reward_record.version))
     scorer = RewardModelScorer(reward_model, eos_id=policy.eos_id, pad_id=policy.pad_id)
-    ppo = ppo_config(settings)
-    gate = gate_config(settings)
-    heldout_text = policy.text_batches(load_texts(Path(settings.policy_heldout_corpus or DEFAULT_HELDOUT_CORPUS)),
+    seed = secrets.randbits(31) if settings.policy.seed is None else settings.policy.seed
+    ppo = ppo_config(settings.policy, seed)
+    gate = gate_config(settings.policy)
+    heldout_text = policy.text_batches(load_texts(Path(settings.policy.heldout_corpus or DEFAULT_HELDOUT_CORPUS)),
                                        8, 256)
-    ptx_texts = load_texts(Path(settings.policy_ptx_corpus or DEFAULT_PTX_CORPUS)) if ppo.ptx_coef > 0 else []
+    ptx_texts = load_texts(Path(settings.policy.ptx_corpus or DEFAULT_PTX_CORPUS)) if ppo.ptx_coef > 0 else []
     log.info("policy run: %d training and %d held-out prompts, reward model v%d, start from %s, %.2f M trained "
-             "parameters (%s)", len(train_prompts), len(held_out), reward_record.version,
+             "parameters (%s), seed %d%s", len(train_prompts), len(held_out), reward_record.version,
              f"v{parent}" if parent else "the base model", policy.trainable_parameter_count() / 1e6,
-             model_config.finetune)
+             model_config.finetune, seed, " (drawn for this run)" if settings.policy.seed is None else "")
 
     reference_perplexity = perplexity(policy, heldout_text, reference=True)
     before = evaluate_policy(policy, scorer, held_out, heldout_text, gate)
@@ -173,7 +174,7 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, who: str, metrics: 
         "created_at": time.time(),
         "figures": figures,
         "prompts": {"train": len(train_prompts), "held_out": len(held_out),
-                    "prompts_file": settings.policy_prompts_file or None},
+                    "prompts_file": settings.policy.prompts_file or None},
         "model": asdict(model_config),
         "ppo": asdict(ppo) | {"iterations": iterations},
         "gate": asdict(gate) | {"passed": decision.passed, "why": decision.why},

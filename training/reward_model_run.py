@@ -25,8 +25,8 @@ from pathlib import Path
 import redis as redis_lib
 import torch
 
+from flywheel.config import FlywheelConfig, RewardModelRunConfig
 from flywheel.models import cpu_has_fast_bfloat16, resolve_model_path
-from flywheel.settings import Settings
 from training.metrics import RewardModelMetrics
 from training.rankings import RankingStreamReader, ReplayStore, is_held_out, sample_replay
 from flywheel.registry import VersionRecord, VersionRegistry, verify_version
@@ -52,27 +52,28 @@ class RunReport:
         return asdict(self)
 
 
-def reward_model_registry(client: redis_lib.Redis, settings: Settings) -> VersionRegistry:
-    return VersionRegistry(client, KIND, Path(settings.data_dir) / "reward_models")
+def reward_model_registry(client: redis_lib.Redis, config: FlywheelConfig) -> VersionRegistry:
+    return VersionRegistry(client, KIND, Path(config.data_dir) / "reward_models")
 
 
-def replay_store(settings: Settings) -> ReplayStore:
-    return ReplayStore(Path(settings.data_dir) / "reward_models" / "rankings.jsonl")
+def replay_store(config: FlywheelConfig) -> ReplayStore:
+    return ReplayStore(Path(config.data_dir) / "reward_models" / "rankings.jsonl")
 
 
-def model_config_from_settings(settings: Settings) -> RewardModelConfig:
-    backbone = resolve_model_path(settings.reward_model_backbone or settings.model, Path(settings.data_dir))
-    autocast = settings.reward_model_autocast
+def reward_model_config(config: FlywheelConfig) -> RewardModelConfig:
+    """The model a run trains: the configured backbone (else the served model) with its section's shape."""
+    section = config.reward_model
+    backbone = resolve_model_path(section.backbone or config.model, Path(config.data_dir))
+    autocast = section.autocast
     if autocast == "auto":
         autocast = "bfloat16" if cpu_has_fast_bfloat16() else "float32"
-    return RewardModelConfig(backbone=str(backbone), trainable_layers=settings.reward_model_trainable_layers,
-                             max_length=settings.reward_model_max_length, autocast_dtype=autocast)
+    return RewardModelConfig(backbone=str(backbone), trainable_layers=section.trainable_layers,
+                             max_length=section.max_length, autocast_dtype=autocast)
 
 
-def training_config_from_settings(settings: Settings) -> RewardTrainingConfig:
-    return RewardTrainingConfig(learning_rate=settings.reward_model_learning_rate,
-                                batch_rankings=settings.reward_model_batch_rankings,
-                                epochs=settings.reward_model_epochs, ai_weight=settings.reward_model_ai_weight)
+def reward_training_config(section: RewardModelRunConfig) -> RewardTrainingConfig:
+    return RewardTrainingConfig(learning_rate=section.learning_rate, batch_rankings=section.batch_rankings,
+                                epochs=section.epochs, ai_weight=section.ai_weight)
 
 
 class RewardModelCache:
@@ -108,40 +109,40 @@ def _figures(prefix: str, stats: EvalStats | None) -> dict:
             f"{prefix}human_accuracy": stats.human_accuracy}
 
 
-def run_reward_model_training(settings: Settings, client: redis_lib.Redis, *, min_rankings: int = 1,
+def run_reward_model_training(settings: FlywheelConfig, client: redis_lib.Redis, *, min_rankings: int = 1,
                               who: str = "", metrics: RewardModelMetrics | None = None,
                               cache: RewardModelCache | None = None, consumer: str | None = None) -> RunReport:
     """Run once if at least ``min_rankings`` rankings wait in the stream; see the module docstring."""
     who = who or f"{socket.gethostname()}:{os.getpid()}"
-    lock = RunLock(client, LOCK_KEY, settings.reward_model_lock_seconds)
+    lock = RunLock(client, LOCK_KEY, settings.reward_model.lock_seconds)
     return run_exclusively(lock, metrics, "reward-model",
                            RunReport("skipped", "another reward-model run holds the lock"),
                            lambda started: _run_locked(settings, client, min_rankings, who, metrics,
                                                        cache or RewardModelCache(), consumer, started))
 
 
-def _run_locked(settings: Settings, client: redis_lib.Redis, min_rankings: int, who: str,
+def _run_locked(settings: FlywheelConfig, client: redis_lib.Redis, min_rankings: int, who: str,
                 metrics: RewardModelMetrics | None, cache: RewardModelCache, consumer: str | None,
                 started: float) -> RunReport:
     reader = RankingStreamReader(client, consumer=consumer)
     waiting = reader.waiting(max(min_rankings, 1))
     if waiting < max(min_rankings, 1):
         return RunReport("skipped", f"{waiting} rankings waiting, fewer than {min_rankings}")
-    batch = reader.read(settings.reward_model_max_rankings)
+    batch = reader.read(settings.reward_model.max_rankings)
     store = replay_store(settings)
     stored_before = store.load()
     known = {r.ranking_id for r in stored_before}
     store.append([r for r in batch.rankings if r.ranking_id not in known])  # durable before any ack
 
-    fraction = settings.reward_model_heldout_fraction
+    fraction = settings.reward_model.heldout_fraction
     new_ids = {r.ranking_id for r in batch.rankings}
     new_train = [r for r in batch.rankings if not is_held_out(r.group_id, fraction)]
     older_train = [r for r in stored_before if not is_held_out(r.group_id, fraction)]
-    replay = sample_replay(older_train, new_ids, round(settings.reward_model_replay_ratio * len(new_train)),
+    replay = sample_replay(older_train, new_ids, round(settings.reward_model.replay_ratio * len(new_train)),
                            random.Random(int(time.time())))
     held_out = [r for r in stored_before if is_held_out(r.group_id, fraction) and r.ranking_id not in new_ids]
     held_out = (held_out + [r for r in batch.rankings if is_held_out(r.group_id, fraction)])
-    held_out = held_out[-settings.reward_model_max_heldout:]
+    held_out = held_out[-settings.reward_model.max_heldout:]
     if not new_train:
         reader.acknowledge(batch.entry_ids)
         return RunReport("skipped", f"no new training rankings ({len(batch.entry_ids)} entries: held-out or unusable;"
@@ -149,12 +150,12 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, min_rankings: int, 
 
     registry = reward_model_registry(client, settings)
     current = registry.current()
-    model_config = model_config_from_settings(settings)
+    model_config = reward_model_config(settings)
     parent, parent_keys = _parent(registry, current, model_config)
     model, tokenizer = cache.model_for(model_config, parent_keys)
     if parent is not None:
         model.load_stored(registry.path(parent.version) / "model.safetensors")
-    trainer = RewardModelTrainer(model, tokenizer, training_config_from_settings(settings))
+    trainer = RewardModelTrainer(model, tokenizer, reward_training_config(settings.reward_model))
     log.info("reward-model run: %d new + %d replayed training rankings, %d held out, warm start from %s, "
              "%.1f M trainable parameters", len(new_train), len(replay), len(held_out),
              f"v{parent.version}" if parent else "the backbone", model.trainable_parameter_count() / 1e6)
@@ -163,7 +164,7 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, min_rankings: int, 
     stats = trainer.train(new_train + replay, progress=_progress_reporter(metrics))
     after = trainer.evaluate(held_out)
 
-    margin = settings.reward_model_accuracy_margin
+    margin = settings.reward_model.accuracy_margin
     if current is None:
         promote, why = True, "first reward model"
     elif before is None or before.accuracy is None or after.accuracy is None:

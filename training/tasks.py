@@ -25,7 +25,7 @@ from celery import signals
 from prometheus_client import CollectorRegistry, start_http_server
 
 from flywheel.celery_app import TRAINING_QUEUE, app, worker_consumes
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 from training.metrics import PPOMetrics, RewardModelMetrics
 from flywheel.policy_admin import policy_registry
 from training.policy_run import PolicyModelCache, run_policy_training
@@ -46,21 +46,21 @@ _POLICY_CACHE = PolicyModelCache()
 _WATCHER_STOP = threading.Event()
 
 
-def redis_client(settings: Settings) -> redis_lib.Redis:
+def redis_client(settings: FlywheelConfig) -> redis_lib.Redis:
     url = settings.redis_url or os.environ.get("REDIS_URL") or app.conf.broker_url
     return redis_lib.Redis.from_url(url)
 
 
 @app.task(name=TRAIN_REWARD_MODEL, bind=True)
 def train_reward_model(self, min_rankings: int = 1, who: str = "") -> dict:
-    settings = Settings.load()
+    settings = FlywheelConfig.load()
     client = redis_client(settings)
     try:
         client.delete(TRIGGER_KEY)
         report = run_reward_model_training(
             settings, client, min_rankings=min_rankings, who=who or f"celery:{self.request.hostname}",
             metrics=REWARD_MODEL_METRICS, cache=_CACHE)
-        if report.outcome == "promoted" and settings.policy_train_after_reward_model:
+        if report.outcome == "promoted" and settings.policy.train_after_reward_model:
             train_policy.apply_async(kwargs={"who": f"reward model v{report.version}"})
             log.info("enqueued a policy run for reward model v%d", report.version)
         return report.to_dict()
@@ -70,7 +70,7 @@ def train_reward_model(self, min_rankings: int = 1, who: str = "") -> dict:
 
 @app.task(name=TRAIN_POLICY, bind=True)
 def train_policy(self, who: str = "", iterations: int | None = None) -> dict:
-    settings = Settings.load()
+    settings = FlywheelConfig.load()
     client = redis_client(settings)
     try:
         report = run_policy_training(settings, client, who=who or f"celery:{self.request.hostname}",
@@ -80,23 +80,23 @@ def train_policy(self, who: str = "", iterations: int | None = None) -> dict:
         client.close()
 
 
-def trigger_if_ready(client: redis_lib.Redis, settings: Settings) -> bool:
+def trigger_if_ready(client: redis_lib.Redis, settings: FlywheelConfig) -> bool:
     """Enqueue a reward-model run when enough new rankings wait and none is running or queued."""
-    threshold = max(1, settings.reward_model_trigger_rankings)
+    threshold = max(1, settings.reward_model.trigger_rankings)
     if client.exists(LOCK_KEY):
         return False
     if RankingStreamReader(client).waiting(threshold) < threshold:
         return False
-    if not client.set(TRIGGER_KEY, socket.gethostname(), nx=True, ex=max(60, int(settings.reward_model_lock_seconds))):
+    if not client.set(TRIGGER_KEY, socket.gethostname(), nx=True, ex=max(60, int(settings.reward_model.lock_seconds))):
         return False
     train_reward_model.apply_async(kwargs={"min_rankings": threshold, "who": "trigger"})
     log.info("enqueued a reward-model run: at least %d new rankings", threshold)
     return True
 
 
-def _watch(settings: Settings) -> None:
+def _watch(settings: FlywheelConfig) -> None:
     client = redis_client(settings)
-    while not _WATCHER_STOP.wait(settings.reward_model_check_seconds):
+    while not _WATCHER_STOP.wait(settings.reward_model.check_seconds):
         try:
             trigger_if_ready(client, settings)
         except redis_lib.RedisError as exc:
@@ -109,10 +109,10 @@ def _start_worker_services(sender=None, **_kwargs) -> None:
     worker imports these tasks; a labelling worker must not take the training metrics port)."""
     if not worker_consumes(getattr(sender, "app", None), TRAINING_QUEUE):
         return
-    settings = Settings.load()
-    if settings.training_metrics_port:
-        start_http_server(settings.training_metrics_port, registry=METRICS_REGISTRY)
-        log.info("training metrics on :%d/metrics", settings.training_metrics_port)
+    settings = FlywheelConfig.load()
+    if settings.training.metrics_port:
+        start_http_server(settings.training.metrics_port, registry=METRICS_REGISTRY)
+        log.info("training metrics on :%d/metrics", settings.training.metrics_port)
         try:
             client = redis_client(settings)
             REWARD_MODEL_METRICS.current_version.set(reward_model_registry(client, settings).current_version())
@@ -120,7 +120,7 @@ def _start_worker_services(sender=None, **_kwargs) -> None:
             client.close()
         except redis_lib.RedisError as exc:
             log.warning("could not read the current reward model and policy: %s", exc)
-    if settings.reward_model_check_seconds > 0:
+    if settings.reward_model.check_seconds > 0:
         _WATCHER_STOP.clear()
         threading.Thread(target=_watch, args=(settings,), name="reward-model trigger", daemon=True).start()
 

@@ -10,7 +10,7 @@ import pytest
 from flywheel.api_keys import (
     ROLE_ADMIN, ROLE_CLIENT, Caller, KeyFile, KeyStore, client_key, create_local_keys, hash_key, parse_keys_spec,
 )
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 
 
 def test_keys_from_the_environment_plain_or_hashed():
@@ -48,7 +48,7 @@ def test_the_keys_file_holds_hashes_and_changes_apply_without_a_restart(tmp_path
 
 
 def test_environment_keys_and_the_default_file_work_together(tmp_path):
-    settings = Settings.load({"data_dir": str(tmp_path), "api_keys": "app:client:fwk_env"}, environ={})
+    settings = FlywheelConfig.load({"data_dir": str(tmp_path), "api_keys": "app:client:fwk_env"}, environ={})
     store = KeyStore.from_settings(settings)
     assert not (tmp_path / "secrets" / "client.key").exists()  # configured keys: no local keys are made
     made = KeyFile(tmp_path / "secrets" / "api_keys.json").create("late", ROLE_CLIENT)
@@ -61,11 +61,11 @@ def test_auth_on_with_no_key_at_all_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no API key is configured"):
         KeyStore(path=tmp_path / "empty.json")
     with pytest.raises(FileNotFoundError):
-        KeyStore.from_settings(Settings.load({"api_keys_file": str(tmp_path / "missing.json")}, environ={}))
+        KeyStore.from_settings(FlywheelConfig.load({"api_keys_file": str(tmp_path / "missing.json")}, environ={}))
 
 
 def test_local_keys_are_made_once_and_found_by_the_clients(tmp_path):
-    settings = Settings.load({"data_dir": str(tmp_path)}, environ={})
+    settings = FlywheelConfig.load({"data_dir": str(tmp_path)}, environ={})
     store = KeyStore.from_settings(settings)
     client, admin = client_key(settings), client_key(settings, ROLE_ADMIN)
     assert store.authenticate(client) == Caller("local-client", ROLE_CLIENT)
@@ -75,7 +75,7 @@ def test_local_keys_are_made_once_and_found_by_the_clients(tmp_path):
     assert client_key(settings) == client
     entries = json.loads((tmp_path / "secrets" / "api_keys.json").read_text())["keys"]
     assert {e["name"] for e in entries} == {"local-client", "local-admin"}
-    assert client_key(Settings.load({"data_dir": str(tmp_path), "api_key": "fwk_x"}, environ={})) == "fwk_x"
+    assert client_key(FlywheelConfig.load({"data_dir": str(tmp_path), "api_key": "fwk_x"}, environ={})) == "fwk_x"
 
 
 def test_celery_takes_tls_options_from_a_rediss_url():

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 
 from support.auth import API_KEYS, keyed_channel
 
@@ -244,11 +244,11 @@ def test_scrape_config_covers_every_process_on_its_metrics_port():
     assert config["rule_files"] == ["alerts.yml"]
     targets = {job["job_name"]: [t for static in job.get("static_configs", []) for t in static["targets"]]
                for job in config["scrape_configs"]}
-    defaults = Settings()
-    training_port = getattr(defaults, "training_metrics_port", 9402)
+    defaults = FlywheelConfig()
+    training_port = defaults.training.metrics_port
     services = compose()["services"]
-    for job, port in [("flywheel-server", defaults.metrics_port),
-                      ("flywheel-labelling", defaults.labelling_metrics_port),
+    for job, port in [("flywheel-server", defaults.serving.metrics_port),
+                      ("flywheel-labelling", defaults.labelling.metrics_port),
                       ("flywheel-training", training_port)]:
         assert targets[job], f"{job} has no target"
         for target in targets[job]:
@@ -316,7 +316,7 @@ def server(tiny_model_dir):
     from flywheel.redis_server import free_port
     from serving.server import InferenceServer
 
-    settings = Settings.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0",
+    settings = FlywheelConfig.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0",
                               "metrics_port": free_port(), "dtype": "float32", "api_keys": API_KEYS},
                              environ={})
     server = InferenceServer(settings).start(wait_until_ready=True)
@@ -475,7 +475,7 @@ def test_k8s_manifests_wire_together():
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == "flywheel", doc["metadata"]["name"]
     config = by_kind["ConfigMap"]["flywheel-config"]["data"]
-    fields = set(Settings.field_names()) | PENDING_SETTINGS
+    fields = set(FlywheelConfig.setting_names()) | PENDING_SETTINGS
     for key in config:
         assert key.startswith("FLYWHEEL_") and key.removeprefix("FLYWHEEL_").lower() in fields, key
     assert "REDIS_URL" in by_kind["Secret"]["flywheel-redis"]["stringData"]

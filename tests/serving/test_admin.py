@@ -9,7 +9,7 @@ import pytest
 
 from flywheel.models import load_model
 from flywheel.registry import VersionRegistry
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 from flywheel.v1 import admin_pb2 as admin
 from flywheel.v1 import admin_pb2_grpc as admin_rpc
 from flywheel.v1 import inference_pb2 as pb
@@ -40,7 +40,7 @@ def register_lora_version(registry, base_model, seed):
 
 @pytest.fixture
 def platform(tiny_model_dir, tmp_path, redis_server, redis_client):
-    settings = Settings.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": 0,
+    settings = FlywheelConfig.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": 0,
                               "dtype": "float32", "data_dir": str(tmp_path), "redis_url": redis_server.url,
                               "policy_poll_seconds": 0.5, "api_keys": API_KEYS,
                               "admin_requests_per_second": 0}, environ={})

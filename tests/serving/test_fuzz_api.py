@@ -20,7 +20,7 @@ from flywheel.grpc_client import with_key
 from flywheel.models import load_model
 from flywheel.redis_server import RedisServer
 from flywheel.registry import VersionRegistry
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 from flywheel.v1 import admin_pb2 as admin
 from flywheel.v1 import admin_pb2_grpc as admin_rpc
 from flywheel.v1 import feedback_pb2 as fb
@@ -61,7 +61,7 @@ def platform(tiny_model_dir, tmp_path_factory):
     register_lora_version(registry, base, seed=2)
     weights = registry.path(2) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])  # v2 is corrupt
-    settings_ = Settings.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": 0,
+    settings_ = FlywheelConfig.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": 0,
                                "dtype": "float32", "data_dir": str(folder), "redis_url": redis_server.url,
                                "max_new_tokens_limit": 8, "default_max_new_tokens": 4,
                                "policy_poll_seconds": 0.5, "api_keys": API_KEYS,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flywheel.models import load_model
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 from flywheel.redis_server import free_port
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
@@ -139,7 +139,7 @@ def run_to_completion_of(request):
 
 @pytest.fixture
 def followed_server(tiny_model_dir, tmp_path, redis_client, base):
-    settings = Settings.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": 0,
+    settings = FlywheelConfig.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": 0,
                               "dtype": "float32", "data_dir": str(tmp_path), "policy_poll_seconds": 0.5,
                               "api_keys": API_KEYS},
                              environ={})

@@ -15,7 +15,7 @@ from flywheel.api_keys import KeyFile
 from flywheel.cli import main as flywheel_main
 from flywheel.grpc_client import open_channel
 from flywheel.redis_server import RedisServer, free_port
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 from flywheel.v1 import admin_pb2, admin_pb2_grpc, feedback_pb2, feedback_pb2_grpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
@@ -28,12 +28,12 @@ MAX_PROMPT_TOKENS = 40
 MAX_MESSAGE_BYTES = 64 * 1024
 
 
-def settings_for(model_dir, data_dir, **overrides) -> Settings:
+def settings_for(model_dir, data_dir, **overrides) -> FlywheelConfig:
     values = {"model": str(model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": 0, "dtype": "float32",
               "data_dir": str(data_dir), "api_keys": API_KEYS, "max_prompt_tokens": MAX_PROMPT_TOKENS,
               "grpc_max_receive_message_bytes": MAX_MESSAGE_BYTES}
     values.update(overrides)
-    return Settings.load(values, environ={})
+    return FlywheelConfig.load(values, environ={})
 
 
 def code_of(call) -> tuple[grpc.StatusCode, str, dict]:
@@ -283,8 +283,8 @@ def pki(tmp_path_factory):
     return write_pki(tmp_path_factory.mktemp("pki"))
 
 
-def client_settings(pki, **values) -> Settings:
-    return Settings.load({"api_key": CLIENT_KEY, "tls_ca": str(pki / "ca.pem"), **values}, environ={})
+def client_settings(pki, **values) -> FlywheelConfig:
+    return FlywheelConfig.load({"api_key": CLIENT_KEY, "tls_ca": str(pki / "ca.pem"), **values}, environ={})
 
 
 def test_tls_serves_encrypted_and_refuses_plaintext(tiny_model_dir, tmp_path, pki):
@@ -297,7 +297,7 @@ def test_tls_serves_encrypted_and_refuses_plaintext(tiny_model_dir, tmp_path, pk
             code, _, _ = code_of(lambda: complete(plaintext))
             assert code == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(ValueError, match="tls_client_cert"):
-            open_channel(Settings.load({"tls_client_cert": str(pki / "client.pem"),
+            open_channel(FlywheelConfig.load({"tls_client_cert": str(pki / "client.pem"),
                                         "tls_client_key": str(pki / "client.key")}, environ={}))
     finally:
         server.stop(grace=1)

@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from flywheel.models import load_model
 from flywheel.redis_server import free_port
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 from serving.server import InferenceServer
@@ -24,7 +24,7 @@ def make_settings(model_dir, **overrides):
     values = {"model": str(model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": free_port(),
               "dtype": "float32", "max_new_tokens_limit": 600, "max_batch_sequences": 32, "api_keys": API_KEYS}
     values.update(overrides)
-    return Settings.load(values, environ={})
+    return FlywheelConfig.load(values, environ={})
 
 
 @pytest.fixture(scope="module")

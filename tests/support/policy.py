@@ -10,7 +10,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 from training.reward_model import RewardModel, RewardModelConfig
 from training.reward_model_run import reward_model_registry
 
@@ -18,7 +18,7 @@ TOPICS = ["the weather", "a recipe", "prime numbers", "a poem", "the train times
           "a summary", "the meeting", "a translation", "the garden", "a bicycle", "the ocean", "a library"]
 
 
-def promote_reward_model(client, settings: Settings, seed: int = 0) -> int:
+def promote_reward_model(client, settings: FlywheelConfig, seed: int = 0) -> int:
     """A reward model with a fresh head on the tiny backbone, registered and promoted."""
     config = RewardModelConfig(backbone=settings.model, trainable_layers=0, max_length=128, autocast_dtype="float32")
     torch.manual_seed(seed)

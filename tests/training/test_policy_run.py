@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 from support.policy import TINY_PPO, one_thread, promote_reward_model, store_served_groups  # noqa: F401
 from flywheel.policy_admin import policy_registry, promote_policy, rollback_policy
 from training.policy_model import PolicyWithValueHead
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def settings(tmp_path, tiny_model_dir):
-    return Settings.load({"data_dir": tmp_path / "data", "model": str(tiny_model_dir)} | TINY_PPO, environ={})
+    return FlywheelConfig.load({"data_dir": tmp_path / "data", "model": str(tiny_model_dir)} | TINY_PPO, environ={})
 
 
 def test_a_run_without_a_reward_model_is_skipped(settings, redis_client):
@@ -74,7 +74,7 @@ def test_a_policy_run_registers_an_atomically_written_version_and_the_gate_decid
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in served.named_parameters())
 
     # a second run warm-starts from v1; an impossible reward-gain bar rejects it, with its figures
-    strict = Settings.load({"data_dir": settings.data_dir, "model": settings.model} | TINY_PPO
+    strict = FlywheelConfig.load({"data_dir": settings.data_dir, "model": settings.model} | TINY_PPO
                            | {"policy_min_reward_gain": "1000"}, environ={})
     report = run_policy_training(strict, redis_client, who="test")
     assert report.outcome == "rejected" and "reward gain" in report.reason

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 from support.rankings import publish_rankings
 from training.rankings import RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP, ReplayStore, is_held_out
 from training.reward_model_run import LOCK_KEY, RewardModelCache, reward_model_registry, run_reward_model_training
@@ -22,13 +22,13 @@ from support.synthetic import synthetic_rankings
 HELD_OUT = 0.25
 
 
-def tiny_settings(tmp_path: Path, model_dir: Path, **overrides) -> Settings:
+def tiny_settings(tmp_path: Path, model_dir: Path, **overrides) -> FlywheelConfig:
     values = dict(data_dir=tmp_path / "data", model=str(model_dir), reward_model_learning_rate=2e-3,
                   reward_model_trainable_layers=-1, reward_model_autocast="float32", reward_model_max_length=96,
                   reward_model_heldout_fraction=HELD_OUT, reward_model_epochs=2, reward_model_batch_rankings=8,
                   reward_model_accuracy_margin=0.02, reward_model_replay_ratio=1.0)
     values.update(overrides)
-    return Settings(**values)
+    return FlywheelConfig.load(values, environ={})
 
 
 def pending(client) -> int:
@@ -100,7 +100,7 @@ KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     import redis
     import training.reward_model as reward_model
-    from flywheel.settings import Settings
+    from flywheel.config import FlywheelConfig
     from training.reward_model_run import run_reward_model_training
 
     def save_half_then_die(state, path, metadata=None):
@@ -109,7 +109,7 @@ KILLED_RUN = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGKILL)  # the worker dies while writing the version
 
     reward_model.save_file = save_half_then_die
-    settings = Settings(**{k: v for k, v in __import__("json").loads(sys.argv[2]).items()})
+    settings = FlywheelConfig.load(__import__("json").loads(sys.argv[2]), environ={})
     run_reward_model_training(settings, redis.Redis.from_url(sys.argv[1]), consumer="doomed")
 """)
 

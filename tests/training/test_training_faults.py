@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from flywheel.registry import CURRENT, VersionRegistry, verify_version
-from flywheel.settings import Settings
+from flywheel.config import FlywheelConfig
 from support.policy import TINY_PPO, promote_reward_model, store_served_groups
 from support.rankings import publish_rankings
 from test_reward_celery import BIN, wait_for, worker_env  # noqa: F401 (fixture)
@@ -94,7 +94,7 @@ def workers(fault_env, tmp_path):
 def send_task(env: dict, name: str, kwargs: dict):
     from flywheel.celery_app import make_celery
 
-    app = make_celery(env["REDIS_URL"], Settings.load(environ=env))
+    app = make_celery(env["REDIS_URL"], FlywheelConfig.load(environ=env))
     return app.send_task(name, kwargs=kwargs)
 
 
@@ -179,7 +179,7 @@ def test_a_ppo_run_killed_midway_runs_again_and_leaves_no_half_version(
     fault_env.update({"FLYWHEEL_POLICY_PROMPTS_FILE": str(prompts), "FLYWHEEL_POLICY_ITERATIONS": "3",
                       "FLYWHEEL_POLICY_RESPONSE_LENGTH": "8"})
     data = Path(fault_env["FLYWHEEL_DATA_DIR"])
-    settings = Settings.load(environ=fault_env)
+    settings = FlywheelConfig.load(environ=fault_env)
     promote_reward_model(redis_client, settings)
     store_served_groups(redis_client, AutoTokenizer.from_pretrained(tiny_model_dir), 8, prefix="served")
 
@@ -250,9 +250,9 @@ def test_a_registry_rebuild_skips_garbage_manifests(redis_client, tmp_path):
 def test_a_damaged_reward_model_is_refused_for_training(redis_client, tmp_path, tiny_model_dir, damage):
     from flywheel.registry import ArtifactError
     from training.policy_run import PolicyModelCache
-    from training.reward_model_run import _parent, model_config_from_settings, reward_model_registry
+    from training.reward_model_run import _parent, reward_model_config, reward_model_registry
 
-    settings = Settings.load({"model": str(tiny_model_dir), "data_dir": str(tmp_path)}, environ={})
+    settings = FlywheelConfig.load({"model": str(tiny_model_dir), "data_dir": str(tmp_path)}, environ={})
     promote_reward_model(redis_client, settings)
     registry = reward_model_registry(redis_client, settings)
     weights, manifest = registry.path(1) / "model.safetensors", registry.path(1) / "manifest.json"
@@ -268,4 +268,4 @@ def test_a_damaged_reward_model_is_refused_for_training(redis_client, tmp_path, 
     with pytest.raises(ArtifactError, match="v1"):  # PPO does not train against it
         PolicyModelCache().reward_model(current, registry.path(1))
     with pytest.raises(ArtifactError, match="v1"):  # the next reward-model run does not warm-start from it
-        _parent(registry, current, model_config_from_settings(settings))
+        _parent(registry, current, reward_model_config(settings))
