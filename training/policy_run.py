@@ -9,14 +9,16 @@
    evaluate the candidate.
 5. Write the candidate as a new version (temp folder + rename, checksums in the manifest), then
    promote it if it passes the gate, else mark it rejected with its figures.
+
+Steps 1, 4 and 5 are the skeleton every run shares (``training.run.TrainingRun``); ``PolicyRun``
+fills in the rest. PPO's seed is ``policy_seed``, or one drawn afresh for each run; either way it
+is in the version's manifest (``ppo.seed``), so a run can be repeated.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
-import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +30,8 @@ from flywheel.config import FlywheelConfig, PolicyRunConfig
 from flywheel.models import cpu_has_fast_bfloat16, resolve_model_path
 from training.metrics import PPOMetrics
 from flywheel.policy_admin import policy_registry
-from training.policy_gate import PolicyGateConfig, evaluate_policy, gate_decision, perplexity
+from training.policy_gate import (GateDecision, PolicyEvaluation, PolicyGateConfig, evaluate_policy, gate_decision,
+                                  perplexity)
 from training.policy_model import LORA, PolicyModelConfig, PolicyWithValueHead
 from training.policy_prompts import (DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS, file_prompts, load_texts,
                                      served_prompts, split_prompts)
@@ -36,8 +39,8 @@ from training.policy_reward import RewardModelScorer
 from training.ppo import PPOConfig, PPOStats, PPOTrainer
 from flywheel.registry import VersionRecord, verify_version
 from training.reward_model import RewardModel, RewardModelConfig
-from training.reward_model_run import RunReport, reward_model_registry
-from training.run_lock import RunLock, run_exclusively
+from training.reward_model_run import reward_model_registry
+from training.run import RunReport, TrainingRun
 
 log = logging.getLogger(__name__)
 
@@ -107,96 +110,110 @@ class PolicyModelCache:
         return self._reward
 
 
-def run_policy_training(settings: FlywheelConfig, client: redis_lib.Redis, *, who: str = "",
+def run_policy_training(config: FlywheelConfig, client: redis_lib.Redis, *, who: str = "",
                         metrics: PPOMetrics | None = None, cache: PolicyModelCache | None = None,
                         iterations: int | None = None) -> RunReport:
     """One PPO run (see the module docstring); skipped when another run holds the lock."""
-    who = who or f"{socket.gethostname()}:{os.getpid()}"
-    lock = RunLock(client, LOCK_KEY, settings.policy.lock_seconds)
-    iterations = settings.policy.iterations if iterations is None else iterations
-    return run_exclusively(lock, metrics, "policy", RunReport("skipped", "another policy run holds the lock"),
-                           lambda started: _run_locked(settings, client, who, metrics, cache or PolicyModelCache(),
-                                                       iterations, started))
+    return PolicyRun(config, client, who=who, metrics=metrics, cache=cache or PolicyModelCache(),
+                     iterations=config.policy.iterations if iterations is None else iterations).run()
 
 
-def _run_locked(settings: FlywheelConfig, client: redis_lib.Redis, who: str, metrics: PPOMetrics | None,
-                cache: PolicyModelCache, iterations: int, started: float) -> RunReport:
-    rewards = reward_model_registry(client, settings)
-    reward_record = rewards.current()
-    if reward_record is None:
-        return RunReport("skipped", "no reward model yet")
+class PolicyRun(TrainingRun):
+    """The steps of one PPO run (``TrainingRun`` orders them)."""
 
-    model_config = policy_model_config(settings)
-    policy = cache.policy(model_config)
-    prompts = served_prompts(client, policy.tokenizer, settings.policy.max_prompts)
-    if settings.policy.prompts_file:
-        prompts += file_prompts(Path(settings.policy.prompts_file), policy.tokenizer)
-    train_prompts, held_out = split_prompts(prompts, settings.policy.heldout_fraction)
-    held_out = held_out[:settings.policy.max_heldout]
-    if len(train_prompts) < max(settings.policy.min_prompts, 1):
-        return RunReport("skipped", f"{len(train_prompts)} training prompts, fewer than {settings.policy.min_prompts}")
-    if not held_out:  # tiny traffic: evaluate on a few training prompts rather than on nothing
-        held_out = train_prompts[:settings.policy.max_heldout]
+    name = "policy"
+    lock_key = LOCK_KEY
+    compares_with_base = True
 
-    registry = policy_registry(client, settings.data_dir)
-    current = registry.current()
-    parent = _warm_start(policy, registry, current, model_config)
-    reward_model = cache.reward_model(reward_record, rewards.path(reward_record.version))
-    scorer = RewardModelScorer(reward_model, eos_id=policy.eos_id, pad_id=policy.pad_id)
-    seed = secrets.randbits(31) if settings.policy.seed is None else settings.policy.seed
-    ppo = ppo_config(settings.policy, seed)
-    gate = gate_config(settings.policy)
-    heldout_text = policy.text_batches(load_texts(Path(settings.policy.heldout_corpus or DEFAULT_HELDOUT_CORPUS)),
-                                       8, 256)
-    ptx_texts = load_texts(Path(settings.policy.ptx_corpus or DEFAULT_PTX_CORPUS)) if ppo.ptx_coef > 0 else []
-    log.info("policy run: %d training and %d held-out prompts, reward model v%d, start from %s, %.2f M trained "
-             "parameters (%s), seed %d%s", len(train_prompts), len(held_out), reward_record.version,
-             f"v{parent}" if parent else "the base model", policy.trainable_parameter_count() / 1e6,
-             model_config.finetune, seed, " (drawn for this run)" if settings.policy.seed is None else "")
+    def __init__(self, config: FlywheelConfig, client: redis_lib.Redis, *, who: str, metrics: PPOMetrics | None,
+                 cache: PolicyModelCache, iterations: int) -> None:
+        super().__init__(client, policy_registry(client, config.data_dir), lock_seconds=config.policy.lock_seconds,
+                         who=who, metrics=metrics)
+        self.config = config
+        self.section = config.policy
+        self.cache = cache
+        self.iterations = iterations
 
-    reference_perplexity = perplexity(policy, heldout_text, reference=True)
-    before = evaluate_policy(policy, scorer, held_out, heldout_text, gate)
-    trainer = PPOTrainer(policy, scorer, ppo, ptx_texts=ptx_texts,
-                         progress=_progress_reporter(metrics, ppo.batch_size, time.monotonic()))
-    result = trainer.train(train_prompts, iterations)
-    after = evaluate_policy(policy, scorer, held_out, heldout_text, gate)
-    decision = gate_decision(after, before, reference_perplexity, policy.all_finite(), gate)
+    def prepare(self) -> str | None:
+        section = self.section
+        self.rewards = reward_model_registry(self.client, self.config)
+        self.reward_record = self.rewards.current()
+        if self.reward_record is None:
+            return "no reward model yet"
+        self.model_config = policy_model_config(self.config)
+        self.policy = policy = self.cache.policy(self.model_config)
+        prompts = served_prompts(self.client, policy.tokenizer, section.max_prompts)
+        if section.prompts_file:
+            prompts += file_prompts(Path(section.prompts_file), policy.tokenizer)
+        self.train_prompts, held_out = split_prompts(prompts, section.heldout_fraction)
+        self.held_out = held_out[:section.max_heldout]
+        if len(self.train_prompts) < max(section.min_prompts, 1):
+            return f"{len(self.train_prompts)} training prompts, fewer than {section.min_prompts}"
+        if not self.held_out:  # tiny traffic: evaluate on a few training prompts rather than on nothing
+            self.held_out = self.train_prompts[:section.max_heldout]
+        return None
 
-    last: PPOStats | None = result.last
-    figures = decision.figures | ({f"train_{k}": v for k, v in last.to_dict().items() if v is not None} if last else {})
-    figures["train_seconds"] = result.seconds
-    manifest = {
-        "base_model": model_config.base_model,
-        "reward_model_version": reward_record.version,
-        "parent": parent,
-        "current_at_start": current.version if current else 0,
-        "created_by": who,
-        "created_at": time.time(),
-        "figures": figures,
-        "prompts": {"train": len(train_prompts), "held_out": len(held_out),
-                    "prompts_file": settings.policy.prompts_file or None},
-        "model": asdict(model_config),
-        "ppo": asdict(ppo) | {"iterations": iterations},
-        "gate": asdict(gate) | {"passed": decision.passed, "why": decision.why},
-        "iterations": [s.to_dict() for s in result.iterations],
-        "duration_seconds": time.monotonic() - started,
-    }
+    def set_up(self, current: VersionRecord | None) -> None:
+        section, policy = self.section, self.policy
+        self.parent = _warm_start(policy, self.registry, current, self.model_config)
+        reward_model = self.cache.reward_model(self.reward_record, self.rewards.path(self.reward_record.version))
+        self.scorer = RewardModelScorer(reward_model, eos_id=policy.eos_id, pad_id=policy.pad_id)
+        seed = secrets.randbits(31) if section.seed is None else section.seed
+        self.ppo = ppo_config(section, seed)
+        self.gate_config = gate_config(section)
+        self.heldout_text = policy.text_batches(load_texts(Path(section.heldout_corpus or DEFAULT_HELDOUT_CORPUS)),
+                                                8, 256)
+        self.ptx_texts = load_texts(Path(section.ptx_corpus or DEFAULT_PTX_CORPUS)) if self.ppo.ptx_coef > 0 else []
+        log.info("policy run: %d training and %d held-out prompts, reward model v%d, start from %s, %.2f M trained "
+                 "parameters (%s), seed %d%s", len(self.train_prompts), len(self.held_out), self.reward_record.version,
+                 f"v{self.parent}" if self.parent else "the base model", policy.trainable_parameter_count() / 1e6,
+                 self.model_config.finetune, seed, " (drawn for this run)" if section.seed is None else "")
+        self.reference_perplexity = perplexity(policy, self.heldout_text, reference=True)
 
-    def write_artifacts(folder: Path) -> None:
-        manifest["format"] = policy.save(folder)  # the registry adds every file's checksum
+    def evaluate(self) -> PolicyEvaluation:
+        return evaluate_policy(self.policy, self.scorer, self.held_out, self.heldout_text, self.gate_config)
 
-    record = registry.write_version(write_artifacts, manifest)
-    if decision.passed:
-        registry.promote(record.version, who, decision.why)
-    else:
-        registry.reject(record.version, who, decision.why, decision.figures)
-    if metrics is not None:
-        for gauge, name in ((metrics.gate_reward_gain, "reward_gain"), (metrics.gate_kl_to_ref, "kl_to_ref"),
-                            (metrics.gate_perplexity_ratio, "perplexity_ratio")):
-            if isinstance(decision.figures[name], float):
-                gauge.set(decision.figures[name])
-        metrics.current_version.set(registry.current_version())
-    return RunReport("promoted" if decision.passed else "rejected", decision.why, record.version, figures)
+    def train(self) -> None:
+        trainer = PPOTrainer(self.policy, self.scorer, self.ppo, ptx_texts=self.ptx_texts,
+                             progress=_progress_reporter(self.metrics, self.ppo.batch_size, time.monotonic()))
+        self.result = trainer.train(self.train_prompts, self.iterations)
+
+    def gate(self, current: VersionRecord | None, before: PolicyEvaluation, after: PolicyEvaluation) -> GateDecision:
+        return gate_decision(after, before, self.reference_perplexity, self.policy.all_finite(), self.gate_config)
+
+    def manifest(self, current: VersionRecord | None, before: PolicyEvaluation, after: PolicyEvaluation,
+                 decision: GateDecision, started: float) -> dict:
+        result = self.result
+        last: PPOStats | None = result.last
+        figures = decision.figures | ({f"train_{k}": v for k, v in last.to_dict().items() if v is not None}
+                                      if last else {})
+        figures["train_seconds"] = result.seconds
+        return {
+            "base_model": self.model_config.base_model,
+            "reward_model_version": self.reward_record.version,
+            "parent": self.parent,
+            "current_at_start": current.version if current else 0,
+            "created_by": self.who,
+            "created_at": time.time(),
+            "figures": figures,
+            "prompts": {"train": len(self.train_prompts), "held_out": len(self.held_out),
+                        "prompts_file": self.section.prompts_file or None},
+            "model": asdict(self.model_config),
+            "ppo": asdict(self.ppo) | {"iterations": self.iterations},
+            "gate": asdict(self.gate_config) | {"passed": decision.passed, "why": decision.why},
+            "iterations": [s.to_dict() for s in result.iterations],
+            "duration_seconds": time.monotonic() - started,
+        }
+
+    def write_artifacts(self, folder: Path, manifest: dict) -> None:
+        manifest["format"] = self.policy.save(folder)  # the registry adds every file's checksum
+
+    def record_metrics(self, after: PolicyEvaluation, decision: GateDecision) -> None:
+        metrics = self.metrics
+        for gauge, figure in ((metrics.gate_reward_gain, "reward_gain"), (metrics.gate_kl_to_ref, "kl_to_ref"),
+                              (metrics.gate_perplexity_ratio, "perplexity_ratio")):
+            if isinstance(decision.figures[figure], float):
+                gauge.set(decision.figures[figure])
 
 
 def _warm_start(policy: PolicyWithValueHead, registry, current: VersionRecord | None,

@@ -7,19 +7,20 @@
 5. Warm-start from the current version, evaluate it on the held-out rankings, train, evaluate again.
 6. Write the new version (temp folder + rename) with its manifest, then promote it or mark it
    rejected: it must not be worse than the current version's held-out accuracy by more than
-   ``reward_model_accuracy_margin``.
+   ``reward_model_accuracy_margin`` (``training.reward_model_gate``).
 7. Only now acknowledge the stream entries. A run killed before this leaves them pending, so the
    next run reads them again (and a version never exists half-written).
+
+Steps 1, 5 and 6 are the skeleton every run shares (``training.run.TrainingRun``); ``RewardModelRun``
+fills in the rest.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import redis as redis_lib
@@ -31,25 +32,14 @@ from training.metrics import RewardModelMetrics
 from training.rankings import RankingStreamReader, ReplayStore, is_held_out, sample_replay
 from flywheel.registry import VersionRecord, VersionRegistry, verify_version
 from training.reward_model import RewardModel, RewardModelConfig
+from training.reward_model_gate import RewardModelGateDecision, reward_model_gate_decision
 from training.reward_trainer import EvalStats, RewardModelTrainer, RewardTrainingConfig
-from training.run_lock import RunLock, run_exclusively
+from training.run import RunReport, TrainingRun
 
 log = logging.getLogger(__name__)
 
 KIND = "reward_model"
 LOCK_KEY = "flywheel:lock:reward_model"
-
-
-@dataclass
-class RunReport:
-    outcome: str
-    """promoted | rejected | skipped"""
-    reason: str
-    version: int = 0
-    figures: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def reward_model_registry(client: redis_lib.Redis, config: FlywheelConfig) -> VersionRegistry:
@@ -109,118 +99,127 @@ def _figures(prefix: str, stats: EvalStats | None) -> dict:
             f"{prefix}human_accuracy": stats.human_accuracy}
 
 
-def run_reward_model_training(settings: FlywheelConfig, client: redis_lib.Redis, *, min_rankings: int = 1,
+def run_reward_model_training(config: FlywheelConfig, client: redis_lib.Redis, *, min_rankings: int = 1,
                               who: str = "", metrics: RewardModelMetrics | None = None,
                               cache: RewardModelCache | None = None, consumer: str | None = None) -> RunReport:
     """Run once if at least ``min_rankings`` rankings wait in the stream; see the module docstring."""
-    who = who or f"{socket.gethostname()}:{os.getpid()}"
-    lock = RunLock(client, LOCK_KEY, settings.reward_model.lock_seconds)
-    return run_exclusively(lock, metrics, "reward-model",
-                           RunReport("skipped", "another reward-model run holds the lock"),
-                           lambda started: _run_locked(settings, client, min_rankings, who, metrics,
-                                                       cache or RewardModelCache(), consumer, started))
+    return RewardModelRun(config, client, min_rankings=min_rankings, who=who, metrics=metrics,
+                          cache=cache or RewardModelCache(), consumer=consumer).run()
 
 
-def _run_locked(settings: FlywheelConfig, client: redis_lib.Redis, min_rankings: int, who: str,
-                metrics: RewardModelMetrics | None, cache: RewardModelCache, consumer: str | None,
-                started: float) -> RunReport:
-    reader = RankingStreamReader(client, consumer=consumer)
-    waiting = reader.waiting(max(min_rankings, 1))
-    if waiting < max(min_rankings, 1):
-        return RunReport("skipped", f"{waiting} rankings waiting, fewer than {min_rankings}")
-    batch = reader.read(settings.reward_model.max_rankings)
-    store = replay_store(settings)
-    stored_before = store.load()
-    known = {r.ranking_id for r in stored_before}
-    store.append([r for r in batch.rankings if r.ranking_id not in known])  # durable before any ack
+class RewardModelRun(TrainingRun):
+    """The steps of one reward-model run (``TrainingRun`` orders them)."""
 
-    fraction = settings.reward_model.heldout_fraction
-    new_ids = {r.ranking_id for r in batch.rankings}
-    new_train = [r for r in batch.rankings if not is_held_out(r.group_id, fraction)]
-    older_train = [r for r in stored_before if not is_held_out(r.group_id, fraction)]
-    replay = sample_replay(older_train, new_ids, round(settings.reward_model.replay_ratio * len(new_train)),
-                           random.Random(int(time.time())))
-    held_out = [r for r in stored_before if is_held_out(r.group_id, fraction) and r.ranking_id not in new_ids]
-    held_out = (held_out + [r for r in batch.rankings if is_held_out(r.group_id, fraction)])
-    held_out = held_out[-settings.reward_model.max_heldout:]
-    if not new_train:
-        reader.acknowledge(batch.entry_ids)
-        return RunReport("skipped", f"no new training rankings ({len(batch.entry_ids)} entries: held-out or unusable;"
-                                    " stored and acknowledged)")
+    name = "reward-model"
+    lock_key = LOCK_KEY
 
-    registry = reward_model_registry(client, settings)
-    current = registry.current()
-    model_config = reward_model_config(settings)
-    parent, parent_keys = _parent(registry, current, model_config)
-    model, tokenizer = cache.model_for(model_config, parent_keys)
-    if parent is not None:
-        model.load_stored(registry.path(parent.version) / "model.safetensors")
-    trainer = RewardModelTrainer(model, tokenizer, reward_training_config(settings.reward_model))
-    log.info("reward-model run: %d new + %d replayed training rankings, %d held out, warm start from %s, "
-             "%.1f M trainable parameters", len(new_train), len(replay), len(held_out),
-             f"v{parent.version}" if parent else "the backbone", model.trainable_parameter_count() / 1e6)
+    def __init__(self, config: FlywheelConfig, client: redis_lib.Redis, *, min_rankings: int, who: str,
+                 metrics: RewardModelMetrics | None, cache: RewardModelCache, consumer: str | None) -> None:
+        super().__init__(client, reward_model_registry(client, config), lock_seconds=config.reward_model.lock_seconds,
+                         who=who, metrics=metrics)
+        self.config = config
+        self.section = config.reward_model
+        self.min_rankings = min_rankings
+        self.cache = cache
+        self.consumer = consumer
 
-    before = trainer.evaluate(held_out) if current is not None else None
-    stats = trainer.train(new_train + replay, progress=_progress_reporter(metrics))
-    after = trainer.evaluate(held_out)
+    def prepare(self) -> str | None:
+        self.reader = reader = RankingStreamReader(self.client, consumer=self.consumer)
+        waiting = reader.waiting(max(self.min_rankings, 1))
+        if waiting < max(self.min_rankings, 1):
+            return f"{waiting} rankings waiting, fewer than {self.min_rankings}"
+        self.batch = batch = reader.read(self.section.max_rankings)
+        store = replay_store(self.config)
+        stored_before = store.load()
+        known = {r.ranking_id for r in stored_before}
+        store.append([r for r in batch.rankings if r.ranking_id not in known])  # durable before any ack
 
-    margin = settings.reward_model.accuracy_margin
-    if current is None:
-        promote, why = True, "first reward model"
-    elif before is None or before.accuracy is None or after.accuracy is None:
-        promote, why = True, "no held-out rankings to compare on yet"
-    elif after.accuracy >= before.accuracy - margin:
-        promote, why = True, (f"held-out accuracy {after.accuracy:.4f} vs current v{current.version} "
-                              f"{before.accuracy:.4f} (margin {margin})")
-    else:
-        promote, why = False, (f"held-out accuracy {after.accuracy:.4f} is worse than current v{current.version} "
-                               f"{before.accuracy:.4f} by more than {margin}")
+        fraction = self.section.heldout_fraction
+        new_ids = {r.ranking_id for r in batch.rankings}
+        self.new_train = [r for r in batch.rankings if not is_held_out(r.group_id, fraction)]
+        older_train = [r for r in stored_before if not is_held_out(r.group_id, fraction)]
+        self.replay = sample_replay(older_train, new_ids, round(self.section.replay_ratio * len(self.new_train)),
+                                    random.Random(int(time.time())))
+        held_out = [r for r in stored_before if is_held_out(r.group_id, fraction) and r.ranking_id not in new_ids]
+        held_out = (held_out + [r for r in batch.rankings if is_held_out(r.group_id, fraction)])
+        self.held_out = held_out[-self.section.max_heldout:]
+        if not self.new_train:
+            reader.acknowledge(batch.entry_ids)
+            return (f"no new training rankings ({len(batch.entry_ids)} entries: held-out or unusable;"
+                    " stored and acknowledged)")
+        return None
 
-    used = new_train + replay
-    figures = _figures("heldout_", after) | {f"current_{k}": v for k, v in _figures("heldout_", before).items()} | {
-        "training_loss": stats.loss, "training_pairs_per_second": stats.pairs_per_second,
-        "training_seconds": stats.seconds, "training_steps": stats.steps,
-    }
-    manifest = {
-        "parent": parent.version if parent else None,
-        "current_at_start": current.version if current else None,
-        "created_by": who,
-        "created_at": time.time(),
-        "figures": figures,
-        "rankings": {
-            "count": len(used), "new": len(new_train), "replayed": len(replay), "held_out": len(held_out),
-            "new_held_out": sum(is_held_out(r.group_id, fraction) for r in batch.rankings),
-            "human": sum(r.source != "ai" for r in used), "ai": sum(r.source == "ai" for r in used),
-            "stream": {"key": reader.stream, "group": reader.group, "first_id": batch.first_id,
-                       "last_id": batch.last_id, "entries": len(batch.entry_ids), "unusable": len(batch.skipped)},
-        },
-        "model": asdict(model_config) | {"stored": "trained parameters only (float32); the rest is the backbone"},
-        "training": asdict(trainer.config),
-        "gate": {"promoted": promote, "why": why, "margin": margin},
-        "duration_seconds": time.monotonic() - started,
-    }
-    stored_keys = set(parent_keys)
-    record = registry.write_version(lambda folder: model.save(folder, stored_keys), manifest)
-    if promote:
-        registry.promote(record.version, who, why)
-    else:
-        registry.reject(record.version, who, why)
-    reader.acknowledge(batch.entry_ids)  # only now: the version is on disk
+    def set_up(self, current: VersionRecord | None) -> None:
+        self.model_config = reward_model_config(self.config)
+        self.parent, self.parent_keys = _parent(self.registry, current, self.model_config)
+        self.model, tokenizer = self.cache.model_for(self.model_config, self.parent_keys)
+        if self.parent is not None:
+            self.model.load_stored(self.registry.path(self.parent.version) / "model.safetensors")
+        self.trainer = RewardModelTrainer(self.model, tokenizer, reward_training_config(self.section))
+        log.info("reward-model run: %d new + %d replayed training rankings, %d held out, warm start from %s, "
+                 "%.1f M trainable parameters", len(self.new_train), len(self.replay), len(self.held_out),
+                 f"v{self.parent.version}" if self.parent else "the backbone",
+                 self.model.trainable_parameter_count() / 1e6)
 
-    if metrics is not None:
+    def evaluate(self) -> EvalStats:
+        return self.trainer.evaluate(self.held_out)
+
+    def train(self) -> None:
+        self.stats = self.trainer.train(self.new_train + self.replay, progress=_progress_reporter(self.metrics))
+
+    def gate(self, current: VersionRecord | None, before: EvalStats | None,
+             after: EvalStats) -> RewardModelGateDecision:
+        return reward_model_gate_decision(after, before, current.version if current else None,
+                                          self.section.accuracy_margin)
+
+    def manifest(self, current: VersionRecord | None, before: EvalStats | None, after: EvalStats,
+                 decision: RewardModelGateDecision, started: float) -> dict:
+        used = self.new_train + self.replay
+        stats, batch, reader, fraction = self.stats, self.batch, self.reader, self.section.heldout_fraction
+        figures = _figures("heldout_", after) | {f"current_{k}": v for k, v in _figures("heldout_", before).items()} | {
+            "training_loss": stats.loss, "training_pairs_per_second": stats.pairs_per_second,
+            "training_seconds": stats.seconds, "training_steps": stats.steps,
+        }
+        return {
+            "parent": self.parent.version if self.parent else None,
+            "current_at_start": current.version if current else None,
+            "created_by": self.who,
+            "created_at": time.time(),
+            "figures": figures,
+            "rankings": {
+                "count": len(used), "new": len(self.new_train), "replayed": len(self.replay),
+                "held_out": len(self.held_out),
+                "new_held_out": sum(is_held_out(r.group_id, fraction) for r in batch.rankings),
+                "human": sum(r.source != "ai" for r in used), "ai": sum(r.source == "ai" for r in used),
+                "stream": {"key": reader.stream, "group": reader.group, "first_id": batch.first_id,
+                           "last_id": batch.last_id, "entries": len(batch.entry_ids), "unusable": len(batch.skipped)},
+            },
+            "model": asdict(self.model_config) | {
+                "stored": "trained parameters only (float32); the rest is the backbone"},
+            "training": asdict(self.trainer.config),
+            "gate": {"promoted": decision.passed, "why": decision.why, "margin": self.section.accuracy_margin},
+            "duration_seconds": time.monotonic() - started,
+        }
+
+    def write_artifacts(self, folder: Path, manifest: dict) -> None:
+        self.model.save(folder, set(self.parent_keys))
+
+    def written(self, record: VersionRecord) -> None:
+        self.reader.acknowledge(self.batch.entry_ids)  # only now: the version is on disk
+
+    def record_metrics(self, after: EvalStats, decision: RewardModelGateDecision) -> None:
+        metrics, stats = self.metrics, self.stats
         metrics.training_loss.set(stats.loss)
         if after.accuracy is not None:
             metrics.heldout_accuracy.set(after.accuracy)
             metrics.heldout_loss.set(after.loss)
-        for split, rankings in (("new", new_train), ("replay", replay)):
+        for split, rankings in (("new", self.new_train), ("replay", self.replay)):
             for source in ("human", "ai"):
                 count = sum((r.source == "ai") == (source == "ai") for r in rankings)
                 if count:
                     metrics.rankings_used.labels(split, source).inc(count)
-        metrics.run_rankings.set(len(used))
+        metrics.run_rankings.set(len(self.new_train + self.replay))
         metrics.pairs_per_second.set(stats.pairs_per_second)
-        metrics.current_version.set(registry.current_version())
-    return RunReport("promoted" if promote else "rejected", why, record.version, figures)
 
 
 def _progress_reporter(metrics: RewardModelMetrics | None):
