@@ -7,13 +7,14 @@ while there are free sequence slots: it prefills each prompt once, copies its ke
 as soon as they finish (end of sequence, stop string, length, cancellation or deadline), so a
 short request never waits for a long one. Results flow back through a per-request event queue,
 which the gRPC handlers read.
+
+``serving/model_runner.py`` owns the model(s) and the batches' caches; this module's loop
+schedules, samples (``serving/sampling.py``), detokenizes and delivers events.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-import inspect
 import logging
 import queue
 import threading
@@ -24,8 +25,14 @@ from dataclasses import dataclass, field
 import torch
 
 from serving.detokenizer import IncrementalDetokenizer
-from serving.kv_cache import BatchKVCache
+from serving.model_runner import Batch, ModelRunner, cache_argument
 from serving.sampling import SamplingParams, sample_generator, sample_tokens
+
+__all__ = [
+    "FINISH_CANCELLED", "FINISH_LENGTH", "FINISH_STOP", "DoneEvent", "Engine", "EngineConfig", "EngineObserver",
+    "EngineStoppedError", "ErrorEvent", "GenerationRequest", "GroupResult", "QueueFullError", "SampleResult",
+    "TokenEvent", "cache_argument", "iter_events", "run_to_completion",
+]
 
 log = logging.getLogger(__name__)
 
@@ -159,64 +166,6 @@ class _Sequence:
         self.finish_reason: str | None = None
 
 
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def cache_argument(model: torch.nn.Module, cache: BatchKVCache) -> dict:
-    """The cache keyword of ``model.forward``: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    return {_cache_keyword(type(model)): cache}
-
-
-class _Batch:
-    """The running rows of one policy version: its model, its left-padded cache and the rows' state.
-
-    After a hot-swap, the old version's batch keeps decoding until its rows finish (so every
-    completion comes from one version), while new requests join the new version's batch.
-    """
-
-    def __init__(self, model: torch.nn.Module, version: int) -> None:
-        self.model = model
-        self.version = version
-        self.num_layers = model.config.num_hidden_layers
-        self.clear()
-
-    def clear(self) -> None:
-        self.cache = BatchKVCache(self.num_layers)
-        self.rows: list[_Sequence] = []
-        self.pads = torch.zeros(0, dtype=torch.long)
-        self.last_tokens = torch.zeros(0, 1, dtype=torch.long)
-
-    def add(self, prefilled: BatchKVCache, rows: list[_Sequence], first_tokens: torch.Tensor) -> None:
-        pad_ours, pad_new = self.cache.append(prefilled)
-        self.pads = torch.cat([self.pads + pad_ours, torch.full((len(rows),), pad_new, dtype=torch.long)])
-        self.rows.extend(rows)
-        self.last_tokens = torch.cat([self.last_tokens, first_tokens.unsqueeze(1)])
-
-    def keep(self, keep: list[int]) -> None:
-        if not keep:
-            self.clear()
-            return
-        rows = torch.tensor(keep, dtype=torch.long)
-        pads = self.pads[rows]
-        drop = int(pads.min())  # columns that are padding in every remaining row
-        self.cache.keep_rows(rows, drop_leading=drop)
-        self.pads = pads - drop
-        self.last_tokens = self.last_tokens[rows]
-        self.rows = [self.rows[i] for i in keep]
-
-    def forward_step(self) -> torch.Tensor:
-        """Decode one token for every row; returns the logits [rows, vocab]."""
-        length = self.cache.length
-        positions = torch.arange(length + 1)
-        attention_mask = (positions.unsqueeze(0) >= self.pads.unsqueeze(1)).long()
-        position_ids = (length - self.pads).unsqueeze(1)
-        out = self.model(input_ids=self.last_tokens, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **cache_argument(self.model, self.cache))
-        return out.logits[:, -1]
-
-
 class Engine:
     """Owns the model(s); ``submit`` from any thread, results arrive on the request's event queue."""
 
@@ -228,7 +177,8 @@ class Engine:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self.device = next(model.parameters()).device
+        self.runner = ModelRunner(model, policy_version)
+        self.device = self.runner.device
 
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._lock = threading.Lock()
@@ -238,20 +188,17 @@ class Engine:
         self._failure: BaseException | None = None
         self._pending_swap: tuple[torch.nn.Module, int, threading.Event] | None = None
 
-        # the batches being decoded: the last one belongs to the current version and admits new rows
-        self._batches: list[_Batch] = [_Batch(model, policy_version)]
-
     # ---- public API (any thread) ----
 
     @property
     def policy_version(self) -> int:
         """The version new requests are served by."""
         pending = self._pending_swap
-        return pending[1] if pending is not None else self._batches[-1].version
+        return pending[1] if pending is not None else self.runner.current.version
 
     @property
     def model(self) -> torch.nn.Module:
-        return self._batches[-1].model
+        return self.runner.current.model
 
     def start(self) -> None:
         with self._lock:
@@ -296,29 +243,29 @@ class Engine:
 
     @property
     def running_sequences(self) -> int:
-        return sum(len(b.rows) for b in self._batches)
+        return self.runner.running_sequences
 
     # ---- the engine thread ----
 
     def _loop(self) -> None:
+        runner = self.runner
         try:
             with torch.inference_mode():
                 while True:
                     with self._wakeup:
                         if not self._running:
                             break
-                        if not self.running_sequences and not self._waiting and self._pending_swap is None:
+                        if not runner.running_sequences and not self._waiting and self._pending_swap is None:
                             self._wakeup.wait(self.config.idle_wait_seconds)
                             continue
                     self._apply_swap()
                     self._drop_cancelled()
                     self._admit()
-                    for batch in list(self._batches):
+                    for batch in list(runner.batches):
                         if batch.rows:
                             self._decode_step(batch)
-                    # an old version's batch goes (with its model) once its last row is done
-                    self._batches = [b for b in self._batches[:-1] if b.rows] + [self._batches[-1]]
-                    self.observer.on_queue(len(self._waiting), self.running_sequences)
+                    runner.release_finished_versions()
+                    self.observer.on_queue(len(self._waiting), runner.running_sequences)
         except BaseException as exc:  # a bug or OOM: fail every request loudly rather than hang them
             log.exception("engine loop failed")
             self._failure = exc
@@ -331,13 +278,8 @@ class Engine:
         if pending is None:
             return
         model, version, done = pending
-        current = self._batches[-1]
-        if current.rows:
-            self._batches.append(_Batch(model, version))
-        else:
-            self._batches[-1] = _Batch(model, version)
-        log.info("now serving policy version %d (%d sequences finish on the previous version)",
-                 version, sum(len(b.rows) for b in self._batches[:-1]))
+        finishing = self.runner.swap(model, version)
+        log.info("now serving policy version %d (%d sequences finish on the previous version)", version, finishing)
         done.set()
 
     def _fail_everything(self, error: BaseException) -> None:
@@ -345,11 +287,10 @@ class Engine:
             self._running = False
             waiting, self._waiting = list(self._waiting), collections.deque()
             pending, self._pending_swap = self._pending_swap, None
-        groups = {id(s.group): s.group for b in self._batches for s in b.rows}
+        groups = {id(s.group): s.group for s in self.runner.rows()}
         for request in waiting + [g.request for g in groups.values()]:
             request.events.put(ErrorEvent(error))
-        for batch in self._batches:
-            batch.clear()
+        self.runner.clear()
         if pending is not None:
             pending[2].set()
 
@@ -366,7 +307,7 @@ class Engine:
                     self._waiting.popleft()
                     self._finish_unstarted(request)
                     continue
-                if self.running_sequences + request.params.n > self.config.max_batch_sequences:
+                if self.runner.running_sequences + request.params.n > self.config.max_batch_sequences:
                     return
                 self._waiting.popleft()
             budget -= len(request.prompt_token_ids)
@@ -380,14 +321,11 @@ class Engine:
 
     def _prefill(self, request: GenerationRequest) -> None:
         started = time.perf_counter()
-        batch = self._batches[-1]
+        batch = self.runner.current
         group = _Group(request, batch.version, self.eos_ids, self.tokenizer)
-        cache = BatchKVCache(batch.num_layers)
-        ids = torch.tensor([request.prompt_token_ids], dtype=torch.long, device=self.device)
-        out = batch.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_argument(batch.model, cache))
         n = request.params.n
-        cache.repeat_rows(n)
-        tokens, logprobs = self._choose(out.logits[:, -1].expand(n, -1), group.samples)
+        cache, logits = batch.prefill(request.prompt_token_ids, n)
+        tokens, logprobs = self._choose(logits, group.samples)
         batch.add(cache, group.samples, tokens)
         self._record(group.samples, tokens, logprobs)  # clients hear of the rows once they are in the batch
         self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started, n)
@@ -396,7 +334,7 @@ class Engine:
         # a sample may already be finished (max_new_tokens=1, end of sequence): retire it now
         self._retire_finished(batch)
 
-    def _decode_step(self, batch: _Batch) -> None:
+    def _decode_step(self, batch: Batch) -> None:
         started = time.perf_counter()
         logits = batch.forward_step()
         tokens, logprobs = self._choose(logits, batch.rows)
@@ -440,14 +378,14 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
-        for batch in self._batches:
+        for batch in self.runner.batches:
             for sequence in batch.rows:
                 request = sequence.group.request
                 if sequence.finish_reason is None and (request.cancelled.is_set() or request.expired(now)):
                     sequence.finish_reason = FINISH_CANCELLED
             self._retire_finished(batch)
 
-    def _retire_finished(self, batch: _Batch) -> None:
+    def _retire_finished(self, batch: Batch) -> None:
         """Remove finished rows from the batch; complete groups whose samples are all done."""
         keep = [i for i, s in enumerate(batch.rows) if s.finish_reason is None]
         if len(keep) == len(batch.rows):
