@@ -8,8 +8,10 @@ as soon as they finish (end of sequence, stop string, length, cancellation or de
 short request never waits for a long one. Results flow back through a per-request event queue,
 which the gRPC handlers read.
 
-``serving/model_runner.py`` owns the model(s) and the batches' caches; this module's loop
-schedules, samples (``serving/sampling.py``), detokenizes and delivers events.
+The work is split as in vLLM: ``serving/scheduler.py`` plans admissions and retirements from
+plain request/row fields, ``serving/model_runner.py`` owns the model(s) and the batches' caches,
+and this module's loop joins them, samples (``serving/sampling.py``), detokenizes and delivers
+events.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from serving.detokenizer import IncrementalDetokenizer
 from serving.model_runner import Batch, ModelRunner, cache_argument
 from serving.sampling import SamplingParams, sample_generator, sample_tokens
+from serving.scheduler import Scheduler
 
 __all__ = [
     "FINISH_CANCELLED", "FINISH_LENGTH", "FINISH_STOP", "DoneEvent", "Engine", "EngineConfig", "EngineObserver",
@@ -114,6 +117,20 @@ class GenerationRequest:
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
+    # what the scheduler reads (serving.scheduler.Schedulable)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def n(self) -> int:
+        return self.params.n
+
+    def abandoned(self, now: float) -> bool:
+        """Cancelled, or past its deadline at ``now`` (``time.monotonic()``)."""
+        return self.cancelled.is_set() or (self.deadline is not None and now >= self.deadline)
+
 
 @dataclass
 class EngineConfig:
@@ -159,6 +176,7 @@ class _Sequence:
     def __init__(self, group: _Group, index: int, tokenizer) -> None:
         params = group.request.params
         self.group = group
+        self.request = group.request  # what the scheduler reads (serving.scheduler.Row)
         self.index = index
         self.generator = sample_generator(params.seed, index)
         self.detok = IncrementalDetokenizer(tokenizer, params.stop, params.min_new_tokens)
@@ -177,6 +195,7 @@ class Engine:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.scheduler = Scheduler(self.config.max_batch_sequences, self.config.max_prefill_tokens_per_step)
         self.runner = ModelRunner(model, policy_version)
         self.device = self.runner.device
 
@@ -295,23 +314,25 @@ class Engine:
             pending[2].set()
 
     def _admit(self) -> None:
-        """Prefill waiting requests that fit in the free slots (in arrival order)."""
-        budget = self.config.max_prefill_tokens_per_step
+        """Carry out the scheduler's admissions (in arrival order) until a plan takes nothing: a
+        prefill may free slots at once (a sample done on its first token), and requests may arrive
+        meanwhile, so each plan starts from the live queue, running rows and budget left."""
+        budget: int | None = None  # the step's whole budget
         now = time.monotonic()
-        while budget > 0:
+        while True:
             with self._lock:
                 if not self._waiting:
                     return
-                request = self._waiting[0]
-                if request.cancelled.is_set() or request.expired(now):
+                plan = self.scheduler.plan_admission(self._waiting, self.runner.running_sequences, now, budget)
+                for _ in range(plan.taken):
                     self._waiting.popleft()
-                    self._finish_unstarted(request)
-                    continue
-                if self.runner.running_sequences + request.params.n > self.config.max_batch_sequences:
-                    return
-                self._waiting.popleft()
-            budget -= len(request.prompt_token_ids)
-            self._prefill(request)
+            if not plan.taken:
+                return
+            for request in plan.finish:
+                self._finish_unstarted(request)
+            for request in plan.admit:
+                self._prefill(request)
+            budget = plan.budget_left
 
     def _finish_unstarted(self, request: GenerationRequest) -> None:
         group = _Group(request, self.policy_version, self.eos_ids, self.tokenizer)
@@ -332,7 +353,7 @@ class Engine:
         group.first_token_at = time.time()
         self.observer.on_first_token(group.first_token_at - request.created_at)
         # a sample may already be finished (max_new_tokens=1, end of sequence): retire it now
-        self._retire_finished(batch)
+        self._retire(batch)
 
     def _decode_step(self, batch: Batch) -> None:
         started = time.perf_counter()
@@ -341,7 +362,7 @@ class Engine:
         batch.last_tokens = tokens.unsqueeze(1)
         self._record(batch.rows, tokens, logprobs)
         size = len(batch.rows)
-        self._retire_finished(batch)
+        self._retire(batch)
         self.observer.on_step(size, time.perf_counter() - started, size)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,25 +400,24 @@ class Engine:
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
         for batch in self.runner.batches:
-            for sequence in batch.rows:
-                request = sequence.group.request
-                if sequence.finish_reason is None and (request.cancelled.is_set() or request.expired(now)):
-                    sequence.finish_reason = FINISH_CANCELLED
-            self._retire_finished(batch)
+            self._retire(batch, now)
 
-    def _retire_finished(self, batch: Batch) -> None:
-        """Remove finished rows from the batch; complete groups whose samples are all done."""
-        keep = [i for i, s in enumerate(batch.rows) if s.finish_reason is None]
-        if len(keep) == len(batch.rows):
+    def _retire(self, batch: Batch, now: float | None = None) -> None:
+        """Remove the rows the scheduler retires (with ``now``, also those of abandoned requests,
+        which finish as cancelled); complete groups whose samples are all done."""
+        retirement = self.scheduler.plan_retirement(batch.rows, now)
+        if retirement is None:
             return
         done_groups = []
-        for sequence in batch.rows:
-            if sequence.finish_reason is not None:
-                group = sequence.group
-                group.remaining -= 1
-                if group.remaining == 0:
-                    done_groups.append(group)
-        batch.keep(keep)
+        for i in retirement.leave:
+            sequence = batch.rows[i]
+            if sequence.finish_reason is None:
+                sequence.finish_reason = FINISH_CANCELLED
+            group = sequence.group
+            group.remaining -= 1
+            if group.remaining == 0:
+                done_groups.append(group)
+        batch.keep(retirement.keep)
         for group in done_groups:  # after the batch shrank, so a finished request sees its slots free
             group.request.events.put(DoneEvent(group.result()))
 
