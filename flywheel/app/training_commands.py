@@ -138,8 +138,9 @@ def _redis(settings):
             server.stop()
 
 
-def _run_on_worker(settings, task_name: str, kwargs: dict, what: str, args: argparse.Namespace) -> int:
-    """Send ``task_name`` to the training queue by name, then (unless ``--no-wait``) print its report."""
+def _run_on_worker(args: argparse.Namespace, settings, task_name: str, kwargs: dict, what: str) -> int:
+    """Send ``task_name`` to the training queue by name (the task modules stay unloaded here), then,
+    unless ``--no-wait``, wait for the run and print its report."""
     from flywheel.celery_app import make_celery
 
     celery = make_celery(settings=settings)
@@ -162,8 +163,8 @@ def train_reward_model_command(args: argparse.Namespace) -> int:
             report = run_reward_model_training(settings, client, min_rankings=args.min_rankings, who="cli")
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    return _run_on_worker(settings, "training.train_reward_model", {"min_rankings": args.min_rankings, "who": "cli"},
-                          "reward-model", args)
+    return _run_on_worker(args, settings, "training.train_reward_model",
+                          {"min_rankings": args.min_rankings, "who": "cli"}, "reward-model")
 
 
 def train_policy_command(args: argparse.Namespace) -> int:
@@ -175,7 +176,7 @@ def train_policy_command(args: argparse.Namespace) -> int:
             report = run_policy_training(settings, client, who=f"cli:{_who()}")
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    return _run_on_worker(settings, "training.train_policy", {"who": f"cli:{_who()}"}, "policy", args)
+    return _run_on_worker(args, settings, "training.train_policy", {"who": f"cli:{_who()}"}, "policy")
 
 
 def list_versions(args: argparse.Namespace, registry, columns, who: str, *, base_model_row: bool = False,
