@@ -51,6 +51,8 @@ def test_the_whole_loop_through_flywheel_up(tiny_model_dir, tmp_path):
     assert training['flywheel_reward_model_runs_total{outcome="promoted"}'] == 1
     assert training['flywheel_ppo_runs_total{outcome="promoted"}'] == 1
     assert any(name.startswith("flywheel_labelling_") for name in labelling)
-    assert 0.0 <= summary["win_rate"] <= 1.0 and summary["eval_questions"] > 0
-    assert "win rate vs v0" in output and "operator rollback v1 -> v0" in output
+    assert 0.0 <= summary["win_rate"]["rate"] <= 1.0 and summary["eval_questions"] >= 40
+    assert summary["win_rate"]["low"] <= summary["win_rate"]["rate"] <= summary["win_rate"]["high"]
+    assert summary["preference"] == "no-hedging"
+    assert "win rate vs v0" in output and "length-controlled" in output and "operator rollback v1 -> v0" in output
     assert not (tmp_path / ".flywheel" / "demo" / "redis" / "redis.url").exists(), "embedded Redis left running"
