@@ -33,7 +33,7 @@ from flywheel.config import FlywheelConfig  # noqa: E402
 from flywheel.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc  # noqa: E402
 from flywheel.api_keys import generate_key  # noqa: E402
 from flywheel.grpc_client import with_key  # noqa: E402
-from serving.cli import build_server  # noqa: E402
+from flywheel.app.serve import build_server  # noqa: E402
 from serving.policy_loader import sha256_file  # noqa: E402
 
 

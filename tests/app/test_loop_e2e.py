@@ -26,7 +26,7 @@ def clean_environment() -> dict:
 def run_demo(tmp_path, model: str, extra_env: dict, args: list[str], timeout: float) -> tuple[dict, str]:
     env = clean_environment() | {f"FLYWHEEL_{k}": v for k, v in extra_env.items()}
     summary_path = tmp_path / "summary.json"
-    out = subprocess.run([sys.executable, "-m", "flywheel.demo", "--summary-json", str(summary_path),
+    out = subprocess.run([sys.executable, "-m", "flywheel.app.demo", "--summary-json", str(summary_path),
                           "--progress-seconds", "5", *(["--model", model] if model else []), *args],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert summary_path.exists(), out.stdout[-3000:] + out.stderr[-3000:]
@@ -51,6 +51,8 @@ def test_the_whole_loop_through_flywheel_up(tiny_model_dir, tmp_path):
     assert training['flywheel_reward_model_runs_total{outcome="promoted"}'] == 1
     assert training['flywheel_ppo_runs_total{outcome="promoted"}'] == 1
     assert any(name.startswith("flywheel_labelling_") for name in labelling)
-    assert 0.0 <= summary["win_rate"] <= 1.0 and summary["eval_questions"] > 0
-    assert "win rate vs v0" in output and "operator rollback v1 -> v0" in output
+    assert 0.0 <= summary["win_rate"]["rate"] <= 1.0 and summary["eval_questions"] >= 40
+    assert summary["win_rate"]["low"] <= summary["win_rate"]["rate"] <= summary["win_rate"]["high"]
+    assert summary["preference"] == "no-hedging"
+    assert "win rate vs v0" in output and "length-controlled" in output and "operator rollback v1 -> v0" in output
     assert not (tmp_path / ".flywheel" / "demo" / "redis" / "redis.url").exists(), "embedded Redis left running"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.cli import build_parser
+from flywheel.app.cli import build_parser
 from flywheel.config import (ClientConfig, FlywheelConfig, PolicyRunConfig, ServingConfig, add_config_flags,
                              config_from_args, setting_fields)
 

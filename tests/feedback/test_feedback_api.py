@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from feedback.groups import group_key
 from feedback.rankings import RANKINGS_STREAM, RankingConsumer, RankingEntry
-from flywheel.cli import main as flywheel_main
+from flywheel.app.cli import main as flywheel_main
 from flywheel.v1 import feedback_pb2
 
 from support.feedback import FeedbackServer, group_result

@@ -152,7 +152,7 @@ def test_ai_entry_fields_round_trip():
 
 
 def test_cli_trim(redis_server, redis_client, capsys):
-    from flywheel.cli import main as flywheel_main
+    from flywheel.app.cli import main as flywheel_main
 
     consumer = RankingConsumer(redis_client, "reward-model", "rm-1")
     append_rankings(redis_client, 3)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flywheel.api_keys import ROLES, KeyFile, default_keys_file
 from flywheel.config import FlywheelConfig, SecurityConfig, add_config_flags, config_from_args
-from flywheel.tables import format_table
+from flywheel.app.tables import format_table
 
 
 def register(subparsers) -> None:

@@ -13,7 +13,7 @@ import time
 from flywheel.api_keys import ROLE_ADMIN
 from flywheel.config import ClientConfig, FlywheelConfig, add_config_flags, config_from_args
 from flywheel.grpc_client import open_channel
-from flywheel.tables import format_table
+from flywheel.app.tables import format_table
 
 def register(subparsers) -> None:
     status = subparsers.add_parser("status", help="serving version, registries, rankings waiting, last runs",

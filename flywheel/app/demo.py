@@ -2,15 +2,16 @@
 
 1. ``flywheel up`` starts the platform (embedded Redis, gRPC server, labelling and training
    workers, beat) on the embedded SmolLM2-135M-Instruct, in a fresh demo data directory.
-2. Version 0 answers the held-out questions (the ones PPO never trains on): the "before".
-3. Simulated users (``flywheel.simulated_users``) ask questions through the public gRPC API,
-   get ``n`` answers each and rank them by a stated preference (concise answers win).
+2. Version 0 answers the evaluation questions (ones no user ever asks): the "before".
+3. Simulated users (``flywheel.app.simulated_users``) ask the other questions through the public
+   gRPC API, get ``n`` answers each and rank them by a stated preference (``--preference``; by
+   default one that is not about length, so truncating answers cannot fake the result).
 4. The loop moves by itself: enough rankings trigger a reward-model run, a promoted reward model
    triggers a PPO run, the gate decides, a promoted policy reaches the server by hot-swap. If the
    gate rejects a candidate, the users rank another round.
-5. The promoted version answers the same held-out questions with the same seeds: the "after". A
-   table compares them: win rate against version 0 under the users' preference, reward-model
-   accuracy, KL to version 0, time. Then an operator's rollback and re-promotion, timed, and the
+5. The promoted version answers the same questions with the same seeds: the "after". A table
+   compares them: win rate against version 0 under the users' preference and its
+   length-controlled variant, reward-model accuracy, KL to version 0, time. Then an operator's rollback and re-promotion, timed, and the
    metrics of every process.
 
 Progress is printed every ``--progress-seconds``. ``--summary-json`` writes the figures for scripts
@@ -24,7 +25,6 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
 import signal
 import statistics
@@ -39,16 +39,19 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from flywheel import simulated_users as simulated
 from flywheel.api_keys import ROLE_ADMIN, ROLE_CLIENT, KeyFile, default_keys_file
+from flywheel.app import simulated_users as simulated
+from flywheel.app.preferences import PREFERENCES, WinRate, win_rate
+from flywheel.app.tables import format_table
 from flywheel.grpc_client import with_key
 from flywheel.redis_server import free_port, resolve_redis_url
 from flywheel.config import ENV_PREFIX, FlywheelConfig
-from flywheel.tables import format_table
 from flywheel.tls import channel_credentials
 from flywheel.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PREFERENCE = "no-hedging"  # not about length: a policy cannot win it by talking less
 
 # The loop's settings for the demo, unless the environment sets them: one reward-model run per
 # round of rankings, a PPO run long enough to move the policy, and an idle AI labeler (the
@@ -74,6 +77,7 @@ class DemoConfig:
     max_rounds: int = 3
     budget_minutes: float = 30.0
     users: int = 4
+    preference: str = DEFAULT_PREFERENCE
     plan: simulated.SamplingPlan = field(default_factory=simulated.SamplingPlan)
     progress_seconds: float = 15.0
     summary_json: Path | None = None
@@ -95,7 +99,7 @@ class Platform:
             env[ENV_PREFIX + "MODEL"] = config.model
         self.settings = FlywheelConfig.load(environ=env)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.cli", "up", "--data-dir", str(config.data_dir),
+            [sys.executable, "-m", "flywheel.app.cli", "up", "--data-dir", str(config.data_dir),
              "--grpc-address", f"127.0.0.1:{self.grpc_port}", "--metrics-port", str(self.metrics_port),
              "--labelling-metrics-port", str(self.labelling_port), "--training-metrics-port", str(self.training_port)],
             env=env, stdin=subprocess.DEVNULL)
@@ -246,15 +250,13 @@ def wait_for_serving(platform: Platform, version: int, timeout: float) -> float:
     return time.monotonic() - started
 
 
-def win_rates(after: dict[str, list[str]], before: dict[str, list[str]]) -> list[float]:
-    return [simulated.preference_win_rate(after[q], before[q]) for q in before]
+def describe(rate: WinRate | None) -> str:
+    return "n/a (control)" if rate is None else rate.describe()
 
 
-def bootstrap_interval(values: list[float], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of the mean, resampling questions."""
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(samples))
-    return means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
+def as_dict(rate: WinRate | None) -> dict | None:
+    return None if rate is None else {"rate": rate.rate, "low": rate.low, "high": rate.high, "pairs": rate.pairs,
+                                      "questions": rate.questions}
 
 
 def length_figures(answers: dict[str, list[str]]) -> tuple[float, int]:
@@ -295,20 +297,20 @@ def run_demo(config: DemoConfig) -> dict:
     evaluator = simulated.SimulatedUser("demo-evaluator", keys.create("demo-evaluator", ROLE_CLIENT))
     simulated_users = [simulated.SimulatedUser(name, keys.create(name, ROLE_CLIENT))
                        for name in (f"simulated-user-{i}" for i in range(config.users))]
+    preference = PREFERENCES[config.preference]
     platform = Platform(config, operator_key)
-    summary: dict = {"preference": simulated.PREFERENCE, "rounds": []}
+    summary: dict = {"preference": preference.name, "preference_description": preference.description, "rounds": []}
     progress = Progress(platform, started, config.progress_seconds)
     try:
-        train_questions, eval_questions = simulated.split_prompts(simulated.question_pool(), tokenizer,
-                                                                  platform.settings.policy.heldout_fraction)
+        train_questions, eval_questions = simulated.evaluation_split(simulated.question_pool())
         summary["eval_questions"] = len(eval_questions)
-        print(f"== simulated users' preference: {simulated.PREFERENCE}")
-        print(f"== {len(train_questions)} questions to rank answers to, {len(eval_questions)} held out for the "
-              f"before/after comparison (PPO never trains on them)")
+        print(f"== simulated users' preference: {preference.description}")
+        print(f"== {len(train_questions)} questions the users ask, {len(eval_questions)} they never ask for the "
+              f"before/after comparison")
         platform.wait_until_serving(config.startup_timeout)
         print(f"== platform up after {time.monotonic() - started:.0f} s (data dir {config.data_dir})", flush=True)
         progress.start()
-        progress.phase = "version 0 answers the held-out questions"
+        progress.phase = "version 0 answers the evaluation questions"
         before, versions = simulated.sample_answers(platform.channel, eval_questions, config.plan,
                                                       metadata=evaluator.metadata)
         assert versions == {0}, f"expected version 0 to answer, got {versions}"
@@ -320,7 +322,7 @@ def run_demo(config: DemoConfig) -> dict:
             progress.phase, progress.rankings_target = f"users ranking (round {round_number})", config.rankings_per_round
             progress.tally = tally = simulated.UserTally()
             simulated.rank_rounds(platform.channel, train_questions, config.rankings_per_round, simulated_users,
-                                  plan=config.plan, seed=round_number, tally=tally)
+                                  preference=preference, plan=config.plan, seed=round_number, tally=tally)
             if tally.errors:
                 print(f"== {len(tally.errors)} user requests failed, e.g. {tally.errors[0]}")
             progress.phase = f"training (round {round_number})"
@@ -338,31 +340,34 @@ def run_demo(config: DemoConfig) -> dict:
         promoted = listing.current_version
         swap_seconds = wait_for_serving(platform, promoted, 120)
         loop_seconds = time.monotonic() - loop_started
-        progress.phase = f"v{promoted} answers the held-out questions"
+        progress.phase = f"v{promoted} answers the evaluation questions"
         after, versions = simulated.sample_answers(platform.channel, eval_questions, config.plan,
                                                       metadata=evaluator.metadata)
         progress.stop()
         assert versions == {promoted}, f"expected v{promoted} to answer, got {versions}"
         record = next(p for p in listing.policies if p.version == promoted)
-        rates = win_rates(after, before)
-        low, high = bootstrap_interval(rates)
+        rate = win_rate(after, before, preference)
+        length_controlled = win_rate(after, before, preference, length_tolerance=0.2)
         before_len, before_empty = length_figures(before)
         after_len, after_empty = length_figures(after)
         rm_accuracy = reward_model_accuracy(platform, config)
         kl = record.gate_metrics.get("kl_to_ref", math.nan)
         print()
         print(format_table(
-            ("policy", "win rate vs v0 (95% CI)", "median answer chars", "empty answers", "RM held-out acc",
-             "KL to v0 (nats)", "time"),
-            [("v0 (base)", "50%", f"{before_len:.0f}", str(before_empty), "-", "0", "-"),
-             (f"v{promoted} (promoted)", f"{statistics.fmean(rates):.0%} ({low:.0%}-{high:.0%})", f"{after_len:.0f}",
+            ("policy", "win rate vs v0 (95% CI)", "length-controlled", "median answer chars", "empty answers",
+             "RM held-out acc", "KL to v0 (nats)", "time"),
+            [("v0 (base)", "0.50", "0.50", f"{before_len:.0f}", str(before_empty), "-", "0", "-"),
+             (f"v{promoted} (promoted)", describe(rate), describe(length_controlled), f"{after_len:.0f}",
               str(after_empty), f"{rm_accuracy:.3f}", f"{kl:.2f}", f"{loop_seconds / 60:.1f} min")]))
-        print(f"\n{len(eval_questions)} held-out questions x {config.plan.n} answers per version, every pair of "
-              f"answers compared under the preference ({simulated.PREFERENCE}); ties count half.")
+        print(f"\n{len(eval_questions)} questions no user asked x {config.plan.n} answers per version, every pair of "
+              f"answers compared under the preference ({preference.description}); ties count half. "
+              f"Length-controlled: only pairs whose lengths differ by at most 20%"
+              f" ({length_controlled.pairs if length_controlled else 0} of {rate.pairs if rate else 0} pairs).")
         print_examples(before, after, promoted)
         summary.update({
-            "outcome": outcome, "promoted_version": promoted, "win_rate": statistics.fmean(rates),
-            "win_rate_interval": [low, high], "median_chars": {"before": before_len, "after": after_len},
+            "outcome": outcome, "promoted_version": promoted, "win_rate": as_dict(rate),
+            "length_controlled_win_rate": as_dict(length_controlled),
+            "median_chars": {"before": before_len, "after": after_len},
             "empty_answers": {"before": before_empty, "after": after_empty}, "reward_model_accuracy": rm_accuracy,
             "kl_to_v0": kl, "loop_seconds": loop_seconds, "swap_seconds": swap_seconds,
             "gate": dict(record.gate_metrics),
@@ -428,7 +433,7 @@ def scrape_every_process(platform: Platform) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flywheel.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m flywheel.app.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = FlywheelConfig.load()
     parser.add_argument("--data-dir", type=Path, default=Path(defaults.data_dir) / "demo",
@@ -439,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="most rounds (a round ends with a PPO run)")
     parser.add_argument("--budget-minutes", type=float, default=30.0, help="give up after this long")
     parser.add_argument("--users", type=int, default=4, help="simulated users ranking at once")
+    parser.add_argument("--preference", choices=sorted(PREFERENCES), default=DEFAULT_PREFERENCE,
+                        help="how the simulated users rank (random = the null control); default %(default)s")
     parser.add_argument("--n", type=int, default=4, help="answers per question")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--progress-seconds", type=float, default=15.0)
@@ -447,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = DemoConfig(data_dir=args.data_dir.resolve(), model=args.model, rankings_per_round=args.rankings,
                         max_rounds=args.rounds, budget_minutes=args.budget_minutes, users=args.users,
+                        preference=args.preference,
                         plan=simulated.SamplingPlan(n=args.n, max_new_tokens=args.max_new_tokens),
                         progress_seconds=args.progress_seconds, summary_json=args.summary_json)
     summary = run_demo(config)

@@ -1,4 +1,8 @@
-"""``flywheel serve`` and ``flywheel complete``."""
+"""``flywheel serve`` and ``flywheel complete``.
+
+``build_server`` is the serving process's wiring: it joins serving (Inference, Admin) with
+feedback (the group store and the Feedback service on the same port), which is why it lives in
+the application layer and not in either part."""
 
 from __future__ import annotations
 

@@ -1,19 +1,17 @@
-"""Simulated users for the demo and the whole-loop test: they call the public gRPC API as an
-application's users would, and rank what they got by one stated, simple preference.
+"""Simulated users for the demo, the whole-loop test and ``bench/loop.py``: they call the public
+gRPC API as an application's users would, and rank what they got by one stated preference
+(``flywheel.app.preferences``: a style that is not about length by default, ``concise``, or the
+random-ranking control).
 
-The preference is "concise": of the answers to a question, the shortest non-empty one is best
-(characters of the stripped text; an empty answer is worst). It is the classic first preference of
-RLHF write-ups because a reward model picks it up from a few hundred rankings and a policy can act
-on it (say the answer, then stop), so the loop's effect shows on a CPU within minutes.
-
-The prompts are short questions (facts, arithmetic, definitions, advice). ``split_prompts`` sets
-aside the ones the PPO runs hold out (the same hash of the rendered prompt that
-``training.policy_prompts.split_prompts`` uses), so the before/after comparison is on questions
-the policy never trained on.
+The prompts are short questions (facts, arithmetic, definitions, advice). ``evaluation_split``
+sets a fixed slice of them aside that the users never ask: the before/after comparison runs on
+questions no user sent, so neither the reward model nor PPO has seen them (PPO's own gate holds
+out a slice of what the users did ask, by its own hash).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 import threading
@@ -23,12 +21,11 @@ from typing import Sequence
 
 import grpc
 
+from flywheel.app.preferences import Preference
 from flywheel.grpc_client import bearer, retry_after_seconds
 from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
-
-PREFERENCE = "concise: the shortest non-empty answer is best"
 
 _COUNTRIES = ["France", "Italy", "Spain", "Germany", "Japan", "Canada", "Brazil", "Egypt", "Kenya", "Peru",
               "Norway", "Greece", "India", "Mexico", "Chile", "Poland", "Turkey", "Vietnam", "Ireland", "Portugal"]
@@ -77,35 +74,15 @@ def question_pool() -> list[str]:
     return questions
 
 
-def split_prompts(questions: Sequence[str], tokenizer, held_out_fraction: float) -> tuple[list[str], list[str]]:
-    """(questions PPO may train on, questions it holds out), decided as the PPO runs decide."""
-    from training.policy_prompts import render_prompt
-    from training.rankings import is_held_out
-
-    train, held_out = [], []
-    for question in questions:
-        (held_out if is_held_out(render_prompt(tokenizer, question).text, held_out_fraction) else train).append(question)
-    return train, held_out
+EVALUATION_QUESTIONS = 64  # at least the 40 the issue asks for, after the ones a pool may lack
 
 
-def answer_length(text: str) -> int:
-    """How the simulated users measure an answer: characters, an empty answer counting as endless."""
-    stripped = text.strip()
-    return len(stripped) if stripped else 10**9
-
-
-def rank_by_preference(completions: Sequence[pb.Completion]) -> list[pb.Completion]:
-    """Best first under the stated preference."""
-    return sorted(completions, key=lambda c: answer_length(c.text))
-
-
-def preference_win_rate(candidate: Sequence[str], baseline: Sequence[str]) -> float:
-    """P(a candidate answer beats a baseline answer) over all pairs, ties counting half."""
-    wins = 0.0
-    for a, b in itertools.product(candidate, baseline):
-        la, lb = answer_length(a), answer_length(b)
-        wins += 1.0 if la < lb else 0.5 if la == lb else 0.0
-    return wins / (len(candidate) * len(baseline))
+def evaluation_split(questions: Sequence[str], count: int = EVALUATION_QUESTIONS) -> tuple[list[str], list[str]]:
+    """(questions the users ask, ``count`` questions they never ask), chosen by a fixed hash of the
+    question so that every run, and every preference, is evaluated on the same questions."""
+    ranked = sorted(questions, key=lambda q: hashlib.sha256(f"evaluation:{q}".encode()).hexdigest())
+    held = set(ranked[:count])
+    return [q for q in questions if q not in held], [q for q in questions if q in held]
 
 
 @dataclass
@@ -155,10 +132,12 @@ class SimulatedUser:
 
 
 def rank_rounds(channel: grpc.Channel, questions: Sequence[str], rankings: int, simulated: Sequence[SimulatedUser], *,
-                plan: SamplingPlan | None = None, seed: int = 0, tally: UserTally | None = None) -> UserTally:
-    """Every simulated user (a thread each) asks questions and ranks the answers until ``rankings``
-    rankings were acknowledged by the server. A refused call is counted and retried after a pause.
-    ``tally`` (counted as the users go, so a progress printer can read it) is returned."""
+                preference: Preference, plan: SamplingPlan | None = None, seed: int = 0,
+                tally: UserTally | None = None) -> UserTally:
+    """Every simulated user (a thread each) asks questions and ranks the answers by ``preference``
+    until ``rankings`` rankings were acknowledged by the server. A refused call is counted and
+    retried after a pause. ``tally`` (counted as the users go, so a progress printer can read it)
+    is returned."""
     plan = plan or SamplingPlan()
     inference, feedback = rpc.InferenceStub(channel), feedback_pb2_grpc.FeedbackStub(channel)
     tally = tally if tally is not None else UserTally()
@@ -171,9 +150,9 @@ def rank_rounds(channel: grpc.Channel, questions: Sequence[str], rankings: int, 
             try:
                 response = sample(inference, rng.choice(questions), plan, seed=rng.randrange(2**31),
                                   metadata=user.metadata)
-                ranked = rank_by_preference(response.completions)
+                order = preference.rank([c.text for c in response.completions], rng)
                 feedback.SubmitRanking(feedback_pb2.SubmitRankingRequest(
-                    group_id=response.group_id, completion_ids=[c.completion_id for c in ranked],
+                    group_id=response.group_id, completion_ids=[response.completions[i].completion_id for i in order],
                     annotator_id=user.name, idempotency_key=f"{response.group_id}:{user.name}"),
                     timeout=60, metadata=user.metadata)
             except grpc.RpcError as exc:

@@ -1,0 +1,228 @@
+"""``flywheel train reward-model|policy``, ``flywheel reward-models``, ``flywheel policies``,
+``flywheel promote`` and ``flywheel rollback``: the training runs and the two registries, from a
+terminal.
+
+A run goes to the Celery training queue by task name (this process loads no training code), or
+runs here with ``--local``. The two listings share one table: the version (the current one
+starred), then each registry's own columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import os
+import time
+
+from flywheel.app.tables import CREATED, PARENT, STATUS, Column, figure_column, format_registry_table
+from flywheel.config import FlywheelConfig, PolicyRunConfig, RewardModelRunConfig, add_config_flags, config_from_args
+
+
+def _rankings_used(record) -> dict:
+    return record.manifest.get("rankings", {})
+
+
+def _stream_range(record) -> str:
+    stream = _rankings_used(record).get("stream", {})
+    return f"{stream.get('first_id', '')}..{stream.get('last_id', '')}"
+
+
+REWARD_MODEL_COLUMNS = (
+    STATUS, PARENT, CREATED,
+    Column("rankings", lambda r: str(_rankings_used(r).get("count", "-"))),
+    Column("new/replay", lambda r: f"{_rankings_used(r).get('new', '-')}/{_rankings_used(r).get('replayed', '-')}"),
+    Column("human/ai", lambda r: f"{_rankings_used(r).get('human', '-')}/{_rankings_used(r).get('ai', '-')}"),
+    figure_column("held-out acc", "heldout_accuracy"),
+    figure_column("held-out loss", "heldout_loss"),
+    figure_column("train loss", "training_loss"),
+    Column("stream range", _stream_range),
+)
+
+POLICY_COLUMNS = (
+    STATUS, PARENT,
+    Column("reward model", lambda r: f"v{r.manifest.get('reward_model_version', '-')}"),
+    Column("format", lambda r: str(r.manifest.get("format", "-"))),
+    figure_column("reward gain", "reward_gain"),
+    figure_column("KL to ref", "kl_to_ref", digits=3),
+    figure_column("ppl ratio", "perplexity_ratio"),
+    CREATED,
+)
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="start a training run")
+    train_sub = train.add_subparsers(dest="train_command", metavar="WHAT")
+    reward = train_sub.add_parser(
+        "reward-model", help="train the reward model on the rankings that arrived since the last run",
+        description="Enqueue a reward-model run on the Celery training queue and wait for it, or run it in "
+                    "this process with --local.")
+    reward.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
+    reward.add_argument("--min-rankings", type=int, default=1, help="skip unless this many rankings wait")
+    reward.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
+    reward.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the Celery run")
+    add_config_flags(reward, FlywheelConfig, RewardModelRunConfig)
+    reward.set_defaults(handler=train_reward_model_command)
+    train.set_defaults(handler=lambda args: train.print_help() or 2)
+
+    versions = subparsers.add_parser("reward-models", help="list the reward-model versions")
+    versions.add_argument("--rebuild", action="store_true", help="rebuild the registry in Redis from the manifests")
+    versions.add_argument("--json", action="store_true", help="print the records as JSON")
+    add_config_flags(versions, FlywheelConfig)
+    versions.set_defaults(handler=reward_models_command)
+
+    policy = train_sub.add_parser(
+        "policy", help="improve the policy with PPO against the current reward model",
+        description="Enqueue a PPO run on the Celery training queue and wait for it, or run it in this process "
+                    "with --local. The candidate is promoted if it passes the evaluation gate.")
+    policy.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
+    policy.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
+    policy.add_argument("--timeout", type=float, default=12 * 3600, help="seconds to wait for the Celery run")
+    add_config_flags(policy, FlywheelConfig, PolicyRunConfig)
+    policy.set_defaults(handler=train_policy_command)
+
+    policies = subparsers.add_parser("policies", help="list the policy versions")
+    policies.add_argument("--rebuild", action="store_true", help="rebuild the registry in Redis from the manifests")
+    policies.add_argument("--json", action="store_true", help="print the records as JSON")
+    add_config_flags(policies, FlywheelConfig)
+    policies.set_defaults(handler=policies_command)
+
+    promote = subparsers.add_parser("promote", help="serve a policy version (0 = the base model)")
+    promote.add_argument("version", type=int)
+    promote.add_argument("--reason", default="", help="why (kept in the audit stream)")
+    add_config_flags(promote, FlywheelConfig)
+    promote.set_defaults(handler=promote_command)
+
+    rollback = subparsers.add_parser("rollback", help="serve the previous good policy version again")
+    rollback.add_argument("--to", type=int, default=None, dest="to_version",
+                          help="the version to serve (default: the previous good one, else 0 = the base model)")
+    rollback.add_argument("--reason", default="", help="why (kept in the audit stream)")
+    add_config_flags(rollback, FlywheelConfig)
+    rollback.set_defaults(handler=rollback_command)
+
+
+def _who() -> str:
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def _redis(settings):
+    """A client of the configured Redis (or of an embedded one, stopped afterwards)."""
+    import redis
+
+    from flywheel.redis_server import resolve_redis_url
+
+    url, server = resolve_redis_url(settings.redis_url, settings.data_dir)
+    client = redis.Redis.from_url(url)
+    try:
+        yield client
+    finally:
+        client.close()
+        if server is not None:
+            server.stop()
+
+
+def _run_on_worker(args: argparse.Namespace, settings, task_name: str, kwargs: dict, what: str) -> int:
+    """Send ``task_name`` to the training queue by name (the task modules stay unloaded here), then,
+    unless ``--no-wait``, wait for the run and print its report."""
+    from flywheel.celery_app import make_celery
+
+    celery = make_celery(settings=settings)
+    result = celery.send_task(task_name, kwargs=kwargs, queue="training")
+    print(f"enqueued {what} run {result.id}")
+    if args.no_wait:
+        return 0
+    started = time.monotonic()
+    print(json.dumps(result.get(timeout=args.timeout, interval=1.0), indent=2))
+    print(f"finished in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def train_reward_model_command(args: argparse.Namespace) -> int:
+    settings = config_from_args(args)
+    if args.local:
+        from training.reward_model_run import run_reward_model_training
+
+        with _redis(settings) as client:
+            report = run_reward_model_training(settings, client, min_rankings=args.min_rankings, who="cli")
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    return _run_on_worker(args, settings, "training.train_reward_model",
+                          {"min_rankings": args.min_rankings, "who": "cli"}, "reward-model")
+
+
+def train_policy_command(args: argparse.Namespace) -> int:
+    settings = config_from_args(args)
+    if args.local:
+        from training.policy_run import run_policy_training
+
+        with _redis(settings) as client:
+            report = run_policy_training(settings, client, who=f"cli:{_who()}")
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    return _run_on_worker(args, settings, "training.train_policy", {"who": f"cli:{_who()}"}, "policy")
+
+
+def list_versions(args: argparse.Namespace, registry, columns, who: str, *, base_model_row: bool = False,
+                  empty: str = "") -> int:
+    """``--rebuild`` the registry from its manifests if asked, then print its versions as JSON
+    (``--json``) or as a table; ``empty`` is printed instead of a table with no rows."""
+    if args.rebuild:
+        print(f"rebuilt {registry.rebuild_from_disk(who=who)} versions from {registry.root_dir}")
+    records = registry.versions()
+    if args.json:
+        print(json.dumps([r.manifest for r in records], indent=2))
+    elif not records and not base_model_row:
+        print(empty)
+    else:
+        print(format_registry_table(records, registry.current_version(), columns, base_model_row=base_model_row))
+    return 0
+
+
+def reward_models_command(args: argparse.Namespace) -> int:
+    from training.reward_model_run import reward_model_registry
+
+    settings = config_from_args(args)
+    with _redis(settings) as client:
+        return list_versions(args, reward_model_registry(client, settings), REWARD_MODEL_COLUMNS, who="cli",
+                             empty="no reward-model versions yet")
+
+
+def _with_policy_registry(args, action):
+    from flywheel.policy_admin import policy_registry
+
+    settings = config_from_args(args)
+    with _redis(settings) as client:
+        return action(policy_registry(client, settings.data_dir))
+
+
+def policies_command(args: argparse.Namespace) -> int:
+    return _with_policy_registry(
+        args, lambda registry: list_versions(args, registry, POLICY_COLUMNS, who=_who(), base_model_row=True))
+
+
+def promote_command(args: argparse.Namespace) -> int:
+    from flywheel.policy_admin import promote_policy
+
+    def promote(registry) -> int:
+        promote_policy(registry, args.version, _who(), args.reason)
+        print(f"policy v{registry.current_version()} is current")
+        return 0
+
+    return _with_policy_registry(args, promote)
+
+
+def rollback_command(args: argparse.Namespace) -> int:
+    from flywheel.policy_admin import rollback_policy
+
+    def rollback(registry) -> int:
+        left = registry.current_version()
+        rollback_policy(registry, args.to_version, _who(), args.reason)
+        print(f"rolled back from v{left}: policy v{registry.current_version()} is current")
+        return 0
+
+    return _with_policy_registry(args, rollback)
