@@ -8,7 +8,7 @@ on it (say the answer, then stop), so the loop's effect shows on a CPU within mi
 
 The prompts are short questions (facts, arithmetic, definitions, advice). ``split_prompts`` sets
 aside the ones the PPO runs hold out (the same hash of the rendered prompt that
-``training.policy_prompts.split_prompts`` uses), so the before/after comparison is on questions
+``flywheel.contracts.heldout.split_prompts`` uses), so the before/after comparison is on questions
 the policy never trained on.
 """
 
@@ -79,12 +79,13 @@ def question_pool() -> list[str]:
 
 def split_prompts(questions: Sequence[str], tokenizer, held_out_fraction: float) -> tuple[list[str], list[str]]:
     """(questions PPO may train on, questions it holds out), decided as the PPO runs decide."""
-    from training.policy_prompts import render_prompt
-    from training.rankings import is_held_out
+    from flywheel.contracts.heldout import is_held_out
+    from flywheel.contracts.prompts import render_prompt
 
     train, held_out = [], []
     for question in questions:
-        (held_out if is_held_out(render_prompt(tokenizer, question).text, held_out_fraction) else train).append(question)
+        text, _ = render_prompt(tokenizer, question)
+        (held_out if is_held_out(text, held_out_fraction) else train).append(question)
     return train, held_out
 
 

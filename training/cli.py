@@ -43,27 +43,14 @@ def register(subparsers) -> None:
     policy_cli.register(subparsers, train_sub)
 
 
-def _client(settings):
-    import redis
-
-    from flywheel.redis_server import resolve_redis_url
-
-    url, server = resolve_redis_url(settings.redis_url, settings.data_dir)
-    return redis.Redis.from_url(url), server
-
-
 def train_reward_model_command(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.local:
+        from flywheel.redis_server import redis_connection
         from training.reward_model_run import run_reward_model_training
 
-        client, server = _client(settings)
-        try:
+        with redis_connection(settings.redis_url, settings.data_dir) as client:
             report = run_reward_model_training(settings, client, min_rankings=args.min_rankings, who="cli")
-        finally:
-            client.close()
-            if server is not None:
-                server.stop()
         print(json.dumps(report.to_dict(), indent=2))
         return 0
 
@@ -106,12 +93,13 @@ def format_versions_table(records, current: int) -> str:
 
 
 def reward_models_command(args: argparse.Namespace) -> int:
-    from training.reward_model_run import reward_model_registry
+    from flywheel.contracts.artifacts import REWARD_MODEL_KIND
+    from flywheel.redis_server import redis_connection
+    from flywheel.registry import open_registry
 
     settings = settings_from_args(args)
-    client, server = _client(settings)
-    try:
-        registry = reward_model_registry(client, settings)
+    with redis_connection(settings.redis_url, settings.data_dir) as client:
+        registry = open_registry(client, settings.data_dir, REWARD_MODEL_KIND)
         if args.rebuild:
             print(f"rebuilt {registry.rebuild_from_disk(who='cli')} versions from {registry.root_dir}")
         records = registry.versions()
@@ -121,8 +109,4 @@ def reward_models_command(args: argparse.Namespace) -> int:
             print("no reward-model versions yet")
         else:
             print(format_versions_table(records, registry.current_version()))
-    finally:
-        client.close()
-        if server is not None:
-            server.stop()
     return 0

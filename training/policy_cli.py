@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass
 import json
 import os
@@ -57,34 +56,23 @@ def _who() -> str:
         return "unknown"
 
 
-@contextlib.contextmanager
-def _redis(settings):
-    """A client of the configured Redis (or of an embedded one, stopped afterwards)."""
-    from training.cli import _client
-
-    client, server = _client(settings)
-    try:
-        yield client
-    finally:
-        client.close()
-        if server is not None:
-            server.stop()
-
-
 def _with_registry(args, action):
-    from flywheel.policy_admin import policy_registry
+    from flywheel.contracts.artifacts import POLICY_KIND
+    from flywheel.redis_server import redis_connection
+    from flywheel.registry import open_registry
 
     settings = settings_from_args(args)
-    with _redis(settings) as client:
-        return action(policy_registry(client, settings.data_dir))
+    with redis_connection(settings.redis_url, settings.data_dir) as client:
+        return action(open_registry(client, settings.data_dir, POLICY_KIND))
 
 
 def train_policy_command(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.local:
+        from flywheel.redis_server import redis_connection
         from training.policy_run import run_policy_training
 
-        with _redis(settings) as client:
+        with redis_connection(settings.redis_url, settings.data_dir) as client:
             report = run_policy_training(settings, client, who=f"cli:{_who()}")
         print(json.dumps(report.to_dict(), indent=2))
         return 0
