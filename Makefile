@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m flywheel.demo
+	$(PY) -m flywheel.app.demo
 
 test: $(STAMP)
 	$(PY) -m pytest

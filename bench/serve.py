@@ -61,7 +61,7 @@ def start_server(data_dir: str, dtype: str, model: str, store_groups: bool,
                # a key of its own, and no rate limit: the benchmark measures the engine, not the limiter
                FLYWHEEL_API_KEYS=f"bench:client:{BENCH_KEY}", FLYWHEEL_CLIENT_REQUESTS_PER_SECOND="0")
     env.update(extra_env or {})  # a caller's keys and limits replace these (bench/load.py)
-    process = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve"], env=env, cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "flywheel.app.cli", "serve"], env=env, cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     health = health_pb2_grpc.HealthStub(channel)

@@ -34,7 +34,7 @@ from flywheel.settings import Settings  # noqa: E402
 from flywheel.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc  # noqa: E402
 from flywheel.api_keys import generate_key  # noqa: E402
 from flywheel.grpc_client import with_key  # noqa: E402
-from serving.cli import build_server  # noqa: E402
+from flywheel.app.serve import build_server  # noqa: E402
 
 
 def write_version(registry: VersionRegistry, base: torch.nn.Module) -> int:

@@ -1,7 +1,7 @@
 """Celery tasks of the AI labeler, on the ``labelling`` queue.
 
-    celery -A flywheel.celery_app worker -Q labelling --pool solo    # ranks groups; keeps the judge loaded
-    celery -A flywheel.celery_app beat                               # runs feedback.schedule_labelling
+    celery -A flywheel.app.worker worker -Q labelling --pool solo    # ranks groups; keeps the judge loaded
+    celery -A flywheel.app.worker beat                               # runs feedback.schedule_labelling
 
 The judge model is loaded once per worker process (cached by model, dtype and constitution) and
 reused by every task. Settings come from ``FLYWHEEL_*`` variables; Redis is ``REDIS_URL`` (the

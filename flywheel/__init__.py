@@ -1,7 +1,9 @@
 """Flywheel: serve a policy, collect rankings, retrain, hot-swap.
 
 This small core package holds what every part shares: typed settings, model loading, the
-CLI, and the generated protobuf stubs (``flywheel.v1``).
+infrastructure (Redis, the registry, the Celery app, TLS, API keys) and the generated protobuf
+stubs (``flywheel.v1``). The application on top of the parts (the CLI, ``flywheel up``, the
+worker entry, the demo) is ``flywheel.app``.
 """
 
 __version__ = "0.1.0"

@@ -3,10 +3,14 @@
 Redis is the broker and result backend; JSON is the only serializer (no pickle anywhere). Tasks
 are acknowledged late and re-queued if their worker dies, and a worker takes one task at a time,
 because labelling and training tasks are long. Labelling and training have separate queues so
-they can run on different machines (training on GPU nodes):
+they can run on different machines (training on GPU nodes).
 
-    celery -A flywheel.celery_app worker -Q labelling
-    celery -A flywheel.celery_app worker -Q training
+This module is the app only: it imports no task module, so a process that only sends tasks (by
+name, as the CLI does) loads no part's code. Workers and beat start from ``flywheel.app.worker``,
+which imports the task modules:
+
+    celery -A flywheel.app.worker worker -Q labelling
+    celery -A flywheel.app.worker worker -Q training
 """
 
 from __future__ import annotations
@@ -21,10 +25,6 @@ from flywheel.settings import Settings
 
 LABELLING_QUEUE = "labelling"
 TRAINING_QUEUE = "training"
-
-# modules whose tasks the workers load; each part adds its own tasks module here
-TASK_MODULES = ["feedback.tasks", "training.tasks"]
-
 
 CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE,
              "CERT_REQUIRED": ssl.CERT_REQUIRED, "CERT_OPTIONAL": ssl.CERT_OPTIONAL, "CERT_NONE": ssl.CERT_NONE}
@@ -55,7 +55,8 @@ def broker_url() -> str:
 
 def worker_consumes(worker_app: Celery | None, queue: str) -> bool:
     """Whether a starting worker (its app, from a worker signal) consumes ``queue``: every worker
-    imports every task module, and a module's worker-side services belong only to its own queue."""
+    imports every task module (``flywheel.app.worker``), and a module's worker-side services
+    belong only to its own queue."""
     queues = getattr(getattr(worker_app, "amqp", None), "queues", None)
     return queues is not None and queue in queues.consume_from
 
@@ -94,9 +95,3 @@ def make_celery(redis_url: str | None = None, settings: Settings | None = None) 
 
 
 app = make_celery()
-for _module in TASK_MODULES:
-    try:
-        __import__(_module)
-    except ModuleNotFoundError as exc:  # a part not yet built
-        if exc.name != _module:
-            raise

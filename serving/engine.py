@@ -7,13 +7,16 @@ while there are free sequence slots: it prefills each prompt once, copies its ke
 as soon as they finish (end of sequence, stop string, length, cancellation or deadline), so a
 short request never waits for a long one. Results flow back through a per-request event queue,
 which the gRPC handlers read.
+
+The work is split as in vLLM: ``serving/scheduler.py`` plans admissions and retirements from
+plain request/row fields, ``serving/model_runner.py`` owns the model(s) and the batches' caches,
+and this module's loop joins them, samples (``serving/sampling.py``), detokenizes and delivers
+events.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-import inspect
 import logging
 import queue
 import threading
@@ -25,8 +28,15 @@ import torch
 
 from flywheel.contracts.groups import GroupResult, SampleResult
 from serving.detokenizer import IncrementalDetokenizer
-from serving.kv_cache import BatchKVCache
+from serving.model_runner import Batch, ModelRunner, cache_argument
 from serving.sampling import SamplingParams, sample_generator, sample_tokens
+from serving.scheduler import Scheduler
+
+__all__ = [
+    "FINISH_CANCELLED", "FINISH_LENGTH", "FINISH_STOP", "DoneEvent", "Engine", "EngineConfig", "EngineObserver",
+    "EngineStoppedError", "ErrorEvent", "GenerationRequest", "QueueFullError", "TokenEvent", "cache_argument",
+    "iter_events", "run_to_completion",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +89,20 @@ class GenerationRequest:
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
+    # what the scheduler reads (serving.scheduler.Schedulable)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def n(self) -> int:
+        return self.params.n
+
+    def abandoned(self, now: float) -> bool:
+        """Cancelled, or past its deadline at ``now`` (``time.monotonic()``)."""
+        return self.cancelled.is_set() or (self.deadline is not None and now >= self.deadline)
+
 
 @dataclass
 class EngineConfig:
@@ -124,69 +148,12 @@ class _Sequence:
     def __init__(self, group: _Group, index: int, tokenizer) -> None:
         params = group.request.params
         self.group = group
+        self.request = group.request  # what the scheduler reads (serving.scheduler.Row)
         self.index = index
         self.generator = sample_generator(params.seed, index)
         self.detok = IncrementalDetokenizer(tokenizer, params.stop, params.min_new_tokens)
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
-
-
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def cache_argument(model: torch.nn.Module, cache: BatchKVCache) -> dict:
-    """The cache keyword of ``model.forward``: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    return {_cache_keyword(type(model)): cache}
-
-
-class _Batch:
-    """The running rows of one policy version: its model, its left-padded cache and the rows' state.
-
-    After a hot-swap, the old version's batch keeps decoding until its rows finish (so every
-    completion comes from one version), while new requests join the new version's batch.
-    """
-
-    def __init__(self, model: torch.nn.Module, version: int) -> None:
-        self.model = model
-        self.version = version
-        self.num_layers = model.config.num_hidden_layers
-        self.clear()
-
-    def clear(self) -> None:
-        self.cache = BatchKVCache(self.num_layers)
-        self.rows: list[_Sequence] = []
-        self.pads = torch.zeros(0, dtype=torch.long)
-        self.last_tokens = torch.zeros(0, 1, dtype=torch.long)
-
-    def add(self, prefilled: BatchKVCache, rows: list[_Sequence], first_tokens: torch.Tensor) -> None:
-        pad_ours, pad_new = self.cache.append(prefilled)
-        self.pads = torch.cat([self.pads + pad_ours, torch.full((len(rows),), pad_new, dtype=torch.long)])
-        self.rows.extend(rows)
-        self.last_tokens = torch.cat([self.last_tokens, first_tokens.unsqueeze(1)])
-
-    def keep(self, keep: list[int]) -> None:
-        if not keep:
-            self.clear()
-            return
-        rows = torch.tensor(keep, dtype=torch.long)
-        pads = self.pads[rows]
-        drop = int(pads.min())  # columns that are padding in every remaining row
-        self.cache.keep_rows(rows, drop_leading=drop)
-        self.pads = pads - drop
-        self.last_tokens = self.last_tokens[rows]
-        self.rows = [self.rows[i] for i in keep]
-
-    def forward_step(self) -> torch.Tensor:
-        """Decode one token for every row; returns the logits [rows, vocab]."""
-        length = self.cache.length
-        positions = torch.arange(length + 1)
-        attention_mask = (positions.unsqueeze(0) >= self.pads.unsqueeze(1)).long()
-        position_ids = (length - self.pads).unsqueeze(1)
-        out = self.model(input_ids=self.last_tokens, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **cache_argument(self.model, self.cache))
-        return out.logits[:, -1]
 
 
 class Engine:
@@ -200,7 +167,9 @@ class Engine:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self.device = next(model.parameters()).device
+        self.scheduler = Scheduler(self.config.max_batch_sequences, self.config.max_prefill_tokens_per_step)
+        self.runner = ModelRunner(model, policy_version)
+        self.device = self.runner.device
 
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._lock = threading.Lock()
@@ -210,20 +179,17 @@ class Engine:
         self._failure: BaseException | None = None
         self._pending_swap: tuple[torch.nn.Module, int, threading.Event] | None = None
 
-        # the batches being decoded: the last one belongs to the current version and admits new rows
-        self._batches: list[_Batch] = [_Batch(model, policy_version)]
-
     # ---- public API (any thread) ----
 
     @property
     def policy_version(self) -> int:
         """The version new requests are served by."""
         pending = self._pending_swap
-        return pending[1] if pending is not None else self._batches[-1].version
+        return pending[1] if pending is not None else self.runner.current.version
 
     @property
     def model(self) -> torch.nn.Module:
-        return self._batches[-1].model
+        return self.runner.current.model
 
     def start(self) -> None:
         with self._lock:
@@ -268,29 +234,29 @@ class Engine:
 
     @property
     def running_sequences(self) -> int:
-        return sum(len(b.rows) for b in self._batches)
+        return self.runner.running_sequences
 
     # ---- the engine thread ----
 
     def _loop(self) -> None:
+        runner = self.runner
         try:
             with torch.inference_mode():
                 while True:
                     with self._wakeup:
                         if not self._running:
                             break
-                        if not self.running_sequences and not self._waiting and self._pending_swap is None:
+                        if not runner.running_sequences and not self._waiting and self._pending_swap is None:
                             self._wakeup.wait(self.config.idle_wait_seconds)
                             continue
                     self._apply_swap()
                     self._drop_cancelled()
                     self._admit()
-                    for batch in list(self._batches):
+                    for batch in list(runner.batches):
                         if batch.rows:
                             self._decode_step(batch)
-                    # an old version's batch goes (with its model) once its last row is done
-                    self._batches = [b for b in self._batches[:-1] if b.rows] + [self._batches[-1]]
-                    self.observer.on_queue(len(self._waiting), self.running_sequences)
+                    runner.release_finished_versions()
+                    self.observer.on_queue(len(self._waiting), runner.running_sequences)
         except BaseException as exc:  # a bug or OOM: fail every request loudly rather than hang them
             log.exception("engine loop failed")
             self._failure = exc
@@ -303,13 +269,8 @@ class Engine:
         if pending is None:
             return
         model, version, done = pending
-        current = self._batches[-1]
-        if current.rows:
-            self._batches.append(_Batch(model, version))
-        else:
-            self._batches[-1] = _Batch(model, version)
-        log.info("now serving policy version %d (%d sequences finish on the previous version)",
-                 version, sum(len(b.rows) for b in self._batches[:-1]))
+        finishing = self.runner.swap(model, version)
+        log.info("now serving policy version %d (%d sequences finish on the previous version)", version, finishing)
         done.set()
 
     def _fail_everything(self, error: BaseException) -> None:
@@ -317,32 +278,33 @@ class Engine:
             self._running = False
             waiting, self._waiting = list(self._waiting), collections.deque()
             pending, self._pending_swap = self._pending_swap, None
-        groups = {id(s.group): s.group for b in self._batches for s in b.rows}
+        groups = {id(s.group): s.group for s in self.runner.rows()}
         for request in waiting + [g.request for g in groups.values()]:
             request.events.put(ErrorEvent(error))
-        for batch in self._batches:
-            batch.clear()
+        self.runner.clear()
         if pending is not None:
             pending[2].set()
 
     def _admit(self) -> None:
-        """Prefill waiting requests that fit in the free slots (in arrival order)."""
-        budget = self.config.max_prefill_tokens_per_step
+        """Carry out the scheduler's admissions (in arrival order) until a plan takes nothing: a
+        prefill may free slots at once (a sample done on its first token), and requests may arrive
+        meanwhile, so each plan starts from the live queue, running rows and budget left."""
+        budget: int | None = None  # the step's whole budget
         now = time.monotonic()
-        while budget > 0:
+        while True:
             with self._lock:
                 if not self._waiting:
                     return
-                request = self._waiting[0]
-                if request.cancelled.is_set() or request.expired(now):
+                plan = self.scheduler.plan_admission(self._waiting, self.runner.running_sequences, now, budget)
+                for _ in range(plan.taken):
                     self._waiting.popleft()
-                    self._finish_unstarted(request)
-                    continue
-                if self.running_sequences + request.params.n > self.config.max_batch_sequences:
-                    return
-                self._waiting.popleft()
-            budget -= len(request.prompt_token_ids)
-            self._prefill(request)
+            if not plan.taken:
+                return
+            for request in plan.finish:
+                self._finish_unstarted(request)
+            for request in plan.admit:
+                self._prefill(request)
+            budget = plan.budget_left
 
     def _finish_unstarted(self, request: GenerationRequest) -> None:
         group = _Group(request, self.policy_version, self.eos_ids, self.tokenizer)
@@ -352,30 +314,27 @@ class Engine:
 
     def _prefill(self, request: GenerationRequest) -> None:
         started = time.perf_counter()
-        batch = self._batches[-1]
+        batch = self.runner.current
         group = _Group(request, batch.version, self.eos_ids, self.tokenizer)
-        cache = BatchKVCache(batch.num_layers)
-        ids = torch.tensor([request.prompt_token_ids], dtype=torch.long, device=self.device)
-        out = batch.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_argument(batch.model, cache))
         n = request.params.n
-        cache.repeat_rows(n)
-        tokens, logprobs = self._choose(out.logits[:, -1].expand(n, -1), group.samples)
+        cache, logits = batch.prefill(request.prompt_token_ids, n)
+        tokens, logprobs = self._choose(logits, group.samples)
         batch.add(cache, group.samples, tokens)
         self._record(group.samples, tokens, logprobs)  # clients hear of the rows once they are in the batch
         self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started, n)
         group.first_token_at = time.time()
         self.observer.on_first_token(group.first_token_at - request.created_at)
         # a sample may already be finished (max_new_tokens=1, end of sequence): retire it now
-        self._retire_finished(batch)
+        self._retire(batch)
 
-    def _decode_step(self, batch: _Batch) -> None:
+    def _decode_step(self, batch: Batch) -> None:
         started = time.perf_counter()
         logits = batch.forward_step()
         tokens, logprobs = self._choose(logits, batch.rows)
         batch.last_tokens = tokens.unsqueeze(1)
         self._record(batch.rows, tokens, logprobs)
         size = len(batch.rows)
-        self._retire_finished(batch)
+        self._retire(batch)
         self.observer.on_step(size, time.perf_counter() - started, size)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,26 +371,25 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
-        for batch in self._batches:
-            for sequence in batch.rows:
-                request = sequence.group.request
-                if sequence.finish_reason is None and (request.cancelled.is_set() or request.expired(now)):
-                    sequence.finish_reason = FINISH_CANCELLED
-            self._retire_finished(batch)
+        for batch in self.runner.batches:
+            self._retire(batch, now)
 
-    def _retire_finished(self, batch: _Batch) -> None:
-        """Remove finished rows from the batch; complete groups whose samples are all done."""
-        keep = [i for i, s in enumerate(batch.rows) if s.finish_reason is None]
-        if len(keep) == len(batch.rows):
+    def _retire(self, batch: Batch, now: float | None = None) -> None:
+        """Remove the rows the scheduler retires (with ``now``, also those of abandoned requests,
+        which finish as cancelled); complete groups whose samples are all done."""
+        retirement = self.scheduler.plan_retirement(batch.rows, now)
+        if retirement is None:
             return
         done_groups = []
-        for sequence in batch.rows:
-            if sequence.finish_reason is not None:
-                group = sequence.group
-                group.remaining -= 1
-                if group.remaining == 0:
-                    done_groups.append(group)
-        batch.keep(keep)
+        for i in retirement.leave:
+            sequence = batch.rows[i]
+            if sequence.finish_reason is None:
+                sequence.finish_reason = FINISH_CANCELLED
+            group = sequence.group
+            group.remaining -= 1
+            if group.remaining == 0:
+                done_groups.append(group)
+        batch.keep(retirement.keep)
         for group in done_groups:  # after the batch shrank, so a finished request sees its slots free
             group.request.events.put(DoneEvent(group.result()))
 

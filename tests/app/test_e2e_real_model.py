@@ -34,7 +34,7 @@ def served(tmp_path_factory):
     env = dict(os.environ, FLYWHEEL_DATA_DIR=str(data_dir), FLYWHEEL_GRPC_ADDRESS=f"127.0.0.1:{port}",
                FLYWHEEL_METRICS_PORT=str(metrics_port), FLYWHEEL_MODEL="")
     log = open(data_dir / "serve.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve"], env=env, stdout=log,
+    process = subprocess.Popen([sys.executable, "-m", "flywheel.app.cli", "serve"], env=env, stdout=log,
                                stderr=subprocess.STDOUT)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     health = health_pb2_grpc.HealthStub(channel)
@@ -70,7 +70,7 @@ def test_real_model_answers_and_samples(served):
         assert len({c.text for c in sampled.completions}) == 4
     # the served group is rankable on the same port, from the command line too
     best_first = sorted(sampled.completions, key=lambda c: len(c.text))
-    out = subprocess.run([sys.executable, "-m", "flywheel.cli", "rank", sampled.group_id,
+    out = subprocess.run([sys.executable, "-m", "flywheel.app.cli", "rank", sampled.group_id,
                           *[c.completion_id for c in best_first], "--grpc-address", f"127.0.0.1:{port}",
                           "--data-dir", str(data_dir)],
                          capture_output=True, text=True, timeout=60)
@@ -82,7 +82,7 @@ def test_real_model_answers_and_samples(served):
 
 def test_complete_command_and_clean_shutdown(served):
     process, port, data_dir = served
-    out = subprocess.run([sys.executable, "-m", "flywheel.cli", "complete", "Say hello.", "--address",
+    out = subprocess.run([sys.executable, "-m", "flywheel.app.cli", "complete", "Say hello.", "--address",
                           f"127.0.0.1:{port}", "-n", "2", "--max-new-tokens", "8", "--seed", "1",
                           "--data-dir", str(data_dir)],
                          capture_output=True, text=True, timeout=120)

@@ -26,7 +26,7 @@ def clean_environment() -> dict:
 def run_demo(tmp_path, model: str, extra_env: dict, args: list[str], timeout: float) -> tuple[dict, str]:
     env = clean_environment() | {f"FLYWHEEL_{k}": v for k, v in extra_env.items()}
     summary_path = tmp_path / "summary.json"
-    out = subprocess.run([sys.executable, "-m", "flywheel.demo", "--summary-json", str(summary_path),
+    out = subprocess.run([sys.executable, "-m", "flywheel.app.demo", "--summary-json", str(summary_path),
                           "--progress-seconds", "5", *(["--model", model] if model else []), *args],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert summary_path.exists(), out.stdout[-3000:] + out.stderr[-3000:]

@@ -39,7 +39,7 @@ def test_up_starts_every_process_and_ctrl_c_stops_them(tiny_model_dir, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_") and k != "REDIS_URL"}
     env.update(FLYWHEEL_MODEL=str(tiny_model_dir), FLYWHEEL_DTYPE="float32",
                FLYWHEEL_REWARD_MODEL_BACKBONE=str(tiny_model_dir))
-    up = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "up", "--data-dir", str(tmp_path),
+    up = subprocess.Popen([sys.executable, "-m", "flywheel.app.cli", "up", "--data-dir", str(tmp_path),
                            "--grpc-address", f"127.0.0.1:{port}", "--metrics-port", str(metrics),
                            "--labelling-metrics-port", str(labelling), "--training-metrics-port", str(training)],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

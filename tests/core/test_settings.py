@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.cli import build_parser, settings_from_args
+from flywheel.app.cli import build_parser, settings_from_args
 from flywheel.settings import Settings
 
 

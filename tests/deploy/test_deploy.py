@@ -357,6 +357,13 @@ def test_compose_healthcheck_command_sees_a_serving_server(server):
 
 # ---- compose, Dockerfile ----
 
+def assert_celery_entry(command: list[str]) -> None:
+    """Workers and beat start from flywheel.app.worker (the app with every task module, and beat's
+    schedule); the bare flywheel.celery_app knows no task."""
+    assert command[command.index("-A") + 1] == "flywheel.app.worker", command
+    assert (ROOT / "flywheel" / "app" / "worker.py").is_file()
+
+
 def test_compose_file_is_consistent():
     spec = compose()
     services = spec["services"]
@@ -391,6 +398,8 @@ def test_compose_file_is_consistent():
         assert command[command.index("-Q") + 1] == queue and "solo" in command
         assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
     assert "beat" in services["beat"]["command"]
+    for name in ["labelling-worker", "training-worker", "beat"]:  # the entry that imports the task modules
+        assert_celery_entry(services[name]["command"])
     assert "./prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
 
 
@@ -514,5 +523,7 @@ def test_k8s_manifests_wire_together():
         template = deployments[name]["spec"]["template"]
         args = template["spec"]["containers"][0]["args"]
         assert args[args.index("-Q") + 1] == queue
+        assert_celery_entry(args)
         assert template["metadata"]["annotations"]["prometheus.io/port"] == port
     assert deployments["flywheel-beat"]["spec"]["replicas"] == 1
+    assert_celery_entry(deployments["flywheel-beat"]["spec"]["template"]["spec"]["containers"][0]["args"])

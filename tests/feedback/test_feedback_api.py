@@ -9,7 +9,7 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from flywheel.cli import main as flywheel_main
+from flywheel.app.cli import main as flywheel_main
 from flywheel.contracts.keys import RANKINGS_STREAM, group_key
 from flywheel.contracts.rankings import SOURCE_AI, RankingEntry
 from flywheel.rankings_stream import RankingStream, RankingStreamReader

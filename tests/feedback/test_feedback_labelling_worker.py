@@ -49,7 +49,7 @@ class Worker:
                    FLYWHEEL_LABELLING_METRICS_PORT=str(self.metrics_port), FLYWHEEL_JUDGE_BATCH_SIZE="4")
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "flywheel.celery_app", "worker", "-Q", LABELLING_QUEUE,
+                [sys.executable, "-m", "celery", "-A", "flywheel.app.worker", "worker", "-Q", LABELLING_QUEUE,
                  "--pool", "solo", "-c", "1", "--loglevel", "INFO", "-n", f"labelling-{self.metrics_port}@%h",
                  "--without-gossip", "--without-mingle", "--without-heartbeat"],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -158,7 +158,7 @@ def test_unusable_entries_are_reported_and_acknowledged_with_the_batch(group_sto
 
 
 def test_cli_trim(redis_server, redis_client, capsys):
-    from flywheel.cli import main as flywheel_main
+    from flywheel.app.cli import main as flywheel_main
 
     reader = RankingStreamReader(redis_client, consumer="rm-1")
     reader.ensure_group()

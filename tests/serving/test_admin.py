@@ -7,6 +7,7 @@ import time
 import grpc
 import pytest
 
+from flywheel.app.serve import build_server
 from flywheel.contracts.artifacts import POLICY_KIND, sha256_file
 from flywheel.models import load_model
 from flywheel.registry import open_registry
@@ -15,7 +16,6 @@ from flywheel.v1 import admin_pb2 as admin
 from flywheel.v1 import admin_pb2_grpc as admin_rpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
-from serving.cli import build_server
 
 from support.auth import ADMIN_KEY, ADMIN_NAME, API_KEYS, keyed_channel
 
@@ -122,7 +122,7 @@ def test_bad_promotions_are_refused_with_the_right_code(platform):
 
 
 def test_status_command_shows_the_platform(platform, redis_server, capsys, monkeypatch):
-    from flywheel.cli import main
+    from flywheel.app.cli import main
 
     monkeypatch.setenv("FLYWHEEL_API_KEY", ADMIN_KEY)
     server, registry, admin_stub, stub = platform

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flywheel.app.serve import build_server
 from flywheel.grpc_client import with_key
 from flywheel.models import load_model
 from flywheel.redis_server import RedisServer
@@ -27,7 +28,6 @@ from flywheel.v1 import feedback_pb2 as fb
 from flywheel.v1 import feedback_pb2_grpc as fb_rpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
-from serving.cli import build_server
 from test_admin import register_lora_version
 
 from support.auth import ADMIN_KEY, API_KEYS, CLIENT_KEY, CLIENT_NAME

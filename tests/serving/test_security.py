@@ -12,7 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flywheel.api_keys import KeyFile
-from flywheel.cli import main as flywheel_main
+from flywheel.app.cli import main as flywheel_main
+from flywheel.app.serve import build_server
 from flywheel.contracts.keys import RANKINGS_STREAM
 from flywheel.grpc_client import open_channel
 from flywheel.redis_server import RedisServer, free_port
@@ -20,7 +21,6 @@ from flywheel.settings import Settings
 from flywheel.v1 import admin_pb2, admin_pb2_grpc, feedback_pb2, feedback_pb2_grpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
-from serving.cli import build_server
 from serving.server import InferenceServer
 
 from support.auth import ADMIN_KEY, API_KEYS, CLIENT_KEY, CLIENT_NAME, keyed_channel

@@ -15,7 +15,7 @@ from flywheel.contracts.keys import registry_current_key
 
 from support.policy import TINY_PPO, store_served_groups
 from support.rankings import publish_rankings
-from test_reward_celery import BIN, wait_for, worker, worker_env  # noqa: F401 (fixtures)
+from test_reward_celery import FLYWHEEL, wait_for, worker, worker_env  # noqa: F401 (fixtures)
 from support.synthetic import synthetic_rankings
 
 
@@ -54,12 +54,12 @@ def test_a_promoted_reward_model_triggers_a_policy_run_and_the_cli_runs_one(
                  "flywheel_ppo_entropy_nats", "flywheel_ppo_eta_seconds", "flywheel_ppo_episodes_total 8.0"):
         assert name in metrics
 
-    cli = subprocess.run([str(BIN / "flywheel"), "train", "policy"], env=policy_worker_env, capture_output=True,
+    cli = subprocess.run([*FLYWHEEL, "train", "policy"], env=policy_worker_env, capture_output=True,
                          text=True, timeout=240, cwd=tmp_path)
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert '"version": 2' in cli.stdout and '"outcome": "promoted"' in cli.stdout
 
-    listing = subprocess.run([str(BIN / "flywheel"), "policies"], env=policy_worker_env, capture_output=True,
+    listing = subprocess.run([*FLYWHEEL, "policies"], env=policy_worker_env, capture_output=True,
                              text=True, timeout=60, cwd=tmp_path)
     assert listing.returncode == 0, listing.stderr
     rows = listing.stdout.splitlines()

@@ -21,7 +21,7 @@ from flywheel.registry import open_registry
 from training.policy_model import PolicyWithValueHead
 from training.policy_run import run_policy_training
 
-BIN = Path(sys.executable).parent
+FLYWHEEL = [sys.executable, "-m", "flywheel.app.cli"]  # the `flywheel` command of this checkout
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,7 +145,7 @@ def test_the_policy_commands(redis_server, redis_client, tmp_path):
     env = dict(os.environ, REDIS_URL=redis_server.url, FLYWHEEL_DATA_DIR=str(tmp_path), USER="dora")
 
     def flywheel(*args):
-        done = subprocess.run([str(BIN / "flywheel"), *args], env=env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run([*FLYWHEEL, *args], env=env, capture_output=True, text=True, timeout=60)
         return done.returncode, done.stdout + done.stderr
 
     assert flywheel("promote", str(v1), "--reason", "ship it")[0] == 0

@@ -20,6 +20,7 @@ from flywheel.contracts.keys import RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP
 from support.synthetic import synthetic_rankings
 
 BIN = Path(sys.executable).parent
+FLYWHEEL = [sys.executable, "-m", "flywheel.app.cli"]  # the `flywheel` command of this checkout
 
 
 def wait_for(predicate, timeout: float, what: str, worker=None):
@@ -51,7 +52,7 @@ def worker_env(redis_server, tmp_path, tiny_model_dir):
 def worker(worker_env, tmp_path):
     log = open(tmp_path / "worker.log", "w")
     process = subprocess.Popen(
-        [str(BIN / "celery"), "-A", "flywheel.celery_app", "worker", "-Q", "training", "--pool", "solo", "-c", "1",
+        [str(BIN / "celery"), "-A", "flywheel.app.worker", "worker", "-Q", "training", "--pool", "solo", "-c", "1",
          "--loglevel", "INFO", "-n", "rm-test@%h"],
         env=worker_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     yield process
@@ -89,12 +90,12 @@ def test_a_celery_worker_trains_when_enough_rankings_arrived_and_on_demand(
 
     # on demand, below the threshold: `flywheel train reward-model` enqueues a run and waits for it
     publish_rankings(redis_client, synthetic_rankings(6, seed=3, prefix="d"))
-    cli = subprocess.run([str(BIN / "flywheel"), "train", "reward-model"], env=worker_env, capture_output=True,
+    cli = subprocess.run([*FLYWHEEL, "train", "reward-model"], env=worker_env, capture_output=True,
                          text=True, timeout=180, cwd=tmp_path)
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert '"version": 2' in cli.stdout
 
-    listing = subprocess.run([str(BIN / "flywheel"), "reward-models"], env=worker_env, capture_output=True,
+    listing = subprocess.run([*FLYWHEEL, "reward-models"], env=worker_env, capture_output=True,
                              text=True, timeout=60, cwd=tmp_path)
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()

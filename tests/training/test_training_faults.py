@@ -50,7 +50,7 @@ class Workers:
         index = len(self.processes)
         log = open(self.folder / f"worker-{index}.log", "w")
         process = subprocess.Popen(
-            [str(BIN / "celery"), "-A", "flywheel.celery_app", "worker", "-Q", "training", "--pool", "solo", "-c", "1",
+            [str(BIN / "celery"), "-A", "flywheel.app.worker", "worker", "-Q", "training", "--pool", "solo", "-c", "1",
              "--loglevel", "INFO", "-n", f"fault-{index}@%h"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
         log.close()

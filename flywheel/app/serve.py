@@ -1,4 +1,8 @@
-"""``flywheel serve`` and ``flywheel complete``."""
+"""``flywheel serve`` and ``flywheel complete``.
+
+``build_server`` is the serving process's wiring: it joins serving (Inference, Admin) with
+feedback (the group store and the Feedback service on the same port), which is why it lives in
+the application layer and not in either part."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from serving.server import InferenceServer
 
-from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.app.cli import add_settings_flags, settings_from_args
 from flywheel.grpc_client import CLIENT_SETTINGS
 
 SERVE_SETTINGS = ["data_dir", "model", "dtype", "torch_threads", "grpc_address", "metrics_port",

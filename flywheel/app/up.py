@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.api_keys import KeyStore
-from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.app.cli import add_settings_flags, settings_from_args
+from flywheel.app.tables import format_table
 from flywheel.settings import ENV_PREFIX, Settings
-from flywheel.tables import format_table
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,10 @@ class Process:
 
 def platform_processes(settings: Settings) -> list[Process]:
     python = sys.executable
-    celery = [python, "-m", "celery", "-A", "flywheel.celery_app"]
+    celery = [python, "-m", "celery", "-A", "flywheel.app.worker"]
     schedule = str(Path(settings.data_dir) / "celerybeat-schedule")
     return [
-        Process("server", [python, "-m", "flywheel.cli", "serve"]),
+        Process("server", [python, "-m", "flywheel.app.cli", "serve"]),
         Process("labelling-worker", celery + ["worker", "-Q", "labelling", "--pool", "solo", "-c", "1",
                                               "-n", "labelling@%h", "--loglevel", "INFO"]),
         Process("training-worker", celery + ["worker", "-Q", "training", "--pool", "solo", "-c", "1",

@@ -1,19 +1,15 @@
-"""The ``flywheel`` command. Each part of the system contributes its own subcommands through a
-``register(subparsers)`` function in its ``cli`` module, so this file stays a thin index."""
+"""The ``flywheel`` command (``python -m flywheel.app.cli``). Each command module of the application
+adds its subcommands through a ``register(subparsers)`` function, so this file stays a thin index."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import sys
+from types import ModuleType
 
 from flywheel.settings import ENV_PREFIX, Settings
-
-# modules that add subcommands; each has register(subparsers) -> None
-COMMAND_MODULES = ["serving.cli", "feedback.cli", "training.cli", "flywheel.status_cli", "flywheel.up",
-                   "flywheel.keys_cli"]
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
@@ -31,6 +27,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings.load({name: getattr(args, name, None) for name in Settings.field_names()})
 
 
+def command_modules() -> tuple[ModuleType, ...]:
+    """The modules that add subcommands, in the order ``--help`` lists them; each has
+    ``register(subparsers) -> None``. Imported here rather than at the top because they import
+    this module's flag helpers."""
+    from flywheel.app import feedback_commands, keys_commands, serve, status, training_commands, up
+
+    return (serve, feedback_commands, training_commands, status, up, keys_commands)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flywheel",
@@ -38,13 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
+    for module in command_modules():
         module.register(subparsers)
     return parser
 

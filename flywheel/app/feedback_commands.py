@@ -12,7 +12,7 @@ import uuid
 
 import grpc
 
-from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.app.cli import add_settings_flags, settings_from_args
 from flywheel.grpc_client import CLIENT_SETTINGS, open_channel
 from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 

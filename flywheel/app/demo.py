@@ -3,7 +3,7 @@
 1. ``flywheel up`` starts the platform (embedded Redis, gRPC server, labelling and training
    workers, beat) on the embedded SmolLM2-135M-Instruct, in a fresh demo data directory.
 2. Version 0 answers the held-out questions (the ones PPO never trains on): the "before".
-3. Simulated users (``flywheel.simulated_users``) ask questions through the public gRPC API,
+3. Simulated users (``flywheel.app.simulated_users``) ask questions through the public gRPC API,
    get ``n`` answers each and rank them by a stated preference (concise answers win).
 4. The loop moves by itself: enough rankings trigger a reward-model run, a promoted reward model
    triggers a PPO run, the gate decides, a promoted policy reaches the server by hot-swap. If the
@@ -39,12 +39,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from flywheel import simulated_users as simulated
 from flywheel.api_keys import ROLE_ADMIN, ROLE_CLIENT, KeyFile, default_keys_file
+from flywheel.app import simulated_users as simulated
+from flywheel.app.tables import format_table
 from flywheel.grpc_client import with_key
 from flywheel.redis_server import free_port, open_redis
 from flywheel.settings import ENV_PREFIX, Settings
-from flywheel.tables import format_table
 from flywheel.tls import channel_credentials
 from flywheel.v1 import admin_pb2, admin_pb2_grpc
 
@@ -95,7 +95,7 @@ class Platform:
             env[ENV_PREFIX + "MODEL"] = config.model
         self.settings = Settings.load(environ=env)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flywheel.cli", "up", "--data-dir", str(config.data_dir),
+            [sys.executable, "-m", "flywheel.app.cli", "up", "--data-dir", str(config.data_dir),
              "--grpc-address", f"127.0.0.1:{self.grpc_port}", "--metrics-port", str(self.metrics_port),
              "--labelling-metrics-port", str(self.labelling_port), "--training-metrics-port", str(self.training_port)],
             env=env, stdin=subprocess.DEVNULL)
@@ -426,7 +426,7 @@ def scrape_every_process(platform: Platform) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flywheel.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m flywheel.app.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Settings.load()
     parser.add_argument("--data-dir", type=Path, default=Path(defaults.data_dir) / "demo",

@@ -11,9 +11,9 @@ import argparse
 import time
 
 from flywheel.api_keys import ROLE_ADMIN
-from flywheel.cli import add_settings_flags, settings_from_args
+from flywheel.app.cli import add_settings_flags, settings_from_args
 from flywheel.grpc_client import CLIENT_SETTINGS, open_channel
-from flywheel.tables import format_table
+from flywheel.app.tables import format_table
 
 def register(subparsers) -> None:
     status = subparsers.add_parser("status", help="serving version, registries, rankings waiting, last runs",

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from flywheel.api_keys import ROLES, KeyFile, default_keys_file
-from flywheel.cli import add_settings_flags, settings_from_args
-from flywheel.tables import format_table
+from flywheel.app.cli import add_settings_flags, settings_from_args
+from flywheel.app.tables import format_table
 
 KEYS_SETTINGS = ["data_dir", "api_keys_file"]
 

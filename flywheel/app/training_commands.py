@@ -1,0 +1,223 @@
+"""``flywheel train reward-model|policy``, ``flywheel reward-models``, ``flywheel policies``,
+``flywheel promote`` and ``flywheel rollback``: the training runs and the two registries, from a
+terminal.
+
+A run goes to the Celery training queue by task name (this process loads no training code), or
+runs here with ``--local``. The two listings share one table: the version (the current one
+starred), then each registry's own columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import time
+
+from flywheel.app.cli import add_settings_flags, settings_from_args
+from flywheel.app.tables import CREATED, PARENT, STATUS, Column, figure_column, format_registry_table
+from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND
+
+REWARD_MODEL_RUN_SETTINGS = ["data_dir", "model", "redis_url", "reward_model_backbone", "reward_model_max_rankings",
+                             "reward_model_heldout_fraction", "reward_model_accuracy_margin",
+                             "reward_model_replay_ratio", "reward_model_ai_weight", "reward_model_learning_rate",
+                             "reward_model_batch_rankings", "reward_model_epochs", "reward_model_max_length",
+                             "reward_model_trainable_layers", "reward_model_autocast"]
+
+POLICY_RUN_SETTINGS = ["data_dir", "model", "redis_url", "policy_finetune", "policy_iterations", "policy_batch_size",
+                       "policy_mini_batch_size", "policy_ppo_epochs", "policy_response_length", "policy_learning_rate",
+                       "policy_kl_coef", "policy_kl_target", "policy_ptx_coef", "policy_prompts_file",
+                       "policy_heldout_fraction", "policy_min_reward_gain", "policy_kl_budget",
+                       "policy_perplexity_margin", "policy_autocast"]
+
+
+def _rankings_used(record) -> dict:
+    return record.manifest.get("rankings", {})
+
+
+def _stream_range(record) -> str:
+    stream = _rankings_used(record).get("stream", {})
+    return f"{stream.get('first_id', '')}..{stream.get('last_id', '')}"
+
+
+REWARD_MODEL_COLUMNS = (
+    STATUS, PARENT, CREATED,
+    Column("rankings", lambda r: str(_rankings_used(r).get("count", "-"))),
+    Column("new/replay", lambda r: f"{_rankings_used(r).get('new', '-')}/{_rankings_used(r).get('replayed', '-')}"),
+    Column("human/ai", lambda r: f"{_rankings_used(r).get('human', '-')}/{_rankings_used(r).get('ai', '-')}"),
+    figure_column("held-out acc", "heldout_accuracy"),
+    figure_column("held-out loss", "heldout_loss"),
+    figure_column("train loss", "training_loss"),
+    Column("stream range", _stream_range),
+)
+
+POLICY_COLUMNS = (
+    STATUS, PARENT,
+    Column("reward model", lambda r: f"v{r.manifest.get('reward_model_version', '-')}"),
+    Column("format", lambda r: str(r.manifest.get("format", "-"))),
+    figure_column("reward gain", "reward_gain"),
+    figure_column("KL to ref", "kl_to_ref", digits=3),
+    figure_column("ppl ratio", "perplexity_ratio"),
+    CREATED,
+)
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="start a training run")
+    train_sub = train.add_subparsers(dest="train_command", metavar="WHAT")
+    reward = train_sub.add_parser(
+        "reward-model", help="train the reward model on the rankings that arrived since the last run",
+        description="Enqueue a reward-model run on the Celery training queue and wait for it, or run it in "
+                    "this process with --local.")
+    reward.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
+    reward.add_argument("--min-rankings", type=int, default=1, help="skip unless this many rankings wait")
+    reward.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
+    reward.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the Celery run")
+    add_settings_flags(reward, REWARD_MODEL_RUN_SETTINGS)
+    reward.set_defaults(handler=train_reward_model_command)
+    train.set_defaults(handler=lambda args: train.print_help() or 2)
+
+    versions = subparsers.add_parser("reward-models", help="list the reward-model versions")
+    versions.add_argument("--rebuild", action="store_true", help="rebuild the registry in Redis from the manifests")
+    versions.add_argument("--json", action="store_true", help="print the records as JSON")
+    add_settings_flags(versions, ["data_dir", "redis_url"])
+    versions.set_defaults(handler=reward_models_command)
+
+    policy = train_sub.add_parser(
+        "policy", help="improve the policy with PPO against the current reward model",
+        description="Enqueue a PPO run on the Celery training queue and wait for it, or run it in this process "
+                    "with --local. The candidate is promoted if it passes the evaluation gate.")
+    policy.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
+    policy.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
+    policy.add_argument("--timeout", type=float, default=12 * 3600, help="seconds to wait for the Celery run")
+    add_settings_flags(policy, POLICY_RUN_SETTINGS)
+    policy.set_defaults(handler=train_policy_command)
+
+    policies = subparsers.add_parser("policies", help="list the policy versions")
+    policies.add_argument("--rebuild", action="store_true", help="rebuild the registry in Redis from the manifests")
+    policies.add_argument("--json", action="store_true", help="print the records as JSON")
+    add_settings_flags(policies, ["data_dir", "redis_url"])
+    policies.set_defaults(handler=policies_command)
+
+    promote = subparsers.add_parser("promote", help="serve a policy version (0 = the base model)")
+    promote.add_argument("version", type=int)
+    promote.add_argument("--reason", default="", help="why (kept in the audit stream)")
+    add_settings_flags(promote, ["data_dir", "redis_url"])
+    promote.set_defaults(handler=promote_command)
+
+    rollback = subparsers.add_parser("rollback", help="serve the previous good policy version again")
+    rollback.add_argument("--to", type=int, default=None, dest="to_version",
+                          help="the version to serve (default: the previous good one, else 0 = the base model)")
+    rollback.add_argument("--reason", default="", help="why (kept in the audit stream)")
+    add_settings_flags(rollback, ["data_dir", "redis_url"])
+    rollback.set_defaults(handler=rollback_command)
+
+
+def _who() -> str:
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _run_on_worker(args: argparse.Namespace, settings, task_name: str, kwargs: dict, what: str) -> int:
+    """Send ``task_name`` to the training queue by name (the task modules stay unloaded here), then,
+    unless ``--no-wait``, wait for the run and print its report."""
+    from flywheel.celery_app import make_celery
+
+    celery = make_celery(settings=settings)
+    result = celery.send_task(task_name, kwargs=kwargs, queue="training")
+    print(f"enqueued {what} run {result.id}")
+    if args.no_wait:
+        return 0
+    started = time.monotonic()
+    print(json.dumps(result.get(timeout=args.timeout, interval=1.0), indent=2))
+    print(f"finished in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def train_reward_model_command(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if args.local:
+        from flywheel.redis_server import redis_connection
+        from training.reward_model_run import run_reward_model_training
+
+        with redis_connection(settings.redis_url, settings.data_dir) as client:
+            report = run_reward_model_training(settings, client, min_rankings=args.min_rankings, who="cli")
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    return _run_on_worker(args, settings, "training.train_reward_model",
+                          {"min_rankings": args.min_rankings, "who": "cli"}, "reward-model")
+
+
+def train_policy_command(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if args.local:
+        from flywheel.redis_server import redis_connection
+        from training.policy_run import run_policy_training
+
+        with redis_connection(settings.redis_url, settings.data_dir) as client:
+            report = run_policy_training(settings, client, who=f"cli:{_who()}")
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    return _run_on_worker(args, settings, "training.train_policy", {"who": f"cli:{_who()}"}, "policy")
+
+
+def list_versions(args: argparse.Namespace, registry, columns, who: str, *, base_model_row: bool = False,
+                  empty: str = "") -> int:
+    """``--rebuild`` the registry from its manifests if asked, then print its versions as JSON
+    (``--json``) or as a table; ``empty`` is printed instead of a table with no rows."""
+    if args.rebuild:
+        print(f"rebuilt {registry.rebuild_from_disk(who=who)} versions from {registry.root_dir}")
+    records = registry.versions()
+    if args.json:
+        print(json.dumps([r.manifest for r in records], indent=2))
+    elif not records and not base_model_row:
+        print(empty)
+    else:
+        print(format_registry_table(records, registry.current_version(), columns, base_model_row=base_model_row))
+    return 0
+
+
+def _with_registry(args, kind: str, action):
+    """``action(registry)`` on the registry of ``kind`` in the configured Redis and data dir."""
+    from flywheel.redis_server import redis_connection
+    from flywheel.registry import open_registry
+
+    settings = settings_from_args(args)
+    with redis_connection(settings.redis_url, settings.data_dir) as client:
+        return action(open_registry(client, settings.data_dir, kind))
+
+
+def reward_models_command(args: argparse.Namespace) -> int:
+    return _with_registry(args, REWARD_MODEL_KIND, lambda registry: list_versions(
+        args, registry, REWARD_MODEL_COLUMNS, who="cli", empty="no reward-model versions yet"))
+
+
+def policies_command(args: argparse.Namespace) -> int:
+    return _with_registry(args, POLICY_KIND, lambda registry: list_versions(
+        args, registry, POLICY_COLUMNS, who=_who(), base_model_row=True))
+
+
+def promote_command(args: argparse.Namespace) -> int:
+    from flywheel.policy_admin import promote_policy
+
+    def promote(registry) -> int:
+        promote_policy(registry, args.version, _who(), args.reason)
+        print(f"policy v{registry.current_version()} is current")
+        return 0
+
+    return _with_registry(args, POLICY_KIND, promote)
+
+
+def rollback_command(args: argparse.Namespace) -> int:
+    from flywheel.policy_admin import rollback_policy
+
+    def rollback(registry) -> int:
+        left = registry.current_version()
+        rollback_policy(registry, args.to_version, _who(), args.reason)
+        print(f"rolled back from v{left}: policy v{registry.current_version()} is current")
+        return 0
+
+    return _with_registry(args, POLICY_KIND, rollback)

@@ -1,0 +1,113 @@
+"""The engine's scheduler: which waiting requests join the batch this step, which rows leave it.
+
+It only plans; the engine carries the plan out (prefills, events). It reads a few plain fields
+of requests and rows, never a model or a tensor, so the admission policy is tested on its own
+(``tests/serving/test_scheduler.py``).
+
+Admission is first come, first served: the queue's head is admitted while its ``n`` rows fit in
+the free sequence slots and the step still has prefill budget, so a big request at the head is
+never overtaken by small ones behind it. The budget bounds how long one step's prefills stall
+the running rows' decoding; it is checked before each admission, so a prompt longer than the
+whole budget is still admitted (the first of its step) rather than never. A request cancelled or
+past its deadline while it waits is finished without a prefill when it reaches the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generic, Iterable, Protocol, Sequence, TypeVar
+
+
+class Schedulable(Protocol):
+    """What admission reads of a waiting request (``GenerationRequest`` in the engine)."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def n(self) -> int: ...
+
+    def abandoned(self, now: float) -> bool:
+        """Cancelled by the caller or past its deadline (``now`` is ``time.monotonic()``)."""
+        ...
+
+
+class Row(Protocol):
+    """What retirement reads of a running row (one sample of an admitted request)."""
+
+    finish_reason: str | None
+    request: Schedulable
+
+
+R = TypeVar("R", bound=Schedulable)
+
+
+@dataclass
+class Admission(Generic[R]):
+    """One admission plan: the queue's first ``taken`` requests, in order, split by what to do."""
+
+    finish: list[R] = field(default_factory=list)  # abandoned while waiting: complete them unstarted
+    admit: list[R] = field(default_factory=list)  # prefill these, in arrival order
+    budget_left: int = 0  # prefill tokens the step has left after ``admit``
+
+    @property
+    def taken(self) -> int:
+        return len(self.finish) + len(self.admit)
+
+
+@dataclass
+class Retirement:
+    """Rows leaving a batch: ``keep`` and ``leave`` are row indices, in order, that cover it.
+
+    A leaving row whose ``finish_reason`` is still ``None`` was dropped: its request was
+    cancelled or ran past its deadline.
+    """
+
+    keep: list[int]
+    leave: list[int]
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    max_batch_sequences: int
+    max_prefill_tokens_per_step: int
+
+    def plan_admission(self, waiting: Iterable[R], running: int, now: float,
+                       budget: int | None = None) -> Admission[R]:
+        """Plan from the head of ``waiting`` given ``running`` rows in the batch.
+
+        ``budget`` is what is left of this step's prefill tokens (the whole budget if ``None``).
+        The plan assumes the admitted rows stay. A prefilled sample may finish on its first token
+        and free its slot at once, so the engine plans again with ``budget_left`` until a plan
+        takes nothing; the step then admits what deciding one request at a time would.
+        """
+        budget = self.max_prefill_tokens_per_step if budget is None else budget
+        free = self.max_batch_sequences - running
+        plan: Admission[R] = Admission(budget_left=budget)
+        for request in waiting:
+            if budget <= 0:
+                break
+            if request.abandoned(now):
+                plan.finish.append(request)  # costs no budget and no slot
+                continue
+            if request.n > free:
+                break  # the head waits for slots; nothing behind it overtakes
+            free -= request.n
+            budget -= request.prompt_tokens
+            plan.admit.append(request)
+        plan.budget_left = budget
+        return plan
+
+    @staticmethod
+    def plan_retirement(rows: Sequence[Row], now: float | None = None) -> Retirement | None:
+        """The rows that leave: finished ones, and with ``now`` also those whose request was
+        abandoned. ``None`` when every row stays (the common case, so a decode step allocates
+        nothing more than the list it always built)."""
+        if now is None:
+            keep = [i for i, row in enumerate(rows) if row.finish_reason is None]
+        else:
+            keep = [i for i, row in enumerate(rows) if row.finish_reason is None and not row.request.abandoned(now)]
+        if len(keep) == len(rows):
+            return None
+        kept = set(keep)
+        return Retirement(keep, [i for i in range(len(rows)) if i not in kept])
