@@ -37,21 +37,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.serve import percentile, prompts, start_server  # noqa: E402
 from flywheel.api_keys import ROLE_CLIENT, client_key, generate_key, hash_key  # noqa: E402
+from flywheel.contracts.keys import RANKINGS_STREAM  # noqa: E402
 from flywheel.grpc_client import bearer, retry_after_seconds  # noqa: E402
+from flywheel.redis_server import open_redis  # noqa: E402
 from flywheel.settings import Settings  # noqa: E402
 from flywheel.v1 import feedback_pb2 as fb  # noqa: E402
 from flywheel.v1 import feedback_pb2_grpc as fb_rpc  # noqa: E402
 from flywheel.v1 import inference_pb2 as pb  # noqa: E402
 from flywheel.v1 import inference_pb2_grpc as rpc  # noqa: E402
 
-RANKINGS_STREAM = "flywheel:rankings"
 CLIENTS_PER_CHANNEL = 25  # several HTTP/2 connections, as separate client processes would open
 RATE_LIMIT_REFUSAL = "rate limit of key"  # how the server's per-key limiter words its refusals
 
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> dict:
         process, port = start_server(scratch.name, args.dtype, args.model, store_groups=True, extra_env=limits)
         address, pid = f"127.0.0.1:{port}", process.pid
         redis_url = (Path(scratch.name) / "redis" / "redis.url").read_text().strip()
-    store = redis.Redis.from_url(redis_url) if redis_url else None
+    store = open_redis(redis_url, args.data_dir)[0] if redis_url else None
     try:
         warm_up(address, keys[0])
         stream_before = store.xlen(RANKINGS_STREAM) if store else 0

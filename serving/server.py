@@ -12,7 +12,6 @@ import contextlib
 import logging
 import threading
 import time
-from pathlib import Path
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -22,11 +21,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from flywheel.contracts.artifacts import POLICY_KIND, registry_folder
+from flywheel.contracts.groups import GroupResult
 from flywheel.settings import Settings
 from flywheel.tls import server_credentials
 from flywheel.v1 import inference_pb2, inference_pb2_grpc
 from serving.engine import (
-    DoneEvent, Engine, EngineConfig, EngineStoppedError, GenerationRequest, GroupResult, QueueFullError, TokenEvent,
+    DoneEvent, Engine, EngineConfig, EngineStoppedError, GenerationRequest, QueueFullError, TokenEvent,
     iter_events,
 )
 from serving.auth import server_interceptors
@@ -244,7 +245,7 @@ class InferenceServer:
             self._ready.set()
 
     def _follow_registry(self, base_model) -> None:
-        loader = PolicyLoader(base_model, Path(self.settings.data_dir) / "policies")
+        loader = PolicyLoader(base_model, registry_folder(self.settings.data_dir, POLICY_KIND))
         self.follower = PolicyFollower(
             self.policy_redis, loader.load, self.swap_to, lambda: self.engine.policy_version,
             poll_seconds=self.settings.policy_poll_seconds,

@@ -23,37 +23,30 @@ from pathlib import Path
 import redis as redis_lib
 import torch
 
-from flywheel.models import cpu_has_fast_bfloat16, resolve_model_path
+from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND, REWARD_MODEL_WEIGHTS_FILE, verify_version
+from flywheel.contracts.heldout import split_prompts
+from flywheel.contracts.keys import POLICY_RUN_LOCK_KEY
+from flywheel.models import resolve_compute_dtype, resolve_model_path
+from flywheel.registry import VersionRecord, open_registry
+from flywheel.run_lock import RunLock, run_exclusively
 from flywheel.settings import Settings
 from training.metrics import PPOMetrics
-from flywheel.policy_admin import policy_registry
 from training.policy_gate import PolicyGateConfig, evaluate_policy, gate_decision, perplexity
 from training.policy_model import LORA, PolicyModelConfig, PolicyWithValueHead
-from training.policy_prompts import (DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS, file_prompts, load_texts,
-                                     served_prompts, split_prompts)
+from training.policy_prompts import DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS, file_prompts, load_texts, served_prompts
 from training.policy_reward import RewardModelScorer
 from training.ppo import PPOConfig, PPOStats, PPOTrainer
-from flywheel.registry import VersionRecord, verify_version
 from training.reward_model import RewardModel, RewardModelConfig
-from training.reward_model_run import RunReport, reward_model_registry
-from training.run_lock import RunLock, run_exclusively
+from training.reward_model_run import RunReport
 
 log = logging.getLogger(__name__)
-
-LOCK_KEY = "flywheel:lock:policy"
-
-
-def _autocast(name: str) -> str:
-    if name == "auto":
-        return "bfloat16" if cpu_has_fast_bfloat16() else "float32"
-    return name
 
 
 def policy_model_config(settings: Settings) -> PolicyModelConfig:
     return PolicyModelConfig(base_model=str(resolve_model_path(settings.model, Path(settings.data_dir))),
                              finetune=settings.policy_finetune, lora_rank=settings.policy_lora_rank,
                              lora_alpha=settings.policy_lora_alpha,
-                             lora_layers=settings.policy_lora_layers, autocast_dtype=_autocast(settings.policy_autocast))
+                             lora_layers=settings.policy_lora_layers, autocast_dtype=resolve_compute_dtype(settings.policy_autocast))
 
 
 def ppo_config(settings: Settings) -> PPOConfig:
@@ -101,7 +94,7 @@ class PolicyModelCache:
                                        autocast_dtype=stored.get("autocast_dtype", "float32"))
             verify_version(folder)  # a corrupt reward model is refused, not trained against
             model = RewardModel.from_backbone(config)
-            model.load_stored(folder / "model.safetensors")
+            model.load_stored(folder / REWARD_MODEL_WEIGHTS_FILE)
             model.requires_grad_(False)
             self._reward, self._reward_key = model.eval(), key
         return self._reward
@@ -112,7 +105,7 @@ def run_policy_training(settings: Settings, client: redis_lib.Redis, *, who: str
                         iterations: int | None = None) -> RunReport:
     """One PPO run (see the module docstring); skipped when another run holds the lock."""
     who = who or f"{socket.gethostname()}:{os.getpid()}"
-    lock = RunLock(client, LOCK_KEY, settings.policy_lock_seconds)
+    lock = RunLock(client, POLICY_RUN_LOCK_KEY, settings.policy_lock_seconds)
     iterations = settings.policy_iterations if iterations is None else iterations
     return run_exclusively(lock, metrics, "policy", RunReport("skipped", "another policy run holds the lock"),
                            lambda started: _run_locked(settings, client, who, metrics, cache or PolicyModelCache(),
@@ -121,7 +114,7 @@ def run_policy_training(settings: Settings, client: redis_lib.Redis, *, who: str
 
 def _run_locked(settings: Settings, client: redis_lib.Redis, who: str, metrics: PPOMetrics | None,
                 cache: PolicyModelCache, iterations: int, started: float) -> RunReport:
-    rewards = reward_model_registry(client, settings)
+    rewards = open_registry(client, settings.data_dir, REWARD_MODEL_KIND)
     reward_record = rewards.current()
     if reward_record is None:
         return RunReport("skipped", "no reward model yet")
@@ -138,7 +131,7 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, who: str, metrics: 
     if not held_out:  # tiny traffic: evaluate on a few training prompts rather than on nothing
         held_out = train_prompts[:settings.policy_max_heldout]
 
-    registry = policy_registry(client, settings.data_dir)
+    registry = open_registry(client, settings.data_dir, POLICY_KIND)
     current = registry.current()
     parent = _warm_start(policy, registry, current, model_config)
     reward_model = cache.reward_model(reward_record, rewards.path(reward_record.version))

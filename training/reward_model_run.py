@@ -25,19 +25,22 @@ from pathlib import Path
 import redis as redis_lib
 import torch
 
-from flywheel.models import cpu_has_fast_bfloat16, resolve_model_path
+from flywheel.contracts.artifacts import REWARD_MODEL_KIND, REWARD_MODEL_WEIGHTS_FILE, registry_folder, verify_version
+from flywheel.contracts.heldout import is_held_out
+from flywheel.contracts.keys import REWARD_MODEL_RUN_LOCK_KEY
+from flywheel.models import resolve_compute_dtype, resolve_model_path
+from flywheel.rankings_stream import RankingStreamReader
+from flywheel.registry import VersionRecord, VersionRegistry, open_registry
+from flywheel.run_lock import RunLock, run_exclusively
 from flywheel.settings import Settings
 from training.metrics import RewardModelMetrics
-from training.rankings import RankingStreamReader, ReplayStore, is_held_out, sample_replay
-from flywheel.registry import VersionRecord, VersionRegistry, verify_version
+from training.rankings import ReplayStore, ranking_from_entry, sample_replay
 from training.reward_model import RewardModel, RewardModelConfig
 from training.reward_trainer import EvalStats, RewardModelTrainer, RewardTrainingConfig
-from training.run_lock import RunLock, run_exclusively
 
 log = logging.getLogger(__name__)
 
-KIND = "reward_model"
-LOCK_KEY = "flywheel:lock:reward_model"
+REPLAY_FILE = "rankings.jsonl"  # in the reward-model registry's folder
 
 
 @dataclass
@@ -52,21 +55,15 @@ class RunReport:
         return asdict(self)
 
 
-def reward_model_registry(client: redis_lib.Redis, settings: Settings) -> VersionRegistry:
-    return VersionRegistry(client, KIND, Path(settings.data_dir) / "reward_models")
-
-
 def replay_store(settings: Settings) -> ReplayStore:
-    return ReplayStore(Path(settings.data_dir) / "reward_models" / "rankings.jsonl")
+    return ReplayStore(registry_folder(settings.data_dir, REWARD_MODEL_KIND) / REPLAY_FILE)
 
 
 def model_config_from_settings(settings: Settings) -> RewardModelConfig:
     backbone = resolve_model_path(settings.reward_model_backbone or settings.model, Path(settings.data_dir))
-    autocast = settings.reward_model_autocast
-    if autocast == "auto":
-        autocast = "bfloat16" if cpu_has_fast_bfloat16() else "float32"
     return RewardModelConfig(backbone=str(backbone), trainable_layers=settings.reward_model_trainable_layers,
-                             max_length=settings.reward_model_max_length, autocast_dtype=autocast)
+                             max_length=settings.reward_model_max_length,
+                             autocast_dtype=resolve_compute_dtype(settings.reward_model_autocast))
 
 
 def training_config_from_settings(settings: Settings) -> RewardTrainingConfig:
@@ -113,7 +110,7 @@ def run_reward_model_training(settings: Settings, client: redis_lib.Redis, *, mi
                               cache: RewardModelCache | None = None, consumer: str | None = None) -> RunReport:
     """Run once if at least ``min_rankings`` rankings wait in the stream; see the module docstring."""
     who = who or f"{socket.gethostname()}:{os.getpid()}"
-    lock = RunLock(client, LOCK_KEY, settings.reward_model_lock_seconds)
+    lock = RunLock(client, REWARD_MODEL_RUN_LOCK_KEY, settings.reward_model_lock_seconds)
     return run_exclusively(lock, metrics, "reward-model",
                            RunReport("skipped", "another reward-model run holds the lock"),
                            lambda started: _run_locked(settings, client, min_rankings, who, metrics,
@@ -127,7 +124,7 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, min_rankings: int, 
     waiting = reader.waiting(max(min_rankings, 1))
     if waiting < max(min_rankings, 1):
         return RunReport("skipped", f"{waiting} rankings waiting, fewer than {min_rankings}")
-    batch = reader.read(settings.reward_model_max_rankings)
+    batch = reader.read(settings.reward_model_max_rankings, ranking_from_entry)
     store = replay_store(settings)
     stored_before = store.load()
     known = {r.ranking_id for r in stored_before}
@@ -147,13 +144,13 @@ def _run_locked(settings: Settings, client: redis_lib.Redis, min_rankings: int, 
         return RunReport("skipped", f"no new training rankings ({len(batch.entry_ids)} entries: held-out or unusable;"
                                     " stored and acknowledged)")
 
-    registry = reward_model_registry(client, settings)
+    registry = open_registry(client, settings.data_dir, REWARD_MODEL_KIND)
     current = registry.current()
     model_config = model_config_from_settings(settings)
     parent, parent_keys = _parent(registry, current, model_config)
     model, tokenizer = cache.model_for(model_config, parent_keys)
     if parent is not None:
-        model.load_stored(registry.path(parent.version) / "model.safetensors")
+        model.load_stored(registry.path(parent.version) / REWARD_MODEL_WEIGHTS_FILE)
     trainer = RewardModelTrainer(model, tokenizer, training_config_from_settings(settings))
     log.info("reward-model run: %d new + %d replayed training rankings, %d held out, warm start from %s, "
              "%.1f M trainable parameters", len(new_train), len(replay), len(held_out),
@@ -247,5 +244,5 @@ def _parent(registry: VersionRegistry, current: VersionRecord | None,
     from safetensors import safe_open
 
     verify_version(registry.path(current.version))  # never warm-start from a corrupt artifact
-    with safe_open(str(registry.path(current.version) / "model.safetensors"), "pt") as handle:
+    with safe_open(str(registry.path(current.version) / REWARD_MODEL_WEIGHTS_FILE), "pt") as handle:
         return current, set(handle.keys())
