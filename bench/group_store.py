@@ -15,12 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import redis
 import torch
 
-from feedback.groups import GroupStore
-from flywheel.redis_server import RedisServer
-from serving.engine import GroupResult, SampleResult
+from flywheel.contracts.groups import GroupResult, SampleResult
+from flywheel.group_store import GroupStore
+from flywheel.redis_server import RedisServer, open_redis
 from serving.sampling import SamplingParams
 
 
@@ -47,7 +46,7 @@ def median_seconds(action, repeats: int) -> float:
 
 def main(repeats: int = 200) -> None:
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as server:
-        client = redis.Redis.from_url(server.url)
+        client, _ = open_redis(server.url, server.data_dir)
         store = GroupStore(client, ttl_seconds=3600)
         groups = [big_group(f"bench-{i}") for i in range(8)]
         ping = median_seconds(lambda i: client.ping(), repeats)

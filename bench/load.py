@@ -37,21 +37,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.serve import percentile, prompts, start_server  # noqa: E402
 from flywheel.api_keys import ROLE_CLIENT, client_key, generate_key, hash_key  # noqa: E402
+from flywheel.contracts.keys import RANKINGS_STREAM  # noqa: E402
 from flywheel.grpc_client import bearer, retry_after_seconds  # noqa: E402
+from flywheel.redis_server import open_redis  # noqa: E402
 from flywheel.config import FlywheelConfig  # noqa: E402
 from flywheel.v1 import feedback_pb2 as fb  # noqa: E402
 from flywheel.v1 import feedback_pb2_grpc as fb_rpc  # noqa: E402
 from flywheel.v1 import inference_pb2 as pb  # noqa: E402
 from flywheel.v1 import inference_pb2_grpc as rpc  # noqa: E402
 
-RANKINGS_STREAM = "flywheel:rankings"
 CLIENTS_PER_CHANNEL = 25  # several HTTP/2 connections, as separate client processes would open
 RATE_LIMIT_REFUSAL = "rate limit of key"  # how the server's per-key limiter words its refusals
 
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> dict:
         process, port = start_server(scratch.name, args.dtype, args.model, store_groups=True, extra_env=limits)
         address, pid = f"127.0.0.1:{port}", process.pid
         redis_url = (Path(scratch.name) / "redis" / "redis.url").read_text().strip()
-    store = redis.Redis.from_url(redis_url) if redis_url else None
+    store = open_redis(redis_url, args.data_dir)[0] if redis_url else None
     try:
         warm_up(address, keys[0])
         stream_before = store.xlen(RANKINGS_STREAM) if store else 0
@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-workers", type=int, default=64, help="the started server's concurrent RPCs")
     parser.add_argument("--max-queued-requests", type=int, default=256)
     defaults = FlywheelConfig.load(environ={})
-    parser.add_argument("--client-requests-per-second", type=float, default=defaults.security.client_requests_per_second,
+    parser.add_argument("--client-requests-per-second", type=float,
+                        default=defaults.security.client_requests_per_second,
                         help="the started server's rate limit per client key (each client has its own); 0 = none")
     parser.add_argument("--client-request-burst", type=int, default=defaults.security.client_request_burst,
                         help="the started server's burst per client key")

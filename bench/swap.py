@@ -27,14 +27,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from flywheel.contracts.artifacts import POLICY_FORMAT_LORA, POLICY_KIND, sha256_file  # noqa: E402
 from flywheel.models import load_model  # noqa: E402
-from flywheel.registry import VersionRegistry  # noqa: E402
+from flywheel.registry import VersionRegistry, open_registry  # noqa: E402
 from flywheel.config import FlywheelConfig  # noqa: E402
 from flywheel.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc  # noqa: E402
 from flywheel.api_keys import generate_key  # noqa: E402
 from flywheel.grpc_client import with_key  # noqa: E402
 from flywheel.app.serve import build_server  # noqa: E402
-from serving.policy_loader import sha256_file  # noqa: E402
 
 
 def write_version(registry: VersionRegistry, base: torch.nn.Module) -> int:
@@ -44,7 +44,7 @@ def write_version(registry: VersionRegistry, base: torch.nn.Module) -> int:
     adapter = get_peft_model(copy.deepcopy(base).float(), LoraConfig(
         r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"], layers_to_transform=list(range(layers - 8, layers))))
-    manifest = {"format": "lora", "parent": 0, "reward_model_version": 0, "figures": {}}
+    manifest = {"format": POLICY_FORMAT_LORA, "parent": 0, "reward_model_version": 0, "figures": {}}
 
     def write(folder: Path) -> None:
         adapter.save_pretrained(folder, safe_serialization=True)
@@ -70,7 +70,7 @@ def main() -> None:
                                   "admin_requests_per_second": 0}, environ={})
         server, release = build_server(settings)
         server.start(wait_until_ready=True)
-        registry = VersionRegistry(server.policy_redis, "policy", Path(scratch) / "policies")
+        registry = open_registry(server.policy_redis, scratch, POLICY_KIND)
         version = write_version(registry, base)
         channel = with_key(grpc.insecure_channel(f"127.0.0.1:{server.port}"), key)
         stub = inference_pb2_grpc.InferenceStub(channel)

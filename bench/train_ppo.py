@@ -128,16 +128,14 @@ def main() -> int:
     import torch
     from safetensors.torch import save_file
 
-    from flywheel.models import cpu_has_fast_bfloat16, resolve_model_path
-    from training.policy_model import PolicyModelConfig, PolicyWithValueHead
-    from training.policy_prompts import render_prompt
+    from flywheel.contracts.prompts import render_prompt
+    from flywheel.models import resolve_compute_dtype, resolve_model_path
+    from training.policy_model import PolicyModelConfig, PolicyWithValueHead, Prompt
     from training.policy_reward import RewardModelScorer
     from training.ppo import PPOConfig, PPOTrainer
     from training.reward_model import RewardModel, RewardModelConfig
 
-    precision = args.precision
-    if precision == "auto":
-        precision = "bfloat16" if cpu_has_fast_bfloat16() else "float32"
+    precision = resolve_compute_dtype(args.precision)
     model_path = resolve_model_path(args.model, Path(args.data_dir))
     config = PPOConfig(batch_size=args.episodes, mini_batch_size=args.mini_batch_size, rollout_batch_size=args.episodes,
                        ppo_epochs=args.ppo_epochs, response_length=args.response_length, learning_rate=3e-6, seed=0)
@@ -151,7 +149,7 @@ def main() -> int:
     reward_model.requires_grad_(False)
     policy = PolicyWithValueHead.from_pretrained(PolicyModelConfig(str(model_path), autocast_dtype=precision,
                                                                            lora_layers=args.lora_layers))
-    prompts = [render_prompt(policy.tokenizer, text) for text in bench_prompts(args.episodes)]
+    prompts = [Prompt(*render_prompt(policy.tokenizer, text)) for text in bench_prompts(args.episodes)]
     scorer = RewardModelScorer(reward_model, eos_id=policy.eos_id, pad_id=policy.pad_id)
     trainer = PPOTrainer(policy, scorer, config)
     started = time.monotonic()

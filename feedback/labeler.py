@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from feedback.groups import LABELLING_CANDIDATES_KEY, GroupStore, group_key
 from feedback.metrics import LabellingMetrics
-from feedback.rankings import (
-    MAX_RANKED, SOURCE_AI, SOURCE_HUMAN, RankingEntry, RankingStream, group_rankings_key,
-)
+from flywheel.contracts.keys import LABELLING_CANDIDATES_KEY, group_key, group_rankings_key
+from flywheel.contracts.rankings import MAX_RANKED, SOURCE_AI, SOURCE_HUMAN, RankingEntry
+from flywheel.contracts.redis_text import text
+from flywheel.group_store import GroupStore
+from flywheel.rankings_stream import RankingStream
 
 if TYPE_CHECKING:  # the judge (and torch) load only in labelling workers
     from feedback.judge import Judge
@@ -83,7 +84,7 @@ class LabellingScheduler:
         while True:
             due = self.redis.zrangebyscore(LABELLING_CANDIDATES_KEY, "-inf", now - self.config.delay_seconds,
                                            start=0, num=batch)
-            ids = [g.decode() if isinstance(g, bytes) else g for g in due]
+            ids = [text(g) for g in due]
             chosen, dropped = self._decide(ids)
             self.forget(dropped)
             if chosen or len(ids) < batch:

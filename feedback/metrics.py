@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from feedback.rankings import RankingStream
+from flywheel.rankings_stream import RankingStream
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,13 @@ import grpc
 import redis
 from prometheus_client import CollectorRegistry
 
-from feedback.groups import CompletionGroup, GroupStore
 from feedback.metrics import FeedbackMetrics, register_stream_collector
-from feedback.rankings import MAX_RANKED, MIN_RANKED, SOURCE_HUMAN, AlreadyRankedError, RankingEntry, RankingStream
 from flywheel.api_keys import current_caller
+from flywheel.contracts.groups import CompletionGroup
+from flywheel.contracts.rankings import MAX_RANKED, MIN_RANKED, SOURCE_AI, SOURCE_HUMAN, RankingEntry
+from flywheel.group_store import GroupStore
 from flywheel.quoting import quote
+from flywheel.rankings_stream import AlreadyRankedError, RankingStream
 from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -160,8 +162,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the feedback store is unavailable; retry shortly")
         return feedback_pb2.FeedbackStats(
             rankings_total=sum(stats.rankings.values()),
-            human_rankings=stats.rankings.get("human", 0),
-            ai_rankings=stats.rankings.get("ai", 0),
+            human_rankings=stats.rankings.get(SOURCE_HUMAN, 0),
+            ai_rankings=stats.rankings.get(SOURCE_AI, 0),
             stream_length=stats.length,
             consumer_groups=[feedback_pb2.ConsumerGroupStats(name=g.name, pending=g.pending, lag=g.lag)
                              for g in stats.consumer_groups],

@@ -12,7 +12,6 @@ on ``FLYWHEEL_LABELLING_METRICS_PORT``.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,8 +22,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from feedback.labeler import Labeler, LabellingConfig, LabellingScheduler
 from feedback.metrics import LabellingMetrics, register_stream_collector
-from feedback.rankings import RankingStream
 from flywheel.celery_app import LABELLING_QUEUE, app, worker_consumes
+from flywheel.rankings_stream import RankingStream
+from flywheel.redis_server import open_redis
 from flywheel.config import FlywheelConfig
 
 if TYPE_CHECKING:
@@ -59,8 +59,8 @@ def worker_state() -> WorkerState:
     with _state_lock:
         if _worker is None:
             settings = FlywheelConfig.load()
-            url = settings.redis_url or os.environ.get("REDIS_URL") or app.conf.broker_url
-            client = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+            client, _ = open_redis(settings.redis_url, settings.data_dir, fallback_url=app.conf.broker_url,
+                                   socket_connect_timeout=5, health_check_interval=30)
             metrics = LabellingMetrics(WORKER_REGISTRY)
             register_stream_collector(WORKER_REGISTRY, RankingStream(client))
             _worker = WorkerState(settings, client, metrics, labelling_config(settings))

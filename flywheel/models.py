@@ -52,10 +52,16 @@ def cpu_has_fast_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    name = name.lower()
+def resolve_compute_dtype(name: str) -> str:
+    """A configured dtype name with "auto" decided for this machine: bfloat16 where its matmul is
+    native, else float32 (serving's ``dtype``, the reward model's and the policy's autocast)."""
     if name == "auto":
-        return torch.bfloat16 if cpu_has_fast_bfloat16() else torch.float32
+        return "bfloat16" if cpu_has_fast_bfloat16() else "float32"
+    return name
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    name = resolve_compute_dtype(name.lower())
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if name not in table:

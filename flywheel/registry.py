@@ -1,7 +1,8 @@
 """A registry of trained model versions, generic over what is versioned (``kind``: "reward_model",
-"policy").
+"policy"); ``open_registry`` opens the one of a kind in its folder of the data directory.
 
-Disk is the source of truth, Redis the fast index:
+Disk is the source of truth, Redis the fast index (the layout and key names are contracts:
+``flywheel.contracts.artifacts`` and ``flywheel.contracts.keys``):
 
 - ``{root_dir}/v{N}/`` holds a version's artifacts (safetensors only) and ``manifest.json``. A version
   is written into a temporary folder in ``root_dir`` and renamed into place (``os.replace``), so a
@@ -13,7 +14,7 @@ Disk is the source of truth, Redis the fast index:
   ``flywheel:registry:{kind}`` so followers (servers, for the policy) can react without polling.
 - ``rebuild_from_disk()`` recreates the Redis side from the manifests.
 - ``manifest["files"]`` lists every artifact file with its SHA-256 (``write_version`` fills it in);
-  ``verify_version()`` checks them before anything loads a version, so a truncated or corrupt
+  ``flywheel.contracts.artifacts.verify_version()`` checks them before anything loads a version, so a truncated or corrupt
   artifact is refused with a clear error instead of being served or trained on.
 
 Statuses: ``candidate`` (written, not yet decided), ``current``, ``superseded`` (was current until a
@@ -22,11 +23,9 @@ newer version was promoted), ``rejected`` (failed its gate; kept with its figure
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -36,12 +35,15 @@ from typing import Callable
 
 import redis as redis_lib
 
+from flywheel.contracts.artifacts import MANIFEST, VERSION_FOLDER, registry_folder, sha256_file, version_folder
+from flywheel.contracts.keys import (registry_audit_key, registry_channel, registry_current_key, registry_next_key,
+                                     registry_versions_key)
+from flywheel.contracts.redis_text import text
+
 log = logging.getLogger(__name__)
 
 CANDIDATE, CURRENT, SUPERSEDED, REJECTED, ROLLED_BACK = "candidate", "current", "superseded", "rejected", "rolled_back"
 STATUSES = (CANDIDATE, CURRENT, SUPERSEDED, REJECTED, ROLLED_BACK)
-MANIFEST = "manifest.json"
-_VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
 @dataclass
@@ -86,57 +88,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file: manifests list one per artifact, and loaders verify them."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class ArtifactError(RuntimeError):
-    """A version folder that cannot be used: no manifest, a manifest that does not parse, or an
-    artifact that is missing or fails its checksum. Messages name the version, not paths (they
-    reach API clients)."""
-
-
-def verify_version(folder: Path) -> dict:
-    """The manifest of a version folder, after checking every listed artifact's SHA-256."""
-    folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{folder.name} has no {MANIFEST} (missing or half-written version)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"the {MANIFEST} of {folder.name} is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"the {MANIFEST} of {folder.name} is not a JSON object")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise ArtifactError(f"the {MANIFEST} of {folder.name} lists no artifact files with checksums")
-    for name, expected in files.items():
-        path = folder / name
-        if not name or Path(name).name != name or name == MANIFEST or not path.is_file():
-            raise ArtifactError(f"artifact {name[:80]!r} of {folder.name} is missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ArtifactError(f"artifact {name} of {folder.name} is corrupt: sha256 {actual[:12]}… "
-                                f"does not match the manifest's {str(expected)[:12]}…")
-    return manifest
-
-
-def registry_channel(kind: str) -> str:
-    """The pub/sub channel on which every change of ``kind``'s registry is announced."""
-    return f"flywheel:registry:{kind}"
-
-
-def current_pointer_key(kind: str) -> str:
-    """The Redis key holding ``kind``'s current version number (absent = none)."""
-    return f"flywheel:registry:{kind}:current"
-
-
 class VersionRegistry:
     """Versions of one ``kind`` of model, their statuses, and the ``current`` pointer."""
 
@@ -144,16 +95,15 @@ class VersionRegistry:
         self.client = client
         self.kind = kind
         self.root_dir = Path(root_dir)
-        prefix = registry_channel(kind)
-        self.channel = prefix
-        self.versions_key = f"{prefix}:versions"
-        self.current_key = current_pointer_key(kind)
-        self.next_key = f"{prefix}:next"
-        self.audit_key = f"{prefix}:audit"
+        self.channel = registry_channel(kind)
+        self.versions_key = registry_versions_key(kind)
+        self.current_key = registry_current_key(kind)
+        self.next_key = registry_next_key(kind)
+        self.audit_key = registry_audit_key(kind)
 
     # ---- reading ----
     def path(self, version: int) -> Path:
-        return self.root_dir / f"v{version}"
+        return version_folder(self.root_dir, version)
 
     def get(self, version: int) -> VersionRecord | None:
         raw = self.client.hget(self.versions_key, str(version))
@@ -174,7 +124,7 @@ class VersionRegistry:
 
     def audit(self, count: int = 100) -> list[dict]:
         entries = self.client.xrevrange(self.audit_key, count=count)
-        return [{_s(k): _s(v) for k, v in fields.items()} | {"id": _s(i)} for i, fields in entries]
+        return [{text(k): text(v) for k, v in fields.items()} | {"id": text(i)} for i, fields in entries]
 
     # ---- writing a version ----
     def allocate_version(self) -> int:
@@ -288,7 +238,7 @@ class VersionRegistry:
     def _disk_versions(self) -> list[int]:
         if not self.root_dir.exists():
             return []
-        return [int(m.group(1)) for p in self.root_dir.iterdir() if (m := _VERSION_DIR.match(p.name))]
+        return [int(m.group(1)) for p in self.root_dir.iterdir() if (m := VERSION_FOLDER.match(p.name))]
 
     def rebuild_from_disk(self, who: str = "rebuild") -> int:
         """Recreate the Redis index from the manifests on disk; sweep temporary folders of killed
@@ -320,5 +270,6 @@ class VersionRegistry:
         return len(manifests)
 
 
-def _s(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def open_registry(client: redis_lib.Redis, data_dir: Path | str, kind: str) -> VersionRegistry:
+    """The registry of ``kind`` (``POLICY_KIND``, ``REWARD_MODEL_KIND``) in its folder of ``data_dir``."""
+    return VersionRegistry(client, kind, registry_folder(data_dir, kind))

@@ -18,14 +18,16 @@ import grpc
 import redis
 
 from flywheel.api_keys import current_caller
+from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND
+from flywheel.contracts.keys import registry_current_key
 from flywheel.policy_admin import PolicyNotFoundError, promote_policy, rollback_policy
-from flywheel.registry import VersionRegistry, current_pointer_key
+from flywheel.registry import open_registry
 from flywheel.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
-REWARD_MODEL_CURRENT_KEY = current_pointer_key("reward_model")
+REWARD_MODEL_CURRENT_KEY = registry_current_key(REWARD_MODEL_KIND)
 STATUSES = {
     "current": admin_pb2.POLICY_STATUS_CURRENT,
     "candidate": admin_pb2.POLICY_STATUS_CANDIDATE,
@@ -55,9 +57,9 @@ def check_reason(reason: str, context: grpc.ServicerContext) -> None:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, client: redis.Redis, policies_dir: Path, serving_status: Callable[[], tuple[int, int, int]],
+    def __init__(self, client: redis.Redis, data_dir: Path, serving_status: Callable[[], tuple[int, int, int]],
                  rankings_waiting: Callable[[], int] | None = None) -> None:
-        self.registry = VersionRegistry(client, "policy", policies_dir)
+        self.registry = open_registry(client, data_dir, POLICY_KIND)
         self.client = client
         self.serving_status = serving_status  # () -> (serving version, running sequences, queued requests)
         self.rankings_waiting = rankings_waiting

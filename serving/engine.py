@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flywheel.contracts.groups import GroupResult, SampleResult
 from serving.detokenizer import IncrementalDetokenizer
 from serving.model_runner import Batch, ModelRunner, cache_argument
 from serving.sampling import SamplingParams, sample_generator, sample_tokens
@@ -33,8 +34,8 @@ from serving.scheduler import Scheduler
 
 __all__ = [
     "FINISH_CANCELLED", "FINISH_LENGTH", "FINISH_STOP", "DoneEvent", "Engine", "EngineConfig", "EngineObserver",
-    "EngineStoppedError", "ErrorEvent", "GenerationRequest", "GroupResult", "QueueFullError", "SampleResult",
-    "TokenEvent", "cache_argument", "iter_events", "run_to_completion",
+    "EngineStoppedError", "ErrorEvent", "GenerationRequest", "QueueFullError", "TokenEvent", "cache_argument",
+    "iter_events", "run_to_completion",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,35 +50,6 @@ class EngineStoppedError(RuntimeError):
 
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
-
-
-@dataclass
-class SampleResult:
-    """One finished completion, with the per-token data that feedback and PPO need later."""
-
-    index: int
-    completion_id: str
-    text: str
-    finish_reason: str
-    token_ids: list[int]
-    logprobs: list[float]
-
-    @property
-    def logprob(self) -> float:
-        return float(sum(self.logprobs))
-
-
-@dataclass
-class GroupResult:
-    group_id: str
-    policy_version: int
-    prompt: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    samples: list[SampleResult]
-    created_at: float
-    first_token_at: float | None
-    finished_at: float
 
 
 @dataclass

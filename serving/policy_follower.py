@@ -16,14 +16,14 @@ from typing import Callable
 
 import redis
 
-from flywheel.policy_admin import POLICY_KIND
-from flywheel.registry import current_pointer_key, registry_channel
+from flywheel.contracts.artifacts import POLICY_KIND
+from flywheel.contracts.keys import registry_channel, registry_current_key
 from serving.policy_loader import LoadedPolicy, PolicyLoadError
 
 log = logging.getLogger(__name__)
 
 POLICY_CHANNEL = registry_channel(POLICY_KIND)
-POLICY_CURRENT_KEY = current_pointer_key(POLICY_KIND)
+POLICY_CURRENT_KEY = registry_current_key(POLICY_KIND)
 
 
 class PolicyFollower:

@@ -1,7 +1,7 @@
 """Load a policy version from its artifact folder, refusing anything that does not check out.
 
 Version 0 is the base model. A trained version lives in ``{policies_dir}/v{N}/`` with a
-``manifest.json`` that lists every artifact file with its SHA-256; the files are verified before
+``manifest.json`` (the format: ``flywheel.contracts.artifacts``) that lists every artifact file with its SHA-256; the files are verified before
 anything is read, so a truncated or corrupt artifact is refused with a clear error (and the server
 keeps its current version). A LoRA version ("format": "lora", a peft adapter) is merged into a
 copy of the base weights, so serving it costs nothing per token; a "full" version is a whole
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from flywheel.registry import ArtifactError, sha256_file, verify_version  # noqa: F401 (sha256_file re-exported)
+from flywheel.contracts.artifacts import (FULL_WEIGHTS_FILE, POLICY_FORMAT_FULL, POLICY_FORMAT_LORA, POLICY_FORMATS,
+                                         ArtifactError, verify_version, version_folder)
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,17 @@ class PolicyLoader:
         started = time.perf_counter()
         if version == 0:
             return LoadedPolicy(0, self.base_model, time.perf_counter() - started)
-        folder = self.policies_dir / f"v{version}"
+        folder = version_folder(self.policies_dir, version)
         manifest = read_verified_manifest(folder)
         fmt = manifest.get("format")
         try:
-            if fmt == "lora":
+            if fmt == POLICY_FORMAT_LORA:
                 model = self._merge_lora(folder)
-            elif fmt == "full":
+            elif fmt == POLICY_FORMAT_FULL:
                 model = self._load_full(folder)
             else:
-                raise PolicyLoadError(f"v{version}: unknown artifact format {fmt!r} (expected lora or full)")
+                raise PolicyLoadError(f"v{version}: unknown artifact format {fmt!r} "
+                                      f"(expected {' or '.join(POLICY_FORMATS)})")
         except PolicyLoadError:
             raise
         except Exception as exc:  # a file that checks out but does not fit this base model
@@ -83,7 +85,7 @@ class PolicyLoader:
         from safetensors.torch import load_file
 
         model = copy.deepcopy(self.base_model)
-        state = load_file(folder / "model.safetensors")
+        state = load_file(folder / FULL_WEIGHTS_FILE)
         dtype = next(model.parameters()).dtype
         missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings

@@ -21,10 +21,10 @@ from typing import Callable
 import redis
 
 from flywheel.api_keys import ROLE_ADMIN, ROLE_CLIENT, Caller
+from flywheel.contracts.keys import rate_limit_key
 
 log = logging.getLogger(__name__)
 
-RATE_LIMIT_KEY_PREFIX = "flywheel:ratelimit:"  # + key name
 _LOG_EVERY_SECONDS = 30.0
 
 _GCRA_SCRIPT = """
@@ -85,7 +85,7 @@ class RateLimiter:
         interval_ms = 1000.0 / rate.per_second
         tolerance_ms = interval_ms * (rate.burst - 1)
         try:
-            allowed, wait_ms = self._script(keys=[RATE_LIMIT_KEY_PREFIX + caller.name],
+            allowed, wait_ms = self._script(keys=[rate_limit_key(caller.name)],
                                             args=[repr(interval_ms), repr(tolerance_ms)])
         except redis.RedisError as exc:
             if self.on_error is not None:

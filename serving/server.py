@@ -12,7 +12,6 @@ import contextlib
 import logging
 import threading
 import time
-from pathlib import Path
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -23,10 +22,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from flywheel.config import FlywheelConfig
+from flywheel.contracts.artifacts import POLICY_KIND, registry_folder
+from flywheel.contracts.groups import GroupResult
 from flywheel.tls import server_credentials
 from flywheel.v1 import inference_pb2, inference_pb2_grpc
 from serving.engine import (
-    DoneEvent, Engine, EngineConfig, EngineStoppedError, GenerationRequest, GroupResult, QueueFullError, TokenEvent,
+    DoneEvent, Engine, EngineConfig, EngineStoppedError, GenerationRequest, QueueFullError, TokenEvent,
     iter_events,
 )
 from serving.auth import server_interceptors
@@ -245,7 +246,7 @@ class InferenceServer:
             self._ready.set()
 
     def _follow_registry(self, base_model) -> None:
-        loader = PolicyLoader(base_model, Path(self.config.data_dir) / "policies")
+        loader = PolicyLoader(base_model, registry_folder(self.config.data_dir, POLICY_KIND))
         self.follower = PolicyFollower(
             self.policy_redis, loader.load, self.swap_to, lambda: self.engine.policy_version,
             poll_seconds=self.config.serving.policy_poll_seconds,

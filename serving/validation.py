@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from flywheel.contracts.prompts import render_messages
 from flywheel.quoting import quote
 from flywheel.v1 import inference_pb2
 from serving.sampling import SamplingParams
@@ -43,8 +44,9 @@ class ValidatedRequest:
     params: SamplingParams
 
 
-def render_prompt(request: inference_pb2.CompleteRequest, tokenizer) -> tuple[str, list[int]]:
-    """The prompt text as the model sees it, and its token ids."""
+def request_prompt(request: inference_pb2.CompleteRequest, tokenizer) -> tuple[str, list[int]]:
+    """The prompt text as the model sees it, and its token ids: the messages rendered as every part
+    renders them (``flywheel.contracts.prompts``), or the plain prompt as it is."""
     if request.prompt and request.messages:
         raise InvalidRequest("prompt", "set either prompt or messages, not both")
     if request.messages:
@@ -57,8 +59,8 @@ def render_prompt(request: inference_pb2.CompleteRequest, tokenizer) -> tuple[st
             raise InvalidRequest("messages", "every message is empty")
         if getattr(tokenizer, "chat_template", None) is None:
             raise InvalidRequest("messages", "this model has no chat template; send a plain prompt")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, tokenizer(text, add_special_tokens=False).input_ids
+        text, token_ids = render_messages(tokenizer, messages)
+        return text, list(token_ids)
     if not request.prompt.strip():
         raise InvalidRequest("prompt", "is empty (set prompt or messages)")
     return request.prompt, tokenizer(request.prompt).input_ids
@@ -97,7 +99,7 @@ def validate_request(request: inference_pb2.CompleteRequest, tokenizer, limits: 
     if total_chars > limits.max_prompt_chars:
         raise InvalidRequest("prompt", f"is {total_chars} characters; the limit is {limits.max_prompt_chars} "
                                        f"({limits.max_prompt_tokens} tokens)")
-    prompt, ids = render_prompt(request, tokenizer)
+    prompt, ids = request_prompt(request, tokenizer)
     if not ids:
         raise InvalidRequest("prompt", "encodes to no tokens")
     if len(ids) > limits.max_prompt_tokens:

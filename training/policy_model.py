@@ -15,10 +15,10 @@ Why one module holds all three roles:
 Under a bfloat16 autocast the frozen base weights are stored in bfloat16 (no per-forward casts);
 adapters and the value head stay float32 master weights.
 
-Artifacts (the serving contract): format "lora" is peft's ``save_pretrained`` folder
-(``adapter_config.json`` + ``adapter_model.safetensors``); format "full" is ``model.safetensors`` +
-``config.json`` of the whole causal LM. Both add ``value_head.safetensors`` so a child run can
-warm-start its critic.
+Artifacts (the serving contract, named in ``flywheel.contracts.artifacts``): format "lora" is
+peft's ``save_pretrained`` folder (``adapter_config.json`` + ``adapter_model.safetensors``); format
+"full" is ``model.safetensors`` + ``config.json`` of the whole causal LM. Both add
+``value_head.safetensors`` so a child run can warm-start its critic.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from flywheel.contracts.artifacts import (FULL_WEIGHTS_FILE, LORA_ADAPTER_FILE, POLICY_FORMAT_FULL, POLICY_FORMAT_LORA,
+                                         VALUE_HEAD_FILE)
+
 log = logging.getLogger(__name__)
 
-VALUE_HEAD_FILE = "value_head.safetensors"
 LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA, FULL = "lora", "full"
 
@@ -280,25 +282,25 @@ class PolicyWithValueHead(torch.nn.Module):
             self.lm.save_pretrained(folder, safe_serialization=True)
             readme = folder / "README.md"  # peft's model card: not an artifact
             readme.unlink(missing_ok=True)
-            return LORA
+            return POLICY_FORMAT_LORA
         state = {k: v.detach().float().contiguous() for k, v in self.lm.state_dict().items()}
         if getattr(self.lm.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(folder / FULL_WEIGHTS_FILE), metadata={"format": "pt"})
         self.lm.config.save_pretrained(folder)
-        return FULL
+        return POLICY_FORMAT_FULL
 
     def load_version(self, folder: Path, format: str) -> None:
         """Start from a saved version (a warm start): its adapter or weights, and its value head."""
         folder = Path(folder)
         if format != self.config.finetune:
             raise ValueError(f"cannot load a {format!r} version into a {self.config.finetune!r} policy")
-        if format == LORA:
+        if format == POLICY_FORMAT_LORA:
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(self.lm, load_file(str(folder / "adapter_model.safetensors")))
+            set_peft_model_state_dict(self.lm, load_file(str(folder / LORA_ADAPTER_FILE)))
         else:
-            self.lm.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+            self.lm.load_state_dict(load_file(str(folder / FULL_WEIGHTS_FILE)), strict=False)
         if (folder / VALUE_HEAD_FILE).exists():
             self.value_head.load_state_dict(load_file(str(folder / VALUE_HEAD_FILE)))
 

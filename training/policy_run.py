@@ -27,30 +27,22 @@ import redis as redis_lib
 import torch
 
 from flywheel.config import FlywheelConfig, PolicyRunConfig
-from flywheel.models import cpu_has_fast_bfloat16, resolve_model_path
+from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND, REWARD_MODEL_WEIGHTS_FILE, verify_version
+from flywheel.contracts.heldout import split_prompts
+from flywheel.contracts.keys import POLICY_RUN_LOCK_KEY
+from flywheel.models import resolve_compute_dtype, resolve_model_path
+from flywheel.registry import VersionRecord, open_registry
 from training.metrics import PPOMetrics
-from flywheel.policy_admin import policy_registry
 from training.policy_gate import (GateDecision, PolicyEvaluation, PolicyGateConfig, evaluate_policy, gate_decision,
                                   perplexity)
 from training.policy_model import LORA, PolicyModelConfig, PolicyWithValueHead
-from training.policy_prompts import (DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS, file_prompts, load_texts,
-                                     served_prompts, split_prompts)
+from training.policy_prompts import DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS, file_prompts, load_texts, served_prompts
 from training.policy_reward import RewardModelScorer
 from training.ppo import PPOConfig, PPOStats, PPOTrainer
-from flywheel.registry import VersionRecord, verify_version
 from training.reward_model import RewardModel, RewardModelConfig
-from training.reward_model_run import reward_model_registry
 from training.run import RunReport, TrainingRun
 
 log = logging.getLogger(__name__)
-
-LOCK_KEY = "flywheel:lock:policy"
-
-
-def _autocast(name: str) -> str:
-    if name == "auto":
-        return "bfloat16" if cpu_has_fast_bfloat16() else "float32"
-    return name
 
 
 def policy_model_config(config: FlywheelConfig) -> PolicyModelConfig:
@@ -58,7 +50,7 @@ def policy_model_config(config: FlywheelConfig) -> PolicyModelConfig:
     section = config.policy
     return PolicyModelConfig(base_model=str(resolve_model_path(config.model, Path(config.data_dir))),
                              finetune=section.finetune, lora_rank=section.lora_rank, lora_alpha=section.lora_alpha,
-                             lora_layers=section.lora_layers, autocast_dtype=_autocast(section.autocast))
+                             lora_layers=section.lora_layers, autocast_dtype=resolve_compute_dtype(section.autocast))
 
 
 def ppo_config(section: PolicyRunConfig, seed: int) -> PPOConfig:
@@ -104,7 +96,7 @@ class PolicyModelCache:
                                        autocast_dtype=stored.get("autocast_dtype", "float32"))
             verify_version(folder)  # a corrupt reward model is refused, not trained against
             model = RewardModel.from_backbone(config)
-            model.load_stored(folder / "model.safetensors")
+            model.load_stored(folder / REWARD_MODEL_WEIGHTS_FILE)
             model.requires_grad_(False)
             self._reward, self._reward_key = model.eval(), key
         return self._reward
@@ -122,13 +114,13 @@ class PolicyRun(TrainingRun):
     """The steps of one PPO run (``TrainingRun`` orders them)."""
 
     name = "policy"
-    lock_key = LOCK_KEY
+    lock_key = POLICY_RUN_LOCK_KEY
     compares_with_base = True
 
     def __init__(self, config: FlywheelConfig, client: redis_lib.Redis, *, who: str, metrics: PPOMetrics | None,
                  cache: PolicyModelCache, iterations: int) -> None:
-        super().__init__(client, policy_registry(client, config.data_dir), lock_seconds=config.policy.lock_seconds,
-                         who=who, metrics=metrics)
+        super().__init__(client, open_registry(client, config.data_dir, POLICY_KIND),
+                         lock_seconds=config.policy.lock_seconds, who=who, metrics=metrics)
         self.config = config
         self.section = config.policy
         self.cache = cache
@@ -136,7 +128,7 @@ class PolicyRun(TrainingRun):
 
     def prepare(self) -> str | None:
         section = self.section
-        self.rewards = reward_model_registry(self.client, self.config)
+        self.rewards = open_registry(self.client, self.config.data_dir, REWARD_MODEL_KIND)
         self.reward_record = self.rewards.current()
         if self.reward_record is None:
             return "no reward model yet"

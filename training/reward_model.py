@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from flywheel.contracts.artifacts import REWARD_MODEL_WEIGHTS_FILE
+
 log = logging.getLogger(__name__)
 
 HEAD_PREFIX = "reward_head."
@@ -134,7 +136,7 @@ class RewardModel(torch.nn.Module):
 
     def save(self, directory: Path, keys: set[str] | None = None) -> list[str]:
         state = self.stored_state_dict(keys)
-        save_file(state, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(Path(directory) / REWARD_MODEL_WEIGHTS_FILE), metadata={"format": "pt"})
         return list(state)
 
     def load_stored(self, path: Path) -> list[str]:

@@ -27,10 +27,14 @@ import redis as redis_lib
 import torch
 
 from flywheel.config import FlywheelConfig, RewardModelRunConfig
-from flywheel.models import cpu_has_fast_bfloat16, resolve_model_path
+from flywheel.contracts.artifacts import REWARD_MODEL_KIND, REWARD_MODEL_WEIGHTS_FILE, registry_folder, verify_version
+from flywheel.contracts.heldout import is_held_out
+from flywheel.contracts.keys import REWARD_MODEL_RUN_LOCK_KEY
+from flywheel.models import resolve_compute_dtype, resolve_model_path
+from flywheel.rankings_stream import RankingStreamReader
+from flywheel.registry import VersionRecord, VersionRegistry, open_registry
 from training.metrics import RewardModelMetrics
-from training.rankings import RankingStreamReader, ReplayStore, is_held_out, sample_replay
-from flywheel.registry import VersionRecord, VersionRegistry, verify_version
+from training.rankings import ReplayStore, ranking_from_entry, sample_replay
 from training.reward_model import RewardModel, RewardModelConfig
 from training.reward_model_gate import RewardModelGateDecision, reward_model_gate_decision
 from training.reward_trainer import EvalStats, RewardModelTrainer, RewardTrainingConfig
@@ -38,27 +42,19 @@ from training.run import RunReport, TrainingRun
 
 log = logging.getLogger(__name__)
 
-KIND = "reward_model"
-LOCK_KEY = "flywheel:lock:reward_model"
-
-
-def reward_model_registry(client: redis_lib.Redis, config: FlywheelConfig) -> VersionRegistry:
-    return VersionRegistry(client, KIND, Path(config.data_dir) / "reward_models")
+REPLAY_FILE = "rankings.jsonl"  # in the reward-model registry's folder
 
 
 def replay_store(config: FlywheelConfig) -> ReplayStore:
-    return ReplayStore(Path(config.data_dir) / "reward_models" / "rankings.jsonl")
+    return ReplayStore(registry_folder(config.data_dir, REWARD_MODEL_KIND) / REPLAY_FILE)
 
 
 def reward_model_config(config: FlywheelConfig) -> RewardModelConfig:
     """The model a run trains: the configured backbone (else the served model) with its section's shape."""
     section = config.reward_model
     backbone = resolve_model_path(section.backbone or config.model, Path(config.data_dir))
-    autocast = section.autocast
-    if autocast == "auto":
-        autocast = "bfloat16" if cpu_has_fast_bfloat16() else "float32"
     return RewardModelConfig(backbone=str(backbone), trainable_layers=section.trainable_layers,
-                             max_length=section.max_length, autocast_dtype=autocast)
+                             max_length=section.max_length, autocast_dtype=resolve_compute_dtype(section.autocast))
 
 
 def reward_training_config(section: RewardModelRunConfig) -> RewardTrainingConfig:
@@ -111,12 +107,12 @@ class RewardModelRun(TrainingRun):
     """The steps of one reward-model run (``TrainingRun`` orders them)."""
 
     name = "reward-model"
-    lock_key = LOCK_KEY
+    lock_key = REWARD_MODEL_RUN_LOCK_KEY
 
     def __init__(self, config: FlywheelConfig, client: redis_lib.Redis, *, min_rankings: int, who: str,
                  metrics: RewardModelMetrics | None, cache: RewardModelCache, consumer: str | None) -> None:
-        super().__init__(client, reward_model_registry(client, config), lock_seconds=config.reward_model.lock_seconds,
-                         who=who, metrics=metrics)
+        super().__init__(client, open_registry(client, config.data_dir, REWARD_MODEL_KIND),
+                         lock_seconds=config.reward_model.lock_seconds, who=who, metrics=metrics)
         self.config = config
         self.section = config.reward_model
         self.min_rankings = min_rankings
@@ -128,7 +124,7 @@ class RewardModelRun(TrainingRun):
         waiting = reader.waiting(max(self.min_rankings, 1))
         if waiting < max(self.min_rankings, 1):
             return f"{waiting} rankings waiting, fewer than {self.min_rankings}"
-        self.batch = batch = reader.read(self.section.max_rankings)
+        self.batch = batch = reader.read(self.section.max_rankings, ranking_from_entry)
         store = replay_store(self.config)
         stored_before = store.load()
         known = {r.ranking_id for r in stored_before}
@@ -154,7 +150,7 @@ class RewardModelRun(TrainingRun):
         self.parent, self.parent_keys = _parent(self.registry, current, self.model_config)
         self.model, tokenizer = self.cache.model_for(self.model_config, self.parent_keys)
         if self.parent is not None:
-            self.model.load_stored(self.registry.path(self.parent.version) / "model.safetensors")
+            self.model.load_stored(self.registry.path(self.parent.version) / REWARD_MODEL_WEIGHTS_FILE)
         self.trainer = RewardModelTrainer(self.model, tokenizer, reward_training_config(self.section))
         log.info("reward-model run: %d new + %d replayed training rankings, %d held out, warm start from %s, "
                  "%.1f M trainable parameters", len(self.new_train), len(self.replay), len(self.held_out),
@@ -247,5 +243,5 @@ def _parent(registry: VersionRegistry, current: VersionRecord | None,
     from safetensors import safe_open
 
     verify_version(registry.path(current.version))  # never warm-start from a corrupt artifact
-    with safe_open(str(registry.path(current.version) / "model.safetensors"), "pt") as handle:
+    with safe_open(str(registry.path(current.version) / REWARD_MODEL_WEIGHTS_FILE), "pt") as handle:
         return current, set(handle.keys())

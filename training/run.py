@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Protocol
 import redis as redis_lib
 
 from flywheel.registry import VersionRecord, VersionRegistry
-from training.run_lock import RunLock, run_exclusively
+from flywheel.run_lock import RunLock, run_exclusively
 
 
 @dataclass

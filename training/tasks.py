@@ -16,7 +16,6 @@ The models stay loaded in the worker process between runs (``RewardModelCache``,
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 
@@ -25,18 +24,20 @@ from celery import signals
 from prometheus_client import CollectorRegistry, start_http_server
 
 from flywheel.celery_app import TRAINING_QUEUE, app, worker_consumes
+from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND
+from flywheel.contracts.keys import REWARD_MODEL_RUN_LOCK_KEY, REWARD_MODEL_TRIGGER_KEY
+from flywheel.rankings_stream import RankingStreamReader
+from flywheel.redis_server import open_redis
+from flywheel.registry import open_registry
 from flywheel.config import FlywheelConfig
 from training.metrics import PPOMetrics, RewardModelMetrics
-from flywheel.policy_admin import policy_registry
 from training.policy_run import PolicyModelCache, run_policy_training
-from training.rankings import RankingStreamReader
-from training.reward_model_run import LOCK_KEY, RewardModelCache, reward_model_registry, run_reward_model_training
+from training.reward_model_run import RewardModelCache, run_reward_model_training
 
 log = logging.getLogger(__name__)
 
 TRAIN_REWARD_MODEL = "training.train_reward_model"
 TRAIN_POLICY = "training.train_policy"
-TRIGGER_KEY = "flywheel:trigger:reward_model"
 
 METRICS_REGISTRY = CollectorRegistry()
 REWARD_MODEL_METRICS = RewardModelMetrics(METRICS_REGISTRY)
@@ -47,8 +48,9 @@ _WATCHER_STOP = threading.Event()
 
 
 def redis_client(settings: FlywheelConfig) -> redis_lib.Redis:
-    url = settings.redis_url or os.environ.get("REDIS_URL") or app.conf.broker_url
-    return redis_lib.Redis.from_url(url)
+    """The worker's Redis: the configured one, else the broker's."""
+    client, _ = open_redis(settings.redis_url, settings.data_dir, fallback_url=app.conf.broker_url)
+    return client
 
 
 @app.task(name=TRAIN_REWARD_MODEL, bind=True)
@@ -56,7 +58,7 @@ def train_reward_model(self, min_rankings: int = 1, who: str = "") -> dict:
     settings = FlywheelConfig.load()
     client = redis_client(settings)
     try:
-        client.delete(TRIGGER_KEY)
+        client.delete(REWARD_MODEL_TRIGGER_KEY)
         report = run_reward_model_training(
             settings, client, min_rankings=min_rankings, who=who or f"celery:{self.request.hostname}",
             metrics=REWARD_MODEL_METRICS, cache=_CACHE)
@@ -83,11 +85,12 @@ def train_policy(self, who: str = "", iterations: int | None = None) -> dict:
 def trigger_if_ready(client: redis_lib.Redis, settings: FlywheelConfig) -> bool:
     """Enqueue a reward-model run when enough new rankings wait and none is running or queued."""
     threshold = max(1, settings.reward_model.trigger_rankings)
-    if client.exists(LOCK_KEY):
+    if client.exists(REWARD_MODEL_RUN_LOCK_KEY):
         return False
     if RankingStreamReader(client).waiting(threshold) < threshold:
         return False
-    if not client.set(TRIGGER_KEY, socket.gethostname(), nx=True, ex=max(60, int(settings.reward_model.lock_seconds))):
+    if not client.set(REWARD_MODEL_TRIGGER_KEY, socket.gethostname(), nx=True,
+                      ex=max(60, int(settings.reward_model.lock_seconds))):
         return False
     train_reward_model.apply_async(kwargs={"min_rankings": threshold, "who": "trigger"})
     log.info("enqueued a reward-model run: at least %d new rankings", threshold)
@@ -115,8 +118,9 @@ def _start_worker_services(sender=None, **_kwargs) -> None:
         log.info("training metrics on :%d/metrics", settings.training.metrics_port)
         try:
             client = redis_client(settings)
-            REWARD_MODEL_METRICS.current_version.set(reward_model_registry(client, settings).current_version())
-            PPO_METRICS.current_version.set(policy_registry(client, settings.data_dir).current_version())
+            REWARD_MODEL_METRICS.current_version.set(
+                open_registry(client, settings.data_dir, REWARD_MODEL_KIND).current_version())
+            PPO_METRICS.current_version.set(open_registry(client, settings.data_dir, POLICY_KIND).current_version())
             client.close()
         except redis_lib.RedisError as exc:
             log.warning("could not read the current reward model and policy: %s", exc)

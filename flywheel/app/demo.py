@@ -44,7 +44,7 @@ from flywheel.app import simulated_users as simulated
 from flywheel.app.preferences import PREFERENCES, WinRate, win_rate
 from flywheel.app.tables import format_table
 from flywheel.grpc_client import with_key
-from flywheel.redis_server import free_port, resolve_redis_url
+from flywheel.redis_server import free_port, open_redis
 from flywheel.config import ENV_PREFIX, FlywheelConfig
 from flywheel.tls import channel_credentials
 from flywheel.v1 import admin_pb2, admin_pb2_grpc
@@ -265,14 +265,12 @@ def length_figures(answers: dict[str, list[str]]) -> tuple[float, int]:
 
 
 def reward_model_accuracy(platform: Platform, config: DemoConfig) -> float:
-    import redis
+    from flywheel.contracts.artifacts import REWARD_MODEL_KIND
+    from flywheel.registry import open_registry
 
-    from training.reward_model_run import reward_model_registry
-
-    url, _ = resolve_redis_url(platform.settings.redis_url, config.data_dir)  # the platform's, running
-    client = redis.Redis.from_url(url)
+    client, _ = open_redis(platform.settings.redis_url, config.data_dir)  # the platform's, running
     try:
-        current = reward_model_registry(client, platform.settings).current()
+        current = open_registry(client, platform.settings.data_dir, REWARD_MODEL_KIND).current()
         accuracy = current.figures.get("heldout_accuracy") if current else None
         return math.nan if accuracy is None else float(accuracy)  # None: no held-out rankings yet
     finally:

@@ -7,7 +7,6 @@ the validation and status codes an application gets. The maintenance commands ta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import uuid
 
@@ -86,37 +85,23 @@ def run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _redis(args: argparse.Namespace):
-    """Settings and a Redis client (starting the embedded server when no URL is set, stopped after)."""
-    import redis
-
-    from flywheel.redis_server import resolve_redis_url
-
-    settings = config_from_args(args)
-    url, server = resolve_redis_url(settings.redis_url, settings.data_dir)
-    client = redis.Redis.from_url(url)
-    try:
-        yield settings, client
-    finally:
-        client.close()
-        if server is not None:
-            server.stop()
-
-
 def run_schedule(args: argparse.Namespace) -> int:
     from feedback.tasks import labelling_config, schedule_due_groups
+    from flywheel.redis_server import redis_connection
 
-    with _redis(args) as (settings, client):
+    settings = config_from_args(args)
+    with redis_connection(settings.redis_url, settings.data_dir) as client:
         enqueued = schedule_due_groups(client, labelling_config(settings))["enqueued"]
     print(f"enqueued {enqueued} groups for labelling")
     return 0
 
 
 def run_trim(args: argparse.Namespace) -> int:
-    from feedback.rankings import RankingStream
+    from flywheel.rankings_stream import RankingStream
+    from flywheel.redis_server import redis_connection
 
-    with _redis(args) as (_, client):
+    settings = config_from_args(args)
+    with redis_connection(settings.redis_url, settings.data_dir) as client:
         trimmed = RankingStream(client).trim_acknowledged()
     print(f"trimmed {trimmed} acknowledged rankings")
     return 0

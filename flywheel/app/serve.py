@@ -10,7 +10,6 @@ import argparse
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -54,21 +53,20 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
     if not settings.feedback.store_groups:
         return InferenceServer(settings), lambda: None
 
-    import redis
-
-    from feedback.groups import GroupStore
     from feedback.service import FEEDBACK_SERVICE, FeedbackServicer, add_feedback_service
-    from feedback.rankings import REWARD_MODEL_CONSUMER_GROUP
-    from flywheel.redis_server import resolve_redis_url
+    from flywheel.contracts.keys import REWARD_MODEL_CONSUMER_GROUP
+    from flywheel.group_store import GroupStore
+    from flywheel.redis_server import open_redis, resolve_redis_url
     from serving.admin import ADMIN_SERVICE, AdminServicer, add_admin_service
     from serving.metrics import ServingMetrics
     from serving.rate_limit import RateLimiter
 
     url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
     # short timeouts: with Redis down, completions are still served (their groups just cannot be ranked)
-    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=10)
+    client, _ = open_redis(url, settings.data_dir, socket_connect_timeout=1.0, socket_timeout=2.0,
+                           health_check_interval=10)
     # shorter still for the rate limiter, which every RPC waits on (it lets requests through when Redis is down)
-    limiter_client = redis.Redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.25)
+    limiter_client, _ = open_redis(url, settings.data_dir, socket_connect_timeout=0.25, socket_timeout=0.25)
     metrics = ServingMetrics()
     feedback = FeedbackServicer(client, group_ttl_seconds=settings.feedback.group_ttl_seconds,
                                 registry=metrics.registry)
@@ -81,7 +79,7 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
         engine = server.engine
         return (engine.policy_version, engine.running_sequences, engine.queued) if engine else (0, 0, 0)
 
-    admin = AdminServicer(client, Path(settings.data_dir) / "policies", serving_status,
+    admin = AdminServicer(client, settings.data_dir, serving_status,
                           lambda: feedback.stream.waiting_for(REWARD_MODEL_CONSUMER_GROUP))
     server.services = [(FEEDBACK_SERVICE, lambda grpc_server: add_feedback_service(grpc_server, feedback)),
                        (ADMIN_SERVICE, lambda grpc_server: add_admin_service(grpc_server, admin))]

@@ -37,27 +37,25 @@ def server_status(settings, timeout: float):
 
 
 def run_status(args: argparse.Namespace) -> int:
-    import redis
-
-    from feedback.rankings import REWARD_MODEL_CONSUMER_GROUP, RankingStream
-    from flywheel.redis_server import resolve_redis_url
-    from flywheel.registry import VersionRegistry
+    from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND
+    from flywheel.contracts.keys import REWARD_MODEL_CONSUMER_GROUP
+    from flywheel.rankings_stream import RankingStream
+    from flywheel.redis_server import open_redis
+    from flywheel.registry import open_registry
 
     settings = config_from_args(args)
     served = server_status(settings, args.timeout)
-    url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    client, embedded = open_redis(settings.redis_url, settings.data_dir, socket_connect_timeout=2, socket_timeout=5)
     try:
-        registries = {kind: VersionRegistry(client, kind, settings.data_dir / folder)
-                      for kind, folder in (("reward_model", "reward_models"), ("policy", "policies"))}
+        registries = {kind: open_registry(client, settings.data_dir, kind) for kind in (REWARD_MODEL_KIND, POLICY_KIND)}
         rows = []
         if isinstance(served, str):
             rows.append(("server", settings.grpc_address, f"unreachable ({served})"))
         else:
             rows += [("server", settings.grpc_address, f"serving policy v{served.serving_policy_version}"),
                      ("", "batch", f"{served.running_sequences} sequences running, {served.queued_requests} queued")]
-        rows += [("registry", "policy", f"current v{registries['policy'].current_version()}"),
-                 ("registry", "reward model", f"current v{registries['reward_model'].current_version()}"),
+        rows += [("registry", "policy", f"current v{registries[POLICY_KIND].current_version()}"),
+                 ("registry", "reward model", f"current v{registries[REWARD_MODEL_KIND].current_version()}"),
                  ("feedback", "rankings waiting",
                   str(RankingStream(client).waiting_for(REWARD_MODEL_CONSUMER_GROUP)))]
         print(format_table(("part", "what", "state"), rows))

@@ -10,7 +10,6 @@ starred), then each registry's own columns.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import getpass
 import json
 import os
@@ -18,6 +17,7 @@ import time
 
 from flywheel.app.tables import CREATED, PARENT, STATUS, Column, figure_column, format_registry_table
 from flywheel.config import FlywheelConfig, PolicyRunConfig, RewardModelRunConfig, add_config_flags, config_from_args
+from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND
 
 
 def _rankings_used(record) -> dict:
@@ -109,23 +109,6 @@ def _who() -> str:
         return "unknown"
 
 
-@contextlib.contextmanager
-def _redis(settings):
-    """A client of the configured Redis (or of an embedded one, stopped afterwards)."""
-    import redis
-
-    from flywheel.redis_server import resolve_redis_url
-
-    url, server = resolve_redis_url(settings.redis_url, settings.data_dir)
-    client = redis.Redis.from_url(url)
-    try:
-        yield client
-    finally:
-        client.close()
-        if server is not None:
-            server.stop()
-
-
 def _run_on_worker(args: argparse.Namespace, settings, task_name: str, kwargs: dict, what: str) -> int:
     """Send ``task_name`` to the training queue by name (the task modules stay unloaded here), then,
     unless ``--no-wait``, wait for the run and print its report."""
@@ -145,9 +128,10 @@ def _run_on_worker(args: argparse.Namespace, settings, task_name: str, kwargs: d
 def train_reward_model_command(args: argparse.Namespace) -> int:
     settings = config_from_args(args)
     if args.local:
+        from flywheel.redis_server import redis_connection
         from training.reward_model_run import run_reward_model_training
 
-        with _redis(settings) as client:
+        with redis_connection(settings.redis_url, settings.data_dir) as client:
             report = run_reward_model_training(settings, client, min_rankings=args.min_rankings, who="cli")
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -158,9 +142,10 @@ def train_reward_model_command(args: argparse.Namespace) -> int:
 def train_policy_command(args: argparse.Namespace) -> int:
     settings = config_from_args(args)
     if args.local:
+        from flywheel.redis_server import redis_connection
         from training.policy_run import run_policy_training
 
-        with _redis(settings) as client:
+        with redis_connection(settings.redis_url, settings.data_dir) as client:
             report = run_policy_training(settings, client, who=f"cli:{_who()}")
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -183,26 +168,24 @@ def list_versions(args: argparse.Namespace, registry, columns, who: str, *, base
     return 0
 
 
+def _with_registry(args, kind: str, action):
+    """``action(registry)`` on the registry of ``kind`` in the configured Redis and data dir."""
+    from flywheel.redis_server import redis_connection
+    from flywheel.registry import open_registry
+
+    settings = config_from_args(args)
+    with redis_connection(settings.redis_url, settings.data_dir) as client:
+        return action(open_registry(client, settings.data_dir, kind))
+
+
 def reward_models_command(args: argparse.Namespace) -> int:
-    from training.reward_model_run import reward_model_registry
-
-    settings = config_from_args(args)
-    with _redis(settings) as client:
-        return list_versions(args, reward_model_registry(client, settings), REWARD_MODEL_COLUMNS, who="cli",
-                             empty="no reward-model versions yet")
-
-
-def _with_policy_registry(args, action):
-    from flywheel.policy_admin import policy_registry
-
-    settings = config_from_args(args)
-    with _redis(settings) as client:
-        return action(policy_registry(client, settings.data_dir))
+    return _with_registry(args, REWARD_MODEL_KIND, lambda registry: list_versions(
+        args, registry, REWARD_MODEL_COLUMNS, who="cli", empty="no reward-model versions yet"))
 
 
 def policies_command(args: argparse.Namespace) -> int:
-    return _with_policy_registry(
-        args, lambda registry: list_versions(args, registry, POLICY_COLUMNS, who=_who(), base_model_row=True))
+    return _with_registry(args, POLICY_KIND, lambda registry: list_versions(
+        args, registry, POLICY_COLUMNS, who=_who(), base_model_row=True))
 
 
 def promote_command(args: argparse.Namespace) -> int:
@@ -213,7 +196,7 @@ def promote_command(args: argparse.Namespace) -> int:
         print(f"policy v{registry.current_version()} is current")
         return 0
 
-    return _with_policy_registry(args, promote)
+    return _with_registry(args, POLICY_KIND, promote)
 
 
 def rollback_command(args: argparse.Namespace) -> int:
@@ -225,4 +208,4 @@ def rollback_command(args: argparse.Namespace) -> int:
         print(f"rolled back from v{left}: policy v{registry.current_version()} is current")
         return 0
 
-    return _with_policy_registry(args, rollback)
+    return _with_registry(args, POLICY_KIND, rollback)

@@ -269,7 +269,8 @@ def test_celery_takes_its_url_and_redelivery_timings_from_the_config(monkeypatch
     assert app.conf.broker_transport_options["visibility_timeout"] == 4
     assert app.conf.broker_transport_options["unacked_restore_interval"] == 0.5
     assert make_celery("redis://explicit:6379/2", config).conf.broker_url == "redis://explicit:6379/2"
-    assert make_celery(settings=FlywheelConfig.load(environ={})).conf.broker_url == "redis://from-the-environment:6379/0"
+    from_environment = make_celery(settings=FlywheelConfig.load(environ={}))
+    assert from_environment.conf.broker_url == "redis://from-the-environment:6379/0"
 
 
 def test_sections_are_plain_dataclasses():

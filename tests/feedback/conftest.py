@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from feedback.groups import GroupStore
+from flywheel.group_store import GroupStore
 from support.feedback import FeedbackServer, group_result
 
 

@@ -9,9 +9,10 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from feedback.groups import group_key
-from feedback.rankings import RANKINGS_STREAM, RankingConsumer, RankingEntry
 from flywheel.app.cli import main as flywheel_main
+from flywheel.contracts.keys import RANKINGS_STREAM, group_key
+from flywheel.contracts.rankings import SOURCE_AI, RankingEntry
+from flywheel.rankings_stream import RankingStream, RankingStreamReader
 from flywheel.v1 import feedback_pb2
 
 from support.feedback import FeedbackServer, group_result
@@ -105,7 +106,7 @@ def test_idempotency_keys_belong_to_their_annotator(feedback_server, saved_group
     mine = submit(feedback_server, annotator_id="fay", idempotency_key="shared-key")
     theirs = submit(feedback_server, ids=("g1-0", "g1-1"), annotator_id="gus", idempotency_key="shared-key")
     assert not theirs.duplicate and theirs.ranking_id != mine.ranking_id
-    assert redis_client.xlen("flywheel:rankings") == 2
+    assert redis_client.xlen(RANKINGS_STREAM) == 2
     assert submit(feedback_server, annotator_id="fay", idempotency_key="shared-key").ranking_id == mine.ranking_id
 
 
@@ -146,9 +147,9 @@ def test_concurrent_retries_with_one_key_record_once(feedback_server, saved_grou
 def test_stats_report_stream_and_consumer_groups(feedback_server, saved_group, redis_client):
     for i in range(3):
         submit(feedback_server, ids=[f"g1-{i}", "g1-3"])
-    consumer = RankingConsumer(redis_client, "reward-model", "rm-1")
-    got = consumer.read(count=2)
-    consumer.ack([got[0].entry_id])
+    reader = RankingStreamReader(redis_client, consumer="rm-1")
+    got = reader.claim(2)
+    reader.acknowledge([got[0][0]])
     stats = feedback_server.stub.GetFeedbackStats(feedback_pb2.GetFeedbackStatsRequest())
     assert (stats.rankings_total, stats.human_rankings, stats.ai_rankings, stats.stream_length) == (3, 3, 0, 3)
     assert [(g.name, g.pending, g.lag) for g in stats.consumer_groups] == [("reward-model", 1, 1)]
@@ -198,8 +199,6 @@ def test_works_with_a_client_that_decodes_responses(redis_server, saved_group):
 
 
 def test_client_keys_cannot_collide_with_the_labelers(feedback_server, saved_group, redis_client):
-    from feedback.rankings import SOURCE_AI, RankingStream
-
     stream = RankingStream(redis_client)
     ai = stream.append(RankingEntry("g1", ["g1-0", "g1-1"], "ai", judge_id="j", confidence=0.5), "j:g1")
     human = submit(feedback_server, idempotency_key="j:g1")

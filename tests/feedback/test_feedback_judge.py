@@ -9,12 +9,12 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry
 
-from feedback.agreement import pairwise_agreement
-from feedback.groups import LABELLING_CANDIDATES_KEY
 from feedback.judge import Judge, JudgeConfig, readable_prompt
 from feedback.labeler import Labeler, LabellingConfig, LabellingScheduler, in_agreement_sample
 from feedback.metrics import LabellingMetrics
-from feedback.rankings import RANKINGS_STREAM, RankingEntry, RankingStream
+from flywheel.contracts.keys import LABELLING_CANDIDATES_KEY, RANKINGS_STREAM
+from flywheel.contracts.rankings import RankingEntry, pairwise_agreement
+from flywheel.rankings_stream import RankingStream
 
 from support.feedback import PROMPT, group_result
 

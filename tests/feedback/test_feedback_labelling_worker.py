@@ -13,11 +13,13 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from feedback.groups import LABELLING_CANDIDATES_KEY, GroupStore
 from feedback.labeler import LabellingConfig
-from feedback.rankings import RANKINGS_STREAM, RankingEntry, RankingStream
 from feedback.tasks import label_group, schedule_due_groups
 from flywheel.celery_app import LABELLING_QUEUE, app
+from flywheel.contracts.keys import LABELLING_CANDIDATES_KEY, RANKINGS_STREAM
+from flywheel.contracts.rankings import RankingEntry
+from flywheel.group_store import GroupStore
+from flywheel.rankings_stream import RankingStream
 from flywheel.redis_server import RedisServer, free_port
 
 from support.feedback import group_result

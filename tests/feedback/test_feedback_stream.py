@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
-from feedback.groups import LABELLING_CANDIDATES_KEY, group_key
-from feedback.rankings import (
-    DEAD_LETTER_STREAM, RANKINGS_STREAM, RankingConsumer, RankingEntry, RankingStream,
-)
+from flywheel.contracts.keys import LABELLING_CANDIDATES_KEY, RANKINGS_STREAM, group_key
+from flywheel.contracts.rankings import RankingEntry
+from flywheel.rankings_stream import RankingStream, RankingStreamReader
 
 from support.feedback import group_result
 
@@ -19,6 +17,10 @@ def append_rankings(client, count: int, start: int = 0) -> list[str]:
     stream = RankingStream(client, group_ttl_seconds=3600)
     return [stream.append(RankingEntry(f"g{i}", [f"g{i}-1", f"g{i}-0"], "human", annotator_id="a")).entry_id
             for i in range(start, start + count)]
+
+
+def entry_ids(claimed: list[tuple[str, dict]]) -> list[str]:
+    return [entry_id for entry_id, _ in claimed]
 
 
 def test_group_store_round_trip_with_ttl(group_store, redis_client):
@@ -40,23 +42,25 @@ def test_group_store_round_trip_with_ttl(group_store, redis_client):
 
 
 def test_every_consumer_group_gets_every_entry(redis_client):
-    reward = RankingConsumer(redis_client, "reward-model", "rm-1")
-    ppo = RankingConsumer(redis_client, "ppo", "ppo-1")
+    reward = RankingStreamReader(redis_client, consumer="rm-1")
+    ppo = RankingStreamReader(redis_client, group="ppo", consumer="ppo-1")
     ids = append_rankings(redis_client, 5)
-    assert [r.entry_id for r in reward.read(count=10)] == ids
-    assert [r.entry_id for r in ppo.read(count=10)] == ids
-    assert reward.read(count=10, block_ms=50) == []
+    assert entry_ids(reward.claim(10)) == ids
+    assert entry_ids(ppo.claim(10)) == ids
+    assert reward.acknowledge(ids) == 5
+    assert reward.claim(10) == []
+    assert entry_ids(ppo.claim(10)) == ids  # still unacknowledged by ppo
 
 
 def test_a_consumer_killed_before_acknowledging_loses_nothing(redis_server, redis_client):
-    RankingConsumer(redis_client, "reward-model", "setup")  # the group exists before the entries
+    RankingStreamReader(redis_client).ensure_group()  # the group exists before the entries
     ids = append_rankings(redis_client, 6)
     script = (
         "import json, sys, time, redis\n"
-        "from feedback.rankings import RankingConsumer\n"
-        f"c = RankingConsumer(redis.Redis.from_url({redis_server.url!r}), 'reward-model', 'doomed')\n"
-        "got = c.read(count=4)\n"
-        "print(json.dumps([r.entry_id for r in got]), flush=True)\n"
+        "from flywheel.rankings_stream import RankingStreamReader\n"
+        f"c = RankingStreamReader(redis.Redis.from_url({redis_server.url!r}), consumer='doomed')\n"
+        "got = c.claim(4)\n"
+        "print(json.dumps([entry_id for entry_id, _ in got]), flush=True)\n"
         "time.sleep(600)\n"
     )
     doomed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -67,105 +71,108 @@ def test_a_consumer_killed_before_acknowledging_loses_nothing(redis_server, redi
         doomed.wait()
     assert taken == ids[:4]
 
-    survivor = RankingConsumer(redis_client, "reward-model", "survivor", min_idle_ms=1000)
-    first = survivor.read(count=10)
-    assert [r.entry_id for r in first] == ids[4:]  # the dead consumer's entries are not idle long enough yet
-    time.sleep(1.05)
-    reclaimed = survivor.read(count=10)
-    assert [r.entry_id for r in reclaimed] == ids[:4]
-    assert reclaimed[0].ranking.group_id == "g0" and reclaimed[0].ranking.completion_ids == ["g0-1", "g0-0"]
-    assert survivor.ack([r.entry_id for r in first + reclaimed]) == 6
+    # one run at a time: whatever is pending when a run starts was left by a dead one, and it comes first
+    survivor = RankingStreamReader(redis_client, consumer="survivor")
+    claimed = survivor.claim(10)
+    assert entry_ids(claimed) == ids
+    assert RankingEntry.from_fields(claimed[0][1]).completion_ids == ["g0-1", "g0-0"]
+    assert survivor.acknowledge(ids) == 6
     assert redis_client.xpending(RANKINGS_STREAM, "reward-model")["pending"] == 0
 
 
 def test_a_restarted_consumer_gets_back_what_it_held(redis_client):
     ids = append_rankings(redis_client, 3)
-    RankingConsumer(redis_client, "reward-model", "rm-1").read(count=2)  # then the process dies
-    again = RankingConsumer(redis_client, "reward-model", "rm-1")
-    assert [r.entry_id for r in again.read(count=10)] == ids  # its own two first, then the new one
-    assert again.read(count=10) == []
-
-
-def test_keep_alive_stops_reclaiming_of_entries_still_in_use(redis_client):
-    append_rankings(redis_client, 2)
-    holder = RankingConsumer(redis_client, "reward-model", "holder", min_idle_ms=1000)
-    other = RankingConsumer(redis_client, "reward-model", "other", min_idle_ms=1000)
-    assert len(holder.read(count=10)) == 2
-    time.sleep(0.6)
-    holder.keep_alive()
-    time.sleep(0.6)
-    assert other.read(count=10) == []  # 1.2 s since delivery, but only 0.6 s since keep_alive
-    assert holder.read(count=10) == []  # and the holder is not handed its own entries twice
-    time.sleep(0.7)
-    assert len(other.read(count=10)) == 2
+    RankingStreamReader(redis_client, consumer="rm-1").claim(2)  # then the process dies
+    again = RankingStreamReader(redis_client, consumer="rm-1")
+    assert entry_ids(again.claim(10)) == ids  # its own two first, then the new one
+    again.acknowledge(ids)
+    assert again.claim(10) == []
 
 
 def test_redis_restart_mid_run_loses_nothing(redis_server, redis_client):
-    consumer = RankingConsumer(redis_client, "reward-model", "rm-1")
+    reader = RankingStreamReader(redis_client, consumer="rm-1")
+    reader.ensure_group()
     ids = append_rankings(redis_client, 10)
-    got = consumer.read(count=6)
-    consumer.ack([r.entry_id for r in got[:3]])
+    got = entry_ids(reader.claim(6))
+    reader.acknowledge(got[:3])
     redis_server.stop()  # SIGTERM: redis flushes its append-only file
     redis_server.start()
     ids += append_rankings(redis_client, 5, start=10)
-    rest = consumer.read(count=100)
-    assert [r.entry_id for r in got + rest] == ids
-    assert redis_client.xpending(RANKINGS_STREAM, "reward-model")["pending"] == 3 + 9  # held across the restart
-    consumer.ack([r.entry_id for r in got[3:] + rest])
+    assert redis_client.xpending(RANKINGS_STREAM, "reward-model")["pending"] == 3  # held across the restart
+    rest = entry_ids(reader.claim(100))
+    assert rest == ids[3:]
+    assert redis_client.xpending(RANKINGS_STREAM, "reward-model")["pending"] == 3 + 9
+    reader.acknowledge(rest)
     assert redis_client.xpending(RANKINGS_STREAM, "reward-model")["pending"] == 0
     assert RankingStream(redis_client).stats().rankings["human"] == 15
+
+
+def test_waiting_counts_new_and_unacknowledged_entries(redis_client):
+    reader = RankingStreamReader(redis_client, consumer="rm-1")
+    assert reader.waiting(10) == 0  # no stream yet
+    ids = append_rankings(redis_client, 5)
+    assert reader.waiting(10) == 5 and reader.waiting(3) == 3
+    reader.acknowledge(entry_ids(reader.claim(2)))
+    assert reader.waiting(10) == 3
+    reader.claim(1)  # delivered, not acknowledged: still waits
+    assert reader.waiting(10) == 3
+    assert RankingStream(redis_client).waiting_for("reward-model") == 3
+    assert entry_ids(reader.claim(10)) == ids[2:]  # the pending one first, then the two new ones
+    reader.acknowledge(ids)
+    assert reader.waiting(10) == 0
 
 
 def test_trimming_keeps_whatever_any_consumer_group_still_needs(redis_client):
     stream = RankingStream(redis_client)
     assert stream.trim_acknowledged() == 0  # no stream, no groups
-    reward = RankingConsumer(redis_client, "reward-model", "rm-1")
-    ppo = RankingConsumer(redis_client, "ppo", "ppo-1")
+    reward = RankingStreamReader(redis_client, consumer="rm-1")
+    ppo = RankingStreamReader(redis_client, group="ppo", consumer="ppo-1")
+    reward.ensure_group()
+    ppo.ensure_group()
     ids = append_rankings(redis_client, 6)
-    reward.ack([r.entry_id for r in reward.read(count=6)])
-    ppo_got = ppo.read(count=4)
-    ppo.ack([ppo_got[0].entry_id, ppo_got[2].entry_id])  # ids[1] is still pending with ppo
+    reward.acknowledge(entry_ids(reward.claim(6)))
+    ppo_got = entry_ids(ppo.claim(4))
+    ppo.acknowledge([ppo_got[0], ppo_got[2]])  # ids[1] is still pending with ppo
     assert stream.trim_acknowledged() == 1
     assert [e[0].decode() for e in redis_client.xrange(RANKINGS_STREAM)] == ids[1:]
-    ppo.ack([ppo_got[1].entry_id, ppo_got[3].entry_id])
+    ppo.acknowledge([ppo_got[1], ppo_got[3]])
     assert stream.trim_acknowledged() == 3  # ids[4:] were never delivered to ppo
     assert [e[0].decode() for e in redis_client.xrange(RANKINGS_STREAM)] == ids[4:]
-    assert [r.entry_id for r in ppo.read(count=10)] == ids[4:]
+    assert entry_ids(ppo.claim(10)) == ids[4:]
 
 
-def test_malformed_entries_go_to_the_dead_letter_stream(redis_client):
-    consumer = RankingConsumer(redis_client, "reward-model", "rm-1")
-    redis_client.xadd(RANKINGS_STREAM, {"group_id": "g", "completion_ids": "not json"})
-    good = append_rankings(redis_client, 1)
-    assert [r.entry_id for r in consumer.read(count=10)] == good
-    assert redis_client.xlen(DEAD_LETTER_STREAM) == 1
-    assert redis_client.xpending(RANKINGS_STREAM, "reward-model")["pending"] == 1  # only the good one
+def test_unusable_entries_are_reported_and_acknowledged_with_the_batch(group_store, redis_client):
+    group_store.save(group_result("g0", ["zero", "one"]))
+    reader = RankingStreamReader(redis_client, consumer="rm-1")
+    malformed = redis_client.xadd(RANKINGS_STREAM, {"group_id": "g0", "completion_ids": "not json"}).decode()
+    good, expired = append_rankings(redis_client, 2)  # g1 has no stored group
 
-
-def test_ai_entry_fields_round_trip():
-    entry = RankingEntry("g", ["g-1", "g-0"], "ai", policy_version=7, annotator_id="ai:labeler", judge_id="judge@c",
-                         pair_probabilities=[("g-0", "g-1", 0.25)], confidence=0.5)
-    fields = entry.to_fields()
-    assert all(isinstance(v, str) for v in fields.values())
-    assert json.loads(fields["pair_probabilities"]) == [["g-0", "g-1", 0.25]] and fields["confidence"] == "0.5"
-    assert RankingEntry.from_fields({k.encode(): v.encode() for k, v in fields.items()}) == entry
+    batch = reader.read(10, lambda entry_id, ranking, group: (entry_id, [group.completion(c).text
+                                                                          for c in ranking.completion_ids]))
+    assert batch.rankings == [(good, ["one", "zero"])]
+    assert batch.entry_ids == [malformed, good, expired]
+    assert batch.skipped[malformed].startswith("malformed") and "expired" in batch.skipped[expired]
+    assert (batch.first_id, batch.last_id) == (malformed, expired)
+    assert reader.acknowledge(batch.entry_ids) == 3
+    assert reader.claim(10) == []
 
 
 def test_cli_trim(redis_server, redis_client, capsys):
     from flywheel.app.cli import main as flywheel_main
 
-    consumer = RankingConsumer(redis_client, "reward-model", "rm-1")
+    reader = RankingStreamReader(redis_client, consumer="rm-1")
+    reader.ensure_group()
     append_rankings(redis_client, 3)
-    consumer.ack([r.entry_id for r in consumer.read(count=2)])
+    reader.acknowledge(entry_ids(reader.claim(2)))
     assert flywheel_main(["feedback", "trim", "--redis-url", redis_server.url]) == 0
     assert "trimmed 2 acknowledged rankings" in capsys.readouterr().out
     assert redis_client.xlen(RANKINGS_STREAM) == 1
 
 
 def test_a_consumer_survives_its_group_vanishing(redis_client):
-    consumer = RankingConsumer(redis_client, "reward-model", "rm-1")
+    reader = RankingStreamReader(redis_client, consumer="rm-1")
     append_rankings(redis_client, 2)
-    assert len(consumer.read(count=10)) == 2
+    assert len(reader.claim(10)) == 2
     redis_client.flushall()  # e.g. a Redis without persistence restarted
     ids = append_rankings(redis_client, 1)
-    assert [r.entry_id for r in consumer.read(count=10)] == ids
+    assert entry_ids(reader.claim(10)) == ids

@@ -8,14 +8,14 @@ import grpc
 import pytest
 
 from flywheel.app.serve import build_server
+from flywheel.contracts.artifacts import POLICY_KIND, sha256_file
 from flywheel.models import load_model
-from flywheel.registry import VersionRegistry
+from flywheel.registry import open_registry
 from flywheel.config import FlywheelConfig
 from flywheel.v1 import admin_pb2 as admin
 from flywheel.v1 import admin_pb2_grpc as admin_rpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
-from serving.policy_loader import sha256_file
 
 from support.auth import ADMIN_KEY, ADMIN_NAME, API_KEYS, keyed_channel
 
@@ -45,7 +45,7 @@ def platform(tiny_model_dir, tmp_path, redis_server, redis_client):
                               "policy_poll_seconds": 0.5, "api_keys": API_KEYS,
                               "admin_requests_per_second": 0}, environ={})
     base = load_model(str(tiny_model_dir), tmp_path, "float32").model
-    registry = VersionRegistry(redis_client, "policy", tmp_path / "policies")
+    registry = open_registry(redis_client, tmp_path, POLICY_KIND)
     for seed in (1, 2):
         register_lora_version(registry, base, seed)
     server, release = build_server(settings)

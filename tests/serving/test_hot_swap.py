@@ -8,6 +8,7 @@ import grpc
 import pytest
 import torch
 
+from flywheel.contracts.artifacts import sha256_file
 from flywheel.models import load_model
 from flywheel.config import FlywheelConfig
 from flywheel.redis_server import free_port
@@ -15,7 +16,7 @@ from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 from serving.engine import Engine, EngineConfig, GenerationRequest, run_to_completion
 from serving.policy_follower import POLICY_CHANNEL, POLICY_CURRENT_KEY
-from serving.policy_loader import PolicyLoader, PolicyLoadError, sha256_file
+from serving.policy_loader import PolicyLoader, PolicyLoadError
 from serving.sampling import SamplingParams
 from serving.server import InferenceServer
 

@@ -16,11 +16,10 @@ from flywheel.v1 import feedback_pb2 as fb
 from flywheel.v1 import feedback_pb2_grpc as fb_rpc
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
+from flywheel.contracts.keys import RANKINGS_STREAM
 from test_admin import platform  # noqa: F401 (fixture)
 
 from support.auth import CLIENT_KEY, keyed_channel
-
-RANKINGS_STREAM = "flywheel:rankings"
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from flywheel.api_keys import KeyFile
 from flywheel.app.cli import main as flywheel_main
 from flywheel.app.serve import build_server
+from flywheel.contracts.keys import RANKINGS_STREAM
 from flywheel.grpc_client import open_channel
 from flywheel.redis_server import RedisServer, free_port
 from flywheel.config import FlywheelConfig
@@ -150,7 +151,7 @@ def test_one_ranking_per_annotator_per_group_bound_to_the_key(platform):
         code, _, _ = code_of(lambda: rank(ids, "k4", stub=feedback_pb2_grpc.FeedbackStub(admin),
                                           annotator_id="carol"))
         assert code == grpc.StatusCode.ALREADY_EXISTS
-    annotators = [fields[b"annotator_id"] for _, fields in server.policy_redis.xrange("flywheel:rankings")
+    annotators = [fields[b"annotator_id"] for _, fields in server.policy_redis.xrange(RANKINGS_STREAM)
                   if fields[b"group_id"].decode() == group.group_id]
     assert annotators == [CLIENT_NAME.encode(), b"carol"]
 

@@ -9,9 +9,9 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from feedback.service import FeedbackServicer, add_feedback_service
+from flywheel.contracts.groups import GroupResult, SampleResult
 from flywheel.redis_server import free_port
 from flywheel.v1 import feedback_pb2_grpc
-from serving.engine import GroupResult, SampleResult
 from serving.sampling import SamplingParams
 
 PROMPT = "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n"

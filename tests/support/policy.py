@@ -10,9 +10,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from flywheel.contracts.artifacts import REWARD_MODEL_KIND
+from flywheel.contracts.keys import group_key
+from flywheel.registry import open_registry
 from flywheel.config import FlywheelConfig
 from training.reward_model import RewardModel, RewardModelConfig
-from training.reward_model_run import reward_model_registry
 
 TOPICS = ["the weather", "a recipe", "prime numbers", "a poem", "the train times", "a bug report", "the budget",
           "a summary", "the meeting", "a translation", "the garden", "a bicycle", "the ocean", "a library"]
@@ -23,7 +25,7 @@ def promote_reward_model(client, settings: FlywheelConfig, seed: int = 0) -> int
     config = RewardModelConfig(backbone=settings.model, trainable_layers=0, max_length=128, autocast_dtype="float32")
     torch.manual_seed(seed)
     model = RewardModel.from_backbone(config)
-    registry = reward_model_registry(client, settings)
+    registry = open_registry(client, settings.data_dir, REWARD_MODEL_KIND)
     record = registry.write_version(lambda folder: model.save(folder), {"model": asdict(config), "parent": None})
     registry.promote(record.version, "test", "a reward model for the policy tests")
     return record.version
@@ -38,7 +40,7 @@ def store_served_groups(client, tokenizer, count: int, prefix: str = "g") -> Non
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         group = {"group_id": f"{prefix}{i}", "policy_version": 0, "prompt": text, "prompt_token_ids": ids,
                  "params": {"n": 2}, "created_at": time.time(), "completions": []}
-        client.set(f"flywheel:group:{prefix}{i}", json.dumps(group), ex=3600)
+        client.set(group_key(f"{prefix}{i}"), json.dumps(group), ex=3600)
 
 
 TINY_PPO = {

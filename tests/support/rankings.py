@@ -7,6 +7,7 @@ import json
 import random
 import time
 
+from flywheel.contracts.keys import RANKINGS_STREAM, group_key
 from training.rankings import Ranking
 
 
@@ -22,7 +23,7 @@ def publish_rankings(client, rankings: list[Ranking], ttl_seconds: int = 7 * 24 
                        for index, (rank, text) in enumerate(served)]
         group = {"group_id": ranking.group_id, "policy_version": 0, "prompt": ranking.prompt, "prompt_token_ids": [],
                  "params": {"n": ranking.k}, "created_at": time.time(), "completions": completions}
-        client.set(f"flywheel:group:{ranking.group_id}", json.dumps(group), ex=ttl_seconds)
+        client.set(group_key(ranking.group_id), json.dumps(group), ex=ttl_seconds)
         order = [f"{ranking.group_id}-c{rank}" for rank in range(ranking.k)]  # best first
         fields = {"ranking_id": ranking.ranking_id, "group_id": ranking.group_id, "completion_ids": json.dumps(order),
                   "source": ranking.source, "annotator_id": "tester" if ranking.source == "human" else "",
@@ -33,5 +34,5 @@ def publish_rankings(client, rankings: list[Ranking], ttl_seconds: int = 7 * 24 
                 [order[i], order[j], 0.9] for i in range(ranking.k) for j in range(i + 1, ranking.k)]
             fields["pair_probabilities"] = json.dumps(probabilities)
             fields["confidence"] = "0.9"
-        ids.append(client.xadd("flywheel:rankings", fields).decode())
+        ids.append(client.xadd(RANKINGS_STREAM, fields).decode())
     return ids

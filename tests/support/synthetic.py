@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import random
 
-from training.rankings import Ranking, is_held_out
+from flywheel.contracts.heldout import is_held_out
+from training.rankings import Ranking
 
 WORDS = ("the answer is that we should check the value again and then report what we found "
          "because it matters for the result here so please read it carefully").split()

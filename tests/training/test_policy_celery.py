@@ -10,6 +10,9 @@ import urllib.request
 
 import pytest
 
+from flywheel.contracts.artifacts import POLICY_KIND
+from flywheel.contracts.keys import registry_current_key
+
 from support.policy import TINY_PPO, store_served_groups
 from support.rankings import publish_rankings
 from test_reward_celery import FLYWHEEL, wait_for, worker, worker_env  # noqa: F401 (fixtures)
@@ -31,7 +34,7 @@ def test_a_promoted_reward_model_triggers_a_policy_run_and_the_cli_runs_one(
     from transformers import AutoTokenizer
 
     def current_policy():
-        raw = redis_client.get("flywheel:registry:policy:current")
+        raw = redis_client.get(registry_current_key(POLICY_KIND))
         return int(raw) if raw else 0
 
     store_served_groups(redis_client, AutoTokenizer.from_pretrained(tiny_model_dir), 8, prefix="served")

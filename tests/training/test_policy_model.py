@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.policy_model import PolicyModelConfig, PolicyWithValueHead, response_mask_until_eos
-from training.policy_prompts import render_prompt
+from flywheel.contracts.prompts import render_prompt
+from training.policy_model import PolicyModelConfig, PolicyWithValueHead, Prompt, response_mask_until_eos
 
 
 def test_the_cached_frozen_prefix_gives_the_same_logits_and_values_as_a_full_forward(tiny_model_dir):
@@ -26,7 +26,7 @@ def test_the_cached_frozen_prefix_gives_the_same_logits_and_values_as_a_full_for
             if "lora_B" in name:
                 parameter.normal_()  # so that π differs from π_ref
 
-    prompts = [render_prompt(tokenizer, "hello" + " there" * i) for i in range(4)]  # different lengths: left padding
+    prompts = [Prompt(*render_prompt(tokenizer, "hello" + " there" * i)) for i in range(4)]  # different lengths: left padding
     query_responses, attention_mask, responses, mask = policy.generate(prompts, 6)
     frozen = policy.frozen_prefix(query_responses, attention_mask)
     logits, values = policy(query_responses, attention_mask, 6)
@@ -54,7 +54,7 @@ def test_full_fine_tuning_trains_every_weight_against_a_frozen_reference_and_sav
     policy = PolicyWithValueHead.from_pretrained(
         PolicyModelConfig(str(tiny_model_dir), finetune="full", autocast_dtype="float32"))
     assert policy.reference_lm is not None and not any(p.requires_grad for p in policy.reference_lm.parameters())
-    prompts = [render_prompt(policy.tokenizer, f"Say {i}.") for i in range(4)]
+    prompts = [Prompt(*render_prompt(policy.tokenizer, f"Say {i}.")) for i in range(4)]
     config = PPOConfig(batch_size=4, mini_batch_size=2, rollout_batch_size=4, response_length=3, learning_rate=1e-2)
     stats = PPOTrainer(policy, lambda p, r: torch.ones(len(r)), config).step(prompts)
     assert stats.kl_to_ref == pytest.approx(0.0, abs=1e-5)  # measured on the rollout, before the update

@@ -14,7 +14,10 @@ import pytest
 
 from flywheel.config import FlywheelConfig
 from support.policy import TINY_PPO, one_thread, promote_reward_model, store_served_groups  # noqa: F401
-from flywheel.policy_admin import policy_registry, promote_policy, rollback_policy
+from flywheel.contracts.artifacts import POLICY_KIND
+from flywheel.contracts.keys import POLICY_RUN_LOCK_KEY, registry_channel
+from flywheel.policy_admin import promote_policy, rollback_policy
+from flywheel.registry import open_registry
 from training.policy_model import PolicyWithValueHead
 from training.policy_run import run_policy_training
 
@@ -41,11 +44,11 @@ def test_a_policy_run_registers_an_atomically_written_version_and_the_gate_decid
     reward_version = promote_reward_model(redis_client, settings)
     store_served_groups(redis_client, tokenizer, 16)
     pubsub = redis_client.pubsub()
-    pubsub.subscribe("flywheel:registry:policy")
+    pubsub.subscribe(registry_channel(POLICY_KIND))
 
     report = run_policy_training(settings, redis_client, who="test")
     assert report.outcome == "promoted", report.reason
-    registry = policy_registry(redis_client, settings.data_dir)
+    registry = open_registry(redis_client, settings.data_dir, POLICY_KIND)
     assert registry.current_version() == report.version == 1
     folder = registry.path(1)
     assert not list(folder.parent.glob(".tmp-*"))
@@ -96,10 +99,10 @@ def test_a_writer_that_fails_midway_leaves_no_version(settings, redis_client, ti
     monkeypatch.setattr(PolicyWithValueHead, "save", crash)
     with pytest.raises(OSError):
         run_policy_training(settings, redis_client)
-    registry = policy_registry(redis_client, settings.data_dir)
+    registry = open_registry(redis_client, settings.data_dir, POLICY_KIND)
     assert registry.versions() == [] and registry.current_version() == 0
     assert not any(p.name.startswith(("v", ".tmp")) for p in registry.root_dir.iterdir())
-    assert not redis_client.exists("flywheel:lock:policy")
+    assert not redis_client.exists(POLICY_RUN_LOCK_KEY)
 
 
 def _version(registry, who="test"):
@@ -109,7 +112,7 @@ def _version(registry, who="test"):
 
 
 def test_promote_and_rollback_follow_the_previous_good_version_and_are_audited(redis_client, tmp_path):
-    registry = policy_registry(redis_client, tmp_path)
+    registry = open_registry(redis_client, tmp_path, POLICY_KIND)
     v1, v2, v3 = _version(registry), _version(registry), _version(registry)
     promote_policy(registry, v1, "alice", "first")
     promote_policy(registry, v2, "alice", "better")
@@ -137,7 +140,7 @@ def test_promote_and_rollback_follow_the_previous_good_version_and_are_audited(r
 
 
 def test_the_policy_commands(redis_server, redis_client, tmp_path):
-    registry = policy_registry(redis_client, tmp_path)
+    registry = open_registry(redis_client, tmp_path, POLICY_KIND)
     v1, v2 = _version(registry), _version(registry)
     env = dict(os.environ, REDIS_URL=redis_server.url, FLYWHEEL_DATA_DIR=str(tmp_path), USER="dora")
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flywheel.contracts.prompts import render_prompt
 from support.policy import one_thread  # noqa: F401 (fixture)
 from training.policy_gate import PolicyGateConfig, evaluate_policy, gate_decision, perplexity
-from training.policy_model import PolicyModelConfig, PolicyWithValueHead
-from training.policy_prompts import render_prompt
+from training.policy_model import PolicyModelConfig, PolicyWithValueHead, Prompt
 from training.ppo import PPOConfig, PPOTrainer
 
 
@@ -49,7 +49,7 @@ def test_ppo_raises_the_reward_while_the_kl_to_the_reference_stays_bounded(sharp
     policy = PolicyWithValueHead.from_pretrained(
         PolicyModelConfig(str(sharper_tiny_model_dir), lora_rank=8, autocast_dtype="float32"))
     reward = toy_reward(policy)
-    prompts = [render_prompt(policy.tokenizer, f"Tell me about number {i}.") for i in range(32)]
+    prompts = [Prompt(*render_prompt(policy.tokenizer, f"Tell me about number {i}.")) for i in range(32)]
     evaluation = PolicyGateConfig(response_length=12, batch_size=64)
     before = evaluate_policy(policy, reward, prompts * 4, [], evaluation)
     assert before.kl_to_ref == 0.0  # fresh adapters: π = π_ref
@@ -75,7 +75,7 @@ def test_the_ptx_term_keeps_the_language_model_loss_down(sharper_tiny_model_dir)
     texts = ["the cat sat on the mat and looked at the door"] * 4
     batches = policy.text_batches(texts, 4, 32)
     before = perplexity(policy, batches)
-    prompts = [render_prompt(policy.tokenizer, f"Say {i}.") for i in range(8)]
+    prompts = [Prompt(*render_prompt(policy.tokenizer, f"Say {i}.")) for i in range(8)]
     config = PPOConfig(batch_size=8, mini_batch_size=4, rollout_batch_size=8, response_length=4, learning_rate=5e-3,
                        ptx_coef=1.0, ptx_batch_size=4, ptx_max_length=32, seed=0)
     result = PPOTrainer(policy, lambda p, r: torch.zeros(len(r)), config, ptx_texts=texts).train(prompts, 3)
@@ -88,7 +88,7 @@ def test_a_policy_with_a_nan_weight_is_rejected_by_the_gate(sharper_tiny_model_d
     policy = PolicyWithValueHead.from_pretrained(
         PolicyModelConfig(str(sharper_tiny_model_dir), lora_rank=4, autocast_dtype="float32"))
     reward = toy_reward(policy)
-    prompts = [render_prompt(policy.tokenizer, f"Tell me about number {i}.") for i in range(4)]
+    prompts = [Prompt(*render_prompt(policy.tokenizer, f"Tell me about number {i}.")) for i in range(4)]
     texts = policy.text_batches(["A short held-out text about the weather."], 4, 32)
     config = PolicyGateConfig(response_length=4, kl_budget=100.0, perplexity_margin=1.0, min_reward_gain=-100.0)
     current = evaluate_policy(policy, reward, prompts, texts, config)

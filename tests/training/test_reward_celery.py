@@ -15,7 +15,8 @@ import pytest
 
 from flywheel.redis_server import free_port
 from support.rankings import publish_rankings
-from training.rankings import RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP
+from flywheel.contracts.artifacts import REWARD_MODEL_KIND
+from flywheel.contracts.keys import RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP, registry_current_key
 from support.synthetic import synthetic_rankings
 
 BIN = Path(sys.executable).parent
@@ -67,7 +68,7 @@ def worker(worker_env, tmp_path):
 def test_a_celery_worker_trains_when_enough_rankings_arrived_and_on_demand(
         worker, worker_env, redis_client, tmp_path):
     def current():
-        raw = redis_client.get("flywheel:registry:reward_model:current")
+        raw = redis_client.get(registry_current_key(REWARD_MODEL_KIND))
         return int(raw) if raw else 0
 
     publish_rankings(redis_client, synthetic_rankings(8, seed=1))

@@ -14,9 +14,13 @@ import pytest
 
 from flywheel.config import FlywheelConfig
 from support.rankings import publish_rankings
-from training.rankings import RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP, ReplayStore, is_held_out
-from training.reward_model_run import LOCK_KEY, RewardModelCache, reward_model_registry, run_reward_model_training
-from training.run_lock import RunLock
+from flywheel.contracts.artifacts import REWARD_MODEL_KIND
+from flywheel.contracts.heldout import is_held_out
+from flywheel.contracts.keys import RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP, REWARD_MODEL_RUN_LOCK_KEY, group_key
+from flywheel.registry import open_registry
+from flywheel.run_lock import RunLock
+from training.rankings import ReplayStore
+from training.reward_model_run import RewardModelCache, run_reward_model_training
 from support.synthetic import synthetic_rankings
 
 HELD_OUT = 0.25
@@ -49,7 +53,7 @@ def test_a_run_learns_shorter_wins_then_warm_starts_with_replay_and_a_worse_vers
     assert first.outcome == "promoted" and first.version == 1
     assert first.figures["heldout_accuracy"] > 0.8, first.figures  # chance is 0.5
     assert pending(redis_client) == 0  # acknowledged after the version was written
-    registry = reward_model_registry(redis_client, settings)
+    registry = open_registry(redis_client, settings.data_dir, REWARD_MODEL_KIND)
     v1 = registry.get(1)
     used = v1.manifest["rankings"]
     assert used["new"] + used["new_held_out"] == 96 and used["replayed"] == 0 and used["human"] == used["count"]
@@ -88,10 +92,10 @@ def test_ai_rankings_count_separately_and_expired_groups_are_skipped(redis_clien
     settings = tiny_settings(tmp_path, tiny_model_dir, reward_model_epochs=1)
     publish_rankings(redis_client, synthetic_rankings(24, seed=4))
     publish_rankings(redis_client, synthetic_rankings(24, seed=5, source="ai", prefix="ai"))
-    redis_client.delete("flywheel:group:g4-0")  # its group record expired before training
+    redis_client.delete(group_key("g4-0"))  # its group record expired before training
     report = run_reward_model_training(settings, redis_client, cache=cache)
     assert report.outcome == "promoted"
-    used = reward_model_registry(redis_client, settings).get(report.version).manifest["rankings"]
+    used = open_registry(redis_client, settings.data_dir, REWARD_MODEL_KIND).get(report.version).manifest["rankings"]
     assert used["ai"] > 0 and used["human"] > 0 and used["stream"]["unusable"] == 1
     assert pending(redis_client) == 0
 
@@ -124,14 +128,14 @@ def test_a_run_killed_midway_leaves_no_version_and_its_entries_are_read_again(
     killed = subprocess.run([sys.executable, "-c", KILLED_RUN, redis_server.url, settings_json],
                             cwd=Path(__file__).resolve().parents[1], timeout=120, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    registry = reward_model_registry(redis_client, settings)
+    registry = open_registry(redis_client, settings.data_dir, REWARD_MODEL_KIND)
     root = settings.data_dir / "reward_models"
     assert registry.versions() == [] and not list(root.glob("v*"))
     assert pending(redis_client) == 32  # read by the dead run, never acknowledged
 
     # the dead worker's lock expires by itself (nobody extends it); the next run takes its entries back
     deadline = time.monotonic() + 10
-    while redis_client.exists(LOCK_KEY) and time.monotonic() < deadline:
+    while redis_client.exists(REWARD_MODEL_RUN_LOCK_KEY) and time.monotonic() < deadline:
         time.sleep(0.1)
     report = run_reward_model_training(settings, redis_client, cache=cache)
     assert report.outcome == "promoted", report
@@ -145,15 +149,15 @@ def test_a_run_killed_midway_leaves_no_version_and_its_entries_are_read_again(
 def test_only_one_run_at_a_time_and_a_dead_holder_cannot_keep_the_lock(redis_client, tmp_path, tiny_model_dir):
     settings = tiny_settings(tmp_path, tiny_model_dir)
     publish_rankings(redis_client, synthetic_rankings(8, seed=8))
-    with RunLock(redis_client, LOCK_KEY, ttl_seconds=5) as held:
+    with RunLock(redis_client, REWARD_MODEL_RUN_LOCK_KEY, ttl_seconds=5) as held:
         assert held
         report = run_reward_model_training(settings, redis_client)
         assert report.outcome == "skipped" and "lock" in report.reason
     # a holder that died: its key has a TTL and nobody extends it
-    redis_client.set(LOCK_KEY, "dead-worker", px=300)
-    assert not RunLock(redis_client, LOCK_KEY, 5).acquire()
+    redis_client.set(REWARD_MODEL_RUN_LOCK_KEY, "dead-worker", px=300)
+    assert not RunLock(redis_client, REWARD_MODEL_RUN_LOCK_KEY, 5).acquire()
     time.sleep(0.4)
-    lock = RunLock(redis_client, LOCK_KEY, 5)
+    lock = RunLock(redis_client, REWARD_MODEL_RUN_LOCK_KEY, 5)
     assert lock.acquire()
     lock.release()
-    assert not redis_client.exists(LOCK_KEY)
+    assert not redis_client.exists(REWARD_MODEL_RUN_LOCK_KEY)

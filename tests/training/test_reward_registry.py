@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from flywheel.registry import CURRENT, REJECTED, ROLLED_BACK, SUPERSEDED, VersionRegistry
+from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND
+from flywheel.contracts.keys import registry_channel
+from flywheel.registry import CURRENT, REJECTED, ROLLED_BACK, SUPERSEDED, VersionRegistry, open_registry
 
 
 def write(registry, parent=None, figures=None):
@@ -16,9 +18,9 @@ def write(registry, parent=None, figures=None):
 
 
 def test_versions_start_at_1_and_promotion_moves_the_pointer_and_is_published(redis_client, tmp_path):
-    registry = VersionRegistry(redis_client, "reward_model", tmp_path / "reward_models")
+    registry = open_registry(redis_client, tmp_path, REWARD_MODEL_KIND)
     pubsub = redis_client.pubsub()
-    pubsub.subscribe("flywheel:registry:reward_model")
+    pubsub.subscribe(registry_channel(REWARD_MODEL_KIND))
     pubsub.get_message(timeout=1)
     assert registry.current_version() == 0
     v1 = write(registry)
@@ -38,7 +40,7 @@ def test_versions_start_at_1_and_promotion_moves_the_pointer_and_is_published(re
 
 
 def test_rejected_and_rolled_back_versions_keep_their_figures(redis_client, tmp_path):
-    registry = VersionRegistry(redis_client, "policy", tmp_path / "policys")
+    registry = VersionRegistry(redis_client, POLICY_KIND, tmp_path / "policys")
     write(registry)
     registry.promote(1, "t", "first")
     write(registry, parent=1, figures={"heldout_accuracy": 0.5})
@@ -54,7 +56,7 @@ def test_rejected_and_rolled_back_versions_keep_their_figures(redis_client, tmp_
 
 
 def test_a_writer_that_dies_midway_leaves_no_version(redis_client, tmp_path):
-    registry = VersionRegistry(redis_client, "reward_model", tmp_path / "rm")
+    registry = VersionRegistry(redis_client, REWARD_MODEL_KIND, tmp_path / "rm")
 
     def dies(folder):
         (folder / "model.safetensors").write_bytes(b"half")
@@ -68,7 +70,7 @@ def test_a_writer_that_dies_midway_leaves_no_version(redis_client, tmp_path):
 
 
 def test_the_registry_is_rebuilt_from_the_manifests_on_disk(redis_client, tmp_path):
-    registry = VersionRegistry(redis_client, "reward_model", tmp_path / "rm")
+    registry = VersionRegistry(redis_client, REWARD_MODEL_KIND, tmp_path / "rm")
     for _ in range(3):
         write(registry)
     registry.promote(2, "t", "x")

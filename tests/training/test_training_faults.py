@@ -19,12 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.registry import CURRENT, VersionRegistry, verify_version
+from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND, verify_version
+from flywheel.contracts.keys import (RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP, REWARD_MODEL_RUN_LOCK_KEY,
+                                     registry_current_key)
+from flywheel.registry import CURRENT, VersionRegistry, open_registry
 from flywheel.config import FlywheelConfig
 from support.policy import TINY_PPO, promote_reward_model, store_served_groups
 from support.rankings import publish_rankings
 from test_reward_celery import BIN, wait_for, worker_env  # noqa: F401 (fixture)
-from training.rankings import RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP, ReplayStore
+from training.rankings import ReplayStore
 from support.synthetic import synthetic_rankings
 
 FAST_REDELIVERY = {
@@ -131,13 +134,13 @@ def test_a_reward_model_run_killed_midway_runs_again_and_loses_no_ranking(
     def reading():  # the run holds its lock and has read (not acknowledged) the rankings
         pending = redis_client.xpending(RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP)["pending"] \
             if redis_client.exists(RANKINGS_STREAM) and redis_client.xinfo_groups(RANKINGS_STREAM) else 0
-        return redis_client.exists("flywheel:lock:reward_model") and int(pending) == len(published)
+        return redis_client.exists(REWARD_MODEL_RUN_LOCK_KEY) and int(pending) == len(published)
 
     with workers.log_on_failure(0):
         wait_for(reading, 120, "the reward-model run to start", first)
     kill(first)
 
-    assert redis_client.get("flywheel:registry:reward_model:current") is None
+    assert redis_client.get(registry_current_key(REWARD_MODEL_KIND)) is None
     assert not list((data / "reward_models").glob("v*")), "a version appeared from a killed run"
     assert int(redis_client.xpending(RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP)["pending"]) == len(published)
 
@@ -189,7 +192,7 @@ def test_a_ppo_run_killed_midway_runs_again_and_leaves_no_half_version(
     with workers.log_on_failure(0):  # a PPO iteration is done: the run is in its middle (2 more, then the write)
         wait_for(lambda: metric(port, "flywheel_ppo_iterations_total") >= 1, 180, "a PPO iteration", first)
     kill(first)
-    assert redis_client.get("flywheel:registry:policy:current") is None
+    assert redis_client.get(registry_current_key(POLICY_KIND)) is None
     assert not list((data / "policies").glob("v*")), "a version appeared from a killed run"
 
     workers.start()
@@ -248,13 +251,13 @@ def test_a_registry_rebuild_skips_garbage_manifests(redis_client, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage-manifest", "checksum-mismatch"])
 def test_a_damaged_reward_model_is_refused_for_training(redis_client, tmp_path, tiny_model_dir, damage):
-    from flywheel.registry import ArtifactError
+    from flywheel.contracts.artifacts import ArtifactError
     from training.policy_run import PolicyModelCache
-    from training.reward_model_run import _parent, reward_model_config, reward_model_registry
+    from training.reward_model_run import _parent, reward_model_config
 
     settings = FlywheelConfig.load({"model": str(tiny_model_dir), "data_dir": str(tmp_path)}, environ={})
     promote_reward_model(redis_client, settings)
-    registry = reward_model_registry(redis_client, settings)
+    registry = open_registry(redis_client, settings.data_dir, REWARD_MODEL_KIND)
     weights, manifest = registry.path(1) / "model.safetensors", registry.path(1) / "manifest.json"
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[:-100])

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class RunLock:
-    """``with RunLock(client, "flywheel:lock:reward_model", 60) as held: if held: ...``"""
+    """``with RunLock(client, REWARD_MODEL_RUN_LOCK_KEY, 60) as held: if held: ...`` (keys: ``flywheel.contracts.keys``)"""
 
     def __init__(self, client: redis_lib.Redis, key: str, ttl_seconds: float = 60.0) -> None:
         self.client = client

@@ -1,0 +1,316 @@
+"""The rankings stream: every accepted ranking, human or AI, on one Redis stream.
+
+Writing (``RankingStream``): appending is one Lua script, so the idempotency check, the XADD, the
+per-group record that the labelling scheduler and the agreement measure read, and the counters
+change together or not at all. The stream is trimmed only below the oldest entry that some
+consumer group still needs, so nothing is lost to trimming.
+
+Reading (``RankingStreamReader``): a trainer reads through its consumer group (the reward-model
+trainer uses ``reward-model``), so each group sees every entry at least once: an entry stays
+pending until the consumer acknowledges it, which it does only after it has durably used it (the
+model trained on it is saved). Only one run of a trainer exists at a time (a run lock), so every
+entry pending when a run starts belongs to a run that died before it acknowledged: ``claim``
+takes them all back with XAUTOCLAIM, then reads new ones with XREADGROUP. ``read`` joins each
+entry with the served group it ranks (``flywheel.group_store``); an entry that cannot be used
+(its group expired, or it is malformed) is reported and acknowledged with the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable, Generic, TypeVar
+
+import redis
+
+from flywheel.contracts.groups import CompletionGroup
+from flywheel.contracts import keys
+from flywheel.contracts.keys import RANKINGS_STATS_KEY, RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP
+from flywheel.contracts.rankings import SOURCE_AI, SOURCE_HUMAN, SOURCES, Agreement, RankingEntry, pairwise_agreement
+from flywheel.contracts.redis_text import text, text_dict
+from flywheel.group_store import GroupStore
+from flywheel.quoting import quote
+
+log = logging.getLogger(__name__)
+
+LAG_COUNT_LIMIT = 10_000  # on Redis < 7 lag is counted entry by entry, up to this many
+CLAIM_BATCH = 256  # entries per XAUTOCLAIM call
+
+T = TypeVar("T")
+
+
+class AlreadyRankedError(Exception):
+    """This annotator has ranked this group already: a person gets one ranking per group."""
+
+    def __init__(self, group_id: str, annotator_id: str) -> None:
+        super().__init__(f"{quote(annotator_id)} has ranked group {group_id} already "
+                         f"(one ranking per annotator per group)")
+        self.group_id = group_id
+        self.annotator_id = annotator_id
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    ranking_id: str
+    entry_id: str
+    duplicate: bool  # an earlier submission with the same idempotency key; nothing was recorded
+    agreement: Agreement | None = None  # vs. the other source's ranking of the same group, when one exists
+
+
+@dataclass(frozen=True)
+class ConsumerGroupStats:
+    name: str
+    pending: int  # delivered, not yet acknowledged
+    lag: int  # not yet delivered
+    last_delivered_id: str
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    length: int
+    rankings: dict[str, int]  # by source, ever accepted
+    consumer_groups: list[ConsumerGroupStats]
+    agreement: Agreement
+
+
+_APPEND_SCRIPT = """
+-- KEYS: stream, per-group rankings hash, stats hash, idempotency key, per-group annotators set
+-- ARGV: use_idempotency, idempotency_ttl, group_ttl, source, other_source, completion_ids_json,
+--       ranking_id, annotator ('' = not limited to one ranking), then the entry's field/value pairs
+if ARGV[1] == '1' then
+  local prior = redis.call('GET', KEYS[4])
+  if prior then return {'duplicate', prior, ''} end
+end
+if ARGV[8] ~= '' and redis.call('SISMEMBER', KEYS[5], ARGV[8]) == 1 then
+  return {'already_ranked', '', ''}
+end
+local fields = {}
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+if ARGV[1] == '1' then
+  redis.call('SET', KEYS[4], ARGV[7] .. ' ' .. id, 'EX', tonumber(ARGV[2]))
+end
+if ARGV[8] ~= '' then
+  redis.call('SADD', KEYS[5], ARGV[8])
+  redis.call('EXPIRE', KEYS[5], tonumber(ARGV[3]))
+end
+local other = redis.call('HGET', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[6])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+redis.call('HINCRBY', KEYS[3], 'rankings:' .. ARGV[4], 1)
+return {'added', id, other or ''}
+"""
+
+
+class RankingStream:
+    """Appends rankings (exactly once per idempotency key) and reports on the stream."""
+
+    def __init__(self, client: redis.Redis, stream: str = RANKINGS_STREAM, group_ttl_seconds: int = 7 * 24 * 3600,
+                 idempotency_ttl_seconds: int = 7 * 24 * 3600) -> None:
+        self.redis = client
+        self.stream = stream
+        self.group_ttl_seconds = int(group_ttl_seconds)
+        self.idempotency_ttl_seconds = int(idempotency_ttl_seconds)
+        self._append = client.register_script(_APPEND_SCRIPT)
+
+    # ---- writing ----
+
+    def find_duplicate(self, source: str, idempotency_key: str) -> AppendResult | None:
+        """The acknowledgement of an earlier submission from ``source`` with this key, if there was one."""
+        if not idempotency_key:
+            return None
+        prior = self.redis.get(keys.idempotency_key(source, idempotency_key))
+        return None if prior is None else _duplicate(prior)
+
+    def append(self, entry: RankingEntry, idempotency_key: str = "") -> AppendResult:
+        """Add one ranking; with an idempotency key already used, return the first acknowledgement.
+
+        A named person ranks a group once: a second human ranking of the group by the same
+        ``annotator_id`` (under another idempotency key) raises ``AlreadyRankedError``. Anonymous
+        rankings (no annotator_id) and the AI labeler's (idempotent per judge) are not limited here.
+        """
+        other_source = SOURCE_AI if entry.source == SOURCE_HUMAN else SOURCE_HUMAN
+        ids_json = json.dumps(list(entry.completion_ids))
+        once_per = entry.annotator_id if entry.source == SOURCE_HUMAN else ""
+        args: list[str] = ["1" if idempotency_key else "0", str(self.idempotency_ttl_seconds),
+                           str(self.group_ttl_seconds), entry.source, other_source, ids_json, entry.ranking_id,
+                           once_per]
+        for name, value in entry.to_fields().items():
+            args += [name, value]
+        script_keys = [self.stream, keys.group_rankings_key(entry.group_id), RANKINGS_STATS_KEY,
+                       keys.idempotency_key(entry.source, idempotency_key or "-"),
+                       keys.group_annotators_key(entry.group_id)]
+        status, entry_id, other = self._append(keys=script_keys, args=args)
+        if text(status) == "duplicate":
+            return _duplicate(entry_id)
+        if text(status) == "already_ranked":
+            raise AlreadyRankedError(entry.group_id, entry.annotator_id)
+        agreement = None
+        if text(other):
+            agreement = pairwise_agreement(json.loads(text(other)), list(entry.completion_ids))
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hincrby(RANKINGS_STATS_KEY, "agreement:pairs", agreement.pairs)
+            pipe.hincrby(RANKINGS_STATS_KEY, "agreement:agreed", agreement.agreed_pairs)
+            pipe.execute()
+        return AppendResult(entry.ranking_id, text(entry_id), False, agreement)
+
+    # ---- reporting and trimming ----
+
+    def consumer_groups(self) -> list[ConsumerGroupStats]:
+        try:
+            groups = self.redis.xinfo_groups(self.stream)
+        except redis.ResponseError:  # no such stream yet
+            return []
+        out = []
+        for g in groups:
+            g = {text(k): v for k, v in g.items()}
+            last = text(g.get("last-delivered-id")) or "0-0"
+            lag = g.get("lag")
+            if lag is None:  # Redis < 7 does not report lag: count what lies after the last delivery
+                lag = len(self.redis.xrange(self.stream, "(" + last, "+", count=LAG_COUNT_LIMIT))
+            out.append(ConsumerGroupStats(text(g["name"]), int(g.get("pending") or 0), int(lag), last))
+        return out
+
+    def waiting_for(self, group_name: str) -> int:
+        """Entries ``group_name`` has not acknowledged yet (all of them before it first reads)."""
+        group = next((g for g in self.consumer_groups() if g.name == group_name), None)
+        return int(self.redis.xlen(self.stream)) if group is None else group.lag + group.pending
+
+    def stats(self) -> StreamStats:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xlen(self.stream)
+        pipe.hgetall(RANKINGS_STATS_KEY)
+        length, counters = pipe.execute()
+        counters = {k: int(v) for k, v in text_dict(counters).items()}
+        return StreamStats(
+            length=int(length),
+            rankings={s: counters.get("rankings:" + s, 0) for s in SOURCES},
+            consumer_groups=self.consumer_groups(),
+            agreement=Agreement(counters.get("agreement:agreed", 0), counters.get("agreement:pairs", 0)),
+        )
+
+    def trim_acknowledged(self) -> int:
+        """Delete entries every consumer group has acknowledged; returns how many went.
+
+        The bound is the lowest of, per group, its oldest pending entry or (with nothing
+        pending) the entry after its last delivered one. Bounds only move forward while we look,
+        so a bound computed a moment ago is still safe. With no consumer group nothing is trimmed.
+        """
+        groups = self.consumer_groups()
+        if not groups:
+            return 0
+        bounds = []
+        for g in groups:
+            if g.pending:
+                oldest = self.redis.xpending(self.stream, g.name)["min"]
+                bounds.append(entry_id_order(text(oldest)))
+            else:
+                ms, seq = entry_id_order(g.last_delivered_id)
+                bounds.append((ms, seq + 1))
+        ms, seq = min(bounds)
+        return int(self.redis.xtrim(self.stream, minid=f"{ms}-{seq}", approximate=False))
+
+
+def entry_id_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id ("ms-seq") as a tuple that sorts like the stream does."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _duplicate(prior: bytes | str) -> AppendResult:
+    ranking_id, _, entry_id = text(prior).partition(" ")
+    return AppendResult(ranking_id, entry_id, True)
+
+
+@dataclass
+class StreamBatch(Generic[T]):
+    """What one run read: what it made of each usable ranking and every entry id it must acknowledge."""
+
+    rankings: list[T]
+    entry_ids: list[str]
+    skipped: dict[str, str]
+    """entry id → why it was not usable (group expired, malformed); acknowledged with the rest."""
+
+    @property
+    def first_id(self) -> str:
+        return min(self.entry_ids, key=entry_id_order) if self.entry_ids else ""
+
+    @property
+    def last_id(self) -> str:
+        return max(self.entry_ids, key=entry_id_order) if self.entry_ids else ""
+
+
+class RankingStreamReader:
+    """One consumer of a consumer group of the rankings stream (XREADGROUP / XAUTOCLAIM / XACK)."""
+
+    def __init__(self, client: redis.Redis, stream: str = RANKINGS_STREAM,
+                 group: str = REWARD_MODEL_CONSUMER_GROUP, consumer: str | None = None) -> None:
+        self.client = client
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+
+    def ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def waiting(self, at_most: int) -> int:
+        """How many entries wait for this group (new ones plus unacknowledged ones), up to ``at_most``."""
+        self.ensure_group()
+        pending = int(self.client.xpending(self.stream, self.group)["pending"])
+        info = {text(g["name"]): g for g in self.client.xinfo_groups(self.stream)}
+        last = text(info[self.group]["last-delivered-id"])
+        if pending >= at_most:
+            return pending
+        fresh = self.client.xrange(self.stream, min="(" + last, max="+", count=at_most - pending)
+        return pending + len(fresh)
+
+    def claim(self, max_entries: int) -> list[tuple[str, dict]]:
+        """Entries left pending by dead runs (all of them: only one run exists), then new ones."""
+        self.ensure_group()
+        entries: list[tuple[str, dict]] = []
+        cursor = "0-0"
+        while len(entries) < max_entries:
+            result = self.client.xautoclaim(self.stream, self.group, self.consumer, min_idle_time=0,
+                                            start_id=cursor, count=min(CLAIM_BATCH, max_entries - len(entries)))
+            cursor, claimed = text(result[0]), result[1]
+            entries += [(text(i), f) for i, f in claimed if f]
+            if cursor == "0-0":
+                break
+        if len(entries) < max_entries:
+            read = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+                                          count=max_entries - len(entries))
+            for _stream, items in read or []:
+                entries += [(text(i), f) for i, f in items]
+        return entries
+
+    def read(self, max_entries: int, use: Callable[[str, RankingEntry, CompletionGroup], T]) -> StreamBatch[T]:
+        """Claim entries and join each with its group record: ``use(entry_id, ranking, group)``
+        makes what the caller trains on, raising ValueError (or KeyError, TypeError) for a ranking
+        it cannot use."""
+        entries = self.claim(max_entries)
+        rankings, skipped = [], {}
+        records = GroupStore(self.client).records([text_dict(f).get("group_id", "") for _, f in entries])
+        for (entry_id, fields), raw in zip(entries, records):
+            if raw is None:
+                skipped[entry_id] = "group record expired or missing"
+                continue
+            try:
+                rankings.append(use(entry_id, RankingEntry.from_fields(fields), CompletionGroup.from_json(raw)))
+            except (ValueError, KeyError, TypeError) as exc:
+                skipped[entry_id] = f"malformed: {exc}"
+        if skipped:
+            log.warning("%d ranking entries not usable (acknowledged anyway): %s", len(skipped),
+                        sorted(set(skipped.values())))
+        return StreamBatch(rankings=rankings, entry_ids=[i for i, _ in entries], skipped=skipped)
+
+    def acknowledge(self, entry_ids: list[str]) -> int:
+        if not entry_ids:
+            return 0
+        return int(self.client.xack(self.stream, self.group, *entry_ids))
