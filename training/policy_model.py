@@ -210,6 +210,8 @@ class PolicyWithValueHead(torch.nn.Module):
         mask covers each response up to and including its EOS."""
         from transformers import DynamicCache
 
+        from serving.engine import cache_argument
+
         input_ids, attention_mask = self.left_pad([p.token_ids[-max_prompt_length:] for p in prompts])
         batch = input_ids.shape[0]
         responses = torch.full((batch, response_length), self.pad_id, dtype=torch.long)
@@ -219,8 +221,10 @@ class PolicyWithValueHead(torch.nn.Module):
         step_ids, step_mask = input_ids, attention_mask
         with self.autocast():
             for t in range(response_length):
+                # the cache keyword is past_key_values in transformers 5.23 and cache in 5.24; 5.23 would
+                # swallow cache= into its **kwargs and decode every step without the context
                 hidden = self.body(input_ids=step_ids, attention_mask=step_mask, position_ids=position_ids,
-                                   cache=cache, use_cache=True).last_hidden_state
+                                   use_cache=True, **cache_argument(self.body, cache)).last_hidden_state
                 logits = self.lm_head(hidden[:, -1]).float()
                 if greedy:
                     token = logits.argmax(dim=-1)
