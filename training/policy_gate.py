@@ -5,7 +5,8 @@ the current policy:
 
 - reward gain: mean reward-model score of the candidate's responses minus the current policy's
   (same prompts, same sampling seed) must be at least ``min_reward_gain``;
-- KL to π_ref: mean Σ_t log π(y_t) − log π_ref(y_t) over the candidate's responses must stay under
+- KL to π_ref: mean Σ_t log π(y_t) − log π_ref(y_t) over the candidate's responses (sampled, and
+  their log-probs taken, at PPO's rollout temperature) must stay under
   ``kl_budget`` nats (the policy may not wander off the distribution the reward model knows);
 - alignment tax (InstructGPT §4.2): perplexity on held-out text may be at most
   (1 + ``perplexity_margin``) × π_ref's;
@@ -30,6 +31,8 @@ class PolicyGateConfig:
     kl_budget: float = 10.0
     perplexity_margin: float = 0.05
     response_length: int = 48
+    temperature: float = 1.0
+    """τ the responses are sampled at, and their log-probs (the KL) taken at: PPO's rollout τ."""
     max_prompt_length: int = 256
     batch_size: int = 32
     seed: int = 1234
@@ -55,10 +58,12 @@ def evaluate_policy(policy: PolicyWithValueHead, reward_fn: RewardFunction, prom
     for start in range(0, len(prompts), config.batch_size):
         chunk = prompts[start:start + config.batch_size]
         query_responses, attention_mask, responses, mask = policy.generate(
-            chunk, config.response_length, max_prompt_length=config.max_prompt_length, generator=generator)
+            chunk, config.response_length, config.temperature, max_prompt_length=config.max_prompt_length,
+            generator=generator)
         logits, _ = policy(query_responses, attention_mask, responses.shape[1])
         ref_logits = policy.reference_logits(query_responses, attention_mask, responses.shape[1])
-        kl = (token_logprobs(logits, responses) - token_logprobs(ref_logits, responses)) * mask
+        kl = (token_logprobs(logits, responses, config.temperature)
+              - token_logprobs(ref_logits, responses, config.temperature)) * mask
         kls.append(kl.sum(dim=1))
         response_ids = [row[:int(n)].tolist() for row, n in zip(responses, mask.sum(dim=1))]
         scores.append(reward_fn([list(p.token_ids[-config.max_prompt_length:]) for p in chunk], response_ids).float())

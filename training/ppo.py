@@ -3,9 +3,10 @@ CleanRL's single-file PPO: every step of one iteration is a visible function.
 
 One iteration (``PPOTrainer.step``):
 
-1. rollout: sample a response y to each prompt x from π_θ (batched, KV cache); keep per response
-   token the log-prob log π_θold(y_t), the reference log-prob log π_ref(y_t) and the value V(s_t);
-   score (x, y) with the reward model r_φ.
+1. rollout: sample a response y to each prompt x from π_θ at temperature τ (batched, KV cache);
+   keep per response token the log-prob log π_θold(y_t), the reference log-prob log π_ref(y_t) (both
+   of softmax(z/τ), the distribution sampled from) and the value V(s_t); score (x, y) with the
+   reward model r_φ.
 2. rewards with a KL penalty: r_t = −β·(log π_θold(y_t) − log π_ref(y_t)) for every token, plus
    r_φ(x, y) at the last token (``kl_penalized_rewards``); β fixed or adapted to a KL target
    (``AdaptiveKLController``, Ziegler et al., 2019).
@@ -53,6 +54,7 @@ class PPOConfig:
     ppo_epochs: int = 4
     response_length: int = 48
     temperature: float = 1.0
+    """τ of the rollouts; every log-prob of a response (old, reference, new) is taken at τ too."""
     learning_rate: float = 1e-4
     max_grad_norm: float = 1.0
     gamma: float = 1.0
@@ -150,15 +152,19 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return loss, stats
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H(π(·|s_t)) per position: logsumexp(z) − Σ softmax(z)·z."""
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """H(π(·|s_t)) per position of the distribution sampled from, softmax(z/τ):
+    logsumexp(z/τ) − Σ softmax(z/τ)·z/τ."""
+    logits = logits.float() / temperature
     probabilities = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probabilities * logits).sum(dim=-1)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log π(y_t) of the given tokens, in float32."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(y_t) of the given tokens under softmax(z/τ), in float32. Responses are sampled at τ,
+    so every log-prob of them (π_θold, π_ref, π_θ, the gate's KL) must be taken at the same τ:
+    at τ = 1 the ratio ρ and the KL would describe a policy that never produced the samples."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 # ---- β ----
@@ -246,6 +252,8 @@ class PPOTrainer:
                  ptx_texts: Sequence[str] = (), progress: Callable[[int, int, float, PPOStats], None] | None = None):
         if config.batch_size % config.mini_batch_size:
             raise ValueError("batch_size must be a multiple of mini_batch_size")
+        if not config.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (log-probs are taken at it), got {config.temperature}")
         self.policy = policy
         self.reward_fn = reward_fn
         self.config = config
@@ -271,10 +279,10 @@ class PPOTrainer:
                 generator=self.generator)
             frozen = self.policy.frozen_prefix(query_responses, attention_mask)
             logits, values = self.policy(query_responses, attention_mask, responses.shape[1], frozen)
-            logprobs = token_logprobs(logits, responses)
+            logprobs = token_logprobs(logits, responses, self.config.temperature)
             del logits
             ref_logits = self.policy.reference_logits(query_responses, attention_mask, responses.shape[1], frozen)
-            ref_logprobs = token_logprobs(ref_logits, responses)
+            ref_logprobs = token_logprobs(ref_logits, responses, self.config.temperature)
             del ref_logits
             prompt_ids = [p.token_ids[-self.config.max_prompt_length:] for p in chunk]
             response_ids = [row[:int(n)].tolist() for row, n in zip(responses, response_mask.sum(dim=1))]
@@ -311,7 +319,7 @@ class PPOTrainer:
                 qr, am = rollout.query_responses[idx, first:], rollout.attention_mask[idx, first:]
                 frozen = None if rollout.frozen_hidden is None else rollout.frozen_hidden[idx, first:]
                 logits, values = self.policy(qr, am, response_length, frozen)
-                new_logprobs = token_logprobs(logits, rollout.responses[idx])
+                new_logprobs = token_logprobs(logits, rollout.responses[idx], c.temperature)
                 pg_loss, pg_stats = clipped_policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx], mb_mask,
                                                         c.cliprange)
                 vf_loss, vf_stats = clipped_value_loss(values.float(), rollout.values[idx], returns[idx], mb_mask,
@@ -327,7 +335,7 @@ class PPOTrainer:
                                                c.max_grad_norm)
                 self.optimizer.step()
                 with torch.no_grad():
-                    entropy = masked_mean(entropy_from_logits(logits.float()), mb_mask)
+                    entropy = masked_mean(entropy_from_logits(logits, c.temperature), mb_mask)
                 figures = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy}
                 figures |= pg_stats | vf_stats
                 if ptx is not None:
