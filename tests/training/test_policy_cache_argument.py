@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import tiny_policy, tiny_prompts
+from training_fixtures import tiny_policy, tiny_prompts
 
 
 class Transformers523Body(torch.nn.Module):

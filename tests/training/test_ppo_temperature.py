@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_policy, tiny_prompts
+from training_fixtures import tiny_policy, tiny_prompts
 from training.policy_gate import PolicyGateConfig, evaluate_policy
 from training.ppo import PPOConfig, PPOTrainer, entropy_from_logits, token_logprobs
 
