@@ -13,7 +13,11 @@ Why one module holds all three roles:
   run only the top layers from there (Llama-style bodies; others run whole).
 
 Under a bfloat16 autocast the frozen base weights are stored in bfloat16 (no per-forward casts);
-adapters and the value head stay float32 master weights.
+adapters and the value head stay float32 master weights. The LM head and the value head compute in
+float32 outside the autocast (``_float32_logits``, ``_values``): a bfloat16 matmul rounds logits of
+magnitude 8-16 to steps of 1/16, and which way a logit rounds depends on the batch's shape, so the
+rollout's log π_θold and an epoch's log π_θ of identical weights differed by up to ~0.1 nats per
+token (half PPO's clip range). A frozen LM head keeps a float32 copy of its weight for that.
 
 Artifacts (the serving contract, named in ``flywheel.contracts.artifacts``): format "lora" is
 peft's ``save_pretrained`` folder (``adapter_config.json`` + ``adapter_model.safetensors``); format
@@ -107,6 +111,8 @@ class PolicyWithValueHead(torch.nn.Module):
         hidden = int(causal_lm.config.hidden_size)
         self.value_head = torch.nn.Linear(hidden, 1)
         self.reset_value_head()
+        self.register_buffer("lm_head_float32", None, persistent=False)
+        self.register_buffer("reference_head_float32", None, persistent=False)
         self._store_frozen_in_compute_dtype()
         self.eval()
 
@@ -126,6 +132,12 @@ class PolicyWithValueHead(torch.nn.Module):
         dtype = self.compute_dtype
         if dtype is None:
             return
+        # the heads compute in float32: a frozen head keeps a float32 copy of its weight (taken before
+        # the bfloat16 cast; with tied embeddings the body keeps reading the bfloat16 one)
+        reference_head = None if self.reference_lm is None else self.reference_lm.lm_head
+        for name, head in (("lm_head_float32", self.lm_head), ("reference_head_float32", reference_head)):
+            if _plain_linear(head) and not head.weight.requires_grad:
+                setattr(self, name, head.weight.detach().float().clone())
         for module in (self, self.reference_lm):
             if module is None:
                 continue
@@ -154,21 +166,35 @@ class PolicyWithValueHead(torch.nn.Module):
         ``frozen_prefix``'s output for these rows, if already computed."""
         with self.autocast():
             hidden = self._hidden(self.body, query_responses, attention_mask, frozen_hidden)
-            hidden = hidden[:, -response_length - 1:-1]
-            return self.lm_head(hidden), self.value_head(hidden).squeeze(-1)
+        hidden = hidden[:, -response_length - 1:-1]
+        return self._float32_logits(self.lm_head, hidden), self._values(hidden)
 
     @torch.no_grad()
     def reference_logits(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
                          frozen_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """π_ref's logits for the last T tokens: the base with adapters disabled (or the frozen copy)."""
-        with self.autocast():
-            if self.reference_lm is not None:
-                body, head = self.reference_lm.model, self.reference_lm.lm_head
-                hidden = self._hidden(body, query_responses, attention_mask)
-                return head(hidden[:, -response_length - 1:-1])
-            with self.lm.disable_adapter():
-                hidden = self._hidden(self.body, query_responses, attention_mask, frozen_hidden)
-                return self.lm_head(hidden[:, -response_length - 1:-1])
+        if self.reference_lm is not None:
+            with self.autocast():
+                hidden = self._hidden(self.reference_lm.model, query_responses, attention_mask)
+            return self._float32_logits(self.reference_lm.lm_head, hidden[:, -response_length - 1:-1])
+        with self.lm.disable_adapter(), self.autocast():
+            hidden = self._hidden(self.body, query_responses, attention_mask, frozen_hidden)
+        return self._float32_logits(self.lm_head, hidden[:, -response_length - 1:-1])
+
+    def _float32_logits(self, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """z = h·Wᵀ in float32, outside any autocast (why: the module docstring)."""
+        if not _plain_linear(head):  # e.g. an adapter on the LM head: its own forward
+            with self.autocast():
+                return head(hidden).float()
+        weight = self.lm_head_float32 if head is self.lm_head else self.reference_head_float32
+        weight = head.weight if weight is None else weight
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), weight.float(), None if head.bias is None else head.bias.float())
+
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """V(s_t) [B, T] from the float32 value head, outside any autocast."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)
 
     @torch.no_grad()
     def frozen_prefix(self, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -225,7 +251,7 @@ class PolicyWithValueHead(torch.nn.Module):
                 # swallow cache= into its **kwargs and decode every step without the context
                 hidden = self.body(input_ids=step_ids, attention_mask=step_mask, position_ids=position_ids,
                                    use_cache=True, **cache_argument(self.body, cache)).last_hidden_state
-                logits = self.lm_head(hidden[:, -1]).float()
+                logits = self._float32_logits(self.lm_head, hidden[:, -1])
                 if greedy:
                     token = logits.argmax(dim=-1)
                 else:
@@ -268,7 +294,7 @@ class PolicyWithValueHead(torch.nn.Module):
                 context = self.lm.disable_adapter()
         with context, self.autocast():
             hidden = self._hidden(body, input_ids, attention_mask)
-            logits = head(hidden[:, :-1]).float()
+        logits = self._float32_logits(head, hidden[:, :-1])
         targets = input_ids[:, 1:]
         mask = attention_mask[:, 1:].float()
         nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask
@@ -337,6 +363,10 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = 
             input_ids[row, columns] = torch.tensor(list(sequence))
             attention_mask[row, columns] = 1
     return input_ids, attention_mask
+
+
+def _plain_linear(module: torch.nn.Module | None) -> bool:
+    return type(module) is torch.nn.Linear
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
