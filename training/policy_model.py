@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -124,8 +123,13 @@ class PolicyWithValueHead(torch.nn.Module):
         return cls(lm, AutoTokenizer.from_pretrained(config.base_model), config)
 
     def reset_value_head(self) -> None:
-        hidden = self.value_head.in_features
-        torch.nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+        """V ≡ 0. A random head adds a random function of the position to every advantage until it
+        has learned (and the value clip lets it move 0.2 per iteration): an incentive for or against
+        length that has nothing to do with the reward. Zero is also the right value to start from
+        when the reward is calibrated (mean 0 over served completions). Not the reward model's
+        head: that reads another backbone's (trained) hidden state at the last token, not this
+        body's at every position."""
+        torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
     def _store_frozen_in_compute_dtype(self) -> None:
@@ -168,6 +172,14 @@ class PolicyWithValueHead(torch.nn.Module):
             hidden = self._hidden(self.body, query_responses, attention_mask, frozen_hidden)
         hidden = hidden[:, -response_length - 1:-1]
         return self._float32_logits(self.lm_head, hidden), self._values(hidden)
+
+    def critic_values(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
+                      frozen_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """V(s_t) [B, T] with gradients into the value head only (PPO's critic warm-up): the body runs
+        without gradients, so neither the policy nor its backward pass is touched."""
+        with torch.no_grad(), self.autocast():
+            hidden = self._hidden(self.body, query_responses, attention_mask, frozen_hidden)
+        return self._values(hidden[:, -response_length - 1:-1])
 
     @torch.no_grad()
     def reference_logits(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, response_length: int,

@@ -11,10 +11,13 @@ One iteration (``PPOTrainer.step``):
    r_φ(x, y) at the last token (``kl_penalized_rewards``); β fixed or adapted to a KL target
    (``AdaptiveKLController``, Ziegler et al., 2019).
 3. GAE: advantages Â_t and returns from the rewards and values, advantages whitened
-   (``gae_advantages``, ``whiten``).
+   (``gae_advantages``, ``whiten``). The value head starts at zero, so the first rollout's
+   advantages are the rewards-to-go alone: a random critic would add −V(s_t) terms that depend on
+   the position, i.e. an incentive for or against length.
 4. several epochs over shuffled minibatches: the clipped surrogate loss (``clipped_policy_loss``),
    the clipped value loss (``clipped_value_loss``) and, for PPO-ptx, γ times the language-model
-   loss on a pretraining text batch (``pretraining_loss``).
+   loss on a pretraining text batch (``pretraining_loss``). During the first
+   ``critic_warmup_iterations`` only the value loss is optimised.
 
 The policy is a ``PolicyWithValueHead`` (one forward gives the logits and the values; π_ref is the
 same backbone with its LoRA adapters disabled). Responses are right-aligned after left-padded
@@ -63,6 +66,12 @@ class PPOConfig:
     """ε of the clipped surrogate objective."""
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
+    critic_warmup_iterations: int = 0
+    """The first iterations train the value head alone (unclipped value loss, the policy and the
+    shared body frozen), so the critic catches up before its errors shape the advantages (OpenRLHF's
+    ``freezing_actor_steps``). 0 by default: the value head starts at V = 0, which is already the
+    right baseline for a calibrated reward (mean 0 over served completions) and adds no
+    position-dependent term to GAE; each warm-up iteration costs a whole rollout of the budget."""
     kl_coef: float = 0.05
     """β: weight of the per-token KL penalty (the initial value when adaptive)."""
     kl_target: float | None = None
@@ -230,6 +239,9 @@ class PPOStats:
     episodes: int
     seconds: float
     rollout_seconds: float
+    critic_warmup: bool = False
+    """A critic warm-up iteration: the policy was not updated (policy_loss, clipfrac, approx_kl and
+    entropy are 0)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -263,6 +275,8 @@ class PPOTrainer:
                                            lr=config.learning_rate, eps=1e-5)
         self.kl_controller = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
                               if config.kl_target else FixedKLController(config.kl_coef))
+        self.iteration = 0
+        """PPO iterations (updates) done by this trainer."""
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.ptx_batches = (policy.text_batches(ptx_texts, config.ptx_batch_size, config.ptx_max_length)
@@ -293,8 +307,9 @@ class PPOTrainer:
         return Rollout(*[_cat_padded([p[i] for p in parts], left=i < 2, pad=self.pad_id if i == 0 else 0)
                          for i in range(8)], frozen_hidden=frozen)
 
-    # 2-4. rewards, GAE, minibatch epochs
-    def update(self, rollout: Rollout) -> dict[str, float]:
+    # 2-3. rewards with the KL penalty, advantages
+    def advantages_and_returns(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(advantages before whitening, returns, per-token KL), all [B, T]."""
         c = self.config
         mask = rollout.response_mask
         rewards, kl = kl_penalized_rewards(rollout.logprobs, rollout.ref_logprobs, rollout.scores, mask,
@@ -302,7 +317,17 @@ class PPOTrainer:
         if c.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae_advantages(rewards, rollout.values, mask, c.gamma, c.lam)
+        return advantages, returns, kl
+
+    # 4. minibatch epochs
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        c = self.config
+        mask = rollout.response_mask
+        advantages, returns, kl = self.advantages_and_returns(rollout)
         advantages = whiten(advantages, mask)
+        train_policy = self.iteration >= c.critic_warmup_iterations
+        # the warm-up fits the critic to the returns: no trust region around a critic that knows nothing
+        cliprange_value = c.cliprange_value if train_policy else math.inf
 
         sums: dict[str, float] = {}
         steps = 0
@@ -318,38 +343,45 @@ class PPOTrainer:
                 first = _first_used_column(rollout.attention_mask[idx], response_length)
                 qr, am = rollout.query_responses[idx, first:], rollout.attention_mask[idx, first:]
                 frozen = None if rollout.frozen_hidden is None else rollout.frozen_hidden[idx, first:]
-                logits, values = self.policy(qr, am, response_length, frozen)
-                new_logprobs = token_logprobs(logits, rollout.responses[idx], c.temperature)
-                pg_loss, pg_stats = clipped_policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx], mb_mask,
-                                                        c.cliprange)
+                if train_policy:
+                    logits, values = self.policy(qr, am, response_length, frozen)
+                else:  # critic warm-up: gradients reach the value head only
+                    logits, values = None, self.policy.critic_values(qr, am, response_length, frozen)
                 vf_loss, vf_stats = clipped_value_loss(values.float(), rollout.values[idx], returns[idx], mb_mask,
-                                                       c.cliprange_value)
-                loss = pg_loss + c.vf_coef * vf_loss
+                                                       cliprange_value)
+                loss = c.vf_coef * vf_loss
+                figures = {"value_loss": vf_loss.detach()} | vf_stats
                 ptx = None
-                if self.ptx_batches:
-                    ptx = self.policy.language_model_loss(*self.ptx_batches[steps % len(self.ptx_batches)])
-                    loss = loss + c.ptx_coef * ptx
+                if train_policy:
+                    new_logprobs = token_logprobs(logits, rollout.responses[idx], c.temperature)
+                    pg_loss, pg_stats = clipped_policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx],
+                                                            mb_mask, c.cliprange)
+                    loss = loss + pg_loss
+                    figures |= {"policy_loss": pg_loss.detach()} | pg_stats
+                    if self.ptx_batches:
+                        ptx = self.policy.language_model_loss(*self.ptx_batches[steps % len(self.ptx_batches)])
+                        loss = loss + c.ptx_coef * ptx
+                        figures["ptx_loss"] = ptx.detach()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad],
                                                c.max_grad_norm)
                 self.optimizer.step()
-                with torch.no_grad():
-                    entropy = masked_mean(entropy_from_logits(logits, c.temperature), mb_mask)
-                figures = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy}
-                figures |= pg_stats | vf_stats
-                if ptx is not None:
-                    figures["ptx_loss"] = ptx.detach()
+                if train_policy:
+                    with torch.no_grad():
+                        figures["entropy"] = masked_mean(entropy_from_logits(logits, c.temperature), mb_mask)
                 for name, value in figures.items():
                     sums[name] = sums.get(name, 0.0) + float(value)
                 steps += 1
         self.policy.eval()
-        means = {name: value / max(steps, 1) for name, value in sums.items()}
+        means = {"policy_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0}  # a warm-up's
+        means |= {name: value / max(steps, 1) for name, value in sums.items()}
         per_response_kl = kl.sum(dim=1)
         means |= {"kl_to_ref": float(per_response_kl.mean()),
                   "mean_reward": float((rollout.scores - self.kl_controller.value * per_response_kl).mean()),
-                  "kl_coef": self.kl_controller.value}
+                  "kl_coef": self.kl_controller.value, "critic_warmup": not train_policy}
         self.kl_controller.update(means["kl_to_ref"], batch)
+        self.iteration += 1
         return means
 
     def step(self, prompts: Sequence[Prompt]) -> PPOStats:
@@ -363,7 +395,8 @@ class PPOTrainer:
             value_loss=figures["value_loss"], clipfrac=figures["clipfrac"], approx_kl=figures["approx_kl"],
             entropy=figures["entropy"], ptx_loss=figures.get("ptx_loss"),
             response_length=float(rollout.response_mask.sum(dim=1).float().mean()), episodes=len(prompts),
-            seconds=time.monotonic() - started, rollout_seconds=rollout_seconds)
+            seconds=time.monotonic() - started, rollout_seconds=rollout_seconds,
+            critic_warmup=figures["critic_warmup"])
 
     def train(self, prompts: Sequence[Prompt], iterations: int) -> TrainResult:
         """``iterations`` PPO iterations of ``batch_size`` prompts each, drawn from ``prompts``
