@@ -3,6 +3,8 @@
 The reward model was trained on prompt + completion + EOS (``RankingCollator.encode``), so a
 response the policy cut off at the length limit gets the EOS appended before scoring, exactly as
 a ranked completion would have; sequences are cut from the left to the model's ``max_length``.
+PPO takes ``PPOConfig.missing_eos_penalty`` off the score of such a response: scored as if
+complete, an unfinished answer would otherwise be paid as a finished one.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ One iteration (``PPOTrainer.step``):
    reward model r_φ.
 2. rewards with a KL penalty: r_t = −β·(log π_θold(y_t) − log π_ref(y_t)) for every token, plus
    r_φ(x, y) at the last token (``kl_penalized_rewards``); β fixed or adapted to a KL target
-   (``AdaptiveKLController``, Ziegler et al., 2019).
+   (``AdaptiveKLController``, Ziegler et al., 2019). A response cut at ``response_length``
+   without an EOS has ``missing_eos_penalty`` taken off its score (``missing_eos_penalized``).
 3. GAE: advantages Â_t and returns from the rewards and values, advantages whitened
    (``gae_advantages``, ``whiten``). The value head starts at zero, so the first rollout's
    advantages are the rewards-to-go alone: a random critic would add −V(s_t) terms that depend on
@@ -77,6 +78,12 @@ class PPOConfig:
     kl_target: float | None = None
     """Adapt β so that the mean KL per response approaches this (nats); None = fixed β."""
     kl_horizon: int = 10000
+    missing_eos_penalty: float = 1.0
+    """Taken off the score of a response cut at ``response_length`` without an EOS (TRL's
+    ``missing_eos_penalty``). The reward model scores a cut response as if it had ended there, so
+    without this PPO is paid for unfinished answers. 1.0 is one standard deviation of a calibrated
+    reward over served completions (TRL's examples use 1.0 too): a cut answer must beat a finished
+    one by that much to be worth it. 0 turns it off."""
     whiten_rewards: bool = False
     ptx_coef: float = 0.0
     """γ of PPO-ptx: weight of the language-model loss on pretraining text; 0 = plain PPO."""
@@ -112,6 +119,11 @@ def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, sco
     last = (mask.sum(dim=1).long() - 1).clamp(min=0)
     rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
     return rewards, kl
+
+
+def missing_eos_penalized(scores: torch.Tensor, truncated: torch.Tensor, penalty: float) -> torch.Tensor:
+    """score − penalty for each response cut at the length limit (``truncated`` [B] bool)."""
+    return scores - penalty * truncated.float()
 
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
@@ -215,6 +227,8 @@ class Rollout:
     values: torch.Tensor
     scores: torch.Tensor
     """[B]: the reward model's score of each (prompt, response)."""
+    truncated: torch.Tensor
+    """[B] bool: the response reached ``response_length`` without an EOS."""
     frozen_hidden: torch.Tensor | None = None
     """[B, P + T, H]: output of the policy's frozen bottom layers, reused by every epoch."""
 
@@ -225,7 +239,7 @@ class PPOStats:
 
     mean_score: float
     mean_reward: float
-    """score − β·KL, per response."""
+    """score − missing-EOS penalty − β·KL, per response."""
     kl_to_ref: float
     """Σ_t log π(y_t) − log π_ref(y_t), per response (nats)."""
     kl_coef: float
@@ -239,6 +253,8 @@ class PPOStats:
     episodes: int
     seconds: float
     rollout_seconds: float
+    truncated_fraction: float = 0.0
+    """Responses cut at ``response_length`` without an EOS."""
     critic_warmup: bool = False
     """A critic warm-up iteration: the policy was not updated (policy_loss, clipfrac, approx_kl and
     entropy are 0)."""
@@ -301,18 +317,20 @@ class PPOTrainer:
             prompt_ids = [p.token_ids[-self.config.max_prompt_length:] for p in chunk]
             response_ids = [row[:int(n)].tolist() for row, n in zip(responses, response_mask.sum(dim=1))]
             scores = self.reward_fn(prompt_ids, response_ids).float()
+            truncated = ~(responses == self.policy.eos_id).any(dim=1)
             parts.append((query_responses, attention_mask, responses, response_mask, logprobs, ref_logprobs,
-                          values.float(), scores, frozen))
-        frozen = None if parts[0][8] is None else _cat_padded([p[8] for p in parts], left=True, pad=0)
+                          values.float(), scores, truncated, frozen))
+        frozen = None if parts[0][9] is None else _cat_padded([p[9] for p in parts], left=True, pad=0)
         return Rollout(*[_cat_padded([p[i] for p in parts], left=i < 2, pad=self.pad_id if i == 0 else 0)
-                         for i in range(8)], frozen_hidden=frozen)
+                         for i in range(9)], frozen_hidden=frozen)
 
     # 2-3. rewards with the KL penalty, advantages
     def advantages_and_returns(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(advantages before whitening, returns, per-token KL), all [B, T]."""
         c = self.config
         mask = rollout.response_mask
-        rewards, kl = kl_penalized_rewards(rollout.logprobs, rollout.ref_logprobs, rollout.scores, mask,
+        scores = missing_eos_penalized(rollout.scores, rollout.truncated, c.missing_eos_penalty)
+        rewards, kl = kl_penalized_rewards(rollout.logprobs, rollout.ref_logprobs, scores, mask,
                                            self.kl_controller.value)
         if c.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
@@ -377,8 +395,9 @@ class PPOTrainer:
         means = {"policy_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0}  # a warm-up's
         means |= {name: value / max(steps, 1) for name, value in sums.items()}
         per_response_kl = kl.sum(dim=1)
+        scores = missing_eos_penalized(rollout.scores, rollout.truncated, c.missing_eos_penalty)
         means |= {"kl_to_ref": float(per_response_kl.mean()),
-                  "mean_reward": float((rollout.scores - self.kl_controller.value * per_response_kl).mean()),
+                  "mean_reward": float((scores - self.kl_controller.value * per_response_kl).mean()),
                   "kl_coef": self.kl_controller.value, "critic_warmup": not train_policy}
         self.kl_controller.update(means["kl_to_ref"], batch)
         self.iteration += 1
@@ -396,7 +415,7 @@ class PPOTrainer:
             entropy=figures["entropy"], ptx_loss=figures.get("ptx_loss"),
             response_length=float(rollout.response_mask.sum(dim=1).float().mean()), episodes=len(prompts),
             seconds=time.monotonic() - started, rollout_seconds=rollout_seconds,
-            critic_warmup=figures["critic_warmup"])
+            truncated_fraction=float(rollout.truncated.float().mean()), critic_warmup=figures["critic_warmup"])
 
     def train(self, prompts: Sequence[Prompt], iterations: int) -> TrainResult:
         """``iterations`` PPO iterations of ``batch_size`` prompts each, drawn from ``prompts``

@@ -15,8 +15,10 @@ def constant_reward(value: float):
 
 
 def config(**overrides) -> PPOConfig:
+    """A tiny run; no missing-EOS penalty, so that the score is the whole reward (a random tiny model
+    never samples the EOS)."""
     return PPOConfig(**{"batch_size": 4, "mini_batch_size": 2, "rollout_batch_size": 4, "response_length": 6,
-                        "ppo_epochs": 2, "learning_rate": 1e-2, "seed": 0} | overrides)
+                        "ppo_epochs": 2, "learning_rate": 1e-2, "seed": 0, "missing_eos_penalty": 0.0} | overrides)
 
 
 def test_a_fresh_critic_adds_nothing_to_the_advantages_but_the_rewards(sharp_tiny_model_dir):
