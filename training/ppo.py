@@ -15,9 +15,15 @@ One iteration (``PPOTrainer.step``):
    (``gae_advantages``, ``whiten``). The value head starts at zero, so the first rollout's
    advantages are the rewards-to-go alone: a random critic would add −V(s_t) terms that depend on
    the position, i.e. an incentive for or against length.
+   With ``advantage_estimator="rloo"`` (REINFORCE leave-one-out, Ahmadian et al., 2024, as
+   OpenRLHF's ``--advantage_estimator rloo``) there is no critic: each prompt is rolled out
+   ``samples_per_prompt`` = k times in the batch, a sample's score is replaced by its score minus
+   the mean score of the prompt's k − 1 other samples (``leave_one_out_scores``), and a token's
+   advantage is the sum of the rewards from it to the end (``rewards_to_go``): that score plus the
+   KL penalties still to come. Not whitened.
 4. several epochs over shuffled minibatches: the clipped surrogate loss (``clipped_policy_loss``),
-   the clipped value loss (``clipped_value_loss``) and, for PPO-ptx, γ times the language-model
-   loss on a pretraining text batch (``pretraining_loss``). During the first
+   the clipped value loss (``clipped_value_loss``; not with rloo) and, for PPO-ptx, γ times the
+   language-model loss on a pretraining text batch (``pretraining_loss``). During the first
    ``critic_warmup_iterations`` only the value loss is optimised.
 
 The policy is a ``PolicyWithValueHead`` (one forward gives the logits and the values; π_ref is the
@@ -50,7 +56,7 @@ class PPOConfig:
     """How one PPO run trains (names as in TRL's ``PPOConfig`` where they mean the same)."""
 
     batch_size: int = 64
-    """Episodes (prompts, one response each) per PPO iteration."""
+    """Episodes (responses) per PPO iteration: batch_size / samples_per_prompt prompts."""
     mini_batch_size: int = 8
     """Episodes per optimizer step; an iteration makes ppo_epochs · batch_size / mini_batch_size steps."""
     rollout_batch_size: int = 64
@@ -94,8 +100,16 @@ class PPOConfig:
     ptx_max_length: int = 128
     max_prompt_length: int = 256
     """Longer prompts are cut from the left."""
+    advantage_estimator: str = "gae"
+    """"gae": the critic and GAE (PPO as in InstructGPT). "rloo": REINFORCE leave-one-out baselines
+    over ``samples_per_prompt`` samples of each prompt, no critic (see the module docstring)."""
+    samples_per_prompt: int = 1
+    """k: responses sampled for each prompt in one batch (rloo needs k ≥ 2)."""
     seed: int = 0
     log_every_seconds: float = 10.0
+
+
+ADVANTAGE_ESTIMATORS = ("gae", "rloo")
 
 
 # ---- the pieces of the objective, on tensors ----
@@ -127,6 +141,21 @@ def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, sco
 def missing_eos_penalized(scores: torch.Tensor, truncated: torch.Tensor, penalty: float) -> torch.Tensor:
     """score − penalty for each response cut at the length limit (``truncated`` [B] bool)."""
     return scores - penalty * truncated.float()
+
+
+def leave_one_out_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """RLOO's baseline: each score minus the mean of the other k − 1 scores of its prompt (the
+    samples of a prompt are k consecutive rows). Sums to 0 over a prompt's samples; unbiased,
+    since a sample's baseline does not depend on the sample itself."""
+    grouped = scores.view(-1, k)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).flatten()
+
+
+def rewards_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_{t' ≥ t} r_t' per token (γ = 1, as OpenRLHF's rloo): REINFORCE's return, 0 past the end."""
+    rewards = rewards * mask
+    return rewards.flip(dims=[1]).cumsum(dim=1).flip(dims=[1]) * mask
 
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
@@ -278,6 +307,7 @@ class PPOStats:
     kl_coef: float
     policy_loss: float
     value_loss: float
+    """0 with rloo (no critic)."""
     clipfrac: float
     approx_kl: float
     entropy: float
@@ -320,6 +350,13 @@ class PPOTrainer:
             raise ValueError("batch_size must be a multiple of mini_batch_size")
         if not config.temperature > 0:
             raise ValueError(f"temperature must be > 0 (log-probs are taken at it), got {config.temperature}")
+        if config.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got "
+                             f"{config.advantage_estimator!r}")
+        if config.advantage_estimator == "rloo" and config.samples_per_prompt < 2:
+            raise ValueError("rloo needs samples_per_prompt >= 2 (a sample's baseline is the others' mean)")
+        if config.samples_per_prompt < 1 or config.batch_size % config.samples_per_prompt:
+            raise ValueError("batch_size must be a multiple of samples_per_prompt")
         self.policy = policy
         self.reward_fn = reward_fn
         self.config = config
@@ -363,14 +400,19 @@ class PPOTrainer:
 
     # 2-3. rewards with the KL penalty, advantages
     def advantages_and_returns(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(advantages before whitening, returns, per-token KL), all [B, T]."""
+        """(advantages before any whitening, returns (the critic's targets), per-token KL), all [B, T]."""
         c = self.config
         mask = rollout.response_mask
         scores = missing_eos_penalized(rollout.scores, rollout.truncated, c.missing_eos_penalty)
+        if c.advantage_estimator == "rloo":
+            scores = leave_one_out_scores(scores, c.samples_per_prompt)
         rewards, kl = kl_penalized_rewards(rollout.logprobs, rollout.ref_logprobs, scores, mask,
                                            self.kl_controller.value)
         if c.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
+        if c.advantage_estimator == "rloo":
+            advantages = rewards_to_go(rewards, mask)
+            return advantages, advantages, kl
         advantages, returns = gae_advantages(rewards, rollout.values, mask, c.gamma, c.lam)
         return advantages, returns, kl
 
@@ -379,8 +421,10 @@ class PPOTrainer:
         c = self.config
         mask = rollout.response_mask
         advantages, returns, kl = self.advantages_and_returns(rollout)
-        advantages = whiten(advantages, mask)
-        train_policy = self.iteration >= c.critic_warmup_iterations
+        train_critic = c.advantage_estimator == "gae"  # rloo has no critic
+        if train_critic:
+            advantages = whiten(advantages, mask)
+        train_policy = not train_critic or self.iteration >= c.critic_warmup_iterations
         # the warm-up fits the critic to the returns: no trust region around a critic that knows nothing
         cliprange_value = c.cliprange_value if train_policy else math.inf
 
@@ -402,11 +446,13 @@ class PPOTrainer:
                     logits, values = self.policy(qr, am, response_length, frozen)
                 else:  # critic warm-up: gradients reach the value head only
                     logits, values = None, self.policy.critic_values(qr, am, response_length, frozen)
-                vf_loss, vf_stats = clipped_value_loss(values.float(), rollout.values[idx], returns[idx], mb_mask,
-                                                       cliprange_value)
-                loss = c.vf_coef * vf_loss
-                figures = {"value_loss": vf_loss.detach()} | vf_stats
-                ptx = None
+                loss = torch.zeros(())
+                figures = {}
+                if train_critic:
+                    vf_loss, vf_stats = clipped_value_loss(values.float(), rollout.values[idx], returns[idx], mb_mask,
+                                                           cliprange_value)
+                    loss = loss + c.vf_coef * vf_loss
+                    figures |= {"value_loss": vf_loss.detach()} | vf_stats
                 if train_policy:
                     new_logprobs = token_logprobs(logits, rollout.responses[idx], c.temperature)
                     pg_loss, pg_stats = clipped_policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx],
@@ -429,7 +475,8 @@ class PPOTrainer:
                     sums[name] = sums.get(name, 0.0) + float(value)
                 steps += 1
         self.policy.eval()
-        means = {"policy_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0}  # a warm-up's
+        # what an iteration did not compute: the policy's figures in a critic warm-up, the critic's with rloo
+        means = {"policy_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "value_loss": 0.0}
         means |= {name: value / max(steps, 1) for name, value in sums.items()}
         per_response_kl = kl.sum(dim=1)
         scores = missing_eos_penalized(rollout.scores, rollout.truncated, c.missing_eos_penalty)
@@ -441,7 +488,9 @@ class PPOTrainer:
         return means
 
     def step(self, prompts: Sequence[Prompt]) -> PPOStats:
+        """One iteration on ``prompts``, each rolled out ``samples_per_prompt`` times."""
         started = time.monotonic()
+        prompts = [prompt for prompt in prompts for _ in range(self.config.samples_per_prompt)]
         rollout = self.rollout(prompts)
         rollout_seconds = time.monotonic() - started
         figures = self.update(rollout)
@@ -455,8 +504,9 @@ class PPOTrainer:
             truncated_fraction=float(rollout.truncated.float().mean()), critic_warmup=figures["critic_warmup"])
 
     def train(self, prompts: Sequence[Prompt], iterations: int) -> TrainResult:
-        """``iterations`` PPO iterations of ``batch_size`` prompts each, drawn from ``prompts``
-        (reshuffled whenever they run out). Progress (rate, ETA) is logged and passed to ``progress``."""
+        """``iterations`` PPO iterations of ``batch_size`` episodes each (batch_size / samples_per_prompt
+        prompts, drawn from ``prompts``, reshuffled whenever they run out). Progress (rate, ETA) is
+        logged and passed to ``progress``."""
         if not prompts:
             raise ValueError("no prompts to train on")
         if isinstance(self.kl_controller, AdaptiveKLController) and self.config.kl_horizon is None:
@@ -466,7 +516,7 @@ class PPOTrainer:
         pool: list[Prompt] = []
         for iteration in range(1, iterations + 1):
             batch: list[Prompt] = []
-            while len(batch) < self.config.batch_size:
+            while len(batch) < self.config.batch_size // self.config.samples_per_prompt:
                 if not pool:
                     pool = list(prompts)
                     self.rng.shuffle(pool)
