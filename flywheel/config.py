@@ -230,6 +230,9 @@ class RewardModelRunConfig(ConfigSection):
     max_heldout: int = setting(2000, "most held-out rankings (the newest) evaluated per run", minimum=0)
     accuracy_margin: float = setting(
         0.02, "a new version is promoted unless its held-out accuracy is this much below the current's")
+    min_accuracy: float = setting(
+        0.5, "gate: the 95% lower bound of each member's held-out accuracy must exceed this (0.5 = chance)",
+        minimum=0, maximum=1)
     replay_ratio: float = setting(1.0, "replayed older rankings per new ranking in a run", minimum=0)
     ai_weight: float = setting(0.5, "weight of an AI-labelled ranking relative to a human one", minimum=0)
     learning_rate: float = setting(1e-5, "reward-model AdamW learning rate", above=0)

@@ -141,9 +141,11 @@ class RewardModel(torch.nn.Module):
         state = self.state_dict()
         return {n: state[n].detach().to(torch.float32).contiguous().clone() for n in sorted(names)}
 
-    def save(self, directory: Path, keys: set[str] | None = None) -> list[str]:
+    def save(self, directory: Path, keys: set[str] | None = None,
+             file_name: str = REWARD_MODEL_WEIGHTS_FILE) -> list[str]:
+        """Write the stored parameters to ``directory/file_name`` (one file per member)."""
         state = self.stored_state_dict(keys)
-        save_file(state, str(Path(directory) / REWARD_MODEL_WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state, str(Path(directory) / file_name), metadata={"format": "pt"})
         return list(state)
 
     def load_stored(self, path: Path) -> list[str]:
