@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,8 +250,6 @@ class PolicyWithValueHead(torch.nn.Module):
         mask covers each response up to and including its EOS."""
         from transformers import DynamicCache
 
-        from serving.engine import cache_argument
-
         input_ids, attention_mask = self.left_pad([p.token_ids[-max_prompt_length:] for p in prompts])
         batch = input_ids.shape[0]
         responses = torch.full((batch, response_length), self.pad_id, dtype=torch.long)
@@ -259,8 +259,7 @@ class PolicyWithValueHead(torch.nn.Module):
         step_ids, step_mask = input_ids, attention_mask
         with self.autocast():
             for t in range(response_length):
-                # the cache keyword is past_key_values in transformers 5.23 and cache in 5.24; 5.23 would
-                # swallow cache= into its **kwargs and decode every step without the context
+                # transformers 5.23 would swallow cache= into its **kwargs and decode without the context
                 hidden = self.body(input_ids=step_ids, attention_mask=step_mask, position_ids=position_ids,
                                    use_cache=True, **cache_argument(self.body, cache)).last_hidden_state
                 logits = self._float32_logits(self.lm_head, hidden[:, -1])
@@ -375,6 +374,18 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = 
             input_ids[row, columns] = torch.tensor(list(sequence))
             attention_mask[row, columns] = 1
     return input_ids, attention_mask
+
+
+def cache_argument(model: torch.nn.Module, cache) -> dict:
+    """The KV-cache keyword of ``model.forward``: ``cache`` from transformers 5.24, ``past_key_values``
+    before (pyproject allows both). The same rule as ``serving.model_runner.cache_argument``, which
+    the import layers keep training from importing."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _plain_linear(module: torch.nn.Module | None) -> bool:

@@ -1,11 +1,16 @@
 """Defect 8: the policy's KV-cached generation passes the cache under the keyword its
-transformers version reads (``serving.engine.cache_argument``), not always ``cache=``."""
+transformers version reads (``training.policy_model.cache_argument``, the rule of serving's), not
+always ``cache=``."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from support.policy import one_thread  # noqa: F401 (fixture)
 from training_fixtures import tiny_policy, tiny_prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Transformers523Body(torch.nn.Module):
