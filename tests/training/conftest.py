@@ -1,18 +1,9 @@
-"""Fixtures of the algorithm tests (helpers: training_fixtures.py)."""
+"""Fixtures of the algorithm tests (their helpers: training_fixtures.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: a second thread only adds synchronization (and other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

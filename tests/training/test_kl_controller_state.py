@@ -8,8 +8,11 @@ import json
 import pytest
 import torch
 
+from support.policy import one_thread  # noqa: F401 (fixture)
 from training_fixtures import tiny_policy, tiny_prompts
 from training.ppo import AdaptiveKLController, FixedKLController, PPOConfig, PPOTrainer, kl_controller
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_adaptive_controller_continues_from_its_stored_state():

@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support.policy import one_thread  # noqa: F401 (fixture)
 from training_fixtures import tiny_policy, tiny_prompts
 from training.policy_model import response_mask_until_eos
 from training.ppo import PPOConfig, PPOTrainer, missing_eos_penalized
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_penalty_is_taken_off_the_truncated_responses_only():

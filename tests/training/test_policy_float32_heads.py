@@ -13,11 +13,15 @@ differ by itself, so the test below makes it differ by one rounding step, as the
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from training.policy_model import PolicyModelConfig, PolicyWithValueHead
-from training.policy_prompts import render_prompt
+from flywheel.contracts.prompts import render_prompt
+from support.policy import one_thread  # noqa: F401 (fixture)
+from training.policy_model import PolicyModelConfig, PolicyWithValueHead, Prompt
 from training.ppo import _first_used_column, token_logprobs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llm_like_policy(tokenizer) -> PolicyWithValueHead:
@@ -68,7 +72,7 @@ def body_output_differs_by_batch_shape(policy, rows_of_the_full_batch: int) -> N
 def batch_shape_differences(policy) -> tuple[torch.Tensor, torch.Tensor]:
     """|log π(y_t)| and |V(s_t)| differences between the rollout's forward of 8 responses and the
     minibatch forwards of the same responses, computed as PPOTrainer computes them."""
-    prompts = [render_prompt(policy.tokenizer, "Tell me" + " a lot more" * (3 * i) + f" about topic {i}.")
+    prompts = [Prompt(*render_prompt(policy.tokenizer, "Tell me" + " a lot more" * (3 * i) + f" about topic {i}."))
                for i in range(8)]
     query_responses, attention_mask, responses, mask = policy.generate(
         prompts, 12, generator=torch.Generator().manual_seed(0))
@@ -109,7 +113,7 @@ def test_the_heads_are_float32_and_the_frozen_body_stays_bfloat16(sharp_tiny_mod
     assert policy.lm_head.weight.dtype == torch.bfloat16  # tied to the embeddings the body reads
     assert torch.equal(policy.lm_head_float32.to(torch.bfloat16), policy.lm_head.weight)
     assert policy.value_head.weight.dtype == torch.float32
-    prompt = [render_prompt(policy.tokenizer, "hello")]
+    prompt = [Prompt(*render_prompt(policy.tokenizer, "hello"))]
     query_responses, attention_mask, responses, _ = policy.generate(prompt, 3)
     with torch.no_grad():
         logits, values = policy(query_responses, attention_mask, responses.shape[1])

@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 
+from support.policy import one_thread  # noqa: F401 (fixture)
 from training_fixtures import tiny_policy, tiny_prompts
 from training.policy_gate import PolicyGateConfig, evaluate_policy
 from training.ppo import PPOConfig, PPOTrainer, entropy_from_logits, token_logprobs
 
 TAU = 0.5
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def zero_reward(prompt_ids, response_ids):

@@ -10,10 +10,13 @@ import math
 import pytest
 import torch
 
+from support.policy import one_thread  # noqa: F401 (fixture)
 from training.policy_reward import RewardCalibration, RewardModelScorer, calibrate
 from training.reward_model import RewardModel, RewardModelConfig
 
 EOS = 2
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_reward_model(model_dir) -> RewardModel:

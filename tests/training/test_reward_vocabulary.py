@@ -7,8 +7,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from support.policy import one_thread  # noqa: F401 (fixture)
 from training.policy_reward import RewardModelScorer, calibrate
 from training.reward_model import RewardModel, RewardModelConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

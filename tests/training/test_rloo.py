@@ -7,10 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from support.policy import one_thread  # noqa: F401 (fixture)
 from training_fixtures import tiny_policy, tiny_prompts
 from training.ppo import PPOConfig, PPOTrainer, leave_one_out_scores, rewards_to_go
 
 K = 4
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_leave_one_out_scores_by_hand():

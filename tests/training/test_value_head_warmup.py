@@ -4,10 +4,14 @@ the rewards alone (no position-dependent −V(s_t) terms, i.e. no length incenti
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from support.policy import one_thread  # noqa: F401 (fixture)
 from training_fixtures import tiny_policy, tiny_prompts
 from training.ppo import PPOConfig, PPOTrainer, gae_advantages, kl_penalized_rewards
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def constant_reward(value: float):

@@ -23,6 +23,8 @@ def tiny_policy(model_dir, autocast_dtype: str = "float32", perturb: bool = Fals
 
 def tiny_prompts(policy, count: int):
     """Chat-rendered prompts of different lengths (so a batch is left-padded)."""
-    from training.policy_prompts import render_prompt
+    from flywheel.contracts.prompts import render_prompt
+    from training.policy_model import Prompt
 
-    return [render_prompt(policy.tokenizer, "Tell me" + " more" * (i % 5) + f" about number {i}.") for i in range(count)]
+    return [Prompt(*render_prompt(policy.tokenizer, "Tell me" + " more" * (i % 5) + f" about number {i}."))
+            for i in range(count)]
