@@ -56,7 +56,10 @@ SETTINGS_BEFORE_SECTIONS = {
     "FLYWHEEL_POLICY_PERPLEXITY_MARGIN": "0.05", "FLYWHEEL_POLICY_LOCK_SECONDS": "60.0",
 }
 # settings added since (name: default)
-SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_MIN_ACCURACY": "0.5"}
+SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_MIN_ACCURACY": "0.5",
+                  "FLYWHEEL_POLICY_ADVANTAGE_ESTIMATOR": "rloo", "FLYWHEEL_POLICY_SAMPLES_PER_PROMPT": "4",
+                  "FLYWHEEL_POLICY_CRITIC_WARMUP_ITERATIONS": "0", "FLYWHEEL_POLICY_MISSING_EOS_PENALTY": "1.0",
+                  "FLYWHEEL_POLICY_GATE_SAMPLES_PER_PROMPT": "4"}
 
 # The flags each command had when every command kept its own list of setting names; a command may
 # offer more now (all of its sections'), never fewer.
