@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from flywheel.models import resolve_dtype
+
 from flywheel.contracts.artifacts import (FULL_WEIGHTS_FILE, LORA_ADAPTER_FILE, POLICY_FORMAT_FULL, POLICY_FORMAT_LORA,
                                          VALUE_HEAD_FILE)
 
@@ -153,8 +155,8 @@ class PolicyWithValueHead(torch.nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
-        name = self.config.autocast_dtype
-        return None if name in ("float32", "fp32") else {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
+        dtype = resolve_dtype(self.config.autocast_dtype)
+        return None if dtype == torch.float32 else dtype
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.compute_dtype is None:

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from flywheel.models import resolve_dtype
+
 from flywheel.contracts.artifacts import REWARD_MODEL_WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
@@ -117,9 +119,8 @@ class RewardModel(torch.nn.Module):
     @property
     def compute_dtype(self) -> torch.dtype | None:
         """The autocast dtype, None for plain float32."""
-        if self.config.autocast_dtype in ("float32", "fp32"):
-            return None
-        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16}[self.config.autocast_dtype]
+        dtype = resolve_dtype(self.config.autocast_dtype)
+        return None if dtype == torch.float32 else dtype
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.compute_dtype is None:

@@ -60,8 +60,8 @@ def test_a_non_positive_temperature_is_refused(sharp_tiny_model_dir):
 def test_the_gate_samples_and_measures_the_kl_at_the_rollout_temperature(sharp_tiny_model_dir):
     policy = tiny_policy(sharp_tiny_model_dir, perturb=True)
     prompts = tiny_prompts(policy, 4)
-    config = PolicyGateConfig(response_length=5, batch_size=4, temperature=TAU, seed=7)
-    evaluation = evaluate_policy(policy, zero_reward, prompts, [], config)
+    config = PolicyGateConfig(response_length=5, batch_size=4, temperature=TAU, seed=7, samples_per_prompt=1)
+    evaluation = evaluate_policy(policy, {"judge": zero_reward}, prompts, [], config)
 
     query_responses, attention_mask, responses, mask = policy.generate(
         prompts, 5, TAU, generator=torch.Generator().manual_seed(7))  # the gate's draws
