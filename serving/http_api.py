@@ -29,7 +29,6 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -619,7 +618,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_bytes(self, status: int, content: bytes, content_type: str,
                     headers: Iterable[tuple[str, str]] = ()) -> None:
-        self.send_response(status, HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else None)
+        self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(content)))
         for name, value in headers:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flywheel.app.cli import main as flywheel_main
+from flywheel.contracts.keys import group_key
 from flywheel.contracts.artifacts import POLICY_FORMAT_LORA, POLICY_KIND, REWARD_MODEL_KIND
 from flywheel.contracts.rankings import SOURCE_AI, SOURCE_HUMAN, RankingEntry
 from flywheel.group_store import GroupStore
@@ -41,7 +42,7 @@ def rankings(redis_client):
     stream.append(RankingEntry("g2", ["g2-1", "g2-0"], SOURCE_AI, 3, annotator_id="ai:judge", judge_id="judge-1",
                                pair_probabilities=[("g2-1", "g2-0", 0.8)], confidence=0.6, created_at=now))
     stream.append(RankingEntry("g3", ["g3-0", "g3-1"], SOURCE_HUMAN, 0, annotator_id="ann", created_at=now))
-    redis_client.delete("flywheel:group:g3")
+    redis_client.delete(group_key("g3"))  # expired
     return now
 
 
