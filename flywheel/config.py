@@ -95,6 +95,11 @@ class ServingConfig(ConfigSection):
         8 * 1024 * 1024, "largest gRPC message the server accepts (RESOURCE_EXHAUSTED above)", minimum=-1)
     grpc_max_send_message_bytes: int = setting(
         32 * 1024 * 1024, "largest gRPC message the server sends", minimum=-1)
+    # off by default: a new port is a new surface an operator opens on purpose, and replicas or
+    # test servers on one host would all collide on a fixed default
+    http_port: int = port(
+        0, "port of the OpenAI-compatible HTTP API and the ranking page (same host as gRPC); 0 = off")
+    http_workers: int = setting(64, "HTTP requests handled at once (503 beyond)", minimum=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()

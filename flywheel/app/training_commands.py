@@ -3,7 +3,8 @@
 terminal.
 
 A run goes to the Celery training queue by task name (this process loads no training code), or
-runs here with ``--local``. The two listings share one table: the version (the current one
+runs here with ``--local``. ``flywheel policies export N DIR`` writes a version as a plain Hugging
+Face folder (``flywheel.app.policy_export``). The two listings share one table: the version (the current one
 starred), then each registry's own columns.
 """
 
@@ -92,6 +93,15 @@ def register(subparsers) -> None:
     policies.add_argument("--json", action="store_true", help="print the records as JSON")
     add_config_flags(policies, FlywheelConfig)
     policies.set_defaults(handler=policies_command)
+    policies_sub = policies.add_subparsers(dest="policies_command", metavar="COMMAND")
+    export = policies_sub.add_parser(
+        "export", help="write a policy version as a plain Hugging Face model folder",
+        description="Write policy version N as a Hugging Face folder (merged weights in safetensors, config, "
+                    "tokenizer, a model card with its lineage) that transformers and vLLM load as it is.")
+    export.add_argument("version", type=int, help="the policy version (0 = the base model)")
+    export.add_argument("directory", help="the folder to write (must not exist, or be empty)")
+    add_config_flags(export, FlywheelConfig)
+    export.set_defaults(handler=export_policy_command)
 
     promote = subparsers.add_parser("promote", help="serve a policy version (0 = the base model)")
     promote.add_argument("version", type=int)
@@ -214,3 +224,14 @@ def rollback_command(args: argparse.Namespace) -> int:
         return 0
 
     return _with_registry(args, POLICY_KIND, rollback)
+
+
+def export_policy_command(args: argparse.Namespace) -> int:
+    from flywheel.app.policy_export import export_policy
+    from flywheel.redis_server import redis_connection
+
+    settings = config_from_args(args)
+    with redis_connection(settings.redis_url, settings.data_dir) as client:
+        folder = export_policy(settings, client, args.version, args.directory)
+    print(f"policy v{args.version} written to {folder}")
+    return 0
