@@ -86,7 +86,8 @@ _APPEND_SCRIPT = """
 -- KEYS: stream, per-group rankings hash, stats hash, idempotency key, per-group annotators set, group record
 -- ARGV: use_idempotency, idempotency_ttl, group_ttl, source, other_source, completion_ids_json,
 --       ranking_id, annotator ('' = not limited to one ranking), the group-record field name,
---       then the entry's field/value pairs
+--       the other source's ranking the agreement below was computed from ('' = none), its pairs,
+--       its agreed pairs, then the entry's field/value pairs
 if ARGV[1] == '1' then
   local prior = redis.call('GET', KEYS[4])
   if prior then return {'duplicate', prior, ''} end
@@ -95,7 +96,7 @@ if ARGV[8] ~= '' and redis.call('SISMEMBER', KEYS[5], ARGV[8]) == 1 then
   return {'already_ranked', '', ''}
 end
 local fields = {}
-for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
 local record = redis.call('GET', KEYS[6])
 if record then
   fields[#fields + 1] = ARGV[9]
@@ -110,6 +111,10 @@ if ARGV[8] ~= '' then
   redis.call('EXPIRE', KEYS[5], tonumber(ARGV[3]))
 end
 local other = redis.call('HGET', KEYS[2], ARGV[5])
+if other and other == ARGV[10] then  -- counted with the entry, so stats never lag the stream
+  redis.call('HINCRBY', KEYS[3], 'agreement:pairs', tonumber(ARGV[11]))
+  redis.call('HINCRBY', KEYS[3], 'agreement:agreed', tonumber(ARGV[12]))
+end
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[6])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 redis.call('HINCRBY', KEYS[3], 'rankings:' .. ARGV[4], 1)
@@ -151,6 +156,11 @@ class RankingStream:
         args: list[str] = ["1" if idempotency_key else "0", str(self.idempotency_ttl_seconds),
                            str(self.group_ttl_seconds), entry.source, other_source, ids_json, entry.ranking_id,
                            once_per, GROUP_RECORD_FIELD]
+        expected_other = self.redis.hget(keys.group_rankings_key(entry.group_id), other_source)
+        expected = pairwise_agreement(json.loads(text(expected_other)), list(entry.completion_ids)) \
+            if expected_other else None
+        args += [text(expected_other) if expected_other else "", str(expected.pairs if expected else 0),
+                 str(expected.agreed_pairs if expected else 0)]
         for name, value in entry.to_fields().items():
             args += [name, value]
         script_keys = [self.stream, keys.group_rankings_key(entry.group_id), RANKINGS_STATS_KEY,
@@ -163,7 +173,9 @@ class RankingStream:
             raise AlreadyRankedError(entry.group_id, entry.annotator_id)
 
         agreement = None
-        if text(other):
+        if text(other) and expected is not None and text(other) == text(expected_other):
+            agreement = expected  # counted by the script
+        elif text(other):  # the other ranking changed between our read and the script: count it now
             agreement = pairwise_agreement(json.loads(text(other)), list(entry.completion_ids))
             pipe = self.redis.pipeline(transaction=True)
             pipe.hincrby(RANKINGS_STATS_KEY, "agreement:pairs", agreement.pairs)

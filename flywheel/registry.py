@@ -59,6 +59,8 @@ CANDIDATE, CURRENT, SUPERSEDED, REJECTED, ROLLED_BACK = "candidate", "current", 
 STATUSES = (CANDIDATE, CURRENT, SUPERSEDED, REJECTED, ROLLED_BACK)
 AUDIT_RETENTION_DAYS = 400  # every audit entry younger than this is kept (more than a year of changes)
 POINTER_FILE = "current.json"  # the pointer and the freeze, mirrored on disk for rebuild_from_disk
+POINTER_LOCK_FILE = ".current.lock"  # flock: writers of POINTER_FILE take turns
+CONTROL_FILES = (POINTER_FILE, POINTER_LOCK_FILE)
 CHANGE_RETRIES = 5  # an operator's change recomputed on a concurrent one before it gives up
 
 
@@ -410,7 +412,7 @@ class VersionRegistry:
         comes late (an older audit id) leaves a newer file alone."""
         self.root_dir.mkdir(parents=True, exist_ok=True)
         path = self.root_dir / POINTER_FILE
-        with open(self.root_dir / ".current.lock", "a") as lock:
+        with open(self.root_dir / POINTER_LOCK_FILE, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             existing = _read_pointer_file(path)
             if existing and _audit_order(existing.get("audit_id", "0-0")) > _audit_order(audit_id):

@@ -22,7 +22,7 @@ import pytest
 from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND, verify_version
 from flywheel.contracts.keys import (RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP, REWARD_MODEL_RUN_LOCK_KEY,
                                      registry_current_key)
-from flywheel.registry import CURRENT, VersionRegistry, open_registry
+from flywheel.registry import CONTROL_FILES, CURRENT, VersionRegistry, open_registry
 from flywheel.config import FlywheelConfig
 from support.policy import TINY_PPO, promote_reward_model, store_served_groups
 from support.rankings import publish_rankings
@@ -228,14 +228,14 @@ def test_a_writer_killed_while_writing_leaves_no_version(redis_server, redis_cli
     assert writer.stdout.readline().strip() == "writing"
     kill(writer)
     writer.stdout.close()
-    assert [p.name for p in root.iterdir() if not p.name.startswith(".tmp-v1-")] == []
+    assert [p.name for p in root.iterdir() if not p.name.startswith(".tmp-v1-") and p.name not in CONTROL_FILES] == []
     registry = VersionRegistry(redis_client, "reward_model", root)
     assert registry.versions() == [] and registry.current_version() == 0
     record = registry.write_version(lambda folder: (folder / "model.safetensors").write_bytes(b"ok"), {})
     assert record.version == 2  # the number the dead writer had taken is not reused
     assert assert_registry_consistent(redis_client, "reward_model", root) == [2]
     registry.rebuild_from_disk()  # sweeps the dead writer's temporary folder
-    assert [p.name for p in root.iterdir()] == ["v2"]
+    assert [p.name for p in root.iterdir() if p.name not in CONTROL_FILES] == ["v2"]
     assert assert_registry_consistent(redis_client, "reward_model", root) == [2]
 
 
