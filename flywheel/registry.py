@@ -35,6 +35,7 @@ with its figures), ``rolled_back``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -223,7 +224,8 @@ class VersionRegistry:
             return False
         if not self.client.set(self.current_key, 0, nx=True):
             return False
-        self._write_pointer_file(0, None, "0-0")
+        with self._disk_lock():
+            self._write_pointer_file(0, None, "0-0")
         return True
 
     # ---- writing a version ----
@@ -399,27 +401,39 @@ class VersionRegistry:
         if outcome == "fenced":
             raise LeaseLost(f"{self.kind}: the run lock {fence.lock_key} is held by token {detail or '(none)'}, "
                             f"not this run's {fence.token}: its lease lapsed")
-        for manifest in manifests.values():  # the disk mirror: manifests, then the pointer file
-            _write_json_atomically(self.path(int(manifest["version"])) / MANIFEST, manifest)
-        if new_pointer is not None or freeze is not None or clear_freeze:
-            self._write_pointer_file(self.current_version() if new_pointer is None else new_pointer,
-                                     freeze if not clear_freeze else None, detail,
-                                     keep_freeze=freeze is None and not clear_freeze)
+        with self._disk_lock():  # the disk mirror, in audit order: manifests, then the pointer file
+            for manifest in manifests.values():
+                path = self.path(int(manifest["version"])) / MANIFEST
+                try:
+                    on_disk = json.loads(path.read_text(encoding="utf-8")).get("audit_id", "0-0")
+                except (OSError, ValueError, AttributeError):
+                    on_disk = "0-0"
+                if _audit_order(on_disk) <= _audit_order(detail):  # a later change wrote it already: keep that
+                    _write_json_atomically(path, manifest | {"audit_id": detail})
+            if new_pointer is not None or freeze is not None or clear_freeze:
+                self._write_pointer_file(self.current_version() if new_pointer is None else new_pointer,
+                                         freeze if not clear_freeze else None, detail,
+                                         keep_freeze=freeze is None and not clear_freeze)
         return detail
+
+    @contextlib.contextmanager
+    def _disk_lock(self):
+        """Writers of the disk mirror take turns (flock), so a late writer cannot undo a newer change."""
+        self.root_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.root_dir / POINTER_LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def _write_pointer_file(self, version: int, freeze: dict | None, audit_id: str, keep_freeze: bool = False) -> None:
         """``current.json``: the pointer and the freeze as of audit entry ``audit_id``; a writer that
-        comes late (an older audit id) leaves a newer file alone."""
-        self.root_dir.mkdir(parents=True, exist_ok=True)
+        comes late (an older audit id) leaves a newer file alone. Called under ``_disk_lock``."""
         path = self.root_dir / POINTER_FILE
-        with open(self.root_dir / POINTER_LOCK_FILE, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            existing = _read_pointer_file(path)
-            if existing and _audit_order(existing.get("audit_id", "0-0")) > _audit_order(audit_id):
-                return
-            if keep_freeze and existing:
-                freeze = existing.get("frozen")
-            _write_json_atomically(path, {"version": int(version), "frozen": freeze, "audit_id": audit_id})
+        existing = _read_pointer_file(path)
+        if existing and _audit_order(existing.get("audit_id", "0-0")) > _audit_order(audit_id):
+            return
+        if keep_freeze and existing:
+            freeze = existing.get("frozen")
+        _write_json_atomically(path, {"version": int(version), "frozen": freeze, "audit_id": audit_id})
 
     # ---- disk ----
     def _disk_versions(self) -> list[int]:
@@ -470,7 +484,8 @@ class VersionRegistry:
         pipe.xadd(self.audit_key, event)
         pipe.publish(self.channel, json.dumps(event))
         pipe.execute()
-        self._write_pointer_file(current, frozen, f"{int(time.time() * 1000)}-0")
+        with self._disk_lock():
+            self._write_pointer_file(current, frozen, f"{int(time.time() * 1000)}-0")
         return len(manifests)
 
 
