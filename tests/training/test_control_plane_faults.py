@@ -40,6 +40,7 @@ def paused_run_env(worker_env):
         "FLYWHEEL_REWARD_MODEL_CHECK_SECONDS": "0",  # the only run is the task the test sends
         "FLYWHEEL_POLICY_TRAIN_AFTER_REWARD_MODEL": "false",
         "FLYWHEEL_REWARD_MODEL_ACCURACY_MARGIN": "1",  # the gate passes: only the registry may refuse
+        "FLYWHEEL_REWARD_MODEL_EPOCHS": "20",  # seconds of training: the SIGSTOP lands before the run ends
     })
     return worker_env
 
