@@ -158,7 +158,8 @@ class FeedbackConfig(ConfigSection):
         True, "store served groups in Redis and serve the Feedback API on the same port")
     group_ttl_seconds: int = setting(7 * 24 * 3600, "how long served groups stay rankable", minimum=1)
     rankings_claim_idle_seconds: float = setting(
-        300.0, "a ranking pending this long with a consumer is reclaimed by another", minimum=0)
+        300.0, "a ranking pending this long with a consumer is reclaimed by a reader without a run lock "
+               "(a run under its fenced lock reclaims a dead run's at once)", minimum=0)
 
 
 @dataclass

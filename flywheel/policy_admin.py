@@ -4,7 +4,12 @@ serving process's Admin.Promote/Admin.Rollback both do.
 It depends on the version registry and Redis only (serving may not import the training code),
 and every change lands in the registry's audit stream with who and why and is PUBLISHed on
 ``flywheel:registry:policy``, which the servers follow. Version 0 is the base model: it has no
-record, and "current = 0" means no ``current`` pointer.
+record; the pointer stores 0 for it explicitly (an absent pointer means it was lost).
+
+An operator's rollback also freezes automatic promotion (a training run that started from the
+version just rolled back must not promote its child); ``resume_promotion`` (``flywheel promote
+--resume``, Admin.ResumePromotion) lifts it. An operator's own promotion works while frozen and
+leaves the freeze in place.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ def promote_policy(registry: VersionRegistry, version: int, who: str, why: str) 
     """Make ``version`` the served policy (0 = the base model). A rejected version may be promoted
     by hand (an operator's override, recorded as such)."""
     if version == 0:
-        return registry.rollback(0, who, why or "promote the base model")
+        if registry.pointer() == 0:
+            raise ValueError("the base model (v0) is already current")
+        return registry.promote(0, who, why or "promote the base model")
     check_servable(registry, version)
     record = registry.get(version)
     if record.status == CURRENT and registry.current_version() == version:
@@ -63,8 +70,21 @@ def rollback_policy(registry: VersionRegistry, to_version: int | None, who: str,
     """Point the served policy back at ``to_version`` (None = the previous good version; 0 = the
     base model). The version left is marked ``rolled_back``."""
     target = rollback_target(registry) if to_version is None else int(to_version)
-    if target == registry.current_version():
+    if target == registry.pointer():
         raise ValueError(f"policy v{target} is already current")
     if target:
         check_servable(registry, target)
     return registry.rollback(target, who, why or "rollback")
+
+
+def resume_promotion(registry: VersionRegistry, who: str, why: str) -> bool:
+    """Let training runs promote again after a rollback froze them; False when nothing was frozen."""
+    return registry.resume(who, why or "automatic promotion resumed by an operator")
+
+
+def freeze_reason(frozen: dict | None) -> str:
+    """A rollback's freeze in words, for GetStatus and ``flywheel status``."""
+    if not frozen:
+        return ""
+    return (f"{frozen.get('who') or 'someone'} rolled back to v{frozen.get('version', 0)}"
+            f" ({frozen.get('why') or 'no reason given'})")

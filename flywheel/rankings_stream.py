@@ -2,17 +2,22 @@
 
 Writing (``RankingStream``): appending is one Lua script, so the idempotency check, the XADD, the
 per-group record that the labelling scheduler and the agreement measure read, and the counters
-change together or not at all. The stream is trimmed only below the oldest entry that some
-consumer group still needs, so nothing is lost to trimming.
+change together or not at all. An accepted entry carries a copy of its group's record (field
+``group_record``, about 33 bytes per generated token), taken in the same script: a ranking whose
+served group expires before a trainer reads it (the TTL is 7 days; a trainer can be down longer)
+still trains. The stream is trimmed only below the oldest entry that some consumer group still
+needs, so nothing is lost to trimming; the copies go with the entries.
 
-Reading (``RankingStreamReader``): a trainer reads through its consumer group (the reward-model
-trainer uses ``reward-model``), so each group sees every entry at least once: an entry stays
-pending until the consumer acknowledges it, which it does only after it has durably used it (the
-model trained on it is saved). Only one run of a trainer exists at a time (a run lock), so every
-entry pending when a run starts belongs to a run that died before it acknowledged: ``claim``
-takes them all back with XAUTOCLAIM, then reads new ones with XREADGROUP. ``read`` joins each
-entry with the served group it ranks (``flywheel.group_store``); an entry that cannot be used
-(its group expired, or it is malformed) is reported and acknowledged with the rest.
+Reading (``RankingStreamReader``, the one consumer): a trainer reads through its consumer group
+(the reward-model trainer uses ``reward-model``), so each group sees every entry at least once: an
+entry stays pending until the consumer acknowledges it, which it does only after it has durably
+used it (the model trained on it is saved). ``claim`` first takes back entries another consumer
+left pending for at least ``claim_idle_seconds`` (XAUTOCLAIM; 0 under a fenced run lock, where
+every pending entry belongs to a run that died or lost its lease), then reads new ones with
+XREADGROUP. ``read`` joins each entry with the served group it ranks (the live record, else the
+entry's copy); an entry that cannot be used (malformed, or from before copies, with its group
+expired) is moved to ``DEAD_LETTER_STREAM`` with the reason and acknowledged in one script, never
+acknowledged silently.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import redis
 
 from flywheel.contracts.groups import CompletionGroup
 from flywheel.contracts import keys
-from flywheel.contracts.keys import RANKINGS_STATS_KEY, RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP
+from flywheel.contracts.keys import DEAD_LETTER_STREAM, RANKINGS_STATS_KEY, RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP
 from flywheel.contracts.rankings import SOURCE_AI, SOURCE_HUMAN, SOURCES, Agreement, RankingEntry, pairwise_agreement
 from flywheel.contracts.redis_text import text, text_dict
 from flywheel.group_store import GroupStore
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 
 LAG_COUNT_LIMIT = 10_000  # on Redis < 7 lag is counted entry by entry, up to this many
 CLAIM_BATCH = 256  # entries per XAUTOCLAIM call
+GROUP_RECORD_FIELD = "group_record"  # the ranked group's record, copied into the entry at acceptance
 
 T = TypeVar("T")
 
@@ -77,9 +83,11 @@ class StreamStats:
 
 
 _APPEND_SCRIPT = """
--- KEYS: stream, per-group rankings hash, stats hash, idempotency key, per-group annotators set
+-- KEYS: stream, per-group rankings hash, stats hash, idempotency key, per-group annotators set, group record
 -- ARGV: use_idempotency, idempotency_ttl, group_ttl, source, other_source, completion_ids_json,
---       ranking_id, annotator ('' = not limited to one ranking), then the entry's field/value pairs
+--       ranking_id, annotator ('' = not limited to one ranking), the group-record field name,
+--       the other source's ranking the agreement below was computed from ('' = none), its pairs,
+--       its agreed pairs, then the entry's field/value pairs
 if ARGV[1] == '1' then
   local prior = redis.call('GET', KEYS[4])
   if prior then return {'duplicate', prior, ''} end
@@ -88,7 +96,12 @@ if ARGV[8] ~= '' and redis.call('SISMEMBER', KEYS[5], ARGV[8]) == 1 then
   return {'already_ranked', '', ''}
 end
 local fields = {}
-for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 13, #ARGV do fields[#fields + 1] = ARGV[i] end
+local record = redis.call('GET', KEYS[6])
+if record then
+  fields[#fields + 1] = ARGV[9]
+  fields[#fields + 1] = record
+end
 local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
 if ARGV[1] == '1' then
   redis.call('SET', KEYS[4], ARGV[7] .. ' ' .. id, 'EX', tonumber(ARGV[2]))
@@ -98,6 +111,10 @@ if ARGV[8] ~= '' then
   redis.call('EXPIRE', KEYS[5], tonumber(ARGV[3]))
 end
 local other = redis.call('HGET', KEYS[2], ARGV[5])
+if other and other == ARGV[10] then  -- counted with the entry, so stats never lag the stream
+  redis.call('HINCRBY', KEYS[3], 'agreement:pairs', tonumber(ARGV[11]))
+  redis.call('HINCRBY', KEYS[3], 'agreement:agreed', tonumber(ARGV[12]))
+end
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[6])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
 redis.call('HINCRBY', KEYS[3], 'rankings:' .. ARGV[4], 1)
@@ -129,7 +146,8 @@ class RankingStream:
         """Add one ranking; with an idempotency key already used, return the first acknowledgement.
 
         A named person ranks a group once: a second human ranking of the group by the same
-        ``annotator_id`` (under another idempotency key) raises ``AlreadyRankedError``. Anonymous
+        ``annotator_id`` (under another idempotency key) raises ``AlreadyRankedError``. The group's
+        record, where it exists, is copied into the entry in the same script. Anonymous
         rankings (no annotator_id) and the AI labeler's (idempotent per judge) are not limited here.
         """
         other_source = SOURCE_AI if entry.source == SOURCE_HUMAN else SOURCE_HUMAN
@@ -137,19 +155,27 @@ class RankingStream:
         once_per = entry.annotator_id if entry.source == SOURCE_HUMAN else ""
         args: list[str] = ["1" if idempotency_key else "0", str(self.idempotency_ttl_seconds),
                            str(self.group_ttl_seconds), entry.source, other_source, ids_json, entry.ranking_id,
-                           once_per]
+                           once_per, GROUP_RECORD_FIELD]
+        expected_other = self.redis.hget(keys.group_rankings_key(entry.group_id), other_source)
+        expected = pairwise_agreement(json.loads(text(expected_other)), list(entry.completion_ids)) \
+            if expected_other else None
+        args += [text(expected_other) if expected_other else "", str(expected.pairs if expected else 0),
+                 str(expected.agreed_pairs if expected else 0)]
         for name, value in entry.to_fields().items():
             args += [name, value]
         script_keys = [self.stream, keys.group_rankings_key(entry.group_id), RANKINGS_STATS_KEY,
                        keys.idempotency_key(entry.source, idempotency_key or "-"),
-                       keys.group_annotators_key(entry.group_id)]
+                       keys.group_annotators_key(entry.group_id), keys.group_key(entry.group_id)]
         status, entry_id, other = self._append(keys=script_keys, args=args)
         if text(status) == "duplicate":
             return _duplicate(entry_id)
         if text(status) == "already_ranked":
             raise AlreadyRankedError(entry.group_id, entry.annotator_id)
+
         agreement = None
-        if text(other):
+        if text(other) and expected is not None and text(other) == text(expected_other):
+            agreement = expected  # counted by the script
+        elif text(other):  # the other ranking changed between our read and the script: count it now
             agreement = pairwise_agreement(json.loads(text(other)), list(entry.completion_ids))
             pipe = self.redis.pipeline(transaction=True)
             pipe.hincrby(RANKINGS_STATS_KEY, "agreement:pairs", agreement.pairs)
@@ -232,7 +258,8 @@ class StreamBatch(Generic[T]):
     rankings: list[T]
     entry_ids: list[str]
     skipped: dict[str, str]
-    """entry id → why it was not usable (group expired, malformed); acknowledged with the rest."""
+    """entry id → why it was not usable (malformed, group gone); already moved to the dead-letter
+    stream and acknowledged there."""
 
     @property
     def first_id(self) -> str:
@@ -243,15 +270,28 @@ class StreamBatch(Generic[T]):
         return max(self.entry_ids, key=entry_id_order) if self.entry_ids else ""
 
 
+_DEAD_LETTER_SCRIPT = """
+-- KEYS: stream, dead-letter stream; ARGV: group, entry id, then the dead entry's field/value pairs
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+return redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+
 class RankingStreamReader:
     """One consumer of a consumer group of the rankings stream (XREADGROUP / XAUTOCLAIM / XACK)."""
 
     def __init__(self, client: redis.Redis, stream: str = RANKINGS_STREAM,
-                 group: str = REWARD_MODEL_CONSUMER_GROUP, consumer: str | None = None) -> None:
+                 group: str = REWARD_MODEL_CONSUMER_GROUP, consumer: str | None = None,
+                 claim_idle_seconds: float = 0.0, dead_letter_stream: str = DEAD_LETTER_STREAM) -> None:
         self.client = client
         self.stream = stream
         self.group = group
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.claim_idle_seconds = claim_idle_seconds
+        """An entry pending this long with another consumer is taken over (the feedback section's
+        ``rankings_claim_idle_seconds``); 0 takes every pending one, right for a run under a fenced lock."""
+        self.dead_letter_stream = dead_letter_stream
+        self._dead_letter = client.register_script(_DEAD_LETTER_SCRIPT)
 
     def ensure_group(self) -> None:
         try:
@@ -272,13 +312,14 @@ class RankingStreamReader:
         return pending + len(fresh)
 
     def claim(self, max_entries: int) -> list[tuple[str, dict]]:
-        """Entries left pending by dead runs (all of them: only one run exists), then new ones."""
+        """Entries left pending at least ``claim_idle_seconds`` (by dead runs), then new ones."""
         self.ensure_group()
         entries: list[tuple[str, dict]] = []
         cursor = "0-0"
         while len(entries) < max_entries:
-            result = self.client.xautoclaim(self.stream, self.group, self.consumer, min_idle_time=0,
-                                            start_id=cursor, count=min(CLAIM_BATCH, max_entries - len(entries)))
+            result = self.client.xautoclaim(self.stream, self.group, self.consumer,
+                                            min_idle_time=int(self.claim_idle_seconds * 1000), start_id=cursor,
+                                            count=min(CLAIM_BATCH, max_entries - len(entries)))
             cursor, claimed = text(result[0]), result[1]
             entries += [(text(i), f) for i, f in claimed if f]
             if cursor == "0-0":
@@ -293,22 +334,36 @@ class RankingStreamReader:
     def read(self, max_entries: int, use: Callable[[str, RankingEntry, CompletionGroup], T]) -> StreamBatch[T]:
         """Claim entries and join each with its group record: ``use(entry_id, ranking, group)``
         makes what the caller trains on, raising ValueError (or KeyError, TypeError) for a ranking
-        it cannot use."""
+        it cannot use. An unusable entry goes to the dead-letter stream (and is acknowledged)."""
         entries = self.claim(max_entries)
         rankings, skipped = [], {}
         records = GroupStore(self.client).records([text_dict(f).get("group_id", "") for _, f in entries])
-        for (entry_id, fields), raw in zip(entries, records):
+        for (entry_id, fields), live in zip(entries, records):
+            raw = live if live is not None else text_dict(fields).get(GROUP_RECORD_FIELD)
             if raw is None:
-                skipped[entry_id] = "group record expired or missing"
+                skipped[entry_id] = "group record expired or missing (and the entry carries no copy)"
                 continue
             try:
                 rankings.append(use(entry_id, RankingEntry.from_fields(fields), CompletionGroup.from_json(raw)))
             except (ValueError, KeyError, TypeError) as exc:
                 skipped[entry_id] = f"malformed: {exc}"
+        by_id = dict(entries)
+        for entry_id, why in skipped.items():
+            self.dead_letter(entry_id, by_id[entry_id], why)
         if skipped:
-            log.warning("%d ranking entries not usable (acknowledged anyway): %s", len(skipped),
+            log.warning("%d ranking entries not usable, moved to %s: %s", len(skipped), self.dead_letter_stream,
                         sorted(set(skipped.values())))
         return StreamBatch(rankings=rankings, entry_ids=[i for i, _ in entries], skipped=skipped)
+
+    def dead_letter(self, entry_id: str, fields: dict, why: str) -> None:
+        """Copy an entry to the dead-letter stream with why and where it came from, and acknowledge
+        it, in one script: it is never lost between the two."""
+        dead = {text(k): text(v) for k, v in fields.items()} | {
+            "dead_reason": why, "dead_entry_id": entry_id, "dead_stream": self.stream, "dead_group": self.group}
+        args: list[str] = [self.group, entry_id]
+        for name, value in dead.items():
+            args += [name, value]
+        self._dead_letter(keys=[self.stream, self.dead_letter_stream], args=args)
 
     def acknowledge(self, entry_ids: list[str]) -> int:
         if not entry_ids:

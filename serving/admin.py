@@ -4,7 +4,8 @@ Promotion and rollback only move the registry's ``current`` pointer (recorded in
 stream with who, when, from, to and why); every replica follows the pointer through pub/sub, this
 one included. A version is verified (manifest checksums) before the pointer moves to it, by a
 promotion or a rollback (``flywheel.policy_admin``), so an operator cannot point the fleet at an
-artifact no server would load: FAILED_PRECONDITION says why.
+artifact no server would load: FAILED_PRECONDITION says why. A rollback freezes automatic
+promotion until ResumePromotion; GetStatus reports the freeze and a lost pointer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import redis
 from flywheel.api_keys import current_caller
 from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND
 from flywheel.contracts.keys import registry_current_key
-from flywheel.policy_admin import PolicyNotFoundError, promote_policy, rollback_policy
+from flywheel.policy_admin import (PolicyNotFoundError, freeze_reason, promote_policy, resume_promotion,
+                                   rollback_policy)
 from flywheel.registry import open_registry
 from flywheel.v1 import admin_pb2, admin_pb2_grpc
 
@@ -86,13 +88,15 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def GetStatus(self, request, context):
         serving, running, queued = self.serving_status()
         with self._redis_errors(context):
-            registry_version = self.registry.current_version()
+            pointer = self.registry.pointer()
+            frozen = self.registry.frozen()
             reward = self.client.get(REWARD_MODEL_CURRENT_KEY)
             waiting = self.rankings_waiting() if self.rankings_waiting else 0
         return admin_pb2.PlatformStatus(
-            serving_policy_version=serving, registry_policy_version=registry_version,
+            serving_policy_version=serving, registry_policy_version=pointer or 0,
             reward_model_version=int(reward) if reward else 0, rankings_waiting=waiting,
-            running_sequences=running, queued_requests=queued)
+            running_sequences=running, queued_requests=queued, promotion_frozen=frozen is not None,
+            promotion_frozen_reason=freeze_reason(frozen), registry_pointer_missing=pointer is None)
 
     def Promote(self, request, context):
         check_reason(request.reason, context)
@@ -104,6 +108,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         to_version = request.to_version if request.HasField("to_version") else None
         return self._change(context, lambda who: rollback_policy(
             self.registry, to_version, who, request.reason or "rolled back by an operator"))
+
+    def ResumePromotion(self, request, context):
+        check_reason(request.reason, context)
+        who = operator(context)
+        with self._redis_errors(context):
+            was_frozen = resume_promotion(self.registry, who, request.reason)
+        log.info("automatic promotion resumed by %s (was frozen: %s)", who, was_frozen)
+        return admin_pb2.ResumePromotionResponse(was_frozen=was_frozen)
 
     def _change(self, context, apply: Callable[[str], object]):
         who = operator(context)

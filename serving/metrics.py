@@ -62,6 +62,13 @@ class ServingMetrics(EngineObserver):
                                            registry=r)
         self.model_loaded = Gauge("flywheel_serving_model_loaded", "1 once the model is loaded and serving",
                                   registry=r)
+        self.policy_pointer_missing = Gauge(
+            "flywheel_policy_pointer_missing",
+            "1 while the registry's policy pointer is absent (lost); the server keeps serving its version",
+            registry=r)
+        self.policy_promotion_frozen = Gauge(
+            "flywheel_policy_promotion_frozen",
+            "1 while a rollback has paused automatic promotion (until `flywheel promote --resume`)", registry=r)
 
     # EngineObserver
     def on_step(self, batch_sequences: int, seconds: float, new_tokens: int) -> None:

@@ -1,7 +1,8 @@
 """The gRPC server: the Inference service over the engine, plus the standard health and
 reflection services so stock tools (grpcurl, grpc_health_probe, Kubernetes probes) work.
 
-The server listens at once and reports NOT_SERVING until the model is loaded, then SERVING.
+The server listens at once and reports NOT_SERVING until the model is loaded and (when it follows
+the registry) the registry's current policy version is loaded, then SERVING.
 Shutdown is graceful: health flips to NOT_SERVING, new RPCs are refused, in-flight RPCs get a
 grace period to finish, then the engine stops.
 """
@@ -24,6 +25,7 @@ from prometheus_client import start_http_server
 from flywheel.config import FlywheelConfig
 from flywheel.contracts.artifacts import POLICY_KIND, registry_folder
 from flywheel.contracts.groups import GroupResult
+from flywheel.registry import open_registry
 from flywheel.tls import server_credentials
 from flywheel.v1 import inference_pb2, inference_pb2_grpc
 from serving.engine import (
@@ -34,7 +36,7 @@ from serving.auth import server_interceptors
 from serving.malformed import MalformedRequestInterceptor
 from serving.logprobs import scored_tokens
 from serving.metrics import ServingMetrics
-from serving.policy_follower import PolicyFollower
+from serving.policy_follower import FollowerState, PolicyFollower
 from serving.policy_loader import LoadedPolicy, PolicyLoader
 from serving.rate_limit import RateLimiter
 from serving.validation import InvalidRequest, RequestLimits, validate_request
@@ -182,6 +184,8 @@ class InferenceServer:
         self._load_error: BaseException | None = None
         self.follower: PolicyFollower | None = None
         self.http = None  # serving.http_api.HttpFrontEnd, once started
+        self._synced = threading.Event()  # the registry's current version was served once
+        self._stopping = False
 
     # ---- lifecycle ----
 
@@ -266,10 +270,11 @@ class InferenceServer:
             engine.start()
             self.engine = engine
             self.metrics.policy_version.set(engine.policy_version)
-            if self.policy_redis is not None:
-                self._follow_registry(model)
             self.metrics.model_loaded.set(1)
-            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            if self.policy_redis is not None:
+                self._follow_registry(model)  # SERVING once the registry's current version is loaded
+            else:
+                self._set_health(health_pb2.HealthCheckResponse.SERVING)
             log.info("serving policy version %d", engine.policy_version)
         except BaseException as exc:
             log.exception("model load failed")
@@ -282,12 +287,24 @@ class InferenceServer:
         self.follower = PolicyFollower(
             self.policy_redis, loader.load, self.swap_to, lambda: self.engine.policy_version,
             poll_seconds=self.config.serving.policy_poll_seconds,
-            on_failure=lambda version, exc: self.metrics.policy_load_failures.inc())
+            on_failure=lambda version, exc: self.metrics.policy_load_failures.inc(), on_state=self._follower_state)
         try:  # start on the registry's current version rather than the base model
+            open_registry(self.policy_redis, self.config.data_dir, POLICY_KIND).initialize_if_fresh()
             self.follower.check_once()
-        except Exception as exc:  # Redis down at start: serve the base model, the follower catches up
-            log.warning("could not read the policy pointer at start (%s); serving v0 until it is readable", exc)
+        except Exception as exc:  # Redis down at start: NOT_SERVING until the follower has caught up
+            log.warning("could not read the policy pointer at start (%s); not SERVING until it is readable", exc)
         self.follower.start()
+
+    def _follower_state(self, state: FollowerState) -> None:
+        """Health turns SERVING the first time this replica serves the registry's current version (a
+        server that cannot load it at start must not take traffic); afterwards a refused or lost
+        pointer keeps the version it serves, with metrics that alert."""
+        self.metrics.policy_pointer_missing.set(1 if state.pointer_missing else 0)
+        if state.promotion_frozen is not None:
+            self.metrics.policy_promotion_frozen.set(1 if state.promotion_frozen else 0)
+        if state.in_sync and not self._synced.is_set() and not self._stopping:
+            self._synced.set()
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def swap_to(self, loaded: LoadedPolicy) -> None:
         """Hand a loaded version to the engine and wait for the step boundary where it takes over."""
@@ -299,6 +316,7 @@ class InferenceServer:
 
     def stop(self, grace: float = 10.0) -> None:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then stop the engine."""
+        self._stopping = True
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.http is not None:
             self.http.stop()

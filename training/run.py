@@ -8,6 +8,12 @@ the candidate written whole whatever the gate says (temp folder + rename, checks
 manifest, so a rejected version stays inspectable with its figures), then promoted or marked
 rejected. Each run fills in the steps of ``TrainingRun``; ``TrainingRun.run`` is the order they
 happen in, the same for both.
+
+Promotion is a compare-and-set on the version the run started from, refused while an operator's
+rollback has frozen automatic promotion, and fenced by the run lock's token: a run that started
+from v3 never promotes its child after an operator rolled v3 back, and a run whose lease lapsed
+(a pause longer than the lock's TTL) stops at its next step and can promote nothing. Such a
+candidate is kept, marked ``rejected`` with the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any, ClassVar, Protocol
 
 import redis as redis_lib
 
-from flywheel.registry import VersionRecord, VersionRegistry
+from flywheel.registry import LeaseLost, RegistryConflict, VersionRecord, VersionRegistry
 from flywheel.run_lock import RunLock, run_exclusively
 
 
@@ -73,32 +79,46 @@ class TrainingRun(abc.ABC):
 
     def run(self) -> RunReport:
         """The run, or a skip when another run of this kind holds the lock."""
-        lock = RunLock(self.client, self.lock_key, self.lock_seconds)
+        self.lock = lock = RunLock(self.client, self.lock_key, self.lock_seconds)
         return run_exclusively(lock, self.metrics, self.name,
                                RunReport("skipped", f"another {self.name} run holds the lock"), self._run_locked)
 
     def _run_locked(self, started: float) -> RunReport:
+        lock = self.lock
         skip = self.prepare()
         if skip is not None:
             return RunReport("skipped", skip)
-        current = self.registry.current()
+        lock.check()
+        self.registry.initialize_if_fresh()
+        started_from = self.registry.pointer()  # the compare-and-set of the promotion (None: pointer lost)
+        current = self.registry.get(started_from) if started_from else None
         self.set_up(current)
+        lock.check()
         before = self.evaluate() if current is not None or self.compares_with_base else None
+        lock.check()
         self.train()
+        lock.check()
         after = self.evaluate()
         decision = self.gate(current, before, after)
         manifest = self.manifest(current, before, after, decision, started)
+        lock.check()
         record = self.registry.write_version(lambda folder: self.write_artifacts(folder, manifest), manifest)
-        if decision.passed:
-            self.registry.promote(record.version, self.who, decision.why)
-        else:
-            self.registry.reject(record.version, self.who, decision.why, decision.figures)
+        passed, why = decision.passed, decision.why
+        if passed:
+            try:
+                self.registry.promote(record.version, self.who, why, expected_current=started_from, automatic=True,
+                                      fence=lock.fence)
+            except LeaseLost:
+                raise  # another run holds the lock now: leave the candidate as it is, decide nothing
+            except RegistryConflict as exc:  # the pointer moved, or a rollback froze promotion
+                passed, why = False, f"passed its gate but was not promoted: {exc}"
+        if not passed:
+            self.registry.reject(record.version, self.who, why, decision.figures if not decision.passed else None)
         self.written(record)
         if self.metrics is not None:
             self.record_metrics(after, decision)
             self.metrics.current_version.set(self.registry.current_version())
-        return RunReport("promoted" if decision.passed else "rejected", decision.why, record.version,
-                         manifest["figures"])
+        return RunReport("promoted" if passed else "rejected", why, record.version, manifest["figures"])
 
     # ---- the steps a run fills in ----
 

@@ -42,6 +42,7 @@ def run_status(args: argparse.Namespace) -> int:
     from flywheel.rankings_stream import RankingStream
     from flywheel.redis_server import open_redis
     from flywheel.registry import open_registry
+    from flywheel.policy_admin import freeze_reason
 
     settings = config_from_args(args)
     served = server_status(settings, args.timeout)
@@ -54,7 +55,12 @@ def run_status(args: argparse.Namespace) -> int:
         else:
             rows += [("server", settings.grpc_address, f"serving policy v{served.serving_policy_version}"),
                      ("", "batch", f"{served.running_sequences} sequences running, {served.queued_requests} queued")]
-        rows += [("registry", "policy", f"current v{registries[POLICY_KIND].current_version()}"),
+        policies = registries[POLICY_KIND]
+        pointer, frozen = policies.pointer(), policies.frozen()
+        rows += [("registry", "policy", f"current v{pointer}" if pointer is not None else
+                  "POINTER MISSING (a Redis reset?): servers keep their version; `flywheel policies --rebuild`"),
+                 ("registry", "automatic promotion",
+                  f"FROZEN: {freeze_reason(frozen)}; `flywheel promote --resume` lifts it" if frozen else "on"),
                  ("registry", "reward model", f"current v{registries[REWARD_MODEL_KIND].current_version()}"),
                  ("feedback", "rankings waiting",
                   str(RankingStream(client).waiting_for(REWARD_MODEL_CONSUMER_GROUP)))]

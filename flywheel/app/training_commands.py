@@ -104,7 +104,9 @@ def register(subparsers) -> None:
     export.set_defaults(handler=export_policy_command)
 
     promote = subparsers.add_parser("promote", help="serve a policy version (0 = the base model)")
-    promote.add_argument("version", type=int)
+    promote.add_argument("version", type=int, nargs="?")
+    promote.add_argument("--resume", action="store_true",
+                         help="lift a rollback's freeze: training runs promote their candidates again")
     promote.add_argument("--reason", default="", help="why (kept in the audit stream)")
     add_config_flags(promote, FlywheelConfig)
     promote.set_defaults(handler=promote_command)
@@ -204,9 +206,16 @@ def policies_command(args: argparse.Namespace) -> int:
 
 
 def promote_command(args: argparse.Namespace) -> int:
-    from flywheel.policy_admin import promote_policy
+    from flywheel.policy_admin import promote_policy, resume_promotion
+
+    if (args.version is None) == (not args.resume):
+        raise SystemExit("flywheel promote: give a VERSION to serve, or --resume (not both)")
 
     def promote(registry) -> int:
+        if args.resume:
+            resumed = resume_promotion(registry, _who(), args.reason)
+            print("automatic promotion resumed" if resumed else "automatic promotion was not frozen")
+            return 0
         promote_policy(registry, args.version, _who(), args.reason)
         print(f"policy v{registry.current_version()} is current")
         return 0
@@ -220,7 +229,8 @@ def rollback_command(args: argparse.Namespace) -> int:
     def rollback(registry) -> int:
         left = registry.current_version()
         rollback_policy(registry, args.to_version, _who(), args.reason)
-        print(f"rolled back from v{left}: policy v{registry.current_version()} is current")
+        print(f"rolled back from v{left}: policy v{registry.current_version()} is current; automatic promotion "
+              f"is frozen until `flywheel promote --resume`")
         return 0
 
     return _with_registry(args, POLICY_KIND, rollback)

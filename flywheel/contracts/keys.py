@@ -17,7 +17,7 @@ LABELLING_CANDIDATES_KEY = "flywheel:labelling:candidates"
 
 # ---- the rankings stream (flywheel.rankings_stream) ----
 RANKINGS_STREAM = "flywheel:rankings"
-DEAD_LETTER_STREAM = "flywheel:rankings:dead"  # reserved for entries no consumer can parse (nothing writes it yet)
+DEAD_LETTER_STREAM = "flywheel:rankings:dead"  # entries a consumer could not use, with why (never a silent XACK)
 IDEMPOTENCY_KEY_PREFIX = "flywheel:rankings:idempotency:"  # + source + ":" + the caller's key
 RANKINGS_STATS_KEY = "flywheel:rankings:stats"  # hash of counters: rankings:{source}, agreement:pairs, agreement:agreed
 GROUP_RANKINGS_KEY_PREFIX = "flywheel:group-rankings:"  # + group id: hash source -> latest ranking (JSON ids)
@@ -87,3 +87,13 @@ def registry_next_key(kind: str) -> str:
 def registry_audit_key(kind: str) -> str:
     """Stream of every change: action, who, when, from, to, why."""
     return f"{REGISTRY_KEY_PREFIX}{kind}:audit"
+
+
+def registry_frozen_key(kind: str) -> str:
+    """Set by a rollback (JSON: who, why, at, version): automatic promotion of ``kind`` is paused."""
+    return f"{REGISTRY_KEY_PREFIX}{kind}:frozen"
+
+
+def run_lock_fence_key(lock_key: str) -> str:
+    """The fencing-token counter of a run lock (INCR): each holder's token is larger than the last."""
+    return lock_key + ":fence"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66lywheel/v1/admin.proto\x12\x0b\x66lywheel.v1\"\xb5\x02\n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0eparent_version\x18\x02 \x01(\x04\x12\x1c\n\x14reward_model_version\x18\x03 \x01(\x04\x12)\n\x06status\x18\x04 \x01(\x0e\x32\x19.flywheel.v1.PolicyStatus\x12\x14\n\x0c\x63reated_unix\x18\x05 \x01(\x01\x12\x41\n\x0cgate_metrics\x18\x06 \x03(\x0b\x32+.flywheel.v1.PolicyVersion.GateMetricsEntry\x12\x15\n\rartifact_path\x18\x07 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x08 \x01(\t\x1a\x32\n\x10GateMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13ListPoliciesRequest\"]\n\x14ListPoliciesResponse\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.flywheel.v1.PolicyVersion\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x04\"\x12\n\x10GetStatusRequest\"\xbd\x01\n\x0ePlatformStatus\x12\x1e\n\x16serving_policy_version\x18\x01 \x01(\x04\x12\x1f\n\x17registry_policy_version\x18\x02 \x01(\x04\x12\x1c\n\x14reward_model_version\x18\x03 \x01(\x04\x12\x18\n\x10rankings_waiting\x18\x04 \x01(\x04\x12\x19\n\x11running_sequences\x18\x05 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x06 \x01(\r\"1\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x0fRollbackRequest\x12\x17\n\nto_version\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x02 \x01(\tB\r\n\x0b_to_version\"8\n\x0cPolicyChange\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x04\x12\x12\n\nto_version\x18\x02 \x01(\x04*\xbe\x01\n\x0cPolicyStatus\x12\x1d\n\x19POLICY_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15POLICY_STATUS_CURRENT\x10\x01\x12\x1b\n\x17POLICY_STATUS_CANDIDATE\x10\x02\x12\x1a\n\x16POLICY_STATUS_REJECTED\x10\x03\x12\x1d\n\x19POLICY_STATUS_ROLLED_BACK\x10\x04\x12\x1c\n\x18POLICY_STATUS_SUPERSEDED\x10\x05\x32\xad\x02\n\x05\x41\x64min\x12S\n\x0cListPolicies\x12 .flywheel.v1.ListPoliciesRequest\x1a!.flywheel.v1.ListPoliciesResponse\x12G\n\tGetStatus\x12\x1d.flywheel.v1.GetStatusRequest\x1a\x1b.flywheel.v1.PlatformStatus\x12\x41\n\x07Promote\x12\x1b.flywheel.v1.PromoteRequest\x1a\x19.flywheel.v1.PolicyChange\x12\x43\n\x08Rollback\x12\x1c.flywheel.v1.RollbackRequest\x1a\x19.flywheel.v1.PolicyChangeb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66lywheel/v1/admin.proto\x12\x0b\x66lywheel.v1\"\xb5\x02\n\rPolicyVersion\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x16\n\x0eparent_version\x18\x02 \x01(\x04\x12\x1c\n\x14reward_model_version\x18\x03 \x01(\x04\x12)\n\x06status\x18\x04 \x01(\x0e\x32\x19.flywheel.v1.PolicyStatus\x12\x14\n\x0c\x63reated_unix\x18\x05 \x01(\x01\x12\x41\n\x0cgate_metrics\x18\x06 \x03(\x0b\x32+.flywheel.v1.PolicyVersion.GateMetricsEntry\x12\x15\n\rartifact_path\x18\x07 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x08 \x01(\t\x1a\x32\n\x10GateMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13ListPoliciesRequest\"]\n\x14ListPoliciesResponse\x12,\n\x08policies\x18\x01 \x03(\x0b\x32\x1a.flywheel.v1.PolicyVersion\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\x04\"\x12\n\x10GetStatusRequest\"\x9a\x02\n\x0ePlatformStatus\x12\x1e\n\x16serving_policy_version\x18\x01 \x01(\x04\x12\x1f\n\x17registry_policy_version\x18\x02 \x01(\x04\x12\x1c\n\x14reward_model_version\x18\x03 \x01(\x04\x12\x18\n\x10rankings_waiting\x18\x04 \x01(\x04\x12\x19\n\x11running_sequences\x18\x05 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x06 \x01(\r\x12\x18\n\x10promotion_frozen\x18\x07 \x01(\x08\x12\x1f\n\x17promotion_frozen_reason\x18\x08 \x01(\t\x12 \n\x18registry_pointer_missing\x18\t \x01(\x08\"1\n\x0ePromoteRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"I\n\x0fRollbackRequest\x12\x17\n\nto_version\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x02 \x01(\tB\r\n\x0b_to_version\"8\n\x0cPolicyChange\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\x04\x12\x12\n\nto_version\x18\x02 \x01(\x04\"(\n\x16ResumePromotionRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"-\n\x17ResumePromotionResponse\x12\x12\n\nwas_frozen\x18\x01 \x01(\x08*\xbe\x01\n\x0cPolicyStatus\x12\x1d\n\x19POLICY_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15POLICY_STATUS_CURRENT\x10\x01\x12\x1b\n\x17POLICY_STATUS_CANDIDATE\x10\x02\x12\x1a\n\x16POLICY_STATUS_REJECTED\x10\x03\x12\x1d\n\x19POLICY_STATUS_ROLLED_BACK\x10\x04\x12\x1c\n\x18POLICY_STATUS_SUPERSEDED\x10\x05\x32\x8b\x03\n\x05\x41\x64min\x12S\n\x0cListPolicies\x12 .flywheel.v1.ListPoliciesRequest\x1a!.flywheel.v1.ListPoliciesResponse\x12G\n\tGetStatus\x12\x1d.flywheel.v1.GetStatusRequest\x1a\x1b.flywheel.v1.PlatformStatus\x12\x41\n\x07Promote\x12\x1b.flywheel.v1.PromoteRequest\x1a\x19.flywheel.v1.PolicyChange\x12\x43\n\x08Rollback\x12\x1c.flywheel.v1.RollbackRequest\x1a\x19.flywheel.v1.PolicyChange\x12\\\n\x0fResumePromotion\x12#.flywheel.v1.ResumePromotionRequest\x1a$.flywheel.v1.ResumePromotionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_POLICYVERSION_GATEMETRICSENTRY']._loaded_options = None
   _globals['_POLICYVERSION_GATEMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_POLICYSTATUS']._serialized_start=867
-  _globals['_POLICYSTATUS']._serialized_end=1057
+  _globals['_POLICYSTATUS']._serialized_start=1049
+  _globals['_POLICYSTATUS']._serialized_end=1239
   _globals['_POLICYVERSION']._serialized_start=41
   _globals['_POLICYVERSION']._serialized_end=350
   _globals['_POLICYVERSION_GATEMETRICSENTRY']._serialized_start=300
@@ -46,13 +46,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=470
   _globals['_GETSTATUSREQUEST']._serialized_end=488
   _globals['_PLATFORMSTATUS']._serialized_start=491
-  _globals['_PLATFORMSTATUS']._serialized_end=680
-  _globals['_PROMOTEREQUEST']._serialized_start=682
-  _globals['_PROMOTEREQUEST']._serialized_end=731
-  _globals['_ROLLBACKREQUEST']._serialized_start=733
-  _globals['_ROLLBACKREQUEST']._serialized_end=806
-  _globals['_POLICYCHANGE']._serialized_start=808
-  _globals['_POLICYCHANGE']._serialized_end=864
-  _globals['_ADMIN']._serialized_start=1060
-  _globals['_ADMIN']._serialized_end=1361
+  _globals['_PLATFORMSTATUS']._serialized_end=773
+  _globals['_PROMOTEREQUEST']._serialized_start=775
+  _globals['_PROMOTEREQUEST']._serialized_end=824
+  _globals['_ROLLBACKREQUEST']._serialized_start=826
+  _globals['_ROLLBACKREQUEST']._serialized_end=899
+  _globals['_POLICYCHANGE']._serialized_start=901
+  _globals['_POLICYCHANGE']._serialized_end=957
+  _globals['_RESUMEPROMOTIONREQUEST']._serialized_start=959
+  _globals['_RESUMEPROMOTIONREQUEST']._serialized_end=999
+  _globals['_RESUMEPROMOTIONRESPONSE']._serialized_start=1001
+  _globals['_RESUMEPROMOTIONRESPONSE']._serialized_end=1046
+  _globals['_ADMIN']._serialized_start=1242
+  _globals['_ADMIN']._serialized_end=1637
 # @@protoc_insertion_point(module_scope)

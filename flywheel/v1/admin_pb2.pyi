@@ -66,20 +66,26 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PlatformStatus(_message.Message):
-    __slots__ = ("serving_policy_version", "registry_policy_version", "reward_model_version", "rankings_waiting", "running_sequences", "queued_requests")
+    __slots__ = ("serving_policy_version", "registry_policy_version", "reward_model_version", "rankings_waiting", "running_sequences", "queued_requests", "promotion_frozen", "promotion_frozen_reason", "registry_pointer_missing")
     SERVING_POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     REWARD_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANKINGS_WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_FROZEN_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_FROZEN_REASON_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_POINTER_MISSING_FIELD_NUMBER: _ClassVar[int]
     serving_policy_version: int
     registry_policy_version: int
     reward_model_version: int
     rankings_waiting: int
     running_sequences: int
     queued_requests: int
-    def __init__(self, serving_policy_version: _Optional[int] = ..., registry_policy_version: _Optional[int] = ..., reward_model_version: _Optional[int] = ..., rankings_waiting: _Optional[int] = ..., running_sequences: _Optional[int] = ..., queued_requests: _Optional[int] = ...) -> None: ...
+    promotion_frozen: bool
+    promotion_frozen_reason: str
+    registry_pointer_missing: bool
+    def __init__(self, serving_policy_version: _Optional[int] = ..., registry_policy_version: _Optional[int] = ..., reward_model_version: _Optional[int] = ..., rankings_waiting: _Optional[int] = ..., running_sequences: _Optional[int] = ..., queued_requests: _Optional[int] = ..., promotion_frozen: _Optional[bool] = ..., promotion_frozen_reason: _Optional[str] = ..., registry_pointer_missing: _Optional[bool] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
     __slots__ = ("version", "reason")
@@ -104,3 +110,15 @@ class PolicyChange(_message.Message):
     from_version: int
     to_version: int
     def __init__(self, from_version: _Optional[int] = ..., to_version: _Optional[int] = ...) -> None: ...
+
+class ResumePromotionRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ResumePromotionResponse(_message.Message):
+    __slots__ = ("was_frozen",)
+    WAS_FROZEN_FIELD_NUMBER: _ClassVar[int]
+    was_frozen: bool
+    def __init__(self, was_frozen: _Optional[bool] = ...) -> None: ...

@@ -54,6 +54,11 @@ class AdminStub:
                 request_serializer=flywheel_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=flywheel_dot_v1_dot_admin__pb2.PolicyChange.FromString,
                 _registered_method=True)
+        self.ResumePromotion = channel.unary_unary(
+                '/flywheel.v1.Admin/ResumePromotion',
+                request_serializer=flywheel_dot_v1_dot_admin__pb2.ResumePromotionRequest.SerializeToString,
+                response_deserializer=flywheel_dot_v1_dot_admin__pb2.ResumePromotionResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -79,7 +84,15 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Back to the previous good version, or to `to_version` when set.
+        """Back to the previous good version, or to `to_version` when set. Freezes automatic promotion
+        (training runs keep their candidates) until ResumePromotion.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumePromotion(self, request, context):
+        """Lifts a rollback's freeze: training runs promote again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +120,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=flywheel_dot_v1_dot_admin__pb2.RollbackRequest.FromString,
                     response_serializer=flywheel_dot_v1_dot_admin__pb2.PolicyChange.SerializeToString,
+            ),
+            'ResumePromotion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumePromotion,
+                    request_deserializer=flywheel_dot_v1_dot_admin__pb2.ResumePromotionRequest.FromString,
+                    response_serializer=flywheel_dot_v1_dot_admin__pb2.ResumePromotionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +235,33 @@ class Admin:
             '/flywheel.v1.Admin/Rollback',
             flywheel_dot_v1_dot_admin__pb2.RollbackRequest.SerializeToString,
             flywheel_dot_v1_dot_admin__pb2.PolicyChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumePromotion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flywheel.v1.Admin/ResumePromotion',
+            flywheel_dot_v1_dot_admin__pb2.ResumePromotionRequest.SerializeToString,
+            flywheel_dot_v1_dot_admin__pb2.ResumePromotionResponse.FromString,
             options,
             channel_credentials,
             insecure,

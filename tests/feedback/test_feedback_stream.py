@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from flywheel.contracts.keys import LABELLING_CANDIDATES_KEY, RANKINGS_STREAM, group_key
+from flywheel.contracts.keys import DEAD_LETTER_STREAM, LABELLING_CANDIDATES_KEY, RANKINGS_STREAM, group_key
+from flywheel.group_store import GroupStore
 from flywheel.contracts.rankings import RankingEntry
 from flywheel.rankings_stream import RankingStream, RankingStreamReader
 
@@ -141,11 +142,11 @@ def test_trimming_keeps_whatever_any_consumer_group_still_needs(redis_client):
     assert entry_ids(ppo.claim(10)) == ids[4:]
 
 
-def test_unusable_entries_are_reported_and_acknowledged_with_the_batch(group_store, redis_client):
+def test_unusable_entries_go_to_the_dead_letter_stream_never_a_silent_ack(group_store, redis_client):
     group_store.save(group_result("g0", ["zero", "one"]))
     reader = RankingStreamReader(redis_client, consumer="rm-1")
     malformed = redis_client.xadd(RANKINGS_STREAM, {"group_id": "g0", "completion_ids": "not json"}).decode()
-    good, expired = append_rankings(redis_client, 2)  # g1 has no stored group
+    good, expired = append_rankings(redis_client, 2)  # g1 has no stored group (and so no copy in its entry)
 
     batch = reader.read(10, lambda entry_id, ranking, group: (entry_id, [group.completion(c).text
                                                                           for c in ranking.completion_ids]))
@@ -153,8 +154,40 @@ def test_unusable_entries_are_reported_and_acknowledged_with_the_batch(group_sto
     assert batch.entry_ids == [malformed, good, expired]
     assert batch.skipped[malformed].startswith("malformed") and "expired" in batch.skipped[expired]
     assert (batch.first_id, batch.last_id) == (malformed, expired)
-    assert reader.acknowledge(batch.entry_ids) == 3
+    assert reader.acknowledge(batch.entry_ids) == 1  # the two unusable ones were acknowledged with their move
     assert reader.claim(10) == []
+    dead = {fields[b"dead_entry_id"].decode(): fields for _, fields in redis_client.xrange(DEAD_LETTER_STREAM)}
+    assert set(dead) == {malformed, expired}
+    assert dead[malformed][b"completion_ids"] == b"not json" and b"malformed" in dead[malformed][b"dead_reason"]
+    assert dead[expired][b"group_id"] == b"g1" and b"expired" in dead[expired][b"dead_reason"]
+
+
+def test_a_ranking_whose_group_expires_before_training_still_trains(redis_client):
+    store = GroupStore(redis_client, ttl_seconds=1)
+    store.save(group_result("short", ["zero", "one"]))
+    stream = RankingStream(redis_client, group_ttl_seconds=1)
+    acked = stream.append(RankingEntry("short", ["short-1", "short-0"], "human", annotator_id="a")).entry_id
+    import time
+
+    deadline = time.monotonic() + 10
+    while store.load("short") is not None:  # the served group's TTL runs out (a trainer down for 7 days)
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    batch = RankingStreamReader(redis_client, consumer="rm-1").read(
+        10, lambda entry_id, ranking, group: (entry_id, [group.completion(c).text for c in ranking.completion_ids]))
+    assert batch.rankings == [(acked, ["one", "zero"])] and batch.skipped == {}
+
+
+def test_an_idle_pending_entry_is_reclaimed_and_a_fresh_one_is_not(redis_client):
+    append_rankings(redis_client, 2)
+    live = RankingStreamReader(redis_client, consumer="live")
+    assert len(live.claim(1)) == 1  # pending with a consumer that is alive
+    other = RankingStreamReader(redis_client, consumer="other", claim_idle_seconds=0.5)
+    assert len(other.claim(10)) == 1  # only the new entry: the live consumer's is not idle yet
+    import time
+
+    time.sleep(0.6)
+    assert len(other.claim(10)) == 2  # both idle now: taken over
 
 
 def test_cli_trim(redis_server, redis_client, capsys):

@@ -101,7 +101,7 @@ def test_promote_and_rollback_move_every_request_and_are_audited(platform):
     audit = [e for e in registry.audit() if e["action"] in ("promote", "rollback")]
     who = f"alice (key {ADMIN_NAME})"  # the declared operator and the admin key that acted
     assert [(e["action"], e["from"], e["to"], e["who"]) for e in reversed(audit)] == [
-        ("promote", "", "1", who), ("promote", "1", "2", who), ("rollback", "2", "1", who), ("rollback", "1", "0", who)]
+        ("promote", "0", "1", who), ("promote", "1", "2", who), ("rollback", "2", "1", who), ("rollback", "1", "0", who)]
     assert audit[0]["why"] == "back to base"
 
 

@@ -146,6 +146,7 @@ def followed_server(tiny_model_dir, tmp_path, redis_client, base):
                              environ={})
     for version in (1, 2):
         write_lora_version(tmp_path / "policies", version, base.model, seed=version)
+    redis_client.set(POLICY_CURRENT_KEY, 0)  # versions on disk: an absent pointer would mean a lost one
     server = InferenceServer(settings, policy_redis=redis_client).start(wait_until_ready=True)
     yield server, tmp_path / "policies"
     server.stop(grace=1)

@@ -156,7 +156,7 @@ def test_promote_and_rollback_follow_the_previous_good_version_and_are_audited(r
     assert registry.get(v2).status == "rolled_back"
     rollback_policy(registry, None, "bob", "still bad")           # v2 was rolled back: not good → base
     assert registry.current_version() == 0
-    assert not redis_client.exists(registry.current_key)
+    assert redis_client.get(registry.current_key) == b"0"  # v0 is stored, not an absent key
     with pytest.raises(ValueError):
         rollback_policy(registry, None, "bob", "nothing left")
     promote_policy(registry, v3, "carol", "try it anyway")         # a rejected version, by hand
