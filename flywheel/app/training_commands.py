@@ -13,6 +13,7 @@ import argparse
 import getpass
 import json
 import os
+import sys
 import time
 
 from flywheel.app.tables import CREATED, PARENT, STATUS, Column, figure_column, format_registry_table
@@ -52,22 +53,30 @@ POLICY_COLUMNS = (
 
 
 def register(subparsers) -> None:
-    train = subparsers.add_parser("train", help="start a training run")
+    train = subparsers.add_parser("train", help="start a training run",
+                                  description="Start a reward-model or a PPO run, on the Celery training queue or here.")
     train_sub = train.add_subparsers(dest="train_command", metavar="WHAT")
     reward = train_sub.add_parser(
         "reward-model", help="train the reward model on the rankings that arrived since the last run",
         description="Enqueue a reward-model run on the Celery training queue and wait for it, or run it in "
                     "this process with --local.")
     reward.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
-    reward.add_argument("--min-rankings", type=int, default=1, help="skip unless this many rankings wait")
+    reward.add_argument("--min-rankings", type=int, default=1,
+                        help="skip the run unless this many rankings wait (default 1)")
     reward.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
-    reward.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the Celery run")
+    reward.add_argument("--timeout", type=float, default=6 * 3600,
+                        help="seconds to wait for the Celery run (default 6 h)")
     add_config_flags(reward, FlywheelConfig, RewardModelRunConfig)
     reward.set_defaults(handler=train_reward_model_command)
     train.set_defaults(handler=lambda args: train.print_help() or 2)
 
-    versions = subparsers.add_parser("reward-models", help="list the reward-model versions")
-    versions.add_argument("--rebuild", action="store_true", help="rebuild the registry in Redis from the manifests")
+    versions = subparsers.add_parser(
+        "reward-models", help="list the reward-model versions",
+        description="List the reward-model versions of the registry (the current one starred): status, parent, "
+                    "rankings used, held-out accuracy and loss. Reads the Redis of the data directory (or "
+                    "--redis-url); starts none.")
+    versions.add_argument("--rebuild", action="store_true",
+                          help="first rebuild the registry in Redis from the manifests in the data directory")
     versions.add_argument("--json", action="store_true", help="print the records as JSON")
     add_config_flags(versions, FlywheelConfig)
     versions.set_defaults(handler=reward_models_command)
@@ -78,23 +87,35 @@ def register(subparsers) -> None:
                     "with --local. The candidate is promoted if it passes the evaluation gate.")
     policy.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
     policy.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
-    policy.add_argument("--timeout", type=float, default=12 * 3600, help="seconds to wait for the Celery run")
+    policy.add_argument("--timeout", type=float, default=12 * 3600,
+                        help="seconds to wait for the Celery run (default 12 h)")
     add_config_flags(policy, FlywheelConfig, PolicyRunConfig)
     policy.set_defaults(handler=train_policy_command)
 
-    policies = subparsers.add_parser("policies", help="list the policy versions")
-    policies.add_argument("--rebuild", action="store_true", help="rebuild the registry in Redis from the manifests")
+    policies = subparsers.add_parser(
+        "policies", help="list the policy versions",
+        description="List the policy versions of the registry (the current one starred; v0 is the base model): "
+                    "status, parent, reward model, gate figures. Reads the Redis of the data directory (or "
+                    "--redis-url); starts none.")
+    policies.add_argument("--rebuild", action="store_true",
+                          help="first rebuild the registry in Redis from the manifests in the data directory")
     policies.add_argument("--json", action="store_true", help="print the records as JSON")
     add_config_flags(policies, FlywheelConfig)
     policies.set_defaults(handler=policies_command)
 
-    promote = subparsers.add_parser("promote", help="serve a policy version (0 = the base model)")
-    promote.add_argument("version", type=int)
+    promote = subparsers.add_parser(
+        "promote", help="serve a policy version (0 = the base model)",
+        description="Point the policy registry at VERSION (its artifacts are verified first); every server "
+                    "swaps to it. A rejected version may be promoted by hand (recorded as an override).")
+    promote.add_argument("version", type=int, help="the policy version to serve; 0 = the base model")
     promote.add_argument("--reason", default="", help="why (kept in the audit stream)")
     add_config_flags(promote, FlywheelConfig)
     promote.set_defaults(handler=promote_command)
 
-    rollback = subparsers.add_parser("rollback", help="serve the previous good policy version again")
+    rollback = subparsers.add_parser(
+        "rollback", help="serve the previous good policy version again",
+        description="Point the policy registry back at the previous good version (or --to N); the version left "
+                    "is marked rolled_back. Every server swaps back.")
     rollback.add_argument("--to", type=int, default=None, dest="to_version",
                           help="the version to serve (default: the previous good one, else 0 = the base model)")
     rollback.add_argument("--reason", default="", help="why (kept in the audit stream)")
@@ -169,13 +190,22 @@ def list_versions(args: argparse.Namespace, registry, columns, who: str, *, base
 
 
 def _with_registry(args, kind: str, action):
-    """``action(registry)`` on the registry of ``kind`` in the configured Redis and data dir."""
-    from flywheel.redis_server import redis_connection
+    """``action(registry)`` on the registry of ``kind`` in the platform's existing Redis and data dir
+    (none is started: ``flywheel.app.state``); which ones goes to stderr, so that a listing of the
+    wrong folder cannot pass for an empty registry."""
+    from flywheel.app.state import existing_state
+    from flywheel.contracts.artifacts import registry_folder
     from flywheel.registry import open_registry
 
     settings = config_from_args(args)
-    with redis_connection(settings.redis_url, settings.data_dir) as client:
-        return action(open_registry(client, settings.data_dir, kind))
+    rebuild = getattr(args, "rebuild", False) and registry_folder(settings.data_dir, kind).is_dir()
+    with existing_state(settings, allow_new_redis=rebuild) as (client, where):
+        print(f"{kind.replace('_', ' ')} registry: {where.describe()}", file=sys.stderr)
+        registry = open_registry(client, settings.data_dir, kind)
+        try:
+            return action(registry)
+        except ValueError as exc:  # what is wrong, and where it was looked for
+            raise ValueError(f"{exc} (registry in {where.describe()})") from exc
 
 
 def reward_models_command(args: argparse.Namespace) -> int:
