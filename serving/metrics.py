@@ -264,7 +264,7 @@ class RegistryCollector(Collector):
                     for name, value in sorted(record.figures.items()):
                         if isinstance(value, (int, float)) and not isinstance(value, bool):
                             figures.add_metric([kind, str(record.version), name], float(value))
-        except (redis.RedisError, ValueError) as exc:  # Redis down (FlywheelRankingsRedisDown says so)
+        except (redis.RedisError, ValueError, KeyError, TypeError) as exc:  # Redis down, a damaged record
             log.warning("cannot read the registries for /metrics: %s", exc)
             return
         yield current

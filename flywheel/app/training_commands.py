@@ -56,52 +56,25 @@ def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="start a training run",
                                   description="Start a reward-model or a PPO run, on the Celery training queue or here.")
     train_sub = train.add_subparsers(dest="train_command", metavar="WHAT")
-    reward = train_sub.add_parser(
-        "reward-model", help="train the reward model on the rankings that arrived since the last run",
-        description="Enqueue a reward-model run on the Celery training queue and wait for it, or run it in "
-                    "this process with --local.")
-    reward.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
+    reward = add_run_command(
+        train_sub, "reward-model", "train the reward model on the rankings that arrived since the last run",
+        "Enqueue a reward-model run on the Celery training queue and wait for it, or run it in this process with "
+        "--local.", RewardModelRunConfig, train_reward_model_command, hours=6)
     reward.add_argument("--min-rankings", type=int, default=1,
                         help="skip the run unless this many rankings wait (default 1)")
-    reward.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
-    reward.add_argument("--timeout", type=float, default=6 * 3600,
-                        help="seconds to wait for the Celery run (default 6 h)")
-    add_config_flags(reward, FlywheelConfig, RewardModelRunConfig)
-    reward.set_defaults(handler=train_reward_model_command)
     train.set_defaults(handler=lambda args: train.print_help() or 2)
 
-    versions = subparsers.add_parser(
-        "reward-models", help="list the reward-model versions",
-        description="List the reward-model versions of the registry (the current one starred): status, parent, "
-                    "rankings used, held-out accuracy and loss. Reads the Redis of the data directory (or "
-                    "--redis-url); starts none.")
-    versions.add_argument("--rebuild", action="store_true",
-                          help="first rebuild the registry in Redis from the manifests in the data directory")
-    versions.add_argument("--json", action="store_true", help="print the records as JSON")
-    add_config_flags(versions, FlywheelConfig)
-    versions.set_defaults(handler=reward_models_command)
+    add_listing(subparsers, "reward-models", "reward-model", "status, parent, rankings used, held-out accuracy and "
+                "loss", reward_models_command)
 
-    policy = train_sub.add_parser(
-        "policy", help="improve the policy with PPO against the current reward model",
-        description="Enqueue a PPO run on the Celery training queue and wait for it, or run it in this process "
-                    "with --local. The candidate is promoted if it passes the evaluation gate.")
-    policy.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
-    policy.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
-    policy.add_argument("--timeout", type=float, default=12 * 3600,
-                        help="seconds to wait for the Celery run (default 12 h)")
-    add_config_flags(policy, FlywheelConfig, PolicyRunConfig)
-    policy.set_defaults(handler=train_policy_command)
+    add_run_command(
+        train_sub, "policy", "improve the policy with PPO against the current reward model",
+        "Enqueue a PPO run on the Celery training queue and wait for it, or run it in this process with --local. "
+        "The candidate is promoted if it passes the evaluation gate.", PolicyRunConfig, train_policy_command,
+        hours=12)
 
-    policies = subparsers.add_parser(
-        "policies", help="list the policy versions",
-        description="List the policy versions of the registry (the current one starred; v0 is the base model): "
-                    "status, parent, reward model, gate figures. Reads the Redis of the data directory (or "
-                    "--redis-url); starts none.")
-    policies.add_argument("--rebuild", action="store_true",
-                          help="first rebuild the registry in Redis from the manifests in the data directory")
-    policies.add_argument("--json", action="store_true", help="print the records as JSON")
-    add_config_flags(policies, FlywheelConfig)
-    policies.set_defaults(handler=policies_command)
+    add_listing(subparsers, "policies", "policy", "v0 is the base model; status, parent, reward model, gate "
+                "figures", policies_command)
 
     promote = subparsers.add_parser(
         "promote", help="serve a policy version (0 = the base model)",
@@ -121,6 +94,32 @@ def register(subparsers) -> None:
     rollback.add_argument("--reason", default="", help="why (kept in the audit stream)")
     add_config_flags(rollback, FlywheelConfig)
     rollback.set_defaults(handler=rollback_command)
+
+
+def add_run_command(train_sub, command: str, help: str, description: str, section, handler,
+                    hours: int) -> argparse.ArgumentParser:
+    """``flywheel train COMMAND``: a run on the Celery training queue, or here with ``--local``."""
+    run = train_sub.add_parser(command, help=help, description=description)
+    run.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
+    run.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
+    run.add_argument("--timeout", type=float, default=hours * 3600,
+                     help=f"seconds to wait for the Celery run (default {hours} h)")
+    add_config_flags(run, FlywheelConfig, section)
+    run.set_defaults(handler=handler)
+    return run
+
+
+def add_listing(subparsers, command: str, what: str, columns: str, handler) -> None:
+    """A registry listing command (``reward-models``, ``policies``): one table, or JSON."""
+    listing = subparsers.add_parser(
+        command, help=f"list the {what} versions",
+        description=f"List the {what} versions of the registry, the current one starred ({columns}). Reads the "
+                    f"Redis of the data directory (or --redis-url) and starts none.")
+    listing.add_argument("--rebuild", action="store_true",
+                         help="first rebuild the registry in Redis from the manifests in the data directory")
+    listing.add_argument("--json", action="store_true", help="print the records as JSON")
+    add_config_flags(listing, FlywheelConfig)
+    listing.set_defaults(handler=handler)
 
 
 def _who() -> str:
