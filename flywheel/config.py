@@ -36,6 +36,7 @@ RewardModelAutocast = Literal["auto", "bfloat16", "bf16", "float16", "float32", 
 AuthMode = Literal["on", "off"]
 JudgeCombineOrders = Literal["log_odds", "probability"]
 Finetune = Literal["lora", "full"]
+AdvantageEstimator = Literal["gae", "rloo"]
 
 MAX_PORT = 65535
 
@@ -95,6 +96,11 @@ class ServingConfig(ConfigSection):
         8 * 1024 * 1024, "largest gRPC message the server accepts (RESOURCE_EXHAUSTED above)", minimum=-1)
     grpc_max_send_message_bytes: int = setting(
         32 * 1024 * 1024, "largest gRPC message the server sends", minimum=-1)
+    # off by default: a new port is a new surface an operator opens on purpose, and replicas or
+    # test servers on one host would all collide on a fixed default
+    http_port: int = port(
+        0, "port of the OpenAI-compatible HTTP API and the ranking page (same host as gRPC); 0 = off")
+    http_workers: int = setting(64, "HTTP requests handled at once (503 beyond)", minimum=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -231,6 +237,9 @@ class RewardModelRunConfig(ConfigSection):
     max_heldout: int = setting(2000, "most held-out rankings (the newest) evaluated per run", minimum=0)
     accuracy_margin: float = setting(
         0.02, "a new version is promoted unless its held-out accuracy is this much below the current's")
+    min_accuracy: float = setting(
+        0.5, "gate: the 95% lower bound of each member's held-out accuracy must exceed this (0.5 = chance; "
+             "-1 = no check, for tests of the plumbing)", minimum=-1, maximum=1)
     replay_ratio: float = setting(1.0, "replayed older rankings per new ranking in a run", minimum=0)
     ai_weight: float = setting(0.5, "weight of an AI-labelled ranking relative to a human one", minimum=0)
     learning_rate: float = setting(1e-5, "reward-model AdamW learning rate", above=0)
@@ -264,6 +273,16 @@ class PolicyRunConfig(ConfigSection):
     ppo_epochs: int = setting(4, "passes over an iteration's episodes", minimum=1)
     response_length: int = setting(64, "most tokens of a PPO response", minimum=1)
     temperature: float = setting(1.0, "sampling temperature of PPO rollouts", above=0)
+    advantage_estimator: AdvantageEstimator = setting(
+        "rloo", "rloo (leave-one-out baselines over samples_per_prompt samples of each prompt, no critic) or gae "
+                "(a critic and GAE, as InstructGPT)")
+    samples_per_prompt: int = setting(
+        4, "responses sampled per prompt in a PPO batch (rloo needs at least 2; batch_size must be a multiple)",
+        minimum=1)
+    critic_warmup_iterations: int = setting(
+        0, "first PPO iterations that train only the value head (gae)", minimum=0)
+    missing_eos_penalty: float = setting(
+        1.0, "taken off the calibrated reward of a response cut at policy_response_length without an end", minimum=0)
     learning_rate: float = setting(1e-4, "PPO AdamW learning rate", above=0)
     kl_coef: float = setting(0.05, "β: per-token KL penalty to the initial policy", minimum=0)
     kl_target: float = setting(0.0, "adapt β towards this KL per response (nats); 0 = fixed β", minimum=0)
@@ -279,7 +298,10 @@ class PolicyRunConfig(ConfigSection):
         0.1, "share of prompts (by a hash of the prompt) held out for the gate", minimum=0, maximum=1)
     max_heldout: int = setting(64, "most held-out prompts the gate evaluates", minimum=0)
     min_reward_gain: float = setting(
-        0.0, "gate: least held-out reward-model score gain over the current policy")
+        0.0, "gate: the 95% lower bound of the judge member's held-out gain over the current policy must exceed "
+             "this (calibrated reward units)")
+    gate_samples_per_prompt: int = setting(
+        4, "gate: responses per held-out prompt from each policy, paired by seed", minimum=2)
     kl_budget: float = setting(10.0, "gate: most KL to the initial policy per response (nats)", minimum=0)
     perplexity_margin: float = setting(
         0.05, "gate: held-out perplexity may exceed the initial policy's by this fraction")
@@ -377,8 +399,9 @@ def add_config_flags(parser: argparse.ArgumentParser, *sections: type[ConfigSect
             if not f.metadata["flag"]:
                 continue
             name = section_cls.prefix + f.name
-            parser.add_argument(flag_name(name), dest=name, default=None,
-                                help=f"{f.metadata['help']} (env {env_name(name)}, default {f.default})")
+            text = f"{f.metadata['help']} (env {env_name(name)}, default {f.default})"
+            # argparse formats help with %: a literal one ("95% lower bound") must be doubled
+            parser.add_argument(flag_name(name), dest=name, default=None, help=text.replace("%", "%%"))
 
 
 def config_from_args(args: argparse.Namespace) -> FlywheelConfig:

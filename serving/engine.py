@@ -35,7 +35,7 @@ from serving.scheduler import Scheduler
 __all__ = [
     "FINISH_CANCELLED", "FINISH_LENGTH", "FINISH_STOP", "DoneEvent", "Engine", "EngineConfig", "EngineObserver",
     "EngineStoppedError", "ErrorEvent", "GenerationRequest", "QueueFullError", "TokenEvent", "cache_argument",
-    "iter_events", "run_to_completion",
+    "iter_events", "run_to_completion", "top_alternatives",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,16 @@ FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 
 @dataclass
 class TokenEvent:
+    """Text a sample added since its previous event, and (when the request asked for them) the
+    log-probabilities of the tokens that made it."""
+
     index: int
     text: str
     token_count: int
+    group_id: str = ""
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +85,9 @@ class GenerationRequest:
     params: SamplingParams
     deadline: float | None = None  # time.monotonic() after which the request is cancelled
     stream: bool = False
+    # report the k most likely tokens at each step (0 = only the sampled token's log-probability);
+    # a reporting option, not a sampling one, so it is not part of the stored SamplingParams
+    top_logprobs: int = 0
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     events: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
     created_at: float = field(default_factory=time.time)
@@ -141,7 +151,7 @@ class _Group:
         request = self.request
         samples = [
             SampleResult(s.index, f"{self.group_id}-{s.index}", s.detok.text, s.finish_reason or FINISH_CANCELLED,
-                         list(s.detok.token_ids), list(s.logprobs))
+                         list(s.detok.token_ids), list(s.logprobs), list(s.top_logprobs))
             for s in self.samples
         ]
         return GroupResult(self.group_id, self.policy_version, request.prompt, list(request.prompt_token_ids),
@@ -157,6 +167,8 @@ class _Sequence:
         self.generator = sample_generator(params.seed, index)
         self.detok = IncrementalDetokenizer(tokenizer, params.stop, params.min_new_tokens)
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.streamed_tokens = 0  # tokens whose log-probabilities a TokenEvent has carried
         self.finish_reason: str | None = None
 
 
@@ -325,7 +337,7 @@ class Engine:
         cache, logits = batch.prefill(request.prompt_token_ids, n)
         tokens, logprobs = self._choose(logits, group.samples)
         batch.add(cache, group.samples, tokens)
-        self._record(group.samples, tokens, logprobs)  # clients hear of the rows once they are in the batch
+        self._record(group.samples, tokens, logprobs, logits)  # clients hear of the rows once they are in the batch
         self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started, n, batch.version)
         group.first_token_at = time.time()
         self.observer.on_first_token(group.first_token_at - request.created_at, batch.version)
@@ -337,7 +349,7 @@ class Engine:
         logits = batch.forward_step()
         tokens, logprobs = self._choose(logits, batch.rows)
         batch.last_tokens = tokens.unsqueeze(1)
-        self._record(batch.rows, tokens, logprobs)
+        self._record(batch.rows, tokens, logprobs, logits)
         size = len(batch.rows)
         self._retire(batch)
         self.observer.on_step(size, time.perf_counter() - started, size, batch.version)
@@ -355,15 +367,20 @@ class Engine:
             blocked = (torch.tensor(early).repeat_interleave(len(eos)), torch.tensor(eos * len(early)))
         return sample_tokens(logits, temperatures, top_ps, uniforms, blocked)
 
-    def _record(self, rows: list[_Sequence], tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
-        for sequence, token, logprob in zip(rows, tokens.tolist(), logprobs.tolist()):
-            self._append_token(sequence, token, logprob)
+    def _record(self, rows: list[_Sequence], tokens: torch.Tensor, logprobs: torch.Tensor,
+                logits: torch.Tensor) -> None:
+        alternatives = top_alternatives(logits, [s.request.top_logprobs for s in rows])
+        for sequence, token, logprob, top in zip(rows, tokens.tolist(), logprobs.tolist(), alternatives):
+            self._append_token(sequence, token, logprob, top)
 
-    def _append_token(self, sequence: _Sequence, token: int, logprob: float) -> None:
+    def _append_token(self, sequence: _Sequence, token: int, logprob: float,
+                      top: list[tuple[int, float]] | None = None) -> None:
         group = sequence.group
         is_eos = token in group.eos_ids
         sequence.detok.add(token, skip=is_eos)
         sequence.logprobs.append(logprob)
+        if top is not None:
+            sequence.top_logprobs.append(top)
         count = len(sequence.detok.token_ids)
         if is_eos or sequence.detok.stopped:
             sequence.finish_reason = FINISH_STOP
@@ -372,7 +389,10 @@ class Engine:
         if group.request.stream:
             delta = sequence.detok.take_delta(final=sequence.finish_reason is not None)
             if delta or sequence.finish_reason is not None:
-                group.request.events.put(TokenEvent(sequence.index, delta, count))
+                start, sequence.streamed_tokens = sequence.streamed_tokens, count
+                group.request.events.put(TokenEvent(
+                    sequence.index, delta, count, group.group_id, sequence.logprobs[start:],
+                    sequence.top_logprobs[start:], sequence.detok.token_ids[start:]))
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -404,6 +424,21 @@ class Engine:
         result = group.result()
         self.observer.on_finished(result)
         group.request.events.put(DoneEvent(result))
+
+
+def top_alternatives(logits: torch.Tensor, ks: list[int]) -> list[list[tuple[int, float]] | None]:
+    """Per row, its ``k`` most likely (token id, raw log-probability) pairs, or None where k is 0.
+    One top-k over the rows that ask, so a batch where nobody asks pays nothing."""
+    wanted = [i for i, k in enumerate(ks) if k > 0]
+    out: list[list[tuple[int, float]] | None] = [None] * len(ks)
+    if not wanted:
+        return out
+    rows = torch.log_softmax(logits[wanted].float(), dim=-1)
+    values, ids = rows.topk(max(ks[i] for i in wanted), dim=-1)
+    for row, i in enumerate(wanted):
+        k = ks[i]
+        out[i] = list(zip(ids[row, :k].tolist(), values[row, :k].tolist()))
+    return out
 
 
 def run_to_completion(engine: Engine, request: GenerationRequest, timeout: float | None = None) -> GroupResult:

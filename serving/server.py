@@ -31,6 +31,7 @@ from serving.engine import (
 )
 from serving.auth import retry_trailers, server_interceptors
 from serving.malformed import MalformedRequestInterceptor
+from serving.logprobs import scored_tokens
 from serving.metrics import RequestMetricsInterceptor, ServingMetrics
 from serving.policy_follower import PolicyFollower
 from serving.policy_loader import LoadedPolicy, PolicyLoader
@@ -50,7 +51,8 @@ FINISH_REASONS = {
 GroupSink = Callable[[GroupResult], None]
 
 
-def group_response(result: GroupResult) -> inference_pb2.CompleteResponse:
+def group_response(result: GroupResult, tokenizer=None, logprobs: bool = False) -> inference_pb2.CompleteResponse:
+    """The response of a finished group; with ``logprobs``, every token scored (``tokenizer`` decodes them)."""
     return inference_pb2.CompleteResponse(
         group_id=result.group_id,
         policy_version=result.policy_version,
@@ -58,10 +60,24 @@ def group_response(result: GroupResult) -> inference_pb2.CompleteResponse:
         completions=[
             inference_pb2.Completion(
                 completion_id=s.completion_id, index=s.index, text=s.text,
-                finish_reason=FINISH_REASONS[s.finish_reason], token_count=len(s.token_ids), logprob=s.logprob)
+                finish_reason=FINISH_REASONS[s.finish_reason], token_count=len(s.token_ids), logprob=s.logprob,
+                tokens=token_logprobs(tokenizer, s.token_ids, s.logprobs, s.top_logprobs) if logprobs else ())
             for s in result.samples
         ],
     )
+
+
+def token_logprobs(tokenizer, token_ids, logprobs, top_logprobs) -> list[inference_pb2.TokenLogprob]:
+    return [inference_pb2.TokenLogprob(
+        token_id=t.token_id, token=t.token, logprob=t.logprob,
+        top=[inference_pb2.TopLogprob(token_id=c.token_id, token=c.token, logprob=c.logprob) for c in t.top])
+        for t in scored_tokens(tokenizer, token_ids, logprobs, top_logprobs)]
+
+
+def token_delta(event: TokenEvent, tokenizer, logprobs: bool) -> inference_pb2.TokenDelta:
+    return inference_pb2.TokenDelta(
+        index=event.index, text=event.text, token_count=event.token_count,
+        tokens=token_logprobs(tokenizer, event.token_ids, event.logprobs, event.top_logprobs) if logprobs else ())
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -69,27 +85,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.server = server
 
     def Complete(self, request, context):
-        generation = self._submit(request, context, stream=False)
+        generation, logprobs = self._submit(request, context, stream=False)
         for event in self._events(generation, context):
             if isinstance(event, DoneEvent):
-                return self._finish(event.result, context)
+                return self._finish(event.result, context, logprobs)
         return self._abort_unfinished(generation, context)
 
     def StreamComplete(self, request, context):
-        generation = self._submit(request, context, stream=True)
+        generation, logprobs = self._submit(request, context, stream=True)
+        tokenizer = self.server.engine.tokenizer
         for event in self._events(generation, context):
             if isinstance(event, TokenEvent):
-                yield inference_pb2.StreamCompleteResponse(
-                    delta=inference_pb2.TokenDelta(index=event.index, text=event.text,
-                                                   token_count=event.token_count))
+                yield inference_pb2.StreamCompleteResponse(delta=token_delta(event, tokenizer, logprobs))
             elif isinstance(event, DoneEvent):
-                yield inference_pb2.StreamCompleteResponse(final=self._finish(event.result, context))
+                yield inference_pb2.StreamCompleteResponse(final=self._finish(event.result, context, logprobs))
                 return
         self._abort_unfinished(generation, context)
 
     # ---- helpers ----
 
-    def _submit(self, request, context, stream: bool) -> GenerationRequest:
+    def _submit(self, request, context, stream: bool) -> tuple[GenerationRequest, bool]:
+        """The request handed to the engine, and whether the caller asked for log-probabilities."""
         engine = self.server.engine
         if engine is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
@@ -100,7 +116,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         generation = GenerationRequest(valid.prompt, valid.prompt_token_ids, valid.params, deadline=deadline,
-                                       stream=stream)
+                                       stream=stream, top_logprobs=valid.top_logprobs)
         # frees the batch slots when the client cancels or the RPC ends for any reason
         context.add_callback(generation.cancel)
         try:
@@ -111,7 +127,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineStoppedError:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        return generation
+        return generation, valid.logprobs
 
     def _events(self, generation: GenerationRequest, context) -> Iterator:
         try:
@@ -122,14 +138,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             log.exception("request %s failed in the engine", generation.request_id)
             context.abort(grpc.StatusCode.INTERNAL, "the engine failed while generating; see the server log")
 
-    def _finish(self, result: GroupResult, context) -> inference_pb2.CompleteResponse:
+    def _finish(self, result: GroupResult, context, logprobs: bool = False) -> inference_pb2.CompleteResponse:
         if all(s.finish_reason == "cancelled" for s in result.samples):
             if context.time_remaining() is not None and context.time_remaining() <= 0:
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before generation finished")
             if not context.is_active():
                 context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
         self.server.record_group(result)
-        return group_response(result)
+        return group_response(result, self.server.engine.tokenizer, logprobs)
 
     def _abort_unfinished(self, generation: GenerationRequest, context):
         generation.cancel()
@@ -154,6 +170,8 @@ class InferenceServer:
     limits: RequestLimits = field(default_factory=RequestLimits)
     # the per-key rate limit (in Redis); None = no rate limit (auth still applies)
     rate_limiter: RateLimiter | None = None
+    # routes the process adds to the OpenAI-compatible HTTP API (served when serving.http_port is set)
+    http_routes: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._grpc: grpc.Server | None = None
@@ -162,6 +180,7 @@ class InferenceServer:
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self.follower: PolicyFollower | None = None
+        self.http = None  # serving.http_api.HttpFrontEnd, once started
 
     # ---- lifecycle ----
 
@@ -199,12 +218,25 @@ class InferenceServer:
             host = s.grpc_address.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
             self._metrics_http, _ = start_http_server(s.serving.metrics_port, addr=host, registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
+        self._start_http()
         log.info("gRPC (%s) on port %d, metrics on %s; loading the model", "TLS" if credentials else "plaintext",
                  self.port, self.metrics_port or "(off)")
         threading.Thread(target=self._load_and_serve, name="model-loader", daemon=True).start()
         if wait_until_ready:
             self.wait_until_ready(timeout)
         return self
+
+    def _start_http(self) -> None:
+        """The OpenAI-compatible HTTP API beside gRPC (``serving.http_api``), when a port is set."""
+        if not self.config.serving.http_port:
+            return
+        from serving.http_api import HttpFrontEnd
+
+        self.http = HttpFrontEnd(self, self.http_routes).start()
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http is not None else 0
 
     def wait_until_ready(self, timeout: float = 600.0) -> None:
         if not self._ready.wait(timeout):
@@ -269,6 +301,8 @@ class InferenceServer:
     def stop(self, grace: float = 10.0) -> None:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then stop the engine."""
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http is not None:
+            self.http.stop()
         if self.follower is not None:
             self.follower.stop()
         if self._grpc is not None:

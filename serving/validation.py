@@ -15,6 +15,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_CHARS_PER_TOKEN = 32
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API: alternatives per position a request may ask for
 
 
 class InvalidRequest(ValueError):
@@ -42,6 +43,8 @@ class ValidatedRequest:
     prompt: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    logprobs: bool = False  # report each generated token with its log-probability
+    top_logprobs: int = 0  # and this many alternatives at each position
 
 
 def request_prompt(request: inference_pb2.CompleteRequest, tokenizer) -> tuple[str, list[int]]:
@@ -95,6 +98,9 @@ def validate_request(request: inference_pb2.CompleteRequest, tokenizer, limits: 
     if min_new_tokens > max_new_tokens:
         raise InvalidRequest("min_new_tokens", f"must not exceed max_new_tokens ({max_new_tokens}); got {min_new_tokens}")
 
+    if request.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidRequest("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}; got {request.top_logprobs}")
+
     total_chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
     if total_chars > limits.max_prompt_chars:
         raise InvalidRequest("prompt", f"is {total_chars} characters; the limit is {limits.max_prompt_chars} "
@@ -113,4 +119,5 @@ def validate_request(request: inference_pb2.CompleteRequest, tokenizer, limits: 
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                             seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
                             min_new_tokens=min_new_tokens)
-    return ValidatedRequest(prompt, ids, params)
+    return ValidatedRequest(prompt, ids, params, logprobs=request.logprobs or request.top_logprobs > 0,
+                            top_logprobs=request.top_logprobs)

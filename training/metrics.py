@@ -74,7 +74,14 @@ class PPOMetrics:
             "flywheel_ppo_run_duration_seconds", "wall time of a PPO run", registry=registry,
             buckets=(60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800))
         self.gate_reward_gain = gauge("flywheel_policy_gate_reward_gain",
-                                      "held-out score gain of the last candidate over the current policy")
+                                      "held-out gain of the last candidate over the current policy, measured by the "
+                                      "judge member (calibrated reward units)")
+        self.gate_reward_gain_lower_bound = gauge(
+            "flywheel_policy_gate_reward_gain_lower_bound",
+            "95% lower bound of the judge member's gain of the last candidate (what the gate compares)")
+        self.gate_policy_member_gain = gauge(
+            "flywheel_policy_gate_policy_member_gain",
+            "held-out gain of the last candidate by the member PPO optimised (far above the judge's: over-optimisation)")
         self.gate_kl_to_ref = gauge("flywheel_policy_gate_kl_to_ref_nats",
                                     "held-out KL to the initial policy of the last candidate")
         self.gate_perplexity_ratio = gauge("flywheel_policy_gate_perplexity_ratio",

@@ -13,7 +13,11 @@ Why one module holds all three roles:
   run only the top layers from there (Llama-style bodies; others run whole).
 
 Under a bfloat16 autocast the frozen base weights are stored in bfloat16 (no per-forward casts);
-adapters and the value head stay float32 master weights.
+adapters and the value head stay float32 master weights. The LM head and the value head compute in
+float32 outside the autocast (``_float32_logits``, ``_values``): a bfloat16 matmul rounds logits of
+magnitude 8-16 to steps of 1/16, and which way a logit rounds depends on the batch's shape, so the
+rollout's log π_θold and an epoch's log π_θ of identical weights differed by up to ~0.1 nats per
+token (half PPO's clip range). A frozen LM head keeps a float32 copy of its weight for that.
 
 Artifacts (the serving contract, named in ``flywheel.contracts.artifacts``): format "lora" is
 peft's ``save_pretrained`` folder (``adapter_config.json`` + ``adapter_model.safetensors``); format
@@ -25,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +39,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from flywheel.models import resolve_dtype
 
 from flywheel.contracts.artifacts import (FULL_WEIGHTS_FILE, LORA_ADAPTER_FILE, POLICY_FORMAT_FULL, POLICY_FORMAT_LORA,
                                          VALUE_HEAD_FILE)
@@ -107,6 +114,8 @@ class PolicyWithValueHead(torch.nn.Module):
         hidden = int(causal_lm.config.hidden_size)
         self.value_head = torch.nn.Linear(hidden, 1)
         self.reset_value_head()
+        self.register_buffer("lm_head_float32", None, persistent=False)
+        self.register_buffer("reference_head_float32", None, persistent=False)
         self._store_frozen_in_compute_dtype()
         self.eval()
 
@@ -118,14 +127,25 @@ class PolicyWithValueHead(torch.nn.Module):
         return cls(lm, AutoTokenizer.from_pretrained(config.base_model), config)
 
     def reset_value_head(self) -> None:
-        hidden = self.value_head.in_features
-        torch.nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(hidden + 1))
+        """V ≡ 0. A random head adds a random function of the position to every advantage until it
+        has learned (and the value clip lets it move 0.2 per iteration): an incentive for or against
+        length that has nothing to do with the reward. Zero is also the right value to start from
+        when the reward is calibrated (mean 0 over served completions). Not the reward model's
+        head: that reads another backbone's (trained) hidden state at the last token, not this
+        body's at every position."""
+        torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
     def _store_frozen_in_compute_dtype(self) -> None:
         dtype = self.compute_dtype
         if dtype is None:
             return
+        # the heads compute in float32: a frozen head keeps a float32 copy of its weight (taken before
+        # the bfloat16 cast; with tied embeddings the body keeps reading the bfloat16 one)
+        reference_head = None if self.reference_lm is None else self.reference_lm.lm_head
+        for name, head in (("lm_head_float32", self.lm_head), ("reference_head_float32", reference_head)):
+            if _plain_linear(head) and not head.weight.requires_grad:
+                setattr(self, name, head.weight.detach().float().clone())
         for module in (self, self.reference_lm):
             if module is None:
                 continue
@@ -135,8 +155,8 @@ class PolicyWithValueHead(torch.nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
-        name = self.config.autocast_dtype
-        return None if name in ("float32", "fp32") else {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[name]
+        dtype = resolve_dtype(self.config.autocast_dtype)
+        return None if dtype == torch.float32 else dtype
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.compute_dtype is None:
@@ -154,21 +174,43 @@ class PolicyWithValueHead(torch.nn.Module):
         ``frozen_prefix``'s output for these rows, if already computed."""
         with self.autocast():
             hidden = self._hidden(self.body, query_responses, attention_mask, frozen_hidden)
-            hidden = hidden[:, -response_length - 1:-1]
-            return self.lm_head(hidden), self.value_head(hidden).squeeze(-1)
+        hidden = hidden[:, -response_length - 1:-1]
+        return self._float32_logits(self.lm_head, hidden), self._values(hidden)
+
+    def critic_values(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
+                      frozen_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """V(s_t) [B, T] with gradients into the value head only (PPO's critic warm-up): the body runs
+        without gradients, so neither the policy nor its backward pass is touched."""
+        with torch.no_grad(), self.autocast():
+            hidden = self._hidden(self.body, query_responses, attention_mask, frozen_hidden)
+        return self._values(hidden[:, -response_length - 1:-1])
 
     @torch.no_grad()
     def reference_logits(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, response_length: int,
                          frozen_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """π_ref's logits for the last T tokens: the base with adapters disabled (or the frozen copy)."""
-        with self.autocast():
-            if self.reference_lm is not None:
-                body, head = self.reference_lm.model, self.reference_lm.lm_head
-                hidden = self._hidden(body, query_responses, attention_mask)
-                return head(hidden[:, -response_length - 1:-1])
-            with self.lm.disable_adapter():
-                hidden = self._hidden(self.body, query_responses, attention_mask, frozen_hidden)
-                return self.lm_head(hidden[:, -response_length - 1:-1])
+        if self.reference_lm is not None:
+            with self.autocast():
+                hidden = self._hidden(self.reference_lm.model, query_responses, attention_mask)
+            return self._float32_logits(self.reference_lm.lm_head, hidden[:, -response_length - 1:-1])
+        with self.lm.disable_adapter(), self.autocast():
+            hidden = self._hidden(self.body, query_responses, attention_mask, frozen_hidden)
+        return self._float32_logits(self.lm_head, hidden[:, -response_length - 1:-1])
+
+    def _float32_logits(self, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """z = h·Wᵀ in float32, outside any autocast (why: the module docstring)."""
+        if not _plain_linear(head):  # e.g. an adapter on the LM head: its own forward
+            with self.autocast():
+                return head(hidden).float()
+        weight = self.lm_head_float32 if head is self.lm_head else self.reference_head_float32
+        weight = head.weight if weight is None else weight
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), weight.float(), None if head.bias is None else head.bias.float())
+
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        """V(s_t) [B, T] from the float32 value head, outside any autocast."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)
 
     @torch.no_grad()
     def frozen_prefix(self, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -219,9 +261,10 @@ class PolicyWithValueHead(torch.nn.Module):
         step_ids, step_mask = input_ids, attention_mask
         with self.autocast():
             for t in range(response_length):
+                # transformers 5.23 would swallow cache= into its **kwargs and decode without the context
                 hidden = self.body(input_ids=step_ids, attention_mask=step_mask, position_ids=position_ids,
-                                   cache=cache, use_cache=True).last_hidden_state
-                logits = self.lm_head(hidden[:, -1]).float()
+                                   use_cache=True, **cache_argument(self.body, cache)).last_hidden_state
+                logits = self._float32_logits(self.lm_head, hidden[:, -1])
                 if greedy:
                     token = logits.argmax(dim=-1)
                 else:
@@ -264,7 +307,7 @@ class PolicyWithValueHead(torch.nn.Module):
                 context = self.lm.disable_adapter()
         with context, self.autocast():
             hidden = self._hidden(body, input_ids, attention_mask)
-            logits = head(hidden[:, :-1]).float()
+        logits = self._float32_logits(head, hidden[:, :-1])
         targets = input_ids[:, 1:]
         mask = attention_mask[:, 1:].float()
         nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask
@@ -333,6 +376,22 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = 
             input_ids[row, columns] = torch.tensor(list(sequence))
             attention_mask[row, columns] = 1
     return input_ids, attention_mask
+
+
+def cache_argument(model: torch.nn.Module, cache) -> dict:
+    """The KV-cache keyword of ``model.forward``: ``cache`` from transformers 5.24, ``past_key_values``
+    before (pyproject allows both). The same rule as ``serving.model_runner.cache_argument``, which
+    the import layers keep training from importing."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _plain_linear(module: torch.nn.Module | None) -> bool:
+    return type(module) is torch.nn.Linear
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """One PPO run, end to end.
 
 1. Take the run lock (one policy run at a time; a dead worker's lock expires).
-2. Load the current reward model (no reward model yet: skip).
+2. Load the current reward model's two members, calibrated (no reward model yet: skip): PPO
+   optimises the ``policy`` member; the gate measures with the ``judge``, trained on other groups.
 3. Collect prompts: the served groups in Redis plus the optional prompt file; split off the
-   held-out slice by a hash of the prompt.
+   held-out slice by a hash of the prompt (no held-out prompts: skip, never judge on training ones).
 4. Start from the current policy (its LoRA adapter and value head, when it was trained on the
-   same base), evaluate it on the held-out prompts, run ``policy_iterations`` PPO iterations,
-   evaluate the candidate.
+   same base) and the last run's adaptive-KL state, evaluate it on the held-out prompts, run
+   ``policy_iterations`` PPO iterations, evaluate the candidate (``training.policy_gate``: several
+   samples per prompt, paired by a seed drawn for this run).
 5. Write the candidate as a new version (temp folder + rename, checksums in the manifest), then
    promote it if it passes the gate, else mark it rejected with its figures.
 
@@ -27,7 +29,8 @@ import redis as redis_lib
 import torch
 
 from flywheel.config import FlywheelConfig, PolicyRunConfig
-from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND, REWARD_MODEL_WEIGHTS_FILE, verify_version
+from flywheel.contracts.artifacts import (POLICY_KIND, POLICY_MEMBER, REWARD_MODEL_KIND, REWARD_MODEL_MEMBER_FILES,
+                                          REWARD_MODEL_MEMBERS, verify_version)
 from flywheel.contracts.heldout import split_prompts
 from flywheel.contracts.keys import POLICY_RUN_LOCK_KEY
 from flywheel.models import resolve_compute_dtype, resolve_model_path
@@ -38,6 +41,7 @@ from training.policy_gate import (GateDecision, PolicyEvaluation, PolicyGateConf
 from training.policy_model import LORA, PolicyModelConfig, PolicyWithValueHead
 from training.policy_prompts import DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS, file_prompts, load_texts, served_prompts
 from training.policy_reward import RewardModelScorer
+from training.reward_model import RewardCalibration
 from training.ppo import PPOConfig, PPOStats, PPOTrainer
 from training.reward_model import RewardModel, RewardModelConfig
 from training.run import RunReport, TrainingRun
@@ -58,12 +62,17 @@ def ppo_config(section: PolicyRunConfig, seed: int) -> PPOConfig:
                      rollout_batch_size=section.batch_size, ppo_epochs=section.ppo_epochs,
                      response_length=section.response_length, temperature=section.temperature,
                      learning_rate=section.learning_rate, kl_coef=section.kl_coef,
-                     kl_target=section.kl_target or None, ptx_coef=section.ptx_coef, seed=seed)
+                     kl_target=section.kl_target or None, ptx_coef=section.ptx_coef,
+                     advantage_estimator=section.advantage_estimator, samples_per_prompt=section.samples_per_prompt,
+                     critic_warmup_iterations=section.critic_warmup_iterations,
+                     missing_eos_penalty=section.missing_eos_penalty, seed=seed)
 
 
-def gate_config(section: PolicyRunConfig) -> PolicyGateConfig:
+def gate_config(section: PolicyRunConfig, seed: int) -> PolicyGateConfig:
     return PolicyGateConfig(min_reward_gain=section.min_reward_gain, kl_budget=section.kl_budget,
-                            perplexity_margin=section.perplexity_margin, response_length=section.response_length)
+                            perplexity_margin=section.perplexity_margin, response_length=section.response_length,
+                            temperature=section.temperature, samples_per_prompt=section.gate_samples_per_prompt,
+                            seed=seed)
 
 
 class PolicyModelCache:
@@ -73,8 +82,7 @@ class PolicyModelCache:
     def __init__(self) -> None:
         self._policy_key = None
         self._policy: PolicyWithValueHead | None = None
-        self._reward_key = None
-        self._reward: RewardModel | None = None
+        self._rewards: dict[str, tuple[tuple, RewardModel]] = {}
 
     def policy(self, config: PolicyModelConfig) -> PolicyWithValueHead:
         key = repr(asdict(config))
@@ -86,9 +94,10 @@ class PolicyModelCache:
             self._policy_key = key
         return self._policy
 
-    def reward_model(self, record: VersionRecord, folder: Path) -> RewardModel:
+    def reward_model(self, record: VersionRecord, folder: Path, member: str = POLICY_MEMBER) -> RewardModel:
         key = (record.version, str(folder))
-        if self._reward_key != key:
+        cached = self._rewards.get(member)
+        if cached is None or cached[0] != key:
             stored = dict(record.manifest.get("model", {}))
             config = RewardModelConfig(backbone=stored["backbone"],
                                        trainable_layers=int(stored.get("trainable_layers", 4)),
@@ -96,10 +105,10 @@ class PolicyModelCache:
                                        autocast_dtype=stored.get("autocast_dtype", "float32"))
             verify_version(folder)  # a corrupt reward model is refused, not trained against
             model = RewardModel.from_backbone(config)
-            model.load_stored(folder / REWARD_MODEL_WEIGHTS_FILE)
+            model.load_stored(folder / REWARD_MODEL_MEMBER_FILES[member])
             model.requires_grad_(False)
-            self._reward, self._reward_key = model.eval(), key
-        return self._reward
+            self._rewards[member] = (key, model.eval())
+        return self._rewards[member][1]
 
 
 def run_policy_training(config: FlywheelConfig, client: redis_lib.Redis, *, who: str = "",
@@ -132,6 +141,10 @@ class PolicyRun(TrainingRun):
         self.reward_record = self.rewards.current()
         if self.reward_record is None:
             return "no reward model yet"
+        members = self.reward_record.manifest.get("members", {})
+        if set(members) != set(REWARD_MODEL_MEMBERS):
+            return (f"reward model v{self.reward_record.version} has no independent judge member (trained before "
+                    "reward models had two): the gate could only judge PPO by the reward it optimised")
         self.model_config = policy_model_config(self.config)
         self.policy = policy = self.cache.policy(self.model_config)
         prompts = served_prompts(self.client, policy.tokenizer, section.max_prompts)
@@ -141,18 +154,26 @@ class PolicyRun(TrainingRun):
         self.held_out = held_out[:section.max_heldout]
         if len(self.train_prompts) < max(section.min_prompts, 1):
             return f"{len(self.train_prompts)} training prompts, fewer than {section.min_prompts}"
-        if not self.held_out:  # tiny traffic: evaluate on a few training prompts rather than on nothing
-            self.held_out = self.train_prompts[:section.max_heldout]
+        if len(self.held_out) < 2:  # the gate's evidence is over held-out prompts, never training ones
+            return (f"{len(self.held_out)} held-out prompts (policy_heldout_fraction {section.heldout_fraction} of "
+                    f"{len(prompts)} served): too few for the gate to judge a candidate on")
         return None
 
     def set_up(self, current: VersionRecord | None) -> None:
         section, policy = self.section, self.policy
         self.parent = _warm_start(policy, self.registry, current, self.model_config)
-        reward_model = self.cache.reward_model(self.reward_record, self.rewards.path(self.reward_record.version))
-        self.scorer = RewardModelScorer(reward_model, eos_id=policy.eos_id, pad_id=policy.pad_id)
+        folder = self.rewards.path(self.reward_record.version)
+        self.scorers = {
+            member: RewardModelScorer(self.cache.reward_model(self.reward_record, folder, member), eos_id=policy.eos_id,
+                                      pad_id=policy.pad_id, policy_tokenizer=policy.tokenizer,
+                                      calibration=RewardCalibration.from_dict(entry["calibration"]))
+            for member, entry in self.reward_record.manifest["members"].items()}
         seed = secrets.randbits(31) if section.seed is None else section.seed
         self.ppo = ppo_config(section, seed)
-        self.gate_config = gate_config(section)
+        # a fresh seed for the gate's draws every run (sample j of both policies from seed + j): a
+        # fixed one would let a run be tuned, by chance, to the gate's one set of draws
+        self.gate_config = gate_config(section, secrets.randbits(31))
+        self.kl_state = _last_kl_state(self.registry)
         self.heldout_text = policy.text_batches(load_texts(Path(section.heldout_corpus or DEFAULT_HELDOUT_CORPUS)),
                                                 8, 256)
         self.ptx_texts = load_texts(Path(section.ptx_corpus or DEFAULT_PTX_CORPUS)) if self.ppo.ptx_coef > 0 else []
@@ -163,11 +184,12 @@ class PolicyRun(TrainingRun):
         self.reference_perplexity = perplexity(policy, self.heldout_text, reference=True)
 
     def evaluate(self) -> PolicyEvaluation:
-        return evaluate_policy(self.policy, self.scorer, self.held_out, self.heldout_text, self.gate_config)
+        return evaluate_policy(self.policy, self.scorers, self.held_out, self.heldout_text, self.gate_config)
 
     def train(self) -> None:
-        trainer = PPOTrainer(self.policy, self.scorer, self.ppo, ptx_texts=self.ptx_texts,
-                             progress=_progress_reporter(self.metrics, self.ppo.batch_size, time.monotonic()))
+        trainer = PPOTrainer(self.policy, self.scorers[POLICY_MEMBER], self.ppo, ptx_texts=self.ptx_texts,
+                             progress=_progress_reporter(self.metrics, self.ppo.batch_size, time.monotonic()),
+                             kl_state=self.kl_state)
         self.result = trainer.train(self.train_prompts, self.iterations)
 
     def gate(self, current: VersionRecord | None, before: PolicyEvaluation, after: PolicyEvaluation) -> GateDecision:
@@ -192,6 +214,7 @@ class PolicyRun(TrainingRun):
                         "prompts_file": self.section.prompts_file or None},
             "model": asdict(self.model_config),
             "ppo": asdict(self.ppo) | {"iterations": self.iterations},
+            "kl_controller": {"start": self.kl_state, "end": result.kl_state},
             "gate": asdict(self.gate_config) | {"passed": decision.passed, "why": decision.why},
             "iterations": [s.to_dict() for s in result.iterations],
             "duration_seconds": time.monotonic() - started,
@@ -203,7 +226,9 @@ class PolicyRun(TrainingRun):
     def record_metrics(self, after: PolicyEvaluation, decision: GateDecision) -> None:
         metrics = self.metrics
         for gauge, figure in ((metrics.gate_reward_gain, "reward_gain"), (metrics.gate_kl_to_ref, "kl_to_ref"),
-                              (metrics.gate_perplexity_ratio, "perplexity_ratio")):
+                              (metrics.gate_perplexity_ratio, "perplexity_ratio"),
+                              (metrics.gate_reward_gain_lower_bound, "reward_gain_low"),
+                              (metrics.gate_policy_member_gain, "policy_member_gain")):
             if isinstance(decision.figures[figure], float):
                 gauge.set(decision.figures[figure])
 
@@ -222,6 +247,16 @@ def _warm_start(policy: PolicyWithValueHead, registry, current: VersionRecord | 
         return current.version
     policy.load_version(registry.path(current.version), manifest["format"])
     return current.version
+
+
+def _last_kl_state(registry) -> dict | None:
+    """Where the adaptive β got to in the last PPO run (promoted or not: that is where it was
+    adapted to), so that it keeps adapting across runs instead of restarting each time."""
+    for record in sorted(registry.versions(), key=lambda r: r.version, reverse=True):
+        state = record.manifest.get("kl_controller", {}).get("end")
+        if state:
+            return state
+    return None
 
 
 def _progress_reporter(metrics: PPOMetrics | None, batch_size: int, started: float):

@@ -3,17 +3,28 @@ CleanRL's single-file PPO: every step of one iteration is a visible function.
 
 One iteration (``PPOTrainer.step``):
 
-1. rollout: sample a response y to each prompt x from π_θ (batched, KV cache); keep per response
-   token the log-prob log π_θold(y_t), the reference log-prob log π_ref(y_t) and the value V(s_t);
-   score (x, y) with the reward model r_φ.
+1. rollout: sample a response y to each prompt x from π_θ at temperature τ (batched, KV cache);
+   keep per response token the log-prob log π_θold(y_t), the reference log-prob log π_ref(y_t) (both
+   of softmax(z/τ), the distribution sampled from) and the value V(s_t); score (x, y) with the
+   reward model r_φ.
 2. rewards with a KL penalty: r_t = −β·(log π_θold(y_t) − log π_ref(y_t)) for every token, plus
    r_φ(x, y) at the last token (``kl_penalized_rewards``); β fixed or adapted to a KL target
-   (``AdaptiveKLController``, Ziegler et al., 2019).
+   (``AdaptiveKLController``, Ziegler et al., 2019). A response cut at ``response_length``
+   without an EOS has ``missing_eos_penalty`` taken off its score (``missing_eos_penalized``).
 3. GAE: advantages Â_t and returns from the rewards and values, advantages whitened
-   (``gae_advantages``, ``whiten``).
+   (``gae_advantages``, ``whiten``). The value head starts at zero, so the first rollout's
+   advantages are the rewards-to-go alone: a random critic would add −V(s_t) terms that depend on
+   the position, i.e. an incentive for or against length.
+   With ``advantage_estimator="rloo"`` (REINFORCE leave-one-out, Ahmadian et al., 2024, as
+   OpenRLHF's ``--advantage_estimator rloo``) there is no critic: each prompt is rolled out
+   ``samples_per_prompt`` = k times in the batch, a sample's score is replaced by its score minus
+   the mean score of the prompt's k − 1 other samples (``leave_one_out_scores``), and a token's
+   advantage is the sum of the rewards from it to the end (``rewards_to_go``): that score plus the
+   KL penalties still to come. Not whitened.
 4. several epochs over shuffled minibatches: the clipped surrogate loss (``clipped_policy_loss``),
-   the clipped value loss (``clipped_value_loss``) and, for PPO-ptx, γ times the language-model
-   loss on a pretraining text batch (``pretraining_loss``).
+   the clipped value loss (``clipped_value_loss``; not with rloo) and, for PPO-ptx, γ times the
+   language-model loss on a pretraining text batch (``pretraining_loss``). During the first
+   ``critic_warmup_iterations`` only the value loss is optimised.
 
 The policy is a ``PolicyWithValueHead`` (one forward gives the logits and the values; π_ref is the
 same backbone with its LoRA adapters disabled). Responses are right-aligned after left-padded
@@ -45,7 +56,7 @@ class PPOConfig:
     """How one PPO run trains (names as in TRL's ``PPOConfig`` where they mean the same)."""
 
     batch_size: int = 64
-    """Episodes (prompts, one response each) per PPO iteration."""
+    """Episodes (responses) per PPO iteration: batch_size / samples_per_prompt prompts."""
     mini_batch_size: int = 8
     """Episodes per optimizer step; an iteration makes ppo_epochs · batch_size / mini_batch_size steps."""
     rollout_batch_size: int = 64
@@ -53,6 +64,7 @@ class PPOConfig:
     ppo_epochs: int = 4
     response_length: int = 48
     temperature: float = 1.0
+    """τ of the rollouts; every log-prob of a response (old, reference, new) is taken at τ too."""
     learning_rate: float = 1e-4
     max_grad_norm: float = 1.0
     gamma: float = 1.0
@@ -61,11 +73,26 @@ class PPOConfig:
     """ε of the clipped surrogate objective."""
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
+    critic_warmup_iterations: int = 0
+    """The first iterations train the value head alone (unclipped value loss, the policy and the
+    shared body frozen), so the critic catches up before its errors shape the advantages (OpenRLHF's
+    ``freezing_actor_steps``). 0 by default: the value head starts at V = 0, which is already the
+    right baseline for a calibrated reward (mean 0 over served completions) and adds no
+    position-dependent term to GAE; each warm-up iteration costs a whole rollout of the budget."""
     kl_coef: float = 0.05
     """β: weight of the per-token KL penalty (the initial value when adaptive)."""
     kl_target: float | None = None
     """Adapt β so that the mean KL per response approaches this (nats); None = fixed β."""
-    kl_horizon: int = 10000
+    kl_horizon: int | None = None
+    """Episodes over which the adaptive β may move by a factor of about e^±0.2. None = the run's own
+    episodes (``iterations`` · ``batch_size``, set by ``train``): Ziegler et al.'s 10,000 is made for
+    runs of millions of episodes, and against a run of 256 it kept β where it started (±0.5%)."""
+    missing_eos_penalty: float = 1.0
+    """Taken off the score of a response cut at ``response_length`` without an EOS (TRL's
+    ``missing_eos_penalty``). The reward model scores a cut response as if it had ended there, so
+    without this PPO is paid for unfinished answers. 1.0 is one standard deviation of a calibrated
+    reward over served completions (TRL's examples use 1.0 too): a cut answer must beat a finished
+    one by that much to be worth it. 0 turns it off."""
     whiten_rewards: bool = False
     ptx_coef: float = 0.0
     """γ of PPO-ptx: weight of the language-model loss on pretraining text; 0 = plain PPO."""
@@ -73,8 +100,16 @@ class PPOConfig:
     ptx_max_length: int = 128
     max_prompt_length: int = 256
     """Longer prompts are cut from the left."""
+    advantage_estimator: str = "gae"
+    """"gae": the critic and GAE (PPO as in InstructGPT). "rloo": REINFORCE leave-one-out baselines
+    over ``samples_per_prompt`` samples of each prompt, no critic (see the module docstring)."""
+    samples_per_prompt: int = 1
+    """k: responses sampled for each prompt in one batch (rloo needs k ≥ 2)."""
     seed: int = 0
     log_every_seconds: float = 10.0
+
+
+ADVANTAGE_ESTIMATORS = ("gae", "rloo")
 
 
 # ---- the pieces of the objective, on tensors ----
@@ -101,6 +136,26 @@ def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, sco
     last = (mask.sum(dim=1).long() - 1).clamp(min=0)
     rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
     return rewards, kl
+
+
+def missing_eos_penalized(scores: torch.Tensor, truncated: torch.Tensor, penalty: float) -> torch.Tensor:
+    """score − penalty for each response cut at the length limit (``truncated`` [B] bool)."""
+    return scores - penalty * truncated.float()
+
+
+def leave_one_out_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """RLOO's baseline: each score minus the mean of the other k − 1 scores of its prompt (the
+    samples of a prompt are k consecutive rows). Sums to 0 over a prompt's samples; unbiased,
+    since a sample's baseline does not depend on the sample itself."""
+    grouped = scores.view(-1, k)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).flatten()
+
+
+def rewards_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_{t' ≥ t} r_t' per token (γ = 1, as OpenRLHF's rloo): REINFORCE's return, 0 past the end."""
+    rewards = rewards * mask
+    return rewards.flip(dims=[1]).cumsum(dim=1).flip(dims=[1]) * mask
 
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
@@ -150,15 +205,19 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return loss, stats
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H(π(·|s_t)) per position: logsumexp(z) − Σ softmax(z)·z."""
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """H(π(·|s_t)) per position of the distribution sampled from, softmax(z/τ):
+    logsumexp(z/τ) − Σ softmax(z/τ)·z/τ."""
+    logits = logits.float() / temperature
     probabilities = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probabilities * logits).sum(dim=-1)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log π(y_t) of the given tokens, in float32."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(y_t) of the given tokens under softmax(z/τ), in float32. Responses are sampled at τ,
+    so every log-prob of them (π_θold, π_ref, π_θ, the gate's KL) must be taken at the same τ:
+    at τ = 1 the ratio ρ and the KL would describe a policy that never produced the samples."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 # ---- β ----
@@ -169,10 +228,16 @@ class FixedKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         pass
 
+    def state_dict(self) -> dict:
+        return {"kind": "fixed", "value": self.value}
+
 
 class AdaptiveKLController:
     """β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon) (Ziegler et al., 2019): a proportional
-    controller that keeps the KL to π_ref near ``target`` nats per response."""
+    controller that keeps the KL to π_ref near ``target`` nats per response.
+
+    A controller adapts over many runs, not one: ``state_dict`` is what a run stores (plain JSON)
+    and ``from_state`` continues from it, so the next run starts from the β the last one reached."""
 
     def __init__(self, kl_coef: float, target: float, horizon: int) -> None:
         self.value = kl_coef
@@ -182,6 +247,30 @@ class AdaptiveKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1))
         self.value *= 1 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"kind": "adaptive", "value": self.value, "target": self.target, "horizon": self.horizon}
+
+    @classmethod
+    def from_state(cls, state: dict, target: float | None = None, horizon: int | None = None) -> "AdaptiveKLController":
+        """Continue from a stored β; ``target`` and ``horizon`` (this run's) replace the stored ones."""
+        value = float(state["value"])
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"not a usable KL coefficient in the stored state: {state!r}")
+        return cls(value, float(target if target is not None else state["target"]),
+                   int(horizon if horizon is not None else state["horizon"]))
+
+
+def kl_controller(config: PPOConfig, state: dict | None = None) -> FixedKLController | AdaptiveKLController:
+    """β's controller: adaptive towards ``kl_target`` when set (from a previous run's ``state`` when
+    given, else from ``kl_coef``), fixed at ``kl_coef`` otherwise. An unset horizon is one
+    iteration's episodes until ``PPOTrainer.train`` sizes it to the run."""
+    if not config.kl_target:
+        return FixedKLController(config.kl_coef)
+    horizon = config.kl_horizon or config.batch_size
+    if state is not None and "value" in state:
+        return AdaptiveKLController.from_state(state, target=config.kl_target, horizon=horizon)
+    return AdaptiveKLController(config.kl_coef, config.kl_target, horizon)
 
 
 # ---- one iteration ----
@@ -200,6 +289,8 @@ class Rollout:
     values: torch.Tensor
     scores: torch.Tensor
     """[B]: the reward model's score of each (prompt, response)."""
+    truncated: torch.Tensor
+    """[B] bool: the response reached ``response_length`` without an EOS."""
     frozen_hidden: torch.Tensor | None = None
     """[B, P + T, H]: output of the policy's frozen bottom layers, reused by every epoch."""
 
@@ -210,12 +301,13 @@ class PPOStats:
 
     mean_score: float
     mean_reward: float
-    """score − β·KL, per response."""
+    """score − missing-EOS penalty − β·KL, per response."""
     kl_to_ref: float
     """Σ_t log π(y_t) − log π_ref(y_t), per response (nats)."""
     kl_coef: float
     policy_loss: float
     value_loss: float
+    """0 with rloo (no critic)."""
     clipfrac: float
     approx_kl: float
     entropy: float
@@ -224,6 +316,11 @@ class PPOStats:
     episodes: int
     seconds: float
     rollout_seconds: float
+    truncated_fraction: float = 0.0
+    """Responses cut at ``response_length`` without an EOS."""
+    critic_warmup: bool = False
+    """A critic warm-up iteration: the policy was not updated (policy_loss, clipfrac, approx_kl and
+    entropy are 0)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -233,6 +330,8 @@ class PPOStats:
 class TrainResult:
     iterations: list[PPOStats] = field(default_factory=list)
     seconds: float = 0.0
+    kl_state: dict | None = None
+    """The KL controller's state at the end (``state_dict``): what the next run continues from."""
 
     @property
     def last(self) -> PPOStats | None:
@@ -243,9 +342,21 @@ class PPOTrainer:
     """Improves a ``PolicyWithValueHead`` against a reward function with PPO (see module doc)."""
 
     def __init__(self, policy: PolicyWithValueHead, reward_fn: RewardFunction, config: PPOConfig,
-                 ptx_texts: Sequence[str] = (), progress: Callable[[int, int, float, PPOStats], None] | None = None):
+                 ptx_texts: Sequence[str] = (), progress: Callable[[int, int, float, PPOStats], None] | None = None,
+                 kl_state: dict | None = None):
+        """``kl_state``: a previous run's ``kl_controller.state_dict()`` (``TrainResult.kl_state``), to
+        continue the adaptive β from."""
         if config.batch_size % config.mini_batch_size:
             raise ValueError("batch_size must be a multiple of mini_batch_size")
+        if not config.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (log-probs are taken at it), got {config.temperature}")
+        if config.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got "
+                             f"{config.advantage_estimator!r}")
+        if config.advantage_estimator == "rloo" and config.samples_per_prompt < 2:
+            raise ValueError("rloo needs samples_per_prompt >= 2 (a sample's baseline is the others' mean)")
+        if config.samples_per_prompt < 1 or config.batch_size % config.samples_per_prompt:
+            raise ValueError("batch_size must be a multiple of samples_per_prompt")
         self.policy = policy
         self.reward_fn = reward_fn
         self.config = config
@@ -253,8 +364,9 @@ class PPOTrainer:
         self.pad_id = policy.pad_id
         self.optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
                                            lr=config.learning_rate, eps=1e-5)
-        self.kl_controller = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-                              if config.kl_target else FixedKLController(config.kl_coef))
+        self.kl_controller = kl_controller(config, kl_state)
+        self.iteration = 0
+        """PPO iterations (updates) done by this trainer."""
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.ptx_batches = (policy.text_batches(ptx_texts, config.ptx_batch_size, config.ptx_max_length)
@@ -271,30 +383,50 @@ class PPOTrainer:
                 generator=self.generator)
             frozen = self.policy.frozen_prefix(query_responses, attention_mask)
             logits, values = self.policy(query_responses, attention_mask, responses.shape[1], frozen)
-            logprobs = token_logprobs(logits, responses)
+            logprobs = token_logprobs(logits, responses, self.config.temperature)
             del logits
             ref_logits = self.policy.reference_logits(query_responses, attention_mask, responses.shape[1], frozen)
-            ref_logprobs = token_logprobs(ref_logits, responses)
+            ref_logprobs = token_logprobs(ref_logits, responses, self.config.temperature)
             del ref_logits
             prompt_ids = [p.token_ids[-self.config.max_prompt_length:] for p in chunk]
             response_ids = [row[:int(n)].tolist() for row, n in zip(responses, response_mask.sum(dim=1))]
             scores = self.reward_fn(prompt_ids, response_ids).float()
+            truncated = ~(responses == self.policy.eos_id).any(dim=1)
             parts.append((query_responses, attention_mask, responses, response_mask, logprobs, ref_logprobs,
-                          values.float(), scores, frozen))
-        frozen = None if parts[0][8] is None else _cat_padded([p[8] for p in parts], left=True, pad=0)
+                          values.float(), scores, truncated, frozen))
+        frozen = None if parts[0][9] is None else _cat_padded([p[9] for p in parts], left=True, pad=0)
         return Rollout(*[_cat_padded([p[i] for p in parts], left=i < 2, pad=self.pad_id if i == 0 else 0)
-                         for i in range(8)], frozen_hidden=frozen)
+                         for i in range(9)], frozen_hidden=frozen)
 
-    # 2-4. rewards, GAE, minibatch epochs
-    def update(self, rollout: Rollout) -> dict[str, float]:
+    # 2-3. rewards with the KL penalty, advantages
+    def advantages_and_returns(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(advantages before any whitening, returns (the critic's targets), per-token KL), all [B, T]."""
         c = self.config
         mask = rollout.response_mask
-        rewards, kl = kl_penalized_rewards(rollout.logprobs, rollout.ref_logprobs, rollout.scores, mask,
+        scores = missing_eos_penalized(rollout.scores, rollout.truncated, c.missing_eos_penalty)
+        if c.advantage_estimator == "rloo":
+            scores = leave_one_out_scores(scores, c.samples_per_prompt)
+        rewards, kl = kl_penalized_rewards(rollout.logprobs, rollout.ref_logprobs, scores, mask,
                                            self.kl_controller.value)
         if c.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
+        if c.advantage_estimator == "rloo":
+            advantages = rewards_to_go(rewards, mask)
+            return advantages, advantages, kl
         advantages, returns = gae_advantages(rewards, rollout.values, mask, c.gamma, c.lam)
-        advantages = whiten(advantages, mask)
+        return advantages, returns, kl
+
+    # 4. minibatch epochs
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        c = self.config
+        mask = rollout.response_mask
+        advantages, returns, kl = self.advantages_and_returns(rollout)
+        train_critic = c.advantage_estimator == "gae"  # rloo has no critic
+        if train_critic:
+            advantages = whiten(advantages, mask)
+        train_policy = not train_critic or self.iteration >= c.critic_warmup_iterations
+        # the warm-up fits the critic to the returns: no trust region around a critic that knows nothing
+        cliprange_value = c.cliprange_value if train_policy else math.inf
 
         sums: dict[str, float] = {}
         steps = 0
@@ -310,42 +442,55 @@ class PPOTrainer:
                 first = _first_used_column(rollout.attention_mask[idx], response_length)
                 qr, am = rollout.query_responses[idx, first:], rollout.attention_mask[idx, first:]
                 frozen = None if rollout.frozen_hidden is None else rollout.frozen_hidden[idx, first:]
-                logits, values = self.policy(qr, am, response_length, frozen)
-                new_logprobs = token_logprobs(logits, rollout.responses[idx])
-                pg_loss, pg_stats = clipped_policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx], mb_mask,
-                                                        c.cliprange)
-                vf_loss, vf_stats = clipped_value_loss(values.float(), rollout.values[idx], returns[idx], mb_mask,
-                                                       c.cliprange_value)
-                loss = pg_loss + c.vf_coef * vf_loss
-                ptx = None
-                if self.ptx_batches:
-                    ptx = self.policy.language_model_loss(*self.ptx_batches[steps % len(self.ptx_batches)])
-                    loss = loss + c.ptx_coef * ptx
+                if train_policy:
+                    logits, values = self.policy(qr, am, response_length, frozen)
+                else:  # critic warm-up: gradients reach the value head only
+                    logits, values = None, self.policy.critic_values(qr, am, response_length, frozen)
+                loss = torch.zeros(())
+                figures = {}
+                if train_critic:
+                    vf_loss, vf_stats = clipped_value_loss(values.float(), rollout.values[idx], returns[idx], mb_mask,
+                                                           cliprange_value)
+                    loss = loss + c.vf_coef * vf_loss
+                    figures |= {"value_loss": vf_loss.detach()} | vf_stats
+                if train_policy:
+                    new_logprobs = token_logprobs(logits, rollout.responses[idx], c.temperature)
+                    pg_loss, pg_stats = clipped_policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx],
+                                                            mb_mask, c.cliprange)
+                    loss = loss + pg_loss
+                    figures |= {"policy_loss": pg_loss.detach()} | pg_stats
+                    if self.ptx_batches:
+                        ptx = self.policy.language_model_loss(*self.ptx_batches[steps % len(self.ptx_batches)])
+                        loss = loss + c.ptx_coef * ptx
+                        figures["ptx_loss"] = ptx.detach()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad],
                                                c.max_grad_norm)
                 self.optimizer.step()
-                with torch.no_grad():
-                    entropy = masked_mean(entropy_from_logits(logits.float()), mb_mask)
-                figures = {"policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(), "entropy": entropy}
-                figures |= pg_stats | vf_stats
-                if ptx is not None:
-                    figures["ptx_loss"] = ptx.detach()
+                if train_policy:
+                    with torch.no_grad():
+                        figures["entropy"] = masked_mean(entropy_from_logits(logits, c.temperature), mb_mask)
                 for name, value in figures.items():
                     sums[name] = sums.get(name, 0.0) + float(value)
                 steps += 1
         self.policy.eval()
-        means = {name: value / max(steps, 1) for name, value in sums.items()}
+        # what an iteration did not compute: the policy's figures in a critic warm-up, the critic's with rloo
+        means = {"policy_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "value_loss": 0.0}
+        means |= {name: value / max(steps, 1) for name, value in sums.items()}
         per_response_kl = kl.sum(dim=1)
+        scores = missing_eos_penalized(rollout.scores, rollout.truncated, c.missing_eos_penalty)
         means |= {"kl_to_ref": float(per_response_kl.mean()),
-                  "mean_reward": float((rollout.scores - self.kl_controller.value * per_response_kl).mean()),
-                  "kl_coef": self.kl_controller.value}
+                  "mean_reward": float((scores - self.kl_controller.value * per_response_kl).mean()),
+                  "kl_coef": self.kl_controller.value, "critic_warmup": not train_policy}
         self.kl_controller.update(means["kl_to_ref"], batch)
+        self.iteration += 1
         return means
 
     def step(self, prompts: Sequence[Prompt]) -> PPOStats:
+        """One iteration on ``prompts``, each rolled out ``samples_per_prompt`` times."""
         started = time.monotonic()
+        prompts = [prompt for prompt in prompts for _ in range(self.config.samples_per_prompt)]
         rollout = self.rollout(prompts)
         rollout_seconds = time.monotonic() - started
         figures = self.update(rollout)
@@ -355,19 +500,23 @@ class PPOTrainer:
             value_loss=figures["value_loss"], clipfrac=figures["clipfrac"], approx_kl=figures["approx_kl"],
             entropy=figures["entropy"], ptx_loss=figures.get("ptx_loss"),
             response_length=float(rollout.response_mask.sum(dim=1).float().mean()), episodes=len(prompts),
-            seconds=time.monotonic() - started, rollout_seconds=rollout_seconds)
+            seconds=time.monotonic() - started, rollout_seconds=rollout_seconds,
+            truncated_fraction=float(rollout.truncated.float().mean()), critic_warmup=figures["critic_warmup"])
 
     def train(self, prompts: Sequence[Prompt], iterations: int) -> TrainResult:
-        """``iterations`` PPO iterations of ``batch_size`` prompts each, drawn from ``prompts``
-        (reshuffled whenever they run out). Progress (rate, ETA) is logged and passed to ``progress``."""
+        """``iterations`` PPO iterations of ``batch_size`` episodes each (batch_size / samples_per_prompt
+        prompts, drawn from ``prompts``, reshuffled whenever they run out). Progress (rate, ETA) is
+        logged and passed to ``progress``."""
         if not prompts:
             raise ValueError("no prompts to train on")
+        if isinstance(self.kl_controller, AdaptiveKLController) and self.config.kl_horizon is None:
+            self.kl_controller.horizon = iterations * self.config.batch_size  # β adapts within the run
         result = TrainResult()
         started = time.monotonic()
         pool: list[Prompt] = []
         for iteration in range(1, iterations + 1):
             batch: list[Prompt] = []
-            while len(batch) < self.config.batch_size:
+            while len(batch) < self.config.batch_size // self.config.samples_per_prompt:
                 if not pool:
                     pool = list(prompts)
                     self.rng.shuffle(pool)
@@ -387,6 +536,7 @@ class PPOTrainer:
                 log.warning("PPO stopped at iteration %d: a loss is not finite", iteration)
                 break
         result.seconds = time.monotonic() - started
+        result.kl_state = self.kl_controller.state_dict()
         return result
 
 

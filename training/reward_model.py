@@ -16,6 +16,13 @@ Artifacts: a version stores the *trained* parameters only (the scalar head, the 
 ``model.safetensors``; the frozen rest is the backbone folder named in the manifest, which never
 changes. For SmolLM2-135M with 4 trained layers that is ~56 MB per version instead of 540 MB. With
 ``trainable_layers=-1`` every parameter is trained and stored.
+
+Calibration: the ranking loss sees only score differences, so a version's offset (and scale) is
+whatever its initialization and training left, about ±2 on SmolLM2. A version is normalized
+instead (``RewardCalibration``: mean 0, standard deviation 1 of its raw scores over a reference set
+of served completions, stored in its manifest), as InstructGPT shifts its reward model so that the
+demonstrations score 0 on average: PPO's reward, its missing-EOS penalty, its KL coefficient and
+the gate's minimum gain then mean the same thing for every version.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from flywheel.models import resolve_dtype
 
 from flywheel.contracts.artifacts import REWARD_MODEL_WEIGHTS_FILE
 
@@ -110,9 +119,8 @@ class RewardModel(torch.nn.Module):
     @property
     def compute_dtype(self) -> torch.dtype | None:
         """The autocast dtype, None for plain float32."""
-        if self.config.autocast_dtype in ("float32", "fp32"):
-            return None
-        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16}[self.config.autocast_dtype]
+        dtype = resolve_dtype(self.config.autocast_dtype)
+        return None if dtype == torch.float32 else dtype
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.compute_dtype is None:
@@ -134,9 +142,11 @@ class RewardModel(torch.nn.Module):
         state = self.state_dict()
         return {n: state[n].detach().to(torch.float32).contiguous().clone() for n in sorted(names)}
 
-    def save(self, directory: Path, keys: set[str] | None = None) -> list[str]:
+    def save(self, directory: Path, keys: set[str] | None = None,
+             file_name: str = REWARD_MODEL_WEIGHTS_FILE) -> list[str]:
+        """Write the stored parameters to ``directory/file_name`` (one file per member)."""
         state = self.stored_state_dict(keys)
-        save_file(state, str(Path(directory) / REWARD_MODEL_WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(state, str(Path(directory) / file_name), metadata={"format": "pt"})
         return list(state)
 
     def load_stored(self, path: Path) -> list[str]:
@@ -147,6 +157,44 @@ class RewardModel(torch.nn.Module):
             raise ValueError(f"{path} holds parameters this model does not have: {sorted(missing)[:5]}")
         self.load_state_dict(state, strict=False)
         return list(state)
+
+
+# ---- calibration ----
+@dataclass(frozen=True)
+class RewardCalibration:
+    """Mean and standard deviation of a version's raw scores over a reference set of ``count``
+    (prompt, completion) pairs; ``normalize`` maps raw scores to (r − mean) / std."""
+
+    mean: float
+    std: float
+    count: int
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0 and self.count >= 2):
+            raise ValueError(f"not a usable calibration: mean {self.mean}, std {self.std}, count {self.count}")
+
+    @classmethod
+    def from_scores(cls, scores: torch.Tensor) -> "RewardCalibration":
+        """From the raw scores of a reference set (at least 2, not all equal)."""
+        scores = scores.detach().double().flatten()
+        if scores.numel() < 2:
+            raise ValueError(f"calibration needs at least 2 reference scores, got {scores.numel()}")
+        std = float(scores.std())
+        if not std > 1e-6:
+            raise ValueError(f"the reward model gives every reference completion the same score ({float(scores[0]):.4f}):"
+                             " it cannot rank them, and cannot be calibrated")
+        return cls(mean=float(scores.mean()), std=std, count=int(scores.numel()))
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.mean) / self.std
+
+    def to_dict(self) -> dict:
+        """For a manifest (plain JSON)."""
+        return {"mean": self.mean, "std": self.std, "count": self.count}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RewardCalibration":
+        return cls(mean=float(data["mean"]), std=float(data["std"]), count=int(data["count"]))
 
 
 # ---- the K-way ranking loss ----

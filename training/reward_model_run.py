@@ -3,11 +3,18 @@
 1. Take the run lock (one reward-model run at a time; a dead worker's lock expires).
 2. Claim the ranking entries left pending by dead runs and read new ones (``reward-model`` group).
 3. Copy them into the replay store (fsynced) so they outlive their groups' TTL.
-4. Split by the held-out hash; add a replay sample of older training rankings to the new ones.
-5. Warm-start from the current version, evaluate it on the held-out rankings, train, evaluate again.
+4. Split by the held-out hash; add a replay sample of older training rankings to the new ones;
+   split the training rankings between the two members by a hash of the group id
+   (``flywheel.contracts.heldout.reward_model_member``): ``policy`` (the reward PPO optimises)
+   and ``judge`` (the independent signal the policy gate measures with).
+5. Warm-start each member from the current version's, evaluate it on rankings it never trains on
+   (the held-out groups and the other member's half), train, evaluate again, and calibrate it:
+   mean 0, std 1 over the completions of the run's rankings (served completions), scored as PPO
+   scores its responses. The pairwise loss sees only score differences, so without this a
+   version's offset would be whatever its random head started at.
 6. Write the new version (temp folder + rename) with its manifest, then promote it or mark it
-   rejected: it must not be worse than the current version's held-out accuracy by more than
-   ``reward_model_accuracy_margin`` (``training.reward_model_gate``).
+   rejected (``training.reward_model_gate``): each member's accuracy must be above chance with 95%
+   confidence and not worse than the current version's by more than ``reward_model_accuracy_margin``.
 7. Only now acknowledge the stream entries. A run killed before this leaves them pending, so the
    next run reads them again (and a version never exists half-written).
 
@@ -27,15 +34,18 @@ import redis as redis_lib
 import torch
 
 from flywheel.config import FlywheelConfig, RewardModelRunConfig
-from flywheel.contracts.artifacts import REWARD_MODEL_KIND, REWARD_MODEL_WEIGHTS_FILE, registry_folder, verify_version
-from flywheel.contracts.heldout import is_held_out
+from flywheel.contracts.artifacts import (REWARD_MODEL_KIND, REWARD_MODEL_MEMBER_FILES, REWARD_MODEL_MEMBERS,
+                                          registry_folder, verify_version)
+from flywheel.contracts.heldout import is_held_out, reward_model_member
 from flywheel.contracts.keys import REWARD_MODEL_RUN_LOCK_KEY
 from flywheel.models import resolve_compute_dtype, resolve_model_path
 from flywheel.rankings_stream import RankingStreamReader
 from flywheel.registry import VersionRecord, VersionRegistry, open_registry
 from training.metrics import RewardModelMetrics
 from training.rankings import ReplayStore, ranking_from_entry, sample_replay
-from training.reward_model import RewardModel, RewardModelConfig
+from training.policy_reward import calibrate
+from training.rankings import Ranking
+from training.reward_model import RewardCalibration, RewardModel, RewardModelConfig
 from training.reward_model_gate import RewardModelGateDecision, reward_model_gate_decision
 from training.reward_trainer import EvalStats, RewardModelTrainer, RewardTrainingConfig
 from training.run import RunReport, TrainingRun
@@ -63,9 +73,18 @@ def reward_training_config(section: RewardModelRunConfig) -> RewardTrainingConfi
 
 
 class RewardModelCache:
-    """Keeps the backbone loaded in a worker between runs. Each run resets the trainable
+    """Keeps each member's model loaded in a worker between runs. Each run resets the trainable
     parameters to the backbone's (and a fresh head) and then loads the parent version over them."""
 
+    def __init__(self) -> None:
+        self._members: dict[str, _MemberCache] = {}
+
+    def model_for(self, config: RewardModelConfig, parent_keys: set[str],
+                  member: str = REWARD_MODEL_MEMBERS[0]) -> tuple[RewardModel, object]:
+        return self._members.setdefault(member, _MemberCache()).model_for(config, parent_keys)
+
+
+class _MemberCache:
     def __init__(self) -> None:
         self._key = None
         self._model: RewardModel | None = None
@@ -143,45 +162,74 @@ class RewardModelRun(TrainingRun):
             reader.acknowledge(batch.entry_ids)
             return (f"no new training rankings ({len(batch.entry_ids)} entries: held-out or unusable;"
                     " stored and acknowledged)")
+        # each member trains on its half and is evaluated on what it never trains on: the held-out
+        # groups and the other member's half (every stored ranking of it, newest first)
+        every_train = older_train + [r for r in self.new_train if r.ranking_id not in known]
+        self.train_sets = {m: [r for r in self.new_train + self.replay if reward_model_member(r.group_id) == m]
+                           for m in REWARD_MODEL_MEMBERS}
+        self.eval_sets = {m: (self.held_out + [r for r in every_train if reward_model_member(r.group_id) != m]
+                              )[-self.section.max_heldout:] for m in REWARD_MODEL_MEMBERS}
         return None
 
     def set_up(self, current: VersionRecord | None) -> None:
         self.model_config = reward_model_config(self.config)
         self.parent, self.parent_keys = _parent(self.registry, current, self.model_config)
-        self.model, tokenizer = self.cache.model_for(self.model_config, self.parent_keys)
-        if self.parent is not None:
-            self.model.load_stored(self.registry.path(self.parent.version) / REWARD_MODEL_WEIGHTS_FILE)
-        self.trainer = RewardModelTrainer(self.model, tokenizer, reward_training_config(self.section))
-        log.info("reward-model run: %d new + %d replayed training rankings, %d held out, warm start from %s, "
-                 "%.1f M trainable parameters", len(self.new_train), len(self.replay), len(self.held_out),
+        self.trainers: dict[str, RewardModelTrainer] = {}
+        for member in REWARD_MODEL_MEMBERS:
+            keys = self.parent_keys.get(member, set())
+            model, tokenizer = self.cache.model_for(self.model_config, keys, member)
+            if keys:
+                model.load_stored(self.registry.path(self.parent.version) / REWARD_MODEL_MEMBER_FILES[member])
+            self.trainers[member] = RewardModelTrainer(model, tokenizer, reward_training_config(self.section))
+        self.tokenizer = tokenizer
+        log.info("reward-model run: %d new + %d replayed training rankings (%s), %d held out, warm start from %s, "
+                 "%.1f M trainable parameters per member", len(self.new_train), len(self.replay),
+                 ", ".join(f"{m} {len(self.train_sets[m])}" for m in REWARD_MODEL_MEMBERS), len(self.held_out),
                  f"v{self.parent.version}" if self.parent else "the backbone",
-                 self.model.trainable_parameter_count() / 1e6)
+                 self.trainers[REWARD_MODEL_MEMBERS[0]].model.trainable_parameter_count() / 1e6)
 
-    def evaluate(self) -> EvalStats:
-        return self.trainer.evaluate(self.held_out)
+    def evaluate(self) -> dict[str, EvalStats]:
+        return {m: self.trainers[m].evaluate(self.eval_sets[m]) for m in REWARD_MODEL_MEMBERS}
 
     def train(self) -> None:
-        self.stats = self.trainer.train(self.new_train + self.replay, progress=_progress_reporter(self.metrics))
+        self.stats, self.calibrations = {}, {}
+        for index, member in enumerate(REWARD_MODEL_MEMBERS):
+            trainer = self.trainers[member]
+            self.stats[member] = trainer.train(self.train_sets[member],
+                                               progress=_progress_reporter(self.metrics, index, len(REWARD_MODEL_MEMBERS)))
+            self.calibrations[member] = _calibration(trainer.model, self.tokenizer,
+                                                     self.new_train + self.replay + self.held_out)
 
-    def gate(self, current: VersionRecord | None, before: EvalStats | None,
-             after: EvalStats) -> RewardModelGateDecision:
+    def gate(self, current: VersionRecord | None, before: dict[str, EvalStats] | None,
+             after: dict[str, EvalStats]) -> RewardModelGateDecision:
         return reward_model_gate_decision(after, before, current.version if current else None,
-                                          self.section.accuracy_margin)
+                                          self.section.accuracy_margin, self.section.min_accuracy)
 
-    def manifest(self, current: VersionRecord | None, before: EvalStats | None, after: EvalStats,
-                 decision: RewardModelGateDecision, started: float) -> dict:
+    def manifest(self, current: VersionRecord | None, before: dict[str, EvalStats] | None,
+                 after: dict[str, EvalStats], decision: RewardModelGateDecision, started: float) -> dict:
         used = self.new_train + self.replay
-        stats, batch, reader, fraction = self.stats, self.batch, self.reader, self.section.heldout_fraction
-        figures = _figures("heldout_", after) | {f"current_{k}": v for k, v in _figures("heldout_", before).items()} | {
-            "training_loss": stats.loss, "training_pairs_per_second": stats.pairs_per_second,
-            "training_seconds": stats.seconds, "training_steps": stats.steps,
-        }
+        batch, reader, fraction = self.batch, self.reader, self.section.heldout_fraction
+        first = REWARD_MODEL_MEMBERS[0]
+        figures = _figures("heldout_", after[first]) | {
+            f"current_{k}": v for k, v in _figures("heldout_", (before or {}).get(first)).items()} | {
+            "training_loss": sum(s.loss * s.rankings for s in self.stats.values() if s.rankings) / max(
+                sum(s.rankings for s in self.stats.values()), 1),
+            "training_pairs_per_second": sum(s.pairs for s in self.stats.values()) / max(
+                sum(s.seconds for s in self.stats.values()), 1e-9),
+            "training_seconds": sum(s.seconds for s in self.stats.values()),
+            "training_steps": sum(s.steps for s in self.stats.values()),
+        } | {f"{m}_heldout_accuracy": after[m].accuracy for m in REWARD_MODEL_MEMBERS} | decision.figures
+        members = {m: {"file": REWARD_MODEL_MEMBER_FILES[m], "calibration": self.calibrations[m].to_dict(),
+                       "trained_on": len(self.train_sets[m]), "evaluated_on": len(self.eval_sets[m]),
+                       "heldout": after[m].accuracy_interval().to_dict() | {"judged_on": after[m].judged_on}}
+                   for m in REWARD_MODEL_MEMBERS}
         return {
             "parent": self.parent.version if self.parent else None,
             "current_at_start": current.version if current else None,
             "created_by": self.who,
             "created_at": time.time(),
-            "figures": figures,
+            "figures": _json_safe(figures),
+            "members": members,
             "rankings": {
                 "count": len(used), "new": len(self.new_train), "replayed": len(self.replay),
                 "held_out": len(self.held_out),
@@ -192,56 +240,88 @@ class RewardModelRun(TrainingRun):
             },
             "model": asdict(self.model_config) | {
                 "stored": "trained parameters only (float32); the rest is the backbone"},
-            "training": asdict(self.trainer.config),
-            "gate": {"promoted": decision.passed, "why": decision.why, "margin": self.section.accuracy_margin},
+            "training": asdict(self.trainers[first].config),
+            "gate": {"promoted": decision.passed, "why": decision.why, "margin": self.section.accuracy_margin,
+                     "min_accuracy": self.section.min_accuracy},
             "duration_seconds": time.monotonic() - started,
         }
 
     def write_artifacts(self, folder: Path, manifest: dict) -> None:
-        self.model.save(folder, set(self.parent_keys))
+        for member in REWARD_MODEL_MEMBERS:
+            self.trainers[member].model.save(folder, set(self.parent_keys.get(member, set())),
+                                             REWARD_MODEL_MEMBER_FILES[member])
 
     def written(self, record: VersionRecord) -> None:
         self.reader.acknowledge(self.batch.entry_ids)  # only now: the version is on disk
 
-    def record_metrics(self, after: EvalStats, decision: RewardModelGateDecision) -> None:
-        metrics, stats = self.metrics, self.stats
-        metrics.training_loss.set(stats.loss)
-        if after.accuracy is not None:
-            metrics.heldout_accuracy.set(after.accuracy)
-            metrics.heldout_loss.set(after.loss)
+    def record_metrics(self, after: dict[str, EvalStats], decision: RewardModelGateDecision) -> None:
+        metrics, first = self.metrics, REWARD_MODEL_MEMBERS[0]
+        metrics.training_loss.set(self.stats[first].loss)
+        if after[first].accuracy is not None:
+            metrics.heldout_accuracy.set(after[first].accuracy)
+            metrics.heldout_loss.set(after[first].loss)
         for split, rankings in (("new", self.new_train), ("replay", self.replay)):
             for source in ("human", "ai"):
                 count = sum((r.source == "ai") == (source == "ai") for r in rankings)
                 if count:
                     metrics.rankings_used.labels(split, source).inc(count)
         metrics.run_rankings.set(len(self.new_train + self.replay))
-        metrics.pairs_per_second.set(stats.pairs_per_second)
+        metrics.pairs_per_second.set(self.stats[first].pairs_per_second)
 
 
-def _progress_reporter(metrics: RewardModelMetrics | None):
-    """Sets the run's progress and ETA gauges after every optimizer step (None without metrics)."""
+CALIBRATION_COMPLETIONS = 512  # served completions a member is calibrated on (at most)
+
+
+def _calibration(model: RewardModel, tokenizer, rankings: list[Ranking]) -> RewardCalibration:
+    """Mean and std of a member's raw scores over the completions of the run's rankings (what the
+    policy serves), tokenized and scored as PPO's responses are (prompt ids + response ids + EOS)."""
+    rng = random.Random(0)
+    pairs = [(r.prompt, c) for r in rankings for c in r.completions]
+    pairs = rng.sample(pairs, min(len(pairs), CALIBRATION_COMPLETIONS))
+    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p, _ in pairs]
+    response_ids = [tokenizer(c, add_special_tokens=False).input_ids for _, c in pairs]
+    return calibrate(model, prompt_ids, response_ids, eos_id=tokenizer.eos_token_id,
+                     pad_id=tokenizer.pad_token_id or 0)
+
+
+def _json_safe(figures: dict) -> dict:
+    """JSON has no NaN: a figure that could not be computed is recorded as a string."""
+    return {k: (repr(v) if isinstance(v, float) and v != v else v) for k, v in figures.items()}
+
+
+def _progress_reporter(metrics: RewardModelMetrics | None, member_index: int = 0, members: int = 1):
+    """Sets the run's progress and ETA gauges after every optimizer step (None without metrics);
+    the members train one after the other, each a share of the run."""
     if metrics is None:
         return None
     started = time.monotonic()
 
     def report(step: int, total_steps: int, loss: float) -> None:
-        metrics.progress.set(step / total_steps if total_steps else 1.0)
-        metrics.eta.set((total_steps - step) * (time.monotonic() - started) / step if step else 0.0)
+        done = step / total_steps if total_steps else 1.0
+        metrics.progress.set((member_index + done) / members)
+        per_member = (time.monotonic() - started) / done if done else 0.0
+        metrics.eta.set(per_member * (members - member_index - done))
 
     return report
 
 
 def _parent(registry: VersionRegistry, current: VersionRecord | None,
-            config: RewardModelConfig) -> tuple[VersionRecord | None, set[str]]:
-    """The version to warm-start from (the current one, if built on the same backbone) and the
-    parameter names it stored (a child stores at least those, so it is complete on its own)."""
+            config: RewardModelConfig) -> tuple[VersionRecord | None, dict[str, set[str]]]:
+    """The version to warm-start from (the current one, if built on the same backbone) and, per
+    member it has, the parameter names it stored (a child stores at least those, so it is complete
+    on its own). A member the parent lacks starts from the backbone."""
     if current is None:
-        return None, set()
+        return None, {}
     if current.manifest.get("model", {}).get("backbone") != config.backbone:
         log.warning("current reward model v%d has another backbone; training from the backbone", current.version)
-        return None, set()
+        return None, {}
     from safetensors import safe_open
 
-    verify_version(registry.path(current.version))  # never warm-start from a corrupt artifact
-    with safe_open(str(registry.path(current.version) / REWARD_MODEL_WEIGHTS_FILE), "pt") as handle:
-        return current, set(handle.keys())
+    folder = registry.path(current.version)
+    verify_version(folder)  # never warm-start from a corrupt artifact
+    keys = {}
+    for member, file_name in REWARD_MODEL_MEMBER_FILES.items():
+        if (folder / file_name).is_file():
+            with safe_open(str(folder / file_name), "pt") as handle:
+                keys[member] = set(handle.keys())
+    return current, keys

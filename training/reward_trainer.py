@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from training.evidence import Interval, clustered_accuracy
 from training.rankings import Ranking
 from training.reward_model import PairIndex, RewardModel, k_way_ranking_loss, pairwise_accuracy_counts
 
@@ -54,6 +55,15 @@ class TrainStats:
         return self.pairs / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class RankingOutcome:
+    """How one held-out ranking came out: its pairs ordered as labelled, of its decided pairs."""
+
+    correct: int
+    pairs: int
+    human: bool
+
+
 @dataclass
 class EvalStats:
     accuracy: float | None
@@ -61,6 +71,19 @@ class EvalStats:
     pairs: int
     rankings: int
     human_accuracy: float | None = None
+    per_ranking: list[RankingOutcome] = field(default_factory=list)
+
+    def accuracy_interval(self) -> Interval:
+        """Pairwise accuracy with its 95% interval over rankings (the independent unit): over the
+        human rankings when there are any, since people's preference is what the model must learn
+        and AI labels are only its stand-in."""
+        human = [u for u in self.per_ranking if u.human and u.pairs]
+        units = human or [u for u in self.per_ranking if u.pairs]
+        return clustered_accuracy([u.correct for u in units], [u.pairs for u in units])
+
+    @property
+    def judged_on(self) -> str:
+        return "human" if any(u.human and u.pairs for u in self.per_ranking) else "all"
 
 
 @dataclass
@@ -217,12 +240,14 @@ class RewardModelTrainer:
         self.model.eval()
         correct = decided = human_correct = human_decided = 0
         loss_sum = 0.0
+        outcomes: list[RankingOutcome] = []
         for batch_rankings in self._batches(rankings, self.config.eval_batch_rankings, None):
             batch = self.collator(batch_rankings)
             rewards = self.model(batch.input_ids, batch.attention_mask)
             loss_sum += float(k_way_ranking_loss(rewards, batch.pairs)) * batch.pairs.n_rankings
             c, d = pairwise_accuracy_counts(rewards, batch.pairs)
             correct, decided = correct + c, decided + d
+            outcomes += _outcomes(rewards, batch.pairs, batch_rankings)
             if batch.is_human.any():
                 human = _subset(batch.pairs, batch.is_human)
                 c, d = pairwise_accuracy_counts(rewards, human)
@@ -230,13 +255,25 @@ class RewardModelTrainer:
         return EvalStats(
             accuracy=correct / decided if decided else None, loss=loss_sum / len(rankings),
             pairs=decided, rankings=len(rankings),
-            human_accuracy=human_correct / human_decided if human_decided else None,
+            human_accuracy=human_correct / human_decided if human_decided else None, per_ranking=outcomes,
         )
 
     @torch.inference_mode()
     def score(self, prompt: str, completions: list[str]) -> list[float]:
         batch = self.collator([Ranking("score", "score", prompt, list(completions))])
         return self.model(batch.input_ids, batch.attention_mask).tolist()
+
+
+def _outcomes(rewards: torch.Tensor, pairs: PairIndex, rankings: list[Ranking]) -> list[RankingOutcome]:
+    """Per ranking of a batch: its correctly ordered and its decided pairs (as pairwise_accuracy_counts)."""
+    decided = pairs.target != 0.5
+    diff = rewards[pairs.winner] - rewards[pairs.loser]
+    agree = torch.where(pairs.target > 0.5, diff > 0, diff < 0) & decided
+    n = pairs.n_rankings
+    correct = torch.bincount(pairs.ranking, weights=agree.float(), minlength=n)
+    counted = torch.bincount(pairs.ranking, weights=decided.float(), minlength=n)
+    return [RankingOutcome(int(c), int(d), r.source != "ai") for c, d, r in zip(correct.tolist(), counted.tolist(),
+                                                                               rankings)]
 
 
 def _subset(pairs: PairIndex, mask: torch.Tensor) -> PairIndex:

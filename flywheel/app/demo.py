@@ -65,6 +65,7 @@ DEMO_DEFAULTS = {
     "POLICY_RESPONSE_LENGTH": "64",
     "POLICY_POLL_SECONDS": "2",
     "POLICY_HELDOUT_FRACTION": "0.2",
+    "POLICY_MAX_HELDOUT": "40",  # the gate: 40 held-out prompts x 4 paired samples per policy
     "LABELLING_FRACTION": "0",
 }
 

@@ -54,6 +54,19 @@ def register(subparsers) -> None:
                                            "stream (the platform's Redis; none is started).")
     add_config_flags(trim, FlywheelConfig)
     trim.set_defaults(handler=run_trim)
+    export = commands.add_parser(
+        "export", help="write the rankings as JSONL for other tools (TRL's pairwise format, or K-way)",
+        description="Write the collected rankings as JSON lines: --format pairwise gives TRL's "
+                    '{"prompt", "chosen", "rejected"} (RewardTrainer, DPOTrainer); --format kway one ranking a '
+                    "line with its source, annotator and policy version. Reads the stream without acknowledging.")
+    export.add_argument("output", nargs="?", default="-", help="file to write (default: standard output)")
+    export.add_argument("--format", choices=("pairwise", "kway"), default="pairwise", dest="export_format",
+                        help="pairwise: {prompt, chosen, rejected} per pair (TRL); kway: one ranking per line")
+    export.add_argument("--since", default=None,
+                        help="only rankings made at or after this time: unix seconds or ISO 8601 (2026-11-01T12:00)")
+    export.add_argument("--source", choices=("human", "ai"), default=None, help="only rankings from this source")
+    add_config_flags(export, FlywheelConfig)
+    export.set_defaults(handler=run_export)
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, feedback_pb2_grpc.FeedbackStub]:
@@ -119,4 +132,44 @@ def run_trim(args: argparse.Namespace) -> int:
     with existing_state(settings) as (client, _):
         trimmed = RankingStream(client).trim_acknowledged()
     print(f"trimmed {trimmed} acknowledged rankings")
+    return 0
+
+
+def parse_since(value: str | None) -> float | None:
+    """Unix seconds, or an ISO 8601 date or time (UTC unless it names its zone)."""
+    if value is None:
+        return None
+    from datetime import datetime, timezone
+
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise SystemExit(f"flywheel feedback export: --since {value!r} is neither unix seconds nor ISO 8601") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import json
+
+    from feedback.export import ExportCounts, export_records
+    from flywheel.app.state import existing_state
+
+    settings = config_from_args(args)
+    since = parse_since(args.since)
+    counts = ExportCounts()
+    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    try:
+        with existing_state(settings) as (client, _):
+            for record in export_records(client, args.export_format, since, args.source, counts):
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    skipped = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in counts.skipped.items()) or "none"
+    print(f"exported {counts.records} {args.export_format} records from {counts.rankings} rankings "
+          f"(skipped: {skipped})", file=sys.stderr)
     return 0

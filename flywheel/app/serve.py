@@ -1,7 +1,8 @@
 """``flywheel serve`` and ``flywheel complete``.
 
 ``build_server`` is the serving process's wiring: it joins serving (Inference, Admin) with
-feedback (the group store and the Feedback service on the same port), which is why it lives in
+feedback (the group store and the Feedback service on the same port; with ``http_port`` set, the
+rankings routes and the ranking page on the OpenAI-compatible HTTP API), which is why it lives in
 the application layer and not in either part."""
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def register(subparsers) -> None:
         "serve", help="run the gRPC server (Inference, Feedback, Admin)",
         description="Serve the policy over gRPC on --grpc-address: Inference, and with store_groups (the default) "
                     "Feedback (rankings) and Admin (registry, promote, rollback) on the same port, plus health and "
-                    "reflection; Prometheus metrics on --metrics-port. Follows the policy registry and hot-swaps.")
+                    "reflection; Prometheus metrics on --metrics-port; with --http-port an OpenAI-compatible HTTP "
+                    "API and the ranking page. Follows the policy registry and hot-swaps.")
     add_config_flags(serve, FlywheelConfig, ServingConfig, SecurityConfig, FeedbackConfig)
     serve.set_defaults(handler=run_serve)
 
@@ -103,6 +105,10 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
                           lambda: feedback.stream.waiting_for(REWARD_MODEL_CONSUMER_GROUP))
     server.services = [(FEEDBACK_SERVICE, lambda grpc_server: add_feedback_service(grpc_server, feedback)),
                        (ADMIN_SERVICE, lambda grpc_server: add_admin_service(grpc_server, admin))]
+    if settings.serving.http_port:
+        from flywheel.app.http_feedback import FeedbackRoutes
+
+        server.http_routes = FeedbackRoutes(feedback.intake).routes()
 
     def release() -> None:
         client.close()

@@ -3,7 +3,8 @@
 terminal.
 
 A run goes to the Celery training queue by task name (this process loads no training code), or
-runs here with ``--local``. The two listings share one table: the version (the current one
+runs here with ``--local``. ``flywheel policies export N DIR`` writes a version as a plain Hugging
+Face folder (``flywheel.app.policy_export``). The two listings share one table: the version (the current one
 starred), then each registry's own columns.
 """
 
@@ -36,6 +37,9 @@ REWARD_MODEL_COLUMNS = (
     Column("new/replay", lambda r: f"{_rankings_used(r).get('new', '-')}/{_rankings_used(r).get('replayed', '-')}"),
     Column("human/ai", lambda r: f"{_rankings_used(r).get('human', '-')}/{_rankings_used(r).get('ai', '-')}"),
     figure_column("held-out acc", "heldout_accuracy"),
+    figure_column("acc low (95%)", "policy_accuracy_low"),
+    figure_column("judge acc", "judge_heldout_accuracy"),
+    figure_column("judge low (95%)", "judge_accuracy_low"),
     figure_column("held-out loss", "heldout_loss"),
     figure_column("train loss", "training_loss"),
     Column("stream range", _stream_range),
@@ -45,7 +49,9 @@ POLICY_COLUMNS = (
     STATUS, PARENT,
     Column("reward model", lambda r: f"v{r.manifest.get('reward_model_version', '-')}"),
     Column("format", lambda r: str(r.manifest.get("format", "-"))),
-    figure_column("reward gain", "reward_gain"),
+    figure_column("judge gain", "reward_gain"),
+    figure_column("gain low (95%)", "reward_gain_low"),
+    figure_column("PPO member gain", "policy_member_gain"),
     figure_column("KL to ref", "kl_to_ref", digits=3),
     figure_column("ppl ratio", "perplexity_ratio"),
     CREATED,
@@ -73,8 +79,17 @@ def register(subparsers) -> None:
         "The candidate is promoted if it passes the evaluation gate.", PolicyRunConfig, train_policy_command,
         hours=12)
 
-    add_listing(subparsers, "policies", "policy", "v0 is the base model; status, parent, reward model, gate "
-                "figures", policies_command)
+    policies = add_listing(subparsers, "policies", "policy", "v0 is the base model; status, parent, reward model, "
+                           "gate figures", policies_command)
+    policies_sub = policies.add_subparsers(dest="policies_command", metavar="COMMAND")
+    export = policies_sub.add_parser(
+        "export", help="write a policy version as a plain Hugging Face model folder",
+        description="Write policy version N as a Hugging Face folder (merged weights in safetensors, config, "
+                    "tokenizer, a model card with its lineage) that transformers and vLLM load as it is.")
+    export.add_argument("version", type=int, help="the policy version (0 = the base model)")
+    export.add_argument("directory", help="the folder to write (must not exist, or be empty)")
+    add_config_flags(export, FlywheelConfig)
+    export.set_defaults(handler=export_policy_command)
 
     promote = subparsers.add_parser(
         "promote", help="serve a policy version (0 = the base model)",
@@ -109,7 +124,7 @@ def add_run_command(train_sub, command: str, help: str, description: str, sectio
     return run
 
 
-def add_listing(subparsers, command: str, what: str, columns: str, handler) -> None:
+def add_listing(subparsers, command: str, what: str, columns: str, handler) -> argparse.ArgumentParser:
     """A registry listing command (``reward-models``, ``policies``): one table, or JSON."""
     listing = subparsers.add_parser(
         command, help=f"list the {what} versions",
@@ -120,6 +135,7 @@ def add_listing(subparsers, command: str, what: str, columns: str, handler) -> N
     listing.add_argument("--json", action="store_true", help="print the records as JSON")
     add_config_flags(listing, FlywheelConfig)
     listing.set_defaults(handler=handler)
+    return listing
 
 
 def _who() -> str:
@@ -238,3 +254,14 @@ def rollback_command(args: argparse.Namespace) -> int:
         return 0
 
     return _with_registry(args, POLICY_KIND, rollback)
+
+
+def export_policy_command(args: argparse.Namespace) -> int:
+    from flywheel.app.policy_export import export_policy
+    from flywheel.app.state import existing_state
+
+    settings = config_from_args(args)
+    with existing_state(settings) as (client, _):
+        folder = export_policy(settings, client, args.version, args.directory)
+    print(f"policy v{args.version} written to {folder}")
+    return 0

@@ -128,7 +128,8 @@ def run_up(args: argparse.Namespace) -> int:
 
 def _where(name: str, settings: FlywheelConfig) -> str:
     if name == "server":
-        return f"gRPC {settings.grpc_address}, metrics :{settings.serving.metrics_port}"
+        http = f", HTTP :{settings.serving.http_port}" if settings.serving.http_port else ""
+        return f"gRPC {settings.grpc_address}{http}, metrics :{settings.serving.metrics_port}"
     if name == "labelling-worker":
         return f"queue labelling, metrics :{settings.labelling.metrics_port}"
     if name == "training-worker":

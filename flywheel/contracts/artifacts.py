@@ -11,8 +11,12 @@ the constants here:
 - a policy version's ``format`` is "lora" (peft's ``save_pretrained`` folder: ``adapter_config.json``
   + ``adapter_model.safetensors``) or "full" (``model.safetensors`` + ``config.json`` of the whole
   causal LM); both add ``value_head.safetensors`` so a child run can warm-start its critic;
-- a reward-model version is ``model.safetensors`` (its trained parameters; the frozen rest is the
-  backbone named in the manifest).
+- a reward-model version has two members, each trained on its own half of the groups
+  (``flywheel.contracts.heldout.reward_model_member``): ``model.safetensors`` is the ``policy``
+  member (the reward PPO optimises) and ``judge.safetensors`` the ``judge`` member (what the policy
+  gate measures a candidate with, a signal PPO never optimised against). Each file holds the
+  member's trained parameters; the frozen rest is the backbone named in the manifest, and the
+  manifest's ``members`` gives each member's calibration and held-out figures.
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ FULL_CONFIG_FILE = "config.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 # reward-model artifacts
-REWARD_MODEL_WEIGHTS_FILE = "model.safetensors"
+POLICY_MEMBER = "policy"
+JUDGE_MEMBER = "judge"
+REWARD_MODEL_MEMBERS = (POLICY_MEMBER, JUDGE_MEMBER)
+REWARD_MODEL_WEIGHTS_FILE = "model.safetensors"  # the policy member's
+REWARD_MODEL_MEMBER_FILES = {POLICY_MEMBER: REWARD_MODEL_WEIGHTS_FILE, JUDGE_MEMBER: "judge.safetensors"}
 
 
 def registry_folder(data_dir: Path | str, kind: str) -> Path:

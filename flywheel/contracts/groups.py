@@ -16,7 +16,7 @@ record, the labeler ranks it, the reward model reads its texts and PPO its promp
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 
@@ -36,6 +36,9 @@ class SampleResult:
     finish_reason: str
     token_ids: list[int]
     logprobs: list[float]
+    # per token, the request's top_logprobs most likely (token id, log-probability) pairs; empty
+    # unless asked for, and never stored (only the sampled tokens' log-probabilities are trained on)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def logprob(self) -> float:

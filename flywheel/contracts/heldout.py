@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from typing import Protocol, Sequence, TypeVar
 
+from flywheel.contracts.artifacts import JUDGE_MEMBER, POLICY_MEMBER
+
 
 class RenderedPrompt(Protocol):
     """A prompt the held-out split can key: its rendered text and its token ids."""
@@ -27,6 +29,14 @@ def is_held_out(key: str, fraction: float) -> bool:
         return False
     digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def reward_model_member(group_id: str) -> str:
+    """Which member of the reward model trains on a group's rankings: "policy" or "judge", by a
+    hash of the group id independent of the held-out one. Always the same member, so the judge
+    never sees a group the policy member trained on, in this run or any other."""
+    digest = hashlib.sha256(f"member:{group_id}".encode()).digest()
+    return POLICY_MEMBER if digest[0] % 2 == 0 else JUDGE_MEMBER
 
 
 def split_prompts(prompts: Sequence[P], fraction: float) -> tuple[list[P], list[P]]:

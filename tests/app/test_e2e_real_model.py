@@ -101,6 +101,7 @@ def test_the_demo_runs_the_loop_from_a_fresh_directory(tmp_path):
 
     short_loop = {"POLICY_ITERATIONS": "1", "POLICY_BATCH_SIZE": "8", "POLICY_MINI_BATCH_SIZE": "4",
                   "POLICY_PPO_EPOCHS": "1", "POLICY_RESPONSE_LENGTH": "8", "REWARD_MODEL_EPOCHS": "1",
+                  "REWARD_MODEL_MIN_ACCURACY": "-1", "POLICY_HELDOUT_FRACTION": "0.5",
                   "POLICY_MIN_REWARD_GAIN": "-1000", "POLICY_KL_BUDGET": "1000000", "POLICY_PERPLEXITY_MARGIN": "1000"}
     summary, output = run_demo(tmp_path, "", short_loop, ["--rankings", "16", "--n", "2", "--max-new-tokens", "16",
                                                           "--budget-minutes", "12"], timeout=900)

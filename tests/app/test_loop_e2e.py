@@ -14,8 +14,8 @@ TINY_LOOP = {
     "DTYPE": "float32", "REWARD_MODEL_AUTOCAST": "float32", "REWARD_MODEL_EPOCHS": "1",
     "POLICY_ITERATIONS": "1", "POLICY_BATCH_SIZE": "8", "POLICY_MINI_BATCH_SIZE": "4", "POLICY_PPO_EPOCHS": "2",
     "POLICY_RESPONSE_LENGTH": "4", "POLICY_AUTOCAST": "float32", "POLICY_LORA_RANK": "4",
-    # a random tiny model cannot improve; the gate's plumbing is what is tested here
-    "POLICY_MIN_REWARD_GAIN": "-1000", "POLICY_KL_BUDGET": "1000000", "POLICY_PERPLEXITY_MARGIN": "1000",
+    # a random tiny model cannot improve; the gates' plumbing is what is tested here
+    "REWARD_MODEL_MIN_ACCURACY": "-1", "POLICY_HELDOUT_FRACTION": "0.5", "POLICY_MIN_REWARD_GAIN": "-1000", "POLICY_KL_BUDGET": "1000000", "POLICY_PERPLEXITY_MARGIN": "1000",
 }
 
 

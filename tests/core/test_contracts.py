@@ -51,6 +51,7 @@ def test_artifact_names_are_the_written_ones(tmp_path):
     assert (artifacts.FULL_WEIGHTS_FILE, artifacts.FULL_CONFIG_FILE, artifacts.VALUE_HEAD_FILE) == (
         "model.safetensors", "config.json", "value_head.safetensors")
     assert artifacts.REWARD_MODEL_WEIGHTS_FILE == "model.safetensors"
+    assert artifacts.REWARD_MODEL_MEMBER_FILES == {"policy": "model.safetensors", "judge": "judge.safetensors"}
 
 
 def test_a_version_is_verified_against_its_manifest(tmp_path):
@@ -172,3 +173,14 @@ def test_no_redis_name_is_written_outside_the_contracts():
                       for line, value in _string_literals(ast.parse(path.read_text(encoding="utf-8")))
                       if KEY_LITERAL.match(value)]
     assert not found, "Redis names written outside flywheel/contracts/keys.py:\n" + "\n".join(found)
+
+
+def test_the_reward_model_members_split_groups_in_halves_independently_of_the_held_out_split():
+    from flywheel.contracts.heldout import is_held_out, reward_model_member
+
+    groups = [f"group-{i}" for i in range(4000)]
+    judge = [g for g in groups if reward_model_member(g) == "judge"]
+    assert 0.45 < len(judge) / len(groups) < 0.55
+    assert all(reward_model_member(g) == reward_model_member(g) for g in groups[:50])  # stable
+    held = [g for g in groups if is_held_out(g, 0.2)]
+    assert 0.4 < sum(reward_model_member(g) == "judge" for g in held) / len(held) < 0.6  # independent

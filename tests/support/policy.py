@@ -10,7 +10,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from flywheel.contracts.artifacts import REWARD_MODEL_KIND
+from flywheel.contracts.artifacts import REWARD_MODEL_KIND, REWARD_MODEL_MEMBER_FILES, REWARD_MODEL_MEMBERS
 from flywheel.contracts.keys import group_key
 from flywheel.registry import open_registry
 from flywheel.config import FlywheelConfig
@@ -21,12 +21,24 @@ TOPICS = ["the weather", "a recipe", "prime numbers", "a poem", "the train times
 
 
 def promote_reward_model(client, settings: FlywheelConfig, seed: int = 0) -> int:
-    """A reward model with a fresh head on the tiny backbone, registered and promoted."""
+    """A reward model with fresh heads on the tiny backbone (both members, an identity calibration),
+    registered and promoted."""
     config = RewardModelConfig(backbone=settings.model, trainable_layers=0, max_length=128, autocast_dtype="float32")
-    torch.manual_seed(seed)
-    model = RewardModel.from_backbone(config)
+    members = {}
+    for offset, member in enumerate(REWARD_MODEL_MEMBERS):
+        torch.manual_seed(seed + offset)
+        members[member] = RewardModel.from_backbone(config)
+
+    def write(folder):
+        for member, model in members.items():
+            model.save(folder, file_name=REWARD_MODEL_MEMBER_FILES[member])
+
+    manifest = {"model": asdict(config), "parent": None,
+                "members": {m: {"file": REWARD_MODEL_MEMBER_FILES[m], "calibration": {"mean": 0.0, "std": 1.0,
+                                                                                   "count": 2}}
+                            for m in REWARD_MODEL_MEMBERS}}
     registry = open_registry(client, settings.data_dir, REWARD_MODEL_KIND)
-    record = registry.write_version(lambda folder: model.save(folder), {"model": asdict(config), "parent": None})
+    record = registry.write_version(write, manifest)
     registry.promote(record.version, "test", "a reward model for the policy tests")
     return record.version
 

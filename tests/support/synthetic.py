@@ -48,3 +48,15 @@ def split_held_out(rankings: list[Ranking], fraction: float) -> tuple[list[Ranki
     train = [r for r in rankings if not is_held_out(r.group_id, fraction)]
     held = [r for r in rankings if is_held_out(r.group_id, fraction)]
     return train, held
+
+
+def random_rankings(n: int, k: int = 4, seed: int = 0, prefix: str = "random") -> list[Ranking]:
+    """``n`` rankings in a random order: the null control, with no preference to learn."""
+    rng = random.Random(seed)
+    rankings = []
+    for i in range(n):
+        prompt, completions = synthetic_group(rng, k)
+        rng.shuffle(completions)
+        rankings.append(Ranking(ranking_id=f"{prefix}{seed}-{i}-r", group_id=f"{prefix}{seed}-{i}", prompt=prompt,
+                                completions=completions))
+    return rankings

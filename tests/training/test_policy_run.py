@@ -84,6 +84,38 @@ def test_a_policy_run_registers_an_atomically_written_version_and_the_gate_decid
     rejected = registry.get(2)
     assert rejected.status == "rejected" and rejected.parent == 1 and "reward_gain" in rejected.figures
     assert registry.current_version() == 1
+    # the gate judged with the judge member on several paired samples, a seed drawn per run
+    for figure in ("reward_gain_low", "reward_gain_high", "policy_member_gain"):
+        assert figure in rejected.figures
+    assert rejected.manifest["gate"]["samples_per_prompt"] == 4
+    assert rejected.manifest["gate"]["seed"] != manifest["gate"]["seed"]
+    # the adaptive-KL state of run 1 is where run 2 started
+    assert rejected.manifest["kl_controller"]["start"] == manifest["kl_controller"]["end"]
+
+
+def test_a_run_without_held_out_prompts_is_skipped_not_judged_on_training_prompts(settings, redis_client,
+                                                                                  tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    promote_reward_model(redis_client, settings)
+    store_served_groups(redis_client, AutoTokenizer.from_pretrained(tiny_model_dir), 16)
+    none_held = FlywheelConfig.load({"data_dir": settings.data_dir, "model": settings.model} | TINY_PPO
+                                    | {"policy_heldout_fraction": "0"}, environ={})
+    report = run_policy_training(none_held, redis_client)
+    assert report.outcome == "skipped" and "held-out prompts" in report.reason
+
+
+def test_a_reward_model_without_a_judge_member_is_not_trained_against(settings, redis_client, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    registry = open_registry(redis_client, settings.data_dir, "reward_model")
+    promote_reward_model(redis_client, settings)
+    record = registry.current()
+    record.manifest.pop("members")
+    redis_client.hset(registry.versions_key, record.version, json.dumps(record.manifest))
+    store_served_groups(redis_client, AutoTokenizer.from_pretrained(tiny_model_dir), 16)
+    report = run_policy_training(settings, redis_client)
+    assert report.outcome == "skipped" and "judge" in report.reason
 
 
 def test_a_writer_that_fails_midway_leaves_no_version(settings, redis_client, tiny_model_dir, monkeypatch):

@@ -16,21 +16,6 @@ from training.ppo import PPOConfig, PPOTrainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def sharper_tiny_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with embeddings × 6: a random 64-wide model is otherwise so close to uniform
-    over 49 k tokens that no adapter can move its distribution measurably."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = tmp_path_factory.mktemp("sharper-tiny")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(6.0)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
-    return path
-
-
 def toy_reward(policy: PolicyWithValueHead):
     """10 × the fraction of response tokens in a fixed half of the vocabulary (those whose embedding
     points along a random direction): a reward the policy can reach by moving its hidden state."""
@@ -44,22 +29,22 @@ def toy_reward(policy: PolicyWithValueHead):
     return reward
 
 
-def test_ppo_raises_the_reward_while_the_kl_to_the_reference_stays_bounded(sharper_tiny_model_dir):
+def test_ppo_raises_the_reward_while_the_kl_to_the_reference_stays_bounded(sharp_tiny_model_dir):
     torch.manual_seed(0)
     policy = PolicyWithValueHead.from_pretrained(
-        PolicyModelConfig(str(sharper_tiny_model_dir), lora_rank=8, autocast_dtype="float32"))
+        PolicyModelConfig(str(sharp_tiny_model_dir), lora_rank=8, autocast_dtype="float32"))
     reward = toy_reward(policy)
     prompts = [Prompt(*render_prompt(policy.tokenizer, f"Tell me about number {i}.")) for i in range(32)]
-    evaluation = PolicyGateConfig(response_length=12, batch_size=64)
-    before = evaluate_policy(policy, reward, prompts * 4, [], evaluation)
+    evaluation = PolicyGateConfig(response_length=12, batch_size=64, samples_per_prompt=4)
+    before = evaluate_policy(policy, {"judge": reward}, prompts, [], evaluation)
     assert before.kl_to_ref == 0.0  # fresh adapters: π = π_ref
 
     config = PPOConfig(batch_size=32, mini_batch_size=8, rollout_batch_size=32, response_length=12,
                        learning_rate=5e-3, kl_coef=0.05, ppo_epochs=4, seed=0)
     result = PPOTrainer(policy, reward, config).train(prompts, iterations=8)
-    after = evaluate_policy(policy, reward, prompts * 4, [], evaluation)
+    after = evaluate_policy(policy, {"judge": reward}, prompts, [], evaluation)
 
-    assert after.mean_score > before.mean_score + 0.8, (before, after)
+    assert after.mean_score("judge") > before.mean_score("judge") + 0.8, (before.kl_to_ref, after.kl_to_ref)
     assert 0.0 < after.kl_to_ref < 15.0
     for stats in result.iterations:
         assert all(torch.isfinite(torch.tensor(v)) for v in (stats.policy_loss, stats.value_loss, stats.entropy))
@@ -68,10 +53,10 @@ def test_ppo_raises_the_reward_while_the_kl_to_the_reference_stays_bounded(sharp
     assert result.iterations[-1].kl_to_ref > 0
 
 
-def test_the_ptx_term_keeps_the_language_model_loss_down(sharper_tiny_model_dir):
+def test_the_ptx_term_keeps_the_language_model_loss_down(sharp_tiny_model_dir):
     torch.manual_seed(0)
     policy = PolicyWithValueHead.from_pretrained(
-        PolicyModelConfig(str(sharper_tiny_model_dir), lora_rank=8, autocast_dtype="float32"))
+        PolicyModelConfig(str(sharp_tiny_model_dir), lora_rank=8, autocast_dtype="float32"))
     texts = ["the cat sat on the mat and looked at the door"] * 4
     batches = policy.text_batches(texts, 4, 32)
     before = perplexity(policy, batches)
@@ -84,19 +69,19 @@ def test_the_ptx_term_keeps_the_language_model_loss_down(sharper_tiny_model_dir)
     assert perplexity(policy, batches, reference=True) == pytest.approx(before, rel=1e-4)  # π_ref unchanged
 
 
-def test_a_policy_with_a_nan_weight_is_rejected_by_the_gate(sharper_tiny_model_dir):
+def test_a_policy_with_a_nan_weight_is_rejected_by_the_gate(sharp_tiny_model_dir):
     policy = PolicyWithValueHead.from_pretrained(
-        PolicyModelConfig(str(sharper_tiny_model_dir), lora_rank=4, autocast_dtype="float32"))
+        PolicyModelConfig(str(sharp_tiny_model_dir), lora_rank=4, autocast_dtype="float32"))
     reward = toy_reward(policy)
     prompts = [Prompt(*render_prompt(policy.tokenizer, f"Tell me about number {i}.")) for i in range(4)]
     texts = policy.text_batches(["A short held-out text about the weather."], 4, 32)
     config = PolicyGateConfig(response_length=4, kl_budget=100.0, perplexity_margin=1.0, min_reward_gain=-100.0)
-    current = evaluate_policy(policy, reward, prompts, texts, config)
+    current = evaluate_policy(policy, {"judge": reward}, prompts, texts, config)
     reference_perplexity = perplexity(policy, texts, reference=True)
     with torch.no_grad():
         next(p for n, p in policy.named_parameters() if "lora_B" in n).fill_(float("nan"))
     assert not policy.all_finite()
-    candidate = evaluate_policy(policy, reward, prompts, texts, config)
+    candidate = evaluate_policy(policy, {"judge": reward}, prompts, texts, config)
     decision = gate_decision(candidate, current, reference_perplexity, policy.all_finite(), config)
     assert not decision.passed
     assert "NaN" in decision.why

@@ -99,15 +99,20 @@ def test_adaptive_kl_controller_raises_beta_above_target_and_lowers_it_below():
 
 def test_the_gate_rejects_a_nan_candidate_and_passes_a_good_one():
     config = PolicyGateConfig(min_reward_gain=0.0, kl_budget=5.0, perplexity_margin=0.05)
-    current = PolicyEvaluation(mean_score=0.2, kl_to_ref=0.0, perplexity=10.0)
-    good = gate_decision(PolicyEvaluation(0.5, 1.0, 10.2), current, 10.0, True, config)
+
+    def evaluation(shift: float, kl: float, ppl: float) -> PolicyEvaluation:
+        scores = [[0.2 + shift + 0.01 * ((7 * p + s) % 5) for s in range(4)] for p in range(10)]
+        return PolicyEvaluation(scores={"policy": scores, "judge": scores}, kl_to_ref=kl, perplexity=ppl)
+
+    current = evaluation(0.0, 0.0, 10.0)
+    good = gate_decision(evaluation(0.3, 1.0, 10.2), current, 10.0, True, config)
     assert good.passed and good.figures["reward_gain"] == pytest.approx(0.3)
-    nan = gate_decision(PolicyEvaluation(float("nan"), 1.0, 10.2), current, 10.0, True, config)
+    nan = gate_decision(evaluation(float("nan"), 1.0, 10.2), current, 10.0, True, config)
     assert not nan.passed and "NaN" in nan.why
     assert nan.figures["mean_score"] == "nan"  # JSON-safe
-    bad_weights = gate_decision(PolicyEvaluation(0.5, 1.0, 10.2), current, 10.0, False, config)
+    bad_weights = gate_decision(evaluation(0.3, 1.0, 10.2), current, 10.0, False, config)
     assert not bad_weights.passed
-    taxed = gate_decision(PolicyEvaluation(0.5, 1.0, 11.0), current, 10.0, True, config)
+    taxed = gate_decision(evaluation(0.3, 1.0, 11.0), current, 10.0, True, config)
     assert not taxed.passed and "perplexity" in taxed.why
-    drifted = gate_decision(PolicyEvaluation(0.5, 6.0, 10.0), current, 10.0, True, config)
+    drifted = gate_decision(evaluation(0.3, 6.0, 10.0), current, 10.0, True, config)
     assert not drifted.passed and "KL" in drifted.why

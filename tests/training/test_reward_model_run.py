@@ -161,3 +161,73 @@ def test_only_one_run_at_a_time_and_a_dead_holder_cannot_keep_the_lock(redis_cli
     assert lock.acquire()
     lock.release()
     assert not redis_client.exists(REWARD_MODEL_RUN_LOCK_KEY)
+
+
+def test_a_version_has_two_calibrated_members_each_judged_on_rankings_it_never_trained_on(
+        redis_client, tmp_path, tiny_model_dir, cache):
+    import torch
+    from safetensors.torch import load_file
+
+    from flywheel.contracts.heldout import reward_model_member
+    from training.policy_reward import RewardModelScorer
+    from training.reward_model import RewardCalibration
+
+    settings = tiny_settings(tmp_path, tiny_model_dir)
+    rankings = synthetic_rankings(96, seed=11)
+    publish_rankings(redis_client, rankings)
+    report = run_reward_model_training(settings, redis_client, cache=cache, who="test")
+    assert report.outcome == "promoted", report.reason
+    registry = open_registry(redis_client, settings.data_dir, REWARD_MODEL_KIND)
+    manifest = registry.get(1).manifest
+    folder = registry.path(1)
+    assert set(manifest["members"]) == {"policy", "judge"}
+    policy_weights, judge_weights = (load_file(str(folder / f)) for f in ("model.safetensors", "judge.safetensors"))
+    assert any(not torch.equal(policy_weights[k], judge_weights[k]) for k in policy_weights)  # two models
+    train = [r for r in rankings if not is_held_out(r.group_id, HELD_OUT)]
+    for member, entry in manifest["members"].items():
+        assert entry["trained_on"] == sum(reward_model_member(r.group_id) == member for r in train)
+        # evaluated on the held-out groups plus the other member's half: more than the trained-on half
+        assert entry["evaluated_on"] == len(rankings) - entry["trained_on"]
+        assert entry["heldout"]["low"] > 0.5 and entry["heldout"]["judged_on"] == "human"
+        assert manifest["figures"][f"{member}_accuracy_low"] == entry["heldout"]["low"]
+
+    # the calibration maps the served completions' scores to mean 0, std 1
+    from training.reward_model import RewardModel, RewardModelConfig
+    from transformers import AutoTokenizer
+    stored = manifest["model"]
+    model = RewardModel.from_backbone(RewardModelConfig(backbone=stored["backbone"],
+                                                        trainable_layers=stored["trainable_layers"],
+                                                        max_length=stored["max_length"], autocast_dtype="float32"))
+    model.load_stored(folder / "judge.safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(stored["backbone"])
+    calibration = RewardCalibration.from_dict(manifest["members"]["judge"]["calibration"])
+    scorer = RewardModelScorer(model, eos_id=tokenizer.eos_token_id, calibration=calibration)
+    pairs = [(r.prompt, c) for r in rankings for c in r.completions]
+    scores = scorer([tokenizer(p, add_special_tokens=False).input_ids for p, _ in pairs],
+                    [tokenizer(c, add_special_tokens=False).input_ids for _, c in pairs])
+    assert abs(float(scores.mean())) < 0.2 and 0.8 < float(scores.std()) < 1.2
+    assert abs(calibration.mean) > 0 and calibration.count == len(pairs)
+
+
+def test_random_rankings_never_give_a_reward_model(redis_client, tmp_path, tiny_model_dir, cache):
+    """The null control: users who rank at random teach nothing, and the gate must know it. Over
+    20 independent runs on random rankings at most one (5%) may pass; the same runs on a rule
+    (shorter wins) pass, so the gate is not simply shut."""
+    from support.synthetic import random_rankings
+
+    promoted = []
+    for trial in range(20):
+        redis_client.flushall()
+        settings = tiny_settings(tmp_path / f"trial{trial}", tiny_model_dir, reward_model_epochs=1)
+        publish_rankings(redis_client, random_rankings(64, seed=100 + trial))
+        report = run_reward_model_training(settings, redis_client, cache=cache, who="null-control")
+        assert report.outcome in ("promoted", "rejected"), report.reason
+        promoted.append(report.outcome == "promoted")
+        if report.outcome == "rejected":
+            assert "is not above 0.5" in report.reason
+    assert sum(promoted) <= 1, f"{sum(promoted)} of 20 random-ranking runs promoted a reward model"
+
+    redis_client.flushall()
+    settings = tiny_settings(tmp_path / "rule", tiny_model_dir, reward_model_epochs=1)
+    publish_rankings(redis_client, synthetic_rankings(64, seed=200))
+    assert run_reward_model_training(settings, redis_client, cache=cache).outcome == "promoted"
