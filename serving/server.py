@@ -1,7 +1,10 @@
 """The gRPC server: the Inference service over the engine, plus the standard health and
 reflection services so stock tools (grpcurl, grpc_health_probe, Kubernetes probes) work.
 
-The server listens at once and reports NOT_SERVING until the model is loaded, then SERVING.
+The server listens at once and reports NOT_SERVING until the model is loaded, then SERVING, for
+the server ("") and for each service on the port (Inference, and Feedback and Admin where served).
+Every RPC is counted and timed by ``serving.metrics.RequestMetricsInterceptor``, the outermost
+interceptor; the engine reports per-request figures to ``ServingMetrics`` through its observer.
 Shutdown is graceful: health flips to NOT_SERVING, new RPCs are refused, in-flight RPCs get a
 grace period to finish, then the engine stops.
 """

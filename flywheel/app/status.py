@@ -4,6 +4,8 @@ What this server replica serves and how busy it is (Admin.GetStatus over gRPC), 
 registries point at, how many rankings wait for training, and the last training runs of the
 reward model and the policy with their outcome (from Redis). It reads the platform's existing
 Redis only (``flywheel.app.state``): in a folder with none it says so instead of starting one.
+It exits with 0 when it saw everything, 1 when the server could not be reached (the rest is still
+shown), 2 when there is no state where it looked.
 """
 
 from __future__ import annotations
