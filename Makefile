@@ -53,6 +53,8 @@ bench: $(BENCH_STAMP) $(PPO_STAMP)
 	$(PY) bench/train_ppo.py
 	$(PY) bench/swap.py
 	$(PY) bench/group_store.py
+	# 200 clients for 60 s against a server it starts (README "Benchmark figures")
+	$(PY) bench/load.py
 
 protos: $(STAMP)
 	$(PY) -m flywheel.protos

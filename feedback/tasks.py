@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 
 import redis
 from celery import signals
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import start_http_server
 
 from feedback.labeler import Labeler, LabellingConfig, LabellingScheduler
 from feedback.metrics import LabellingMetrics, register_stream_collector
 from flywheel.celery_app import LABELLING_QUEUE, app, worker_consumes
+from flywheel.metrics_registry import process_registry
 from flywheel.rankings_stream import RankingStream
 from flywheel.redis_server import open_redis
 from flywheel.config import FlywheelConfig
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # the worker's own registry: library code never registers on prometheus_client's global one
-WORKER_REGISTRY = CollectorRegistry()
+WORKER_REGISTRY = process_registry()
 _state_lock = threading.Lock()
 _judges: dict[tuple, "Judge"] = {}  # (model, dtype, constitution, JudgeConfig) -> loaded judge
 _worker: "WorkerState | None" = None

@@ -258,18 +258,37 @@ class KeyStore:
         return None if found is None else Caller(found.name, found.role)
 
 
-def client_key(settings: "FlywheelConfig", role: str = ROLE_CLIENT) -> str | None:
-    """The key a CLI client sends: ``FLYWHEEL_API_KEY``, else this machine's generated key of
-    ``role`` (an admin key also serves a client command), else None."""
+@dataclass(frozen=True)
+class ClientKey:
+    """The key a CLI client sends, where it came from, and every place that was looked in (for
+    an error that tells the user what to fix)."""
+
+    key: str | None
+    source: str  # "FLYWHEEL_API_KEY", a key file's path, or "" when no key was found
+    looked_in: tuple[str, ...]
+
+
+def find_client_key(settings: "FlywheelConfig", role: str = ROLE_CLIENT) -> ClientKey:
+    """``FLYWHEEL_API_KEY``, else this machine's generated key of ``role`` in the data directory
+    (an admin key also serves a client command)."""
+    looked_in = ["FLYWHEEL_API_KEY"]
     if settings.client.api_key:
-        return settings.client.api_key
+        return ClientKey(settings.client.api_key, "FLYWHEEL_API_KEY", tuple(looked_in))
     candidates = [role] if role == ROLE_ADMIN else [role, ROLE_ADMIN]
     for candidate in candidates:
         path = local_key_file(settings.data_dir, candidate)
+        looked_in.append(str(path.resolve()))
         try:
-            return path.read_text().strip() or None
+            key = path.read_text().strip()
         except FileNotFoundError:
             continue
         except PermissionError as exc:
             raise PermissionError(f"cannot read the API key in {path}: {exc.strerror}; set FLYWHEEL_API_KEY") from exc
-    return None
+        if key:
+            return ClientKey(key, str(path.resolve()), tuple(looked_in))
+    return ClientKey(None, "", tuple(looked_in))
+
+
+def client_key(settings: "FlywheelConfig", role: str = ROLE_CLIENT) -> str | None:
+    """The key a CLI client sends (``find_client_key``), or None."""
+    return find_client_key(settings, role).key

@@ -84,7 +84,8 @@ class ServingConfig(ConfigSection):
     max_queued_requests: int = setting(
         256, "requests waiting for a batch slot before RESOURCE_EXHAUSTED", minimum=0)
     max_new_tokens_limit: int = setting(1024, "largest max_new_tokens a request may ask", minimum=1)
-    default_max_new_tokens: int = setting(128, "max_new_tokens when a request leaves it 0", minimum=1)
+    default_max_new_tokens: int = setting(
+        128, "max_new_tokens of a request that does not set it (a request's explicit 0 is refused)", minimum=1)
     max_samples: int = setting(16, "largest n a request may ask", minimum=1)
     grpc_workers: int = setting(64, "gRPC handler threads (concurrent RPCs)", minimum=1)
     policy_poll_seconds: float = setting(
@@ -325,7 +326,8 @@ class FlywheelConfig(ConfigSection):
     dtype: Dtype = setting("auto", "float32, bfloat16 or auto (bfloat16 where the CPU computes it natively)")
     torch_threads: int = setting(0, "torch intra-op threads; 0 = all cores", minimum=0)
     # the server binds it, the CLI clients call it
-    grpc_address: str = setting("127.0.0.1:50051", "host:port the gRPC server binds")
+    grpc_address: str = setting(
+        "127.0.0.1:50051", "host:port of the gRPC server: where serve listens and the client commands connect")
     # the feedback stream, group records, registries and the Celery broker
     redis_url: str = setting("", "redis://... of a Redis 6.2+; empty = start an embedded redis-server")
 
@@ -398,8 +400,9 @@ def add_config_flags(parser: argparse.ArgumentParser, *sections: type[ConfigSect
             if not f.metadata["flag"]:
                 continue
             name = section_cls.prefix + f.name
-            parser.add_argument(flag_name(name), dest=name, default=None,
-                                help=f"{f.metadata['help']} (env {env_name(name)}, default {f.default})")
+            text = f"{f.metadata['help']} (env {env_name(name)}, default {f.default})"
+            # argparse formats help with %: a literal one ("95% lower bound") must be doubled
+            parser.add_argument(flag_name(name), dest=name, default=None, help=text.replace("%", "%%"))
 
 
 def config_from_args(args: argparse.Namespace) -> FlywheelConfig:

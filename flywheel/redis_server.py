@@ -121,6 +121,17 @@ class RedisServer:
         self.stop()
 
 
+def embedded_redis_folder(data_dir: Path | str) -> Path:
+    """Where the embedded redis-server of ``data_dir`` keeps its data (AOF) and its URL."""
+    return Path(data_dir) / "redis"
+
+
+def embedded_redis_has_data(data_dir: Path | str) -> bool:
+    """Whether an embedded redis-server ever ran on ``data_dir`` (its AOF or snapshot is there)."""
+    folder = embedded_redis_folder(data_dir)
+    return folder.is_dir() and any(folder.glob("appendonly*")) or (folder / "dump.rdb").exists()
+
+
 def resolve_redis_url(redis_url: str, data_dir: Path, fallback_url: str = "") -> tuple[str, RedisServer | None]:
     """The configured ``REDIS_URL``, else ``fallback_url``, else the embedded server of ``data_dir``.
 
@@ -131,7 +142,7 @@ def resolve_redis_url(redis_url: str, data_dir: Path, fallback_url: str = "") ->
     url = redis_url or os.environ.get("REDIS_URL", "") or fallback_url
     if url:
         return url, None
-    folder = Path(data_dir) / "redis"
+    folder = embedded_redis_folder(data_dir)
     marker = folder / "redis.url"
     if marker.exists():
         running = marker.read_text().strip()

@@ -10,7 +10,8 @@ set to the key's name and role (annotator identity, audit).
 
 Refusals say what to do without echoing the key or naming internals: UNAUTHENTICATED for a
 missing, malformed, unknown or revoked key; PERMISSION_DENIED for a client key on Admin;
-RESOURCE_EXHAUSTED with a ``retry-after-ms`` trailer when the key's rate is exceeded.
+RESOURCE_EXHAUSTED with ``retry-after-ms`` and ``grpc-retry-pushback-ms`` trailers when the key's
+rate is exceeded.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             if wait is not None:
                 self.metrics.rate_limited.labels(caller.role).inc()
                 ms = retry_after_ms(wait)
-                context.set_trailing_metadata((("retry-after-ms", str(ms)),))
+                context.set_trailing_metadata(retry_trailers(ms))
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"rate limit of key {caller.name!r} ({self.limiter.rate(caller).describe()}) "
                               f"exceeded; retry in {ms} ms")
@@ -124,6 +125,15 @@ def _guarded(handler: grpc.RpcMethodHandler, admit: Callable[[grpc.ServicerConte
                     scope.run(close)
         return run
 
+    return wrap_behavior(handler, unary, streaming)
+
+
+Wrap = Callable[[Callable], Callable]
+
+
+def wrap_behavior(handler: grpc.RpcMethodHandler, unary: Wrap, streaming: Wrap) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour wrapped: by ``unary`` when it returns one response, by
+    ``streaming`` (whose wrapper is a generator) when it streams them."""
     if handler.unary_unary is not None:
         kind, behavior, wrap = grpc.unary_unary_rpc_method_handler, handler.unary_unary, unary
     elif handler.unary_stream is not None:
@@ -134,6 +144,12 @@ def _guarded(handler: grpc.RpcMethodHandler, admit: Callable[[grpc.ServicerConte
         kind, behavior, wrap = grpc.stream_stream_rpc_method_handler, handler.stream_stream, streaming
     return kind(wrap(behavior), request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
+
+
+def retry_trailers(ms: int) -> tuple[tuple[str, str], ...]:
+    """The retry hint of a RESOURCE_EXHAUSTED refusal: Flywheel's ``retry-after-ms`` and gRPC's
+    standard ``grpc-retry-pushback-ms`` (gRFC A6), which a stock client's retry policy waits for."""
+    return (("retry-after-ms", str(ms)), ("grpc-retry-pushback-ms", str(ms)))
 
 
 AUTH_MODES = ("on", "off")

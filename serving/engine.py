@@ -123,12 +123,16 @@ class EngineConfig:
 
 
 class EngineObserver:
-    """Hooks the engine calls; the serving metrics implement them (no-ops by default)."""
+    """Hooks the engine calls; the serving metrics implement them (no-ops by default). Each hook
+    that concerns sampling names the policy version that sampled, so metrics split by version
+    after a hot-swap."""
 
-    def on_step(self, batch_sequences: int, seconds: float, new_tokens: int) -> None: ...
+    def on_step(self, batch_sequences: int, seconds: float, new_tokens: int, policy_version: int) -> None: ...
     def on_queue(self, waiting: int, running: int) -> None: ...
-    def on_prefill(self, prompt_tokens: int, seconds: float, new_tokens: int) -> None: ...
-    def on_first_token(self, seconds: float) -> None: ...
+    def on_admit(self, queued_seconds: float, policy_version: int) -> None: ...
+    def on_prefill(self, prompt_tokens: int, seconds: float, new_tokens: int, policy_version: int) -> None: ...
+    def on_first_token(self, seconds: float, policy_version: int) -> None: ...
+    def on_finished(self, result: GroupResult) -> None: ...
 
 
 class _Group:
@@ -322,20 +326,21 @@ class Engine:
         group = _Group(request, self.policy_version, self.eos_ids, self.tokenizer)
         for sample in group.samples:
             sample.finish_reason = FINISH_CANCELLED
-        request.events.put(DoneEvent(group.result()))
+        self._deliver(group)
 
     def _prefill(self, request: GenerationRequest) -> None:
         started = time.perf_counter()
         batch = self.runner.current
+        self.observer.on_admit(time.time() - request.created_at, batch.version)
         group = _Group(request, batch.version, self.eos_ids, self.tokenizer)
         n = request.params.n
         cache, logits = batch.prefill(request.prompt_token_ids, n)
         tokens, logprobs = self._choose(logits, group.samples)
         batch.add(cache, group.samples, tokens)
         self._record(group.samples, tokens, logprobs, logits)  # clients hear of the rows once they are in the batch
-        self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started, n)
+        self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started, n, batch.version)
         group.first_token_at = time.time()
-        self.observer.on_first_token(group.first_token_at - request.created_at)
+        self.observer.on_first_token(group.first_token_at - request.created_at, batch.version)
         # a sample may already be finished (max_new_tokens=1, end of sequence): retire it now
         self._retire(batch)
 
@@ -347,7 +352,7 @@ class Engine:
         self._record(batch.rows, tokens, logprobs, logits)
         size = len(batch.rows)
         self._retire(batch)
-        self.observer.on_step(size, time.perf_counter() - started, size)
+        self.observer.on_step(size, time.perf_counter() - started, size, batch.version)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample one token per row with each row's own parameters and random stream."""
@@ -411,7 +416,14 @@ class Engine:
                 done_groups.append(group)
         batch.keep(retirement.keep)
         for group in done_groups:  # after the batch shrank, so a finished request sees its slots free
-            group.request.events.put(DoneEvent(group.result()))
+            self._deliver(group)
+
+    def _deliver(self, group: _Group) -> None:
+        """Hand a finished group to its request, observed first (also when nobody waits for it any
+        more: a client that went away still counts as a cancelled request)."""
+        result = group.result()
+        self.observer.on_finished(result)
+        group.request.events.put(DoneEvent(result))
 
 
 def top_alternatives(logits: torch.Tensor, ks: list[int]) -> list[list[tuple[int, float]] | None]:

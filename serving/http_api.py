@@ -344,6 +344,7 @@ class OpenAIRoutes:
         try:
             engine.submit(generation)
         except QueueFullError as exc:
+            self.server.metrics.queue_full.inc()
             raise HttpError(503, str(exc), type="service_unavailable_error", headers=[("Retry-After", "1")]) from None
         except EngineStoppedError:
             raise HttpError(503, "the server is shutting down", type="service_unavailable_error") from None

@@ -2,14 +2,16 @@
 reflection services so stock tools (grpcurl, grpc_health_probe, Kubernetes probes) work.
 
 The server listens at once and reports NOT_SERVING until the model is loaded and (when it follows
-the registry) the registry's current policy version is loaded, then SERVING.
+the registry) the registry's current policy version is loaded, then SERVING, for the server ("")
+and for each service on the port (Inference, and Feedback and Admin where served). Every RPC is
+counted and timed by ``serving.metrics.RequestMetricsInterceptor``, the outermost interceptor; the
+engine reports per-request figures to ``ServingMetrics`` through its observer.
 Shutdown is graceful: health flips to NOT_SERVING, new RPCs are refused, in-flight RPCs get a
 grace period to finish, then the engine stops.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -32,10 +34,10 @@ from serving.engine import (
     DoneEvent, Engine, EngineConfig, EngineStoppedError, GenerationRequest, QueueFullError, TokenEvent,
     iter_events,
 )
-from serving.auth import server_interceptors
+from serving.auth import retry_trailers, server_interceptors
 from serving.malformed import MalformedRequestInterceptor
 from serving.logprobs import scored_tokens
-from serving.metrics import ServingMetrics
+from serving.metrics import RequestMetricsInterceptor, ServingMetrics
 from serving.policy_follower import FollowerState, PolicyFollower
 from serving.policy_loader import LoadedPolicy, PolicyLoader
 from serving.rate_limit import RateLimiter
@@ -44,6 +46,7 @@ from serving.validation import InvalidRequest, RequestLimits, validate_request
 log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+QUEUE_FULL_RETRY_MS = 1000
 FINISH_REASONS = {
     "stop": inference_pb2.FINISH_REASON_STOP,
     "length": inference_pb2.FINISH_REASON_LENGTH,
@@ -87,24 +90,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.server = server
 
     def Complete(self, request, context):
-        with self.server.observe("Complete", context):
-            generation, logprobs = self._submit(request, context, stream=False)
-            for event in self._events(generation, context):
-                if isinstance(event, DoneEvent):
-                    return self._finish(event.result, context, logprobs)
-            return self._abort_unfinished(generation, context)
+        generation, logprobs = self._submit(request, context, stream=False)
+        for event in self._events(generation, context):
+            if isinstance(event, DoneEvent):
+                return self._finish(event.result, context, logprobs)
+        return self._abort_unfinished(generation, context)
 
     def StreamComplete(self, request, context):
-        with self.server.observe("StreamComplete", context):
-            generation, logprobs = self._submit(request, context, stream=True)
-            tokenizer = self.server.engine.tokenizer
-            for event in self._events(generation, context):
-                if isinstance(event, TokenEvent):
-                    yield inference_pb2.StreamCompleteResponse(delta=token_delta(event, tokenizer, logprobs))
-                elif isinstance(event, DoneEvent):
-                    yield inference_pb2.StreamCompleteResponse(final=self._finish(event.result, context, logprobs))
-                    return
-            self._abort_unfinished(generation, context)
+        generation, logprobs = self._submit(request, context, stream=True)
+        tokenizer = self.server.engine.tokenizer
+        for event in self._events(generation, context):
+            if isinstance(event, TokenEvent):
+                yield inference_pb2.StreamCompleteResponse(delta=token_delta(event, tokenizer, logprobs))
+            elif isinstance(event, DoneEvent):
+                yield inference_pb2.StreamCompleteResponse(final=self._finish(event.result, context, logprobs))
+                return
+        self._abort_unfinished(generation, context)
 
     # ---- helpers ----
 
@@ -126,7 +127,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             engine.submit(generation)
         except QueueFullError as exc:
-            context.set_trailing_metadata((("retry-after-ms", "1000"),))
+            self.server.metrics.queue_full.inc()
+            context.set_trailing_metadata(retry_trailers(QUEUE_FULL_RETRY_MS))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineStoppedError:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -194,9 +196,11 @@ class InferenceServer:
         credentials = server_credentials(s.security)
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=s.serving.grpc_workers, thread_name_prefix="grpc"),
-            # the first interceptor is the outermost: the key (and its rate) is checked before anything
-            # is said about the request, so a caller without a valid key learns nothing from a malformed one
-            interceptors=[*server_interceptors(s, self.metrics, self.rate_limiter, tls=credentials is not None),
+            # the first interceptor is the outermost: every RPC is counted, refusals included; then the
+            # key (and its rate) is checked before anything is said about the request, so a caller
+            # without a valid key learns nothing from a malformed one
+            interceptors=[RequestMetricsInterceptor(self.metrics),
+                          *server_interceptors(s, self.metrics, self.rate_limiter, tls=credentials is not None),
                           MalformedRequestInterceptor()],
             maximum_concurrent_rpcs=s.serving.grpc_workers,
             options=[("grpc.max_receive_message_length", s.serving.grpc_max_receive_message_bytes),
@@ -335,29 +339,11 @@ class InferenceServer:
             self._grpc.wait_for_termination()
 
     def _set_health(self, status) -> None:
-        self._health.set("", status)
-        self._health.set(INFERENCE_SERVICE, status)
+        """The server's status ("") and each service's: Inference, and Feedback and Admin where served."""
+        for service in ("", INFERENCE_SERVICE, *(name for name, _ in self.services)):
+            self._health.set(service, status)
 
     # ---- used by the servicer ----
-
-    @contextlib.contextmanager
-    def observe(self, method: str, context):
-        """Count the RPC by its final status code and time it."""
-        started = time.perf_counter()
-        code = None
-        try:
-            yield
-        except GeneratorExit:  # a streaming client went away
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            code = context.code() or grpc.StatusCode.UNKNOWN
-            raise
-        else:
-            code = context.code() or grpc.StatusCode.OK
-        finally:
-            self.metrics.requests.labels(method, (code or grpc.StatusCode.UNKNOWN).name).inc()
-            self.metrics.request_duration.labels(method).observe(time.perf_counter() - started)
 
     def record_group(self, result: GroupResult) -> None:
         if self.group_sink is None:

@@ -1,7 +1,10 @@
 """Prometheus metrics of the training workers (``flywheel_`` namespace, base units).
 
-Library code takes a ``CollectorRegistry``; the Celery worker owns one and serves it on
-``/metrics`` (``training_metrics_port``)."""
+Library code takes a ``CollectorRegistry``; the Celery worker owns one
+(``flywheel.metrics_registry.process_registry``) and serves it on ``/metrics``
+(``training_metrics_port``). The ``*_current_version`` gauges say what the registry pointed at
+after this worker's last look; the live pointer, which a manual rollback moves at once, is what
+every server exports (``flywheel_registry_current_version``)."""
 
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ class RewardModelMetrics:
         self.runs = Counter(
             "flywheel_reward_model_runs_total", "reward-model runs by outcome", ["outcome"], registry=registry)
         self.current_version = Gauge(
-            "flywheel_reward_model_current_version", "the current reward-model version (0 = none)",
+            "flywheel_reward_model_current_version",
+            "the current reward-model version when this worker last looked (0 = none)",
             registry=registry)
         self.pairs_per_second = Gauge(
             "flywheel_reward_model_training_pairs_per_second", "training throughput of the last run",
@@ -83,4 +87,4 @@ class PPOMetrics:
         self.gate_perplexity_ratio = gauge("flywheel_policy_gate_perplexity_ratio",
                                            "held-out text perplexity of the last candidate / the initial policy's")
         self.current_version = gauge("flywheel_policy_current_version",
-                                     "the current policy version (0 = the base model)")
+                                     "the current policy version when this worker last looked (0 = the base model)")

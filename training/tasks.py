@@ -21,9 +21,10 @@ import threading
 
 import redis as redis_lib
 from celery import signals
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import start_http_server
 
 from flywheel.celery_app import TRAINING_QUEUE, app, worker_consumes
+from flywheel.metrics_registry import process_registry
 from flywheel.contracts.artifacts import POLICY_KIND, REWARD_MODEL_KIND
 from flywheel.contracts.keys import REWARD_MODEL_RUN_LOCK_KEY, REWARD_MODEL_TRIGGER_KEY
 from flywheel.rankings_stream import RankingStreamReader
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 TRAIN_REWARD_MODEL = "training.train_reward_model"
 TRAIN_POLICY = "training.train_policy"
 
-METRICS_REGISTRY = CollectorRegistry()
+METRICS_REGISTRY = process_registry()
 REWARD_MODEL_METRICS = RewardModelMetrics(METRICS_REGISTRY)
 PPO_METRICS = PPOMetrics(METRICS_REGISTRY)
 _CACHE = RewardModelCache()

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flywheel",
         description="Serve a policy over gRPC, collect preference rankings, retrain it, hot-swap it.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in command_modules():
         module.register(subparsers)
@@ -40,11 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    from flywheel.app.state import StateNotFound
+
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, StateNotFound) as exc:
         print(f"flywheel: {exc}", file=sys.stderr)
         return 2
 

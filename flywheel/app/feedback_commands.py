@@ -13,33 +13,45 @@ import uuid
 import grpc
 
 from flywheel.config import ClientConfig, FlywheelConfig, LabellingWorkerConfig, add_config_flags, config_from_args
-from flywheel.grpc_client import open_channel
+from flywheel.grpc_client import explain_rpc_error, open_channel
 from flywheel.v1 import feedback_pb2, feedback_pb2_grpc
 
 
 def register(subparsers) -> None:
     rank = subparsers.add_parser("rank", help="rank completions of a served group, best first",
                                  description="Rank 2 to 9 completions of one served group, best first.")
-    rank.add_argument("group_id")
-    rank.add_argument("completion_ids", nargs="+", metavar="COMPLETION_ID", help="best first")
+    rank.add_argument("group_id", help="the group_id of a served response (flywheel complete prints it)")
+    rank.add_argument("completion_ids", nargs="+", metavar="COMPLETION_ID",
+                      help="2 to 9 completion ids of that group, best first")
     rank.add_argument("--annotator", default="",
                       help="who ranked; with auth on, a client key ranks as its own name (leave this empty)")
-    rank.add_argument("--comment", default="")
-    rank.add_argument("--idempotency-key", default="", help="default: a fresh key, reused by the retries")
+    rank.add_argument("--comment", default="", help="free text kept with the ranking")
+    rank.add_argument("--idempotency-key", default="",
+                      help="the same key makes a retried ranking count once; default: a fresh key per command")
     rank.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
     add_config_flags(rank, FlywheelConfig, ClientConfig)
     rank.set_defaults(handler=run_rank)
 
-    feedback = subparsers.add_parser("feedback", help="feedback stream statistics and maintenance")
+    feedback = subparsers.add_parser("feedback", help="feedback stream statistics and maintenance",
+                                     description="Statistics of the rankings stream (over gRPC) and its maintenance "
+                                                 "(in the platform's Redis).")
     commands = feedback.add_subparsers(dest="feedback_command", metavar="COMMAND")
-    stats = commands.add_parser("stats", help="rankings collected, stream length, pending per consumer group")
-    stats.add_argument("--timeout", type=float, default=10.0)
+    stats = commands.add_parser("stats", help="rankings collected, stream length, pending per consumer group",
+                                description="Ask a running server (Feedback.GetFeedbackStats) for the rankings "
+                                            "collected, the stream, each consumer group's backlog and the AI-human "
+                                            "agreement.")
+    stats.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
     add_config_flags(stats, FlywheelConfig, ClientConfig)
     stats.set_defaults(handler=run_stats)
-    schedule = commands.add_parser("schedule", help="enqueue AI labelling of the groups that are due, once")
+    schedule = commands.add_parser("schedule", help="enqueue AI labelling of the groups that are due, once",
+                                   description="One pass of what celery beat does every "
+                                               "FLYWHEEL_LABELLING_SCHEDULE_SECONDS: enqueue AI labelling of the "
+                                               "served groups that are due.")
     add_config_flags(schedule, FlywheelConfig, LabellingWorkerConfig)
     schedule.set_defaults(handler=run_schedule)
-    trim = commands.add_parser("trim", help="delete rankings every consumer group has acknowledged")
+    trim = commands.add_parser("trim", help="delete rankings every consumer group has acknowledged",
+                               description="Delete the rankings every consumer group has acknowledged from the "
+                                           "stream (the platform's Redis; none is started).")
     add_config_flags(trim, FlywheelConfig)
     trim.set_defaults(handler=run_trim)
     export = commands.add_parser(
@@ -48,7 +60,8 @@ def register(subparsers) -> None:
                     '{"prompt", "chosen", "rejected"} (RewardTrainer, DPOTrainer); --format kway one ranking a '
                     "line with its source, annotator and policy version. Reads the stream without acknowledging.")
     export.add_argument("output", nargs="?", default="-", help="file to write (default: standard output)")
-    export.add_argument("--format", choices=("pairwise", "kway"), default="pairwise", dest="export_format")
+    export.add_argument("--format", choices=("pairwise", "kway"), default="pairwise", dest="export_format",
+                        help="pairwise: {prompt, chosen, rejected} per pair (TRL); kway: one ranking per line")
     export.add_argument("--since", default=None,
                         help="only rankings made at or after this time: unix seconds or ISO 8601 (2026-11-01T12:00)")
     export.add_argument("--source", choices=("human", "ai"), default=None, help="only rankings from this source")
@@ -61,6 +74,11 @@ def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, feedback_pb2_grpc.Fee
     return channel, feedback_pb2_grpc.FeedbackStub(channel)
 
 
+def _failed(command: str, args: argparse.Namespace, error: grpc.RpcError) -> int:
+    print(f"flywheel {command}: {explain_rpc_error(error, config_from_args(args))}", file=sys.stderr)
+    return 1
+
+
 def run_rank(args: argparse.Namespace) -> int:
     request = feedback_pb2.SubmitRankingRequest(
         group_id=args.group_id, completion_ids=args.completion_ids, annotator_id=args.annotator,
@@ -70,8 +88,7 @@ def run_rank(args: argparse.Namespace) -> int:
         try:
             reply = stub.SubmitRanking(request, timeout=args.timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
-            print(f"flywheel rank: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            return _failed("rank", args, exc)
     note = " (already recorded)" if reply.duplicate else ""
     print(f"ranking {reply.ranking_id} stored as stream entry {reply.stream_entry_id}{note}")
     return 0
@@ -84,8 +101,7 @@ def run_stats(args: argparse.Namespace) -> int:
             stats = stub.GetFeedbackStats(feedback_pb2.GetFeedbackStatsRequest(), timeout=args.timeout,
                                           wait_for_ready=True)
         except grpc.RpcError as exc:
-            print(f"flywheel feedback stats: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            return _failed("feedback stats", args, exc)
     print(f"rankings: {stats.rankings_total} ({stats.human_rankings} human, {stats.ai_rankings} ai)")
     print(f"stream length: {stats.stream_length}")
     for group in stats.consumer_groups:
@@ -99,21 +115,21 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_schedule(args: argparse.Namespace) -> int:
     from feedback.tasks import labelling_config, schedule_due_groups
-    from flywheel.redis_server import redis_connection
+    from flywheel.app.state import existing_state
 
     settings = config_from_args(args)
-    with redis_connection(settings.redis_url, settings.data_dir) as client:
+    with existing_state(settings) as (client, _):
         enqueued = schedule_due_groups(client, labelling_config(settings))["enqueued"]
     print(f"enqueued {enqueued} groups for labelling")
     return 0
 
 
 def run_trim(args: argparse.Namespace) -> int:
+    from flywheel.app.state import existing_state
     from flywheel.rankings_stream import RankingStream
-    from flywheel.redis_server import redis_connection
 
     settings = config_from_args(args)
-    with redis_connection(settings.redis_url, settings.data_dir) as client:
+    with existing_state(settings) as (client, _):
         trimmed = RankingStream(client).trim_acknowledged()
     print(f"trimmed {trimmed} acknowledged rankings")
     return 0
@@ -140,14 +156,14 @@ def run_export(args: argparse.Namespace) -> int:
     import json
 
     from feedback.export import ExportCounts, export_records
-    from flywheel.redis_server import redis_connection
+    from flywheel.app.state import existing_state
 
     settings = config_from_args(args)
     since = parse_since(args.since)
     counts = ExportCounts()
     out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     try:
-        with redis_connection(settings.redis_url, settings.data_dir) as client:
+        with existing_state(settings) as (client, _):
             for record in export_records(client, args.export_format, since, args.source, counts):
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
     finally:

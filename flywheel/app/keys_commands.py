@@ -13,22 +13,27 @@ from pathlib import Path
 
 from flywheel.api_keys import ROLES, KeyFile, default_keys_file
 from flywheel.config import FlywheelConfig, SecurityConfig, add_config_flags, config_from_args
-from flywheel.app.tables import format_table
+from flywheel.app.tables import format_table, plain_text
 
 
 def register(subparsers) -> None:
-    keys = subparsers.add_parser("keys", help="create, list and revoke API keys", description=__doc__)
+    keys = subparsers.add_parser("keys", help="create, list and revoke API keys", description=plain_text(__doc__),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = keys.add_subparsers(dest="keys_command", metavar="COMMAND")
-    create = commands.add_parser("create", help="add a key and print it (once)")
+    create = commands.add_parser("create", help="add a key and print it (once)",
+                                 description="Add a key to the keys file and print it; only its SHA-256 is stored.")
     create.add_argument("--name", required=True, help="who holds the key (also the annotator name of a client key)")
     create.add_argument("--role", required=True, choices=ROLES, help="client: Inference and Feedback; admin: all")
     add_config_flags(create, FlywheelConfig, SecurityConfig)
     create.set_defaults(handler=run_create)
-    listing = commands.add_parser("list", help="the keys' names, roles and creation times (never the keys)")
+    listing = commands.add_parser("list", help="the keys' names, roles and creation times (never the keys)",
+                                  description="List the keys file: names, roles, creation times, hash prefixes.")
     add_config_flags(listing, FlywheelConfig, SecurityConfig)
     listing.set_defaults(handler=run_list)
-    revoke = commands.add_parser("revoke", help="remove a key; servers refuse it from their next request")
-    revoke.add_argument("name")
+    revoke = commands.add_parser("revoke", help="remove a key; servers refuse it from their next request",
+                                 description="Remove a key from the keys file; running servers refuse it from "
+                                             "their next request, with no restart.")
+    revoke.add_argument("name", help="the key's name (flywheel keys list shows them)")
     add_config_flags(revoke, FlywheelConfig, SecurityConfig)
     revoke.set_defaults(handler=run_revoke)
 

@@ -22,28 +22,47 @@ from flywheel.config import (ClientConfig, FeedbackConfig, FlywheelConfig, Secur
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser(
-        "serve", help="run the gRPC inference server",
-        description="Serve the policy over gRPC (Inference, health, reflection) with Prometheus metrics, and "
-                    "with --http-port an OpenAI-compatible HTTP API and the ranking page.")
+        "serve", help="run the gRPC server (Inference, Feedback, Admin)",
+        description="Serve the policy over gRPC on --grpc-address: Inference, and with store_groups (the default) "
+                    "Feedback (rankings) and Admin (registry, promote, rollback) on the same port, plus health and "
+                    "reflection; Prometheus metrics on --metrics-port; with --http-port an OpenAI-compatible HTTP "
+                    "API and the ranking page. Follows the policy registry and hot-swaps.")
     add_config_flags(serve, FlywheelConfig, ServingConfig, SecurityConfig, FeedbackConfig)
     serve.set_defaults(handler=run_serve)
 
     complete = subparsers.add_parser(
         "complete", help="ask a running server for completions",
-        description="Send one Complete (or StreamComplete with --stream) request and print the samples.")
+        description="Send one Complete (or StreamComplete with --stream) request to the server at --grpc-address "
+                    "and print the samples. Unset sampling flags take the server's defaults.")
     complete.add_argument("prompt", help="the user message (rendered with the chat template) or, with --raw, the prompt")
-    complete.add_argument("--address", default=None, help="server host:port (default: the grpc_address setting)")
-    complete.add_argument("-n", type=int, default=None, help="samples to draw (1-16)")
-    complete.add_argument("--max-new-tokens", type=int, default=None)
-    complete.add_argument("--temperature", type=float, default=None)
-    complete.add_argument("--top-p", type=float, default=None)
-    complete.add_argument("--seed", type=int, default=None)
+    complete.add_argument("--address", dest="grpc_address", action=DeprecatedAlias, help=argparse.SUPPRESS)
+    complete.add_argument("-n", type=int, default=None, help="samples to draw (server default 1, at most its max_samples, 16)")
+    complete.add_argument("--max-new-tokens", type=int, default=None,
+                          help="most tokens per sample (at least 1; server default --default-max-new-tokens)")
+    complete.add_argument("--temperature", type=float, default=None,
+                          help="sampling temperature; 0 = greedy (server default 1.0)")
+    complete.add_argument("--top-p", type=float, default=None,
+                          help="nucleus sampling: keep the smallest set of tokens of this total probability "
+                               "(0 < p <= 1; server default 1.0)")
+    complete.add_argument("--seed", type=int, default=None,
+                          help="the same seed and request give the same samples (default: a fresh seed)")
     complete.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     complete.add_argument("--raw", action="store_true", help="send PROMPT verbatim instead of as a chat message")
-    complete.add_argument("--stream", action="store_true", help="stream token deltas as they are decoded")
-    complete.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
+    complete.add_argument("--stream", action="store_true",
+                          help="stream: sample 0 is printed as it is decoded, the others when they finish")
+    complete.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default 120)")
     add_config_flags(complete, FlywheelConfig, ClientConfig)
     complete.set_defaults(handler=run_complete)
+
+
+class DeprecatedAlias(argparse.Action):
+    """A flag kept under its old name (hidden from --help) that warns and sets the new one:
+    ``complete --address`` was the one client flag not called ``--grpc-address``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"flywheel: {option_string} is deprecated; use --grpc-address (the same flag on every command)",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
@@ -60,7 +79,7 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
     from flywheel.group_store import GroupStore
     from flywheel.redis_server import open_redis, resolve_redis_url
     from serving.admin import ADMIN_SERVICE, AdminServicer, add_admin_service
-    from serving.metrics import ServingMetrics
+    from serving.metrics import RegistryCollector, ServingMetrics
     from serving.rate_limit import RateLimiter
 
     url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
@@ -70,6 +89,7 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
     # shorter still for the rate limiter, which every RPC waits on (it lets requests through when Redis is down)
     limiter_client, _ = open_redis(url, settings.data_dir, socket_connect_timeout=0.25, socket_timeout=0.25)
     metrics = ServingMetrics()
+    metrics.registry.register(RegistryCollector(client, settings.data_dir))  # the pointer the server follows
     feedback = FeedbackServicer(client, group_ttl_seconds=settings.feedback.group_ttl_seconds,
                                 registry=metrics.registry)
     limiter = RateLimiter.from_settings(limiter_client, settings.security, on_error=metrics.rate_limiter_errors.inc)
@@ -142,29 +162,47 @@ def build_request(args: argparse.Namespace):
 def run_complete(args: argparse.Namespace) -> int:
     import grpc
 
-    from flywheel.grpc_client import open_channel
-    from flywheel.v1 import inference_pb2, inference_pb2_grpc
+    from flywheel.grpc_client import explain_rpc_error, open_channel
+    from flywheel.v1 import inference_pb2_grpc
 
     settings = config_from_args(args)
     request = build_request(args)
-    with open_channel(settings, args.address) as channel:
+    with open_channel(settings) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         try:
             if args.stream:
-                response = None
-                for message in stub.StreamComplete(request, timeout=args.timeout):
-                    if message.HasField("delta"):
-                        print(f"[{message.delta.index}] {message.delta.text!r}", flush=True)
-                    else:
-                        response = message.final
+                response = stream_completion(stub, request, args.timeout)
             else:
                 response = stub.Complete(request, timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"flywheel: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"\nflywheel complete: {explain_rpc_error(exc, settings)}" if args.stream else
+                  f"flywheel complete: {explain_rpc_error(exc, settings)}", file=sys.stderr)
             return 1
+    print_response(response, streamed=0 if args.stream else None)
+    return 0
+
+
+def stream_completion(stub, request, timeout: float):
+    """StreamComplete, with sample 0 printed as it grows (the others arrive with the final message,
+    where ``print_response`` shows them). Returns the final response."""
+    print("--- #0 (streaming)", flush=True)
+    for message in stub.StreamComplete(request, timeout=timeout):
+        if message.HasField("final"):
+            print(flush=True)
+            return message.final
+        if message.delta.index == 0:
+            print(message.delta.text, end="", flush=True)
+    raise RuntimeError("the stream ended without its final message")
+
+
+def print_response(response, streamed: int | None = None) -> None:
+    """The group and every sample; the text of sample ``streamed`` was printed already."""
+    from flywheel.v1 import inference_pb2
+
     print(f"group {response.group_id}  policy v{response.policy_version}  prompt {response.prompt_token_count} tokens")
     for c in response.completions:
         reason = inference_pb2.FinishReason.Name(c.finish_reason).removeprefix("FINISH_REASON_").lower()
-        print(f"\n--- #{c.index} {c.completion_id}  {c.token_count} tokens  {reason}  logprob {c.logprob:.2f}")
-        print(c.text)
-    return 0
+        shown = "  (text above)" if c.index == streamed else ""
+        print(f"\n--- #{c.index} {c.completion_id}  {c.token_count} tokens  {reason}  logprob {c.logprob:.2f}{shown}")
+        if c.index != streamed:
+            print(c.text)

@@ -55,3 +55,8 @@ def format_registry_table(records: Sequence["VersionRecord"], current: int, colu
     rows = [(version(0), *("base" if column is STATUS else "-" for column in columns))] if base_model_row else []
     rows += [(version(r.version), *(column.cell(r) for column in columns)) for r in records]
     return format_table(("version", *(column.header for column in columns)), rows)
+
+
+def plain_text(doc: str) -> str:
+    """A docstring as terminal text (a command's ``--help``): the reST/Markdown code marks removed."""
+    return doc.replace("``", "").replace("`", "'")

@@ -14,6 +14,7 @@ import argparse
 import getpass
 import json
 import os
+import sys
 import time
 
 from flywheel.app.tables import CREATED, PARENT, STATUS, Column, figure_column, format_registry_table
@@ -58,41 +59,28 @@ POLICY_COLUMNS = (
 
 
 def register(subparsers) -> None:
-    train = subparsers.add_parser("train", help="start a training run")
+    train = subparsers.add_parser("train", help="start a training run",
+                                  description="Start a reward-model or a PPO run, on the Celery training queue or here.")
     train_sub = train.add_subparsers(dest="train_command", metavar="WHAT")
-    reward = train_sub.add_parser(
-        "reward-model", help="train the reward model on the rankings that arrived since the last run",
-        description="Enqueue a reward-model run on the Celery training queue and wait for it, or run it in "
-                    "this process with --local.")
-    reward.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
-    reward.add_argument("--min-rankings", type=int, default=1, help="skip unless this many rankings wait")
-    reward.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
-    reward.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait for the Celery run")
-    add_config_flags(reward, FlywheelConfig, RewardModelRunConfig)
-    reward.set_defaults(handler=train_reward_model_command)
+    reward = add_run_command(
+        train_sub, "reward-model", "train the reward model on the rankings that arrived since the last run",
+        "Enqueue a reward-model run on the Celery training queue and wait for it, or run it in this process with "
+        "--local.", RewardModelRunConfig, train_reward_model_command, hours=6)
+    reward.add_argument("--min-rankings", type=int, default=1,
+                        help="skip the run unless this many rankings wait (default 1)")
     train.set_defaults(handler=lambda args: train.print_help() or 2)
 
-    versions = subparsers.add_parser("reward-models", help="list the reward-model versions")
-    versions.add_argument("--rebuild", action="store_true", help="rebuild the registry in Redis from the manifests")
-    versions.add_argument("--json", action="store_true", help="print the records as JSON")
-    add_config_flags(versions, FlywheelConfig)
-    versions.set_defaults(handler=reward_models_command)
+    add_listing(subparsers, "reward-models", "reward-model", "status, parent, rankings used, held-out accuracy and "
+                "loss", reward_models_command)
 
-    policy = train_sub.add_parser(
-        "policy", help="improve the policy with PPO against the current reward model",
-        description="Enqueue a PPO run on the Celery training queue and wait for it, or run it in this process "
-                    "with --local. The candidate is promoted if it passes the evaluation gate.")
-    policy.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
-    policy.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
-    policy.add_argument("--timeout", type=float, default=12 * 3600, help="seconds to wait for the Celery run")
-    add_config_flags(policy, FlywheelConfig, PolicyRunConfig)
-    policy.set_defaults(handler=train_policy_command)
+    add_run_command(
+        train_sub, "policy", "improve the policy with PPO against the current reward model",
+        "Enqueue a PPO run on the Celery training queue and wait for it, or run it in this process with --local. "
+        "The candidate is promoted if it passes the evaluation gate.", PolicyRunConfig, train_policy_command,
+        hours=12)
 
-    policies = subparsers.add_parser("policies", help="list the policy versions")
-    policies.add_argument("--rebuild", action="store_true", help="rebuild the registry in Redis from the manifests")
-    policies.add_argument("--json", action="store_true", help="print the records as JSON")
-    add_config_flags(policies, FlywheelConfig)
-    policies.set_defaults(handler=policies_command)
+    policies = add_listing(subparsers, "policies", "policy", "v0 is the base model; status, parent, reward model, "
+                           "gate figures", policies_command)
     policies_sub = policies.add_subparsers(dest="policies_command", metavar="COMMAND")
     export = policies_sub.add_parser(
         "export", help="write a policy version as a plain Hugging Face model folder",
@@ -103,20 +91,54 @@ def register(subparsers) -> None:
     add_config_flags(export, FlywheelConfig)
     export.set_defaults(handler=export_policy_command)
 
-    promote = subparsers.add_parser("promote", help="serve a policy version (0 = the base model)")
-    promote.add_argument("version", type=int, nargs="?")
+    promote = subparsers.add_parser(
+        "promote", help="serve a policy version (0 = the base model), or lift a rollback's freeze",
+        description="Point the policy registry at VERSION (its artifacts are verified first); every server "
+                    "swaps to it. A rejected version may be promoted by hand (recorded as an override). "
+                    "--resume lifts the freeze a rollback puts on automatic promotion.")
+    promote.add_argument("version", type=int, nargs="?", help="the policy version to serve; 0 = the base model")
     promote.add_argument("--resume", action="store_true",
                          help="lift a rollback's freeze: training runs promote their candidates again")
     promote.add_argument("--reason", default="", help="why (kept in the audit stream)")
     add_config_flags(promote, FlywheelConfig)
     promote.set_defaults(handler=promote_command)
 
-    rollback = subparsers.add_parser("rollback", help="serve the previous good policy version again")
+    rollback = subparsers.add_parser(
+        "rollback", help="serve the previous good policy version again",
+        description="Point the policy registry back at the previous good version (or --to N); the version left "
+                    "is marked rolled_back. Every server swaps back.")
     rollback.add_argument("--to", type=int, default=None, dest="to_version",
                           help="the version to serve (default: the previous good one, else 0 = the base model)")
     rollback.add_argument("--reason", default="", help="why (kept in the audit stream)")
     add_config_flags(rollback, FlywheelConfig)
     rollback.set_defaults(handler=rollback_command)
+
+
+def add_run_command(train_sub, command: str, help: str, description: str, section, handler,
+                    hours: int) -> argparse.ArgumentParser:
+    """``flywheel train COMMAND``: a run on the Celery training queue, or here with ``--local``."""
+    run = train_sub.add_parser(command, help=help, description=description)
+    run.add_argument("--local", action="store_true", help="run in this process instead of a Celery worker")
+    run.add_argument("--no-wait", action="store_true", help="enqueue and return (Celery mode)")
+    run.add_argument("--timeout", type=float, default=hours * 3600,
+                     help=f"seconds to wait for the Celery run (default {hours} h)")
+    add_config_flags(run, FlywheelConfig, section)
+    run.set_defaults(handler=handler)
+    return run
+
+
+def add_listing(subparsers, command: str, what: str, columns: str, handler) -> argparse.ArgumentParser:
+    """A registry listing command (``reward-models``, ``policies``): one table, or JSON."""
+    listing = subparsers.add_parser(
+        command, help=f"list the {what} versions",
+        description=f"List the {what} versions of the registry, the current one starred ({columns}). Reads the "
+                    f"Redis of the data directory (or --redis-url) and starts none.")
+    listing.add_argument("--rebuild", action="store_true",
+                         help="first rebuild the registry in Redis from the manifests in the data directory")
+    listing.add_argument("--json", action="store_true", help="print the records as JSON")
+    add_config_flags(listing, FlywheelConfig)
+    listing.set_defaults(handler=handler)
+    return listing
 
 
 def _who() -> str:
@@ -186,13 +208,22 @@ def list_versions(args: argparse.Namespace, registry, columns, who: str, *, base
 
 
 def _with_registry(args, kind: str, action):
-    """``action(registry)`` on the registry of ``kind`` in the configured Redis and data dir."""
-    from flywheel.redis_server import redis_connection
+    """``action(registry)`` on the registry of ``kind`` in the platform's existing Redis and data dir
+    (none is started: ``flywheel.app.state``); which ones goes to stderr, so that a listing of the
+    wrong folder cannot pass for an empty registry."""
+    from flywheel.app.state import existing_state
+    from flywheel.contracts.artifacts import registry_folder
     from flywheel.registry import open_registry
 
     settings = config_from_args(args)
-    with redis_connection(settings.redis_url, settings.data_dir) as client:
-        return action(open_registry(client, settings.data_dir, kind))
+    rebuild = getattr(args, "rebuild", False) and registry_folder(settings.data_dir, kind).is_dir()
+    with existing_state(settings, allow_new_redis=rebuild) as (client, where):
+        print(f"{kind.replace('_', ' ')} registry: {where.describe()}", file=sys.stderr)
+        registry = open_registry(client, settings.data_dir, kind)
+        try:
+            return action(registry)
+        except ValueError as exc:  # what is wrong, and where it was looked for
+            raise ValueError(f"{exc} (registry in {where.describe()})") from exc
 
 
 def reward_models_command(args: argparse.Namespace) -> int:
@@ -238,10 +269,10 @@ def rollback_command(args: argparse.Namespace) -> int:
 
 def export_policy_command(args: argparse.Namespace) -> int:
     from flywheel.app.policy_export import export_policy
-    from flywheel.redis_server import redis_connection
+    from flywheel.app.state import existing_state
 
     settings = config_from_args(args)
-    with redis_connection(settings.redis_url, settings.data_dir) as client:
+    with existing_state(settings) as (client, _):
         folder = export_policy(settings, client, args.version, args.directory)
     print(f"policy v{args.version} written to {folder}")
     return 0

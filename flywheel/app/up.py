@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.api_keys import KeyStore
-from flywheel.app.tables import format_table
+from flywheel.app.tables import format_table, plain_text
 from flywheel.config import (ENV_PREFIX, FlywheelConfig, LabellingWorkerConfig, SecurityConfig, ServingConfig,
                              TrainingWorkerConfig, add_config_flags, config_from_args)
 
@@ -139,6 +139,6 @@ def _where(name: str, settings: FlywheelConfig) -> str:
 
 def register(subparsers) -> None:
     up = subparsers.add_parser("up", help="run the whole platform on this machine (Ctrl-C stops it)",
-                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                               description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(up, FlywheelConfig, ServingConfig, SecurityConfig, LabellingWorkerConfig, TrainingWorkerConfig)
     up.set_defaults(handler=run_up)

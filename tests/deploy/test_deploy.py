@@ -1,10 +1,13 @@
-"""deploy/: the Prometheus config and alert rules (promtool), the Grafana dashboard (only known
-metrics, PromQL that parses), the compose file, the Dockerfile and the Kubernetes manifests
-(schema-validated), and the /metrics of a real server (``promtool check metrics``).
+"""deploy/: the Prometheus config and alert rules (promtool), the Alertmanager config (amtool, and a
+real Alertmanager delivering to the default webhook receiver), the Grafana dashboard (only known
+metrics, PromQL that parses, a datasource variable), the compose file, the Dockerfile and the
+Kubernetes manifests (schema-validated), and what each process really exports against
+deploy/metrics.txt (a real server and real Celery workers; ``promtool check metrics``).
 
 Nothing here can build or run an image (no Docker daemon on CI): those files are checked
-statically. promtool comes from Debian's ``prometheus`` package, which .ci/run installs; without
-it the promtool tests skip, except under CI (``CI`` set), where they fail.
+statically. promtool and amtool come from Debian's ``prometheus`` and ``prometheus-alertmanager``
+packages, which .ci/run installs; without them those tests skip, except under CI (``CI`` set),
+where they fail.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "flywheel.json"
+ALERTMANAGER = DEPLOY / "alertmanager" / "alertmanager.yml"
 COMPOSE = DEPLOY / "compose.yaml"
 K8S = DEPLOY / "k8s"
 
@@ -60,15 +64,46 @@ def run(*args: str, stdin: str | None = None, cwd: Path = ROOT) -> subprocess.Co
     return subprocess.run(args, input=stdin, capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-def known_metrics() -> dict[str, tuple[str, set[str]]]:
-    """deploy/metrics.txt: name -> (type, label names)."""
+def metrics_table() -> dict[str, tuple[str, set[str], set[str]]]:
+    """deploy/metrics.txt: name -> (type, label names, processes)."""
     metrics = {}
     for line in (DEPLOY / "metrics.txt").read_text().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
-        name, kind, labels, _processes = line.split()
-        metrics[name] = (kind, set() if labels == "-" else set(labels.split(",")))
+        name, kind, labels, processes = line.split()
+        metrics[name] = (kind, set() if labels == "-" else set(labels.split(",")), set(processes.split(",")))
     return metrics
+
+
+def known_metrics() -> dict[str, tuple[str, set[str]]]:
+    """deploy/metrics.txt: name -> (type, label names)."""
+    return {name: (kind, labels) for name, (kind, labels, _) in metrics_table().items()}
+
+
+def exported_families(text: str) -> dict[str, tuple[str, set[str]]]:
+    """A /metrics page: family name as metrics.txt spells it (counters with _total) -> (type, the
+    label names its samples carry; empty when it has none yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {}
+    for family in text_string_to_metric_families(text):
+        name = family.name + ("_total" if family.type == "counter" else "")
+        families[name] = (family.type, {label for sample in family.samples for label in sample.labels} - {"le"})
+    return families
+
+
+def assert_exports_match_the_table(process: str, text: str) -> None:
+    """The process exports exactly the families metrics.txt lists for it, of those types, with those
+    labels (checked on families that have samples)."""
+    expected = {name: (kind, labels) for name, (kind, labels, processes) in metrics_table().items()
+                if process in processes}
+    exported = exported_families(text)
+    assert not set(expected) - set(exported), f"{process} does not export {sorted(set(expected) - set(exported))}"
+    assert not set(exported) - set(expected), (f"{process} exports {sorted(set(exported) - set(expected))}, "
+                                               f"which deploy/metrics.txt does not list for it")
+    for name, (kind, labels) in exported.items():
+        assert kind == expected[name][0], f"{name}: {process} exports a {kind}, metrics.txt says {expected[name][0]}"
+        assert not labels or labels == expected[name][1], f"{name}: {process} labels {labels}, metrics.txt {expected[name][1]}"
 
 
 def metric_names_in(expr: str) -> set[str]:
@@ -193,9 +228,11 @@ def test_alerts_cover_what_an_operator_needs():
         for name in metric_names_in(rule["expr"]) | ({"up"} if re.search(r"\bup\b", rule["expr"]) else set()):
             by_metric.setdefault(re.sub(r"_(bucket|sum|count)$", "", name), []).append(rule["alert"])
     for metric in ["flywheel_requests_total", "flywheel_request_duration_seconds",
-                   "flywheel_time_to_first_token_seconds", "flywheel_engine_queued_requests",
+                   "flywheel_time_to_first_token_seconds", "flywheel_inter_token_latency_seconds",
+                   "flywheel_engine_queued_requests", "flywheel_queue_full_rejections_total",
                    "flywheel_serving_model_loaded", "flywheel_group_store_failures_total", "up",
-                   "flywheel_policy_current_version", "flywheel_reward_model_runs_total", "flywheel_ppo_runs_total",
+                   "flywheel_registry_current_version", "flywheel_registry_change_timestamp_seconds",
+                   "flywheel_reward_model_runs_total", "flywheel_ppo_runs_total",
                    "flywheel_rankings_lag_entries", "flywheel_rankings_pending_entries",
                    "flywheel_reward_model_heldout_accuracy_ratio", "flywheel_policy_load_failures_total",
                    "flywheel_rankings_redis_up", "flywheel_ai_human_agreement_ratio"]:
@@ -273,11 +310,15 @@ def test_dashboard_shows_serving_feedback_and_training():
     used = set().union(*(metric_names_in(expr) for _, expr in dashboard_exprs(dashboard())))
     for metric in ["flywheel_requests_total", "flywheel_request_duration_seconds_bucket",
                    "flywheel_time_to_first_token_seconds_bucket", "flywheel_generated_tokens_total",
+                   "flywheel_inter_token_latency_seconds_bucket", "flywheel_request_queue_time_seconds_bucket",
+                   "flywheel_e2e_request_latency_seconds_bucket", "flywheel_request_prompt_tokens_bucket",
+                   "flywheel_completion_generated_tokens_bucket", "flywheel_finished_completions_total",
                    "flywheel_engine_batch_sequences_bucket", "flywheel_engine_running_sequences",
                    "flywheel_engine_queued_requests", "flywheel_rankings_accepted_total",
                    "flywheel_ai_human_agreement_ratio", "flywheel_reward_model_heldout_accuracy_ratio",
                    "flywheel_reward_model_training_loss", "flywheel_ppo_mean_reward", "flywheel_ppo_kl_to_ref_nats",
-                   "flywheel_serving_policy_version", "flywheel_policy_current_version",
+                   "flywheel_serving_policy_version", "flywheel_registry_current_version",
+                   "flywheel_registry_change_timestamp_seconds", "flywheel_registry_version_figure",
                    "flywheel_policy_swaps_total"]:
         assert metric in used, f"the dashboard does not show {metric}"
 
@@ -297,53 +338,118 @@ def test_dashboard_structure_and_provisioning():
     assert board["uid"] == "flywheel" and board["title"]
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids)), "panel ids repeat"
-    datasources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())
-    uid = datasources["datasources"][0]["uid"]
+    # the data source is a variable, so the dashboard imports into any Grafana; nothing names a uid
+    variable = board["templating"]["list"][0]
+    assert (variable["name"], variable["type"], variable["query"]) == ("datasource", "datasource", "prometheus")
+    uids = set(re.findall(r'"uid":\s*"([^"]*)"', DASHBOARD.read_text())) - {"flywheel"}
+    assert uids <= {"${datasource}", "-- Grafana --"}, uids
     for panel in board["panels"]:
         if panel["type"] != "row":
-            assert panel["datasource"]["uid"] == uid, panel["title"]
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
             assert panel["targets"], panel["title"]
+            assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"]), panel["title"]
+    # panels do not overlap on the grid
+    cells = set()
+    for panel in board["panels"]:
+        g = panel["gridPos"]
+        area = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
     provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "flywheel.yml").read_text())
     path = provider["providers"][0]["options"]["path"]
     grafana_mounts = compose()["services"]["grafana"]["volumes"]
     assert f"./grafana/dashboards:{path}:ro" in grafana_mounts
 
 
-# ---- a real server's /metrics ----
+# ---- what each process really exports ----
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    from flywheel.redis_server import free_port
-    from serving.server import InferenceServer
+def server(tiny_model_dir, tmp_path_factory):
+    """The serving process as `flywheel serve` wires it (build_server), on a real Redis."""
+    from flywheel.app.serve import build_server
+    from flywheel.redis_server import RedisServer, free_port
 
+    root = tmp_path_factory.mktemp("deploy-server")
+    redis = RedisServer(root / "redis").start()
     settings = FlywheelConfig.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0",
-                              "metrics_port": free_port(), "dtype": "float32", "api_keys": API_KEYS},
-                             environ={})
-    server = InferenceServer(settings).start(wait_until_ready=True)
+                                    "metrics_port": free_port(), "dtype": "float32", "api_keys": API_KEYS,
+                                    "data_dir": str(root), "redis_url": redis.url}, environ={})
+    server, release = build_server(settings)
+    server.start(wait_until_ready=True)
     yield server
     server.stop(grace=1)
+    release()
+    redis.stop(kill=True)
 
 
-def test_server_metrics_pass_promtool_lint(server, promtool):
+def scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def test_server_metrics_pass_promtool_lint_and_match_metrics_txt(server, promtool):
     import grpc
 
-    from flywheel.v1 import inference_pb2, inference_pb2_grpc
+    from flywheel.v1 import feedback_pb2, feedback_pb2_grpc, inference_pb2, inference_pb2_grpc
 
-    with keyed_channel(f"127.0.0.1:{server.port}") as channel:  # so the histograms have data
+    address = f"127.0.0.1:{server.port}"
+    with keyed_channel(address) as channel, keyed_channel(address, None) as keyless:  # so the families have data
         inference_pb2_grpc.InferenceStub(channel).Complete(
             inference_pb2.CompleteRequest(prompt="Hello", n=2, max_new_tokens=4), timeout=30)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+        with pytest.raises(grpc.RpcError):  # an unknown group: a rejected ranking
+            feedback_pb2_grpc.FeedbackStub(channel).SubmitRanking(feedback_pb2.SubmitRankingRequest(
+                group_id="nope", completion_ids=["a", "b"], idempotency_key="k"), timeout=10)
+        with pytest.raises(grpc.RpcError):  # no key: an auth failure
+            inference_pb2_grpc.InferenceStub(keyless).Complete(inference_pb2.CompleteRequest(prompt="Hi"), timeout=10)
+    text = scrape(server.metrics_port)
     assert "flywheel_request_duration_seconds_bucket" in text
     result = run(promtool, "check", "metrics", stdin=text)
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+    assert "_created" not in text  # prometheus_client's creation-time series are off
+    assert_exports_match_the_table("server", text)
 
-    # and deploy/metrics.txt knows every family the server exports
-    # (prometheus_client adds a *_created gauge beside each counter and histogram)
-    exported = {line.split()[2] for line in text.splitlines()
-                if line.startswith("# TYPE flywheel_") and not line.split()[2].endswith("_created")}
-    known = known_metrics()
-    for family in exported:
-        assert family in known or f"{family}_total" in known, f"{family} is missing from deploy/metrics.txt"
+
+def start_worker(queue: str, env: dict, log: Path) -> subprocess.Popen:
+    celery = Path(sys.executable).parent / "celery"
+    with open(log, "w") as handle:
+        return subprocess.Popen([str(celery), "-A", "flywheel.app.worker", "worker", "-Q", queue, "--pool", "solo",
+                                 "-c", "1", "-n", f"{queue}-deploy@%h", "--loglevel", "INFO"],
+                                env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=log.parent)
+
+
+def test_each_worker_exports_what_metrics_txt_lists(redis_server, tiny_model_dir, tmp_path):
+    """Real Celery workers of both queues, scraped on their /metrics ports."""
+    import time
+
+    from flywheel.redis_server import free_port
+
+    ports = {"labelling": free_port(), "training": free_port()}
+    env = dict(os.environ) | {"REDIS_URL": redis_server.url, "FLYWHEEL_DATA_DIR": str(tmp_path / "data"),
+                              "FLYWHEEL_MODEL": str(tiny_model_dir), "FLYWHEEL_REWARD_MODEL_CHECK_SECONDS": "3600",
+                              "FLYWHEEL_LABELLING_METRICS_PORT": str(ports["labelling"]),
+                              "FLYWHEEL_TRAINING_METRICS_PORT": str(ports["training"])}
+    workers = {queue: start_worker(queue, env, tmp_path / f"{queue}.log") for queue in ports}
+    try:
+        for queue, port in ports.items():
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    text = scrape(port)
+                    break
+                except OSError:
+                    assert workers[queue].poll() is None, (tmp_path / f"{queue}.log").read_text()[-3000:]
+                    assert time.monotonic() < deadline, f"the {queue} worker's /metrics never answered"
+                    time.sleep(0.25)
+            assert "_created" not in text
+            assert_exports_match_the_table(queue, text)
+    finally:
+        for worker in workers.values():
+            worker.terminate()
+        for worker in workers.values():
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
 
 
 def test_compose_healthcheck_command_sees_a_serving_server(server):
@@ -368,7 +474,7 @@ def test_compose_file_is_consistent():
     spec = compose()
     services = spec["services"]
     for name in ["redis", "server-1", "server-2", "labelling-worker", "training-worker", "beat", "prometheus",
-                 "grafana"]:
+                 "alertmanager", "alert-log", "grafana"]:
         assert name in services, name
     declared_volumes = set(spec.get("volumes") or {})
     host_ports = []
@@ -382,7 +488,8 @@ def test_compose_file_is_consistent():
                 assert source in declared_volumes, f"{name} uses undeclared volume {source}"
         for dependency in service.get("depends_on", []):
             assert dependency in services, f"{name} depends on unknown {dependency}"
-        host_ports += [str(p).split(":")[0] for p in service.get("ports", []) if ":" in str(p)]
+        # HOST:CONTAINER or IP:HOST:CONTAINER
+        host_ports += [str(p).split(":")[-2] for p in service.get("ports", []) if ":" in str(p)]
     assert len(host_ports) == len(set(host_ports)), f"host ports repeat: {host_ports}"
     build = services["server-1"]["build"]
     assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
@@ -401,6 +508,8 @@ def test_compose_file_is_consistent():
     for name in ["labelling-worker", "training-worker", "beat"]:  # the entry that imports the task modules
         assert_celery_entry(services[name]["command"])
     assert "./prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+    assert "./alertmanager:/etc/alertmanager:ro" in services["alertmanager"]["volumes"]
+    assert services["alert-log"]["entrypoint"] == ["python", "-m", "flywheel.app.alert_log"]
 
 
 def test_compose_file_passes_docker_compose_config(tmp_path):
@@ -437,6 +546,94 @@ def test_dockerfile_installs_the_cpu_torch_the_package_and_the_model_as_non_root
         for path in source.split():
             assert (ROOT / path).exists(), f"COPY {path}: not in the repository"
             assert f"!{path}" in ignore or f"!{path}/**" in ignore, f"{path} is excluded from the build context"
+
+
+# ---- Alertmanager ----
+
+ALERTING_DEPLOYMENTS = {"alertmanager", "flywheel-alert-log"}
+
+
+@pytest.fixture(scope="module")
+def amtool() -> str:
+    return need_tool("amtool")
+
+
+def k8s_alertmanager_config() -> str:
+    config = next(doc for _, doc in k8s_documents() if doc["kind"] == "ConfigMap"
+                  and doc["metadata"]["name"] == "flywheel-alertmanager")
+    return config["data"]["alertmanager.yml"]
+
+
+def test_alertmanager_configs_pass_amtool(amtool, tmp_path):
+    result = run(amtool, "check-config", str(ALERTMANAGER))
+    assert result.returncode == 0, result.stdout + result.stderr
+    k8s = tmp_path / "alertmanager-k8s.yml"
+    k8s.write_text(k8s_alertmanager_config())
+    result = run(amtool, "check-config", str(k8s))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alerts_go_to_alertmanager_in_compose_and_kubernetes():
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    (target,) = config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    services = compose()["services"]
+    assert target == "alertmanager:9093" and "alertmanager" in services
+    compose_config = yaml.safe_load(ALERTMANAGER.read_text())
+    (webhook,) = compose_config["receivers"][0]["webhook_configs"]
+    host, port = re.match(r"http://([^:/]+):(\d+)/", webhook["url"]).groups()
+    assert host in services and services[host]["command"] == ["--port", port]
+    # Kubernetes: the same routes, the receiver at its Service
+    k8s_config = yaml.safe_load(k8s_alertmanager_config())
+    (k8s_webhook,) = k8s_config["receivers"][0]["webhook_configs"]
+    assert k8s_webhook["url"] == "http://flywheel-alert-log.flywheel.svc:9095/alerts"
+    k8s_webhook["url"] = webhook["url"]
+    assert k8s_config == compose_config, "deploy/k8s/base/alerting.yaml and deploy/alertmanager/alertmanager.yml differ"
+    by_name = {(doc["kind"], doc["metadata"]["name"]): doc for _, doc in k8s_documents()}
+    assert by_name[("Service", "alertmanager")]["spec"]["ports"][0]["port"] == 9093
+    assert by_name[("Service", "flywheel-alert-log")]["spec"]["ports"][0]["port"] == 9095
+    assert "alerting.yaml" in (K8S / "base" / "kustomization.yaml").read_text()
+
+
+def test_a_real_alertmanager_delivers_an_alert_to_the_default_receiver(amtool, tmp_path):
+    """Debian's Alertmanager with deploy/alertmanager/alertmanager.yml (the receiver's address and
+    the grouping wait shortened), an alert posted as Prometheus would: the alert log prints it."""
+    import time
+
+    from flywheel.redis_server import free_port
+
+    binary = need_tool("prometheus-alertmanager")
+    receiver_port, port, cluster_port = free_port(), free_port(), free_port()
+    config = yaml.safe_load(ALERTMANAGER.read_text())
+    config["receivers"][0]["webhook_configs"][0]["url"] = f"http://127.0.0.1:{receiver_port}/alerts"
+    config["route"]["group_wait"] = "1s"
+    (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "alert-log.txt", "w")
+    receiver = subprocess.Popen([sys.executable, "-m", "flywheel.app.alert_log", "--host", "127.0.0.1",
+                                 "--port", str(receiver_port)], stdout=log, stderr=subprocess.STDOUT)
+    manager = subprocess.Popen([binary, f"--config.file={tmp_path / 'alertmanager.yml'}",
+                                f"--storage.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+                                f"--cluster.listen-address=127.0.0.1:{cluster_port}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            added = run(amtool, "alert", "add", "FlywheelPolicyRolledBack", "severity=warning", "who=bob",
+                        "--annotation=summary=Policy rolled back from v3 to v2 by bob", f"--alertmanager.url={url}")
+            if added.returncode == 0:
+                break
+            assert time.monotonic() < deadline, added.stdout + added.stderr
+            time.sleep(0.25)
+        while "FlywheelPolicyRolledBack" not in (tmp_path / "alert-log.txt").read_text():
+            assert time.monotonic() < deadline, "the alert never reached the receiver"
+            time.sleep(0.25)
+        line = (tmp_path / "alert-log.txt").read_text().splitlines()[-1]
+        assert line == "FIRING FlywheelPolicyRolledBack severity=warning Policy rolled back from v3 to v2 by bob"
+    finally:
+        for process in (manager, receiver):
+            process.terminate()
+            process.wait(10)
+        log.close()
 
 
 # ---- Kubernetes ----
@@ -499,6 +696,8 @@ def test_k8s_manifests_wire_together():
         assert pod["securityContext"]["runAsNonRoot"] is True
         for container in pod["containers"]:
             assert container["resources"]["requests"], f"{name} has no resource requests"
+            if name in ALERTING_DEPLOYMENTS:  # Alertmanager and its receiver need no Flywheel settings
+                continue
             refs = [e.get("configMapRef", e.get("secretRef"))["name"] for e in container.get("envFrom", [])]
             assert "flywheel-config" in refs and "flywheel-redis" in refs, name
         for volume in pod.get("volumes", []):
@@ -527,3 +726,16 @@ def test_k8s_manifests_wire_together():
         assert template["metadata"]["annotations"]["prometheus.io/port"] == port
     assert deployments["flywheel-beat"]["spec"]["replicas"] == 1
     assert_celery_entry(deployments["flywheel-beat"]["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+# ---- the README and the Makefile ----
+
+def test_make_bench_runs_every_benchmark_the_readme_reports():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile[makefile.index("\nbench:"):].split("\n\n", 1)[0]
+    run_by_make = set(re.findall(r"bench/(\w+\.py)", recipe))
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Benchmark figures"):].split("\n## ", 1)[0]
+    reported = set(re.findall(r"`bench/(\w+\.py)`", table))
+    assert reported and reported <= run_by_make, f"make bench does not run {sorted(reported - run_by_make)}"
+    assert all((ROOT / "bench" / name).is_file() for name in run_by_make)

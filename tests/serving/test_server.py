@@ -114,7 +114,8 @@ def test_concurrent_requests_share_batches(server, stub):
     big_after = metric_value(after, "flywheel_engine_batch_sequences_count") - metric_value(
         after, "flywheel_engine_batch_sequences_bucket", 'le="4.0"')
     assert big_after - big_before > 10
-    assert metric_value(after, "flywheel_requests_total", 'code="OK",method="Complete"') >= 6
+    served = 'code="OK",method="Complete",service="flywheel.v1.Inference"'
+    assert metric_value(after, "flywheel_requests_total", served) >= 6
 
 
 BAD_REQUESTS = [
@@ -227,13 +228,16 @@ def test_reflection_lists_the_services(server):
 
 def test_metrics_endpoint_exposes_the_serving_figures(server, stub):
     stub.Complete(pb.CompleteRequest(prompt="metrics", n=2, max_new_tokens=5), timeout=30)
+    with pytest.raises(grpc.RpcError):
+        stub.Complete(pb.CompleteRequest(prompt="metrics", n=99), timeout=30)
     text = scrape(server)
     for name in ("flywheel_requests_total", "flywheel_request_duration_seconds_bucket",
                  "flywheel_time_to_first_token_seconds_bucket", "flywheel_generated_tokens_total",
                  "flywheel_engine_running_sequences", "flywheel_engine_queued_requests",
                  "flywheel_serving_policy_version", "flywheel_engine_batch_sequences_bucket"):
         assert name in text, name
-    assert metric_value(text, "flywheel_requests_total", 'code="INVALID_ARGUMENT",method="Complete"') >= 0
+    invalid = 'code="INVALID_ARGUMENT",method="Complete",service="flywheel.v1.Inference"'
+    assert metric_value(text, "flywheel_requests_total", invalid) >= 1
 
 
 def test_graceful_shutdown_lets_in_flight_requests_finish(tiny_model_dir):
