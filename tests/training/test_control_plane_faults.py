@@ -168,8 +168,9 @@ def test_the_freeze_shows_in_status_and_promote_resume_lifts_it(redis_server, re
     env = dict(os.environ, REDIS_URL=redis_server.url, FLYWHEEL_DATA_DIR=str(data),
                FLYWHEEL_GRPC_ADDRESS="127.0.0.1:1")
     subprocess.run([*FLYWHEEL, "rollback", "--reason", "complaints"], env=env, check=True, cwd=REPO)
-    status = subprocess.run([*FLYWHEEL, "status", "--timeout", "1"], env=env, check=True, cwd=REPO,
-                            capture_output=True, text=True).stdout
+    shown = subprocess.run([*FLYWHEEL, "status", "--timeout", "1"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert shown.returncode == 1, shown.stderr  # no server at 127.0.0.1:1: said, and the registry still shown
+    status = shown.stdout
     assert "FROZEN" in status and "complaints" in status
     resumed = subprocess.run([*FLYWHEEL, "promote", "--resume", "--reason", "v1 fixed upstream"], env=env,
                              check=True, cwd=REPO, capture_output=True, text=True).stdout
