@@ -33,6 +33,7 @@ from flywheel.contracts.artifacts import JUDGE_MEMBER, POLICY_MEMBER
 from training.evidence import Interval, paired_gain
 from training.policy_model import PolicyWithValueHead, Prompt
 from training.ppo import RewardFunction, token_logprobs
+from training.run import json_safe_figures
 
 
 @dataclass
@@ -148,8 +149,7 @@ def gate_decision(candidate: PolicyEvaluation, current: PolicyEvaluation, refere
             failures.append(f"KL to π_ref {figures['kl_to_ref']:.3f} > budget {config.kl_budget}")
         if figures["perplexity_ratio"] > 1 + config.perplexity_margin:
             failures.append(f"perplexity {figures['perplexity_ratio']:.4f}× π_ref's > 1 + {config.perplexity_margin}")
-    # JSON has no NaN/inf: record them as strings so the manifest stays valid JSON
-    figures = {k: (v if math.isfinite(v) else repr(v)) for k, v in figures.items()}
+    figures = json_safe_figures(figures)
     if failures:
         return GateDecision(False, "; ".join(failures), figures)
     return GateDecision(True, (f"judge's reward gain {judge.describe()} > {config.min_reward_gain} (the member PPO "

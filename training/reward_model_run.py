@@ -48,7 +48,7 @@ from training.rankings import Ranking
 from training.reward_model import RewardCalibration, RewardModel, RewardModelConfig
 from training.reward_model_gate import RewardModelGateDecision, reward_model_gate_decision
 from training.reward_trainer import EvalStats, RewardModelTrainer, RewardTrainingConfig
-from training.run import RunReport, TrainingRun
+from training.run import RunReport, TrainingRun, json_safe_figures
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class RewardModelRun(TrainingRun):
             "current_at_start": current.version if current else None,
             "created_by": self.who,
             "created_at": time.time(),
-            "figures": _json_safe(figures),
+            "figures": json_safe_figures(figures),
             "members": members,
             "rankings": {
                 "count": len(used), "new": len(self.new_train), "replayed": len(self.replay),
@@ -282,11 +282,6 @@ def _calibration(model: RewardModel, tokenizer, rankings: list[Ranking]) -> Rewa
     response_ids = [tokenizer(c, add_special_tokens=False).input_ids for _, c in pairs]
     return calibrate(model, prompt_ids, response_ids, eos_id=tokenizer.eos_token_id,
                      pad_id=tokenizer.pad_token_id or 0)
-
-
-def _json_safe(figures: dict) -> dict:
-    """JSON has no NaN: a figure that could not be computed is recorded as a string."""
-    return {k: (repr(v) if isinstance(v, float) and v != v else v) for k, v in figures.items()}
 
 
 def _progress_reporter(metrics: RewardModelMetrics | None, member_index: int = 0, members: int = 1):

@@ -19,6 +19,7 @@ candidate is kept, marked ``rejected`` with the reason.
 from __future__ import annotations
 
 import abc
+import math
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,11 @@ class RunReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def json_safe_figures(figures: dict) -> dict:
+    """A manifest's figures with every non-finite float as its string ("nan", "inf"): JSON has no NaN."""
+    return {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in figures.items()}
 
 
 class GateDecision(Protocol):
