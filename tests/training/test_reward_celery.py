@@ -77,10 +77,13 @@ def test_a_celery_worker_trains_when_enough_rankings_arrived_and_on_demand(
     publish_rankings(redis_client, synthetic_rankings(24, seed=2, prefix="h"))
     try:
         wait_for(lambda: current() == 1, 120, "the triggered run to promote v1", worker)
+        # the run acknowledges its entries only after the version is on disk and promoted, so the
+        # acknowledgement lands a moment after the pointer moves
+        wait_for(lambda: int(redis_client.xpending(RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP)["pending"]) == 0,
+                 30, "the promoted run to acknowledge its rankings", worker)
     except AssertionError:
         print((tmp_path / "worker.log").read_text()[-4000:])
         raise
-    assert int(redis_client.xpending(RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP)["pending"]) == 0
 
     port = worker_env["FLYWHEEL_TRAINING_METRICS_PORT"]
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
