@@ -47,7 +47,9 @@ class PolicyGateConfig:
     """τ the responses are sampled at, and their log-probs (the KL) taken at: PPO's rollout τ."""
     samples_per_prompt: int = 4
     max_prompt_length: int = 256
-    batch_size: int = 32
+    batch_size: int = 64
+    """Prompts generated together: a whole held-out set of up to 64 in one batch, since a decode
+    step's fixed cost dominates at few rows (40 prompts as 32 + 8 cost ~25% more than as 40)."""
     seed: int = 1234
     """Sample j of every prompt is drawn from seed + j, for the candidate and the current policy alike."""
 
