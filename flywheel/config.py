@@ -32,6 +32,7 @@ ENV_PREFIX = "FLYWHEEL_"
 Dtype = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 # compute dtypes of the policy (training.policy_model) and of the reward model (training.reward_model)
 PolicyAutocast = Literal["auto", "bfloat16", "bf16", "float32", "fp32"]
+RewardModelPooling = Literal["last", "last+mean"]
 RewardModelAutocast = Literal["auto", "bfloat16", "bf16", "float16", "float32", "fp32"]
 AuthMode = Literal["on", "off"]
 JudgeCombineOrders = Literal["log_odds", "probability"]
@@ -249,6 +250,8 @@ class RewardModelRunConfig(ConfigSection):
     max_length: int = setting(512, "longest prompt + completion in tokens", minimum=1)
     trainable_layers: int = setting(
         4, "top decoder layers trained with the head; -1 = all parameters", minimum=-1)
+    pooling: RewardModelPooling = setting(
+        "last+mean", "what the reward head reads: last (the last token) or last+mean (and the mean over the completion)")
     autocast: RewardModelAutocast = setting(
         "auto", "reward-model compute dtype: bfloat16, float32 or auto (bf16 where native)")
     lock_seconds: float = setting(

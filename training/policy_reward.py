@@ -48,13 +48,16 @@ class RewardModelScorer:
     @torch.no_grad()
     def raw_scores(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> torch.Tensor:
         """r_φ(x, y) [N] of prompt + response (+ EOS when it has none), uncalibrated."""
-        sequences = []
+        sequences, completion_lengths = [], []
         for prompt, response in zip(prompt_ids, response_ids):
-            ids = list(prompt) + list(response)
-            if not response or response[-1] != self.eos_id:
-                ids.append(self.eos_id)
-            sequences.append(ids[-self.model.config.max_length:])
-        scores = [self.model(*pad_sequences(sequences[start:start + self.batch_size], self.pad_id))
+            completion = list(response)
+            if not completion or completion[-1] != self.eos_id:
+                completion.append(self.eos_id)
+            ids = (list(prompt) + completion)[-self.model.config.max_length:]
+            sequences.append(ids)
+            completion_lengths.append(min(len(completion), len(ids)))
+        scores = [self.model(*pad_sequences(sequences[start:start + self.batch_size], self.pad_id),
+                             torch.tensor(completion_lengths[start:start + self.batch_size], dtype=torch.long))
                   for start in range(0, len(sequences), self.batch_size)]
         return torch.cat(scores)
 

@@ -102,7 +102,8 @@ class PolicyModelCache:
             config = RewardModelConfig(backbone=stored["backbone"],
                                        trainable_layers=int(stored.get("trainable_layers", 4)),
                                        max_length=int(stored.get("max_length", 512)),
-                                       autocast_dtype=stored.get("autocast_dtype", "float32"))
+                                       autocast_dtype=stored.get("autocast_dtype", "float32"),
+                                       pooling=stored.get("pooling", "last"))  # versions before pooling: last
             verify_version(folder)  # a corrupt reward model is refused, not trained against
             model = RewardModel.from_backbone(config)
             model.load_stored(folder / REWARD_MODEL_MEMBER_FILES[member])

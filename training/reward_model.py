@@ -1,6 +1,14 @@
 """The reward model of InstructGPT (Ouyang et al., 2022, §3.5): a causal-LM backbone with its
 language-model head removed and a scalar head read at the last token of prompt + completion.
 
+Pooling (``RewardModelConfig.pooling``): by default the head reads the last token's hidden state
+*and* the mean of the completion's hidden states ("last+mean"). The last token carries what
+depends on the answer as a whole; the mean carries what is spread over it (word choice, tone,
+register), which the last token of a 135M backbone summarizes poorly: trained on one round's
+~120 rankings, a last-token head learned "shorter wins" (0.56 held-out accuracy, what length alone
+gives on that data) and not the users' actual criterion. A mean is length-normalized, so it adds
+no length incentive of its own. "last" is InstructGPT's head alone.
+
 It also holds the paper's K-way ranking loss. For a ranking of K completions, all C(K,2) pairs of
 that ranking form ONE batch element:
 
@@ -44,6 +52,7 @@ from flywheel.contracts.artifacts import REWARD_MODEL_WEIGHTS_FILE
 log = logging.getLogger(__name__)
 
 HEAD_PREFIX = "reward_head."
+POOLINGS = ("last", "last+mean")
 
 
 @dataclass
@@ -61,6 +70,13 @@ class RewardModelConfig:
     and the scored last token are kept)."""
     autocast_dtype: str = "bfloat16"
     """Compute dtype inside the forward (float32 master weights); "float32" turns autocast off."""
+    pooling: str = "last+mean"
+    """What the head reads: "last" (the last token's hidden state, InstructGPT's head) or
+    "last+mean" (that and the mean over the completion's tokens; see the module docstring)."""
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r}: expected one of {', '.join(POOLINGS)}")
 
 
 class RewardModel(torch.nn.Module):
@@ -70,7 +86,7 @@ class RewardModel(torch.nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbone
-        hidden = int(backbone.config.hidden_size)
+        hidden = int(backbone.config.hidden_size) * (2 if config.pooling == "last+mean" else 1)
         self.reward_head = torch.nn.Linear(hidden, 1, bias=True)
         torch.nn.init.normal_(self.reward_head.weight, std=1.0 / math.sqrt(hidden + 1))
         torch.nn.init.zeros_(self.reward_head.bias)
@@ -127,12 +143,17 @@ class RewardModel(torch.nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.reward_head.weight.device.type, dtype=self.compute_dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards [N] (float32) of N right-padded sequences, read at each last non-pad token."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                completion_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards [N] (float32) of N right-padded sequences, read at each last non-pad token.
+        ``completion_lengths`` [N]: how many of each sequence's last tokens are the completion (with
+        its EOS), for the "last+mean" pooling; None = every token (prompt included)."""
         with self.autocast():
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            last = attention_mask.sum(dim=1) - 1
-            final = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            lengths = attention_mask.sum(dim=1)
+            final = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+            if self.config.pooling == "last+mean":
+                final = torch.cat([final, _completion_mean(hidden, attention_mask, lengths, completion_lengths)], dim=-1)
             return self.reward_head(final).squeeze(-1).float()
 
     # ---- artifacts (safetensors only) ----
@@ -157,6 +178,19 @@ class RewardModel(torch.nn.Module):
             raise ValueError(f"{path} holds parameters this model does not have: {sorted(missing)[:5]}")
         self.load_state_dict(state, strict=False)
         return list(state)
+
+
+def _completion_mean(hidden: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor,
+                     completion_lengths: torch.Tensor | None) -> torch.Tensor:
+    """Mean hidden state over each row's last ``completion_lengths`` non-pad tokens (right padding)."""
+    if completion_lengths is None:
+        mask = attention_mask
+    else:
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        start = (lengths - completion_lengths.to(lengths.device).clamp(min=1)).clamp(min=0).unsqueeze(1)
+        mask = (positions >= start) & (positions < lengths.unsqueeze(1))
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
 # ---- calibration ----

@@ -64,7 +64,8 @@ def reward_model_config(config: FlywheelConfig) -> RewardModelConfig:
     section = config.reward_model
     backbone = resolve_model_path(section.backbone or config.model, Path(config.data_dir))
     return RewardModelConfig(backbone=str(backbone), trainable_layers=section.trainable_layers,
-                             max_length=section.max_length, autocast_dtype=resolve_compute_dtype(section.autocast))
+                             max_length=section.max_length, autocast_dtype=resolve_compute_dtype(section.autocast),
+                             pooling=section.pooling)
 
 
 def reward_training_config(section: RewardModelRunConfig) -> RewardTrainingConfig:
@@ -92,7 +93,7 @@ class _MemberCache:
         self._initial: dict[str, torch.Tensor] = {}
 
     def model_for(self, config: RewardModelConfig, parent_keys: set[str]) -> tuple[RewardModel, object]:
-        key = (config.backbone, config.trainable_layers, config.max_length, config.autocast_dtype)
+        key = (config.backbone, config.trainable_layers, config.max_length, config.autocast_dtype, config.pooling)
         if self._key != key or not parent_keys <= set(self._initial):
             from transformers import AutoTokenizer
 
@@ -309,6 +310,10 @@ def _parent(registry: VersionRegistry, current: VersionRecord | None,
         return None, {}
     if current.manifest.get("model", {}).get("backbone") != config.backbone:
         log.warning("current reward model v%d has another backbone; training from the backbone", current.version)
+        return None, {}
+    if current.manifest.get("model", {}).get("pooling", "last") != config.pooling:
+        log.warning("current reward model v%d has another head (pooling %s); training from the backbone",
+                    current.version, current.manifest.get("model", {}).get("pooling", "last"))
         return None, {}
     from safetensors import safe_open
 

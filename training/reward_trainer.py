@@ -93,6 +93,8 @@ class RankingBatch:
     pairs: PairIndex
     is_human: torch.Tensor
     """[pairs] whether each pair comes from a human ranking."""
+    completion_lengths: torch.Tensor | None = None
+    """[sequences] how many of each sequence's last tokens are its completion (with the EOS)."""
 
 
 class RankingCollator:
@@ -117,10 +119,15 @@ class RankingCollator:
 
     def encode(self, prompt: str, completion: str) -> list[int]:
         """prompt + completion + EOS, cut from the left to ``max_length`` (the end is what is scored)."""
-        ids = self._prompt_ids(prompt) + self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+        return self.encode_with_length(prompt, completion)[0]
+
+    def encode_with_length(self, prompt: str, completion: str) -> tuple[list[int], int]:
+        """``encode``'s ids and how many of the last of them are the completion (with its EOS)."""
+        completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
         if self.eos_id is not None:
-            ids = ids + [self.eos_id]
-        return ids[-self.max_length:]
+            completion_ids = completion_ids + [self.eos_id]
+        ids = (self._prompt_ids(prompt) + completion_ids)[-self.max_length:]
+        return ids, min(len(completion_ids), len(ids))
 
     def length(self, ranking: Ranking) -> int:
         """Rough padded cost of a ranking, for grouping by length (characters, no tokenizing)."""
@@ -128,10 +135,14 @@ class RankingCollator:
 
     def __call__(self, rankings: list[Ranking]) -> RankingBatch:
         sequences: list[list[int]] = []
+        completion_lengths: list[int] = []
         winner, loser, target, weight, owner, human = [], [], [], [], [], []
         for r_index, ranking in enumerate(rankings):
             base = len(sequences)
-            sequences += [self.encode(ranking.prompt, c) for c in ranking.completions]
+            for completion in ranking.completions:
+                ids, completion_length = self.encode_with_length(ranking.prompt, completion)
+                sequences.append(ids)
+                completion_lengths.append(completion_length)
             if ranking.source == "ai" and ranking.pair_probabilities:
                 pairs = [(a, b, p) for a, b, p in ranking.pair_probabilities]
             else:  # completions are best first: every (i < j) pair is (winner, loser)
@@ -155,7 +166,8 @@ class RankingCollator:
             target=torch.tensor(target, dtype=torch.float32), weight=torch.tensor(weight, dtype=torch.float32),
             ranking=torch.tensor(owner, dtype=torch.long), n_rankings=len(rankings),
         )
-        return RankingBatch(input_ids, attention_mask, pairs, torch.tensor(human, dtype=torch.bool))
+        return RankingBatch(input_ids, attention_mask, pairs, torch.tensor(human, dtype=torch.bool),
+                            torch.tensor(completion_lengths, dtype=torch.long))
 
 
 def length_grouped_batches(rankings: list[Ranking], batch_size: int, length, rng: random.Random) -> list[list[Ranking]]:
@@ -203,7 +215,7 @@ class RewardModelTrainer:
         for epoch in range(config.epochs):
             for batch_rankings in self._batches(rankings, config.batch_rankings, rng):
                 batch = self.collator(batch_rankings)
-                rewards = self.model(batch.input_ids, batch.attention_mask)
+                rewards = self.model(batch.input_ids, batch.attention_mask, batch.completion_lengths)
                 loss = k_way_ranking_loss(rewards, batch.pairs)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -243,7 +255,7 @@ class RewardModelTrainer:
         outcomes: list[RankingOutcome] = []
         for batch_rankings in self._batches(rankings, self.config.eval_batch_rankings, None):
             batch = self.collator(batch_rankings)
-            rewards = self.model(batch.input_ids, batch.attention_mask)
+            rewards = self.model(batch.input_ids, batch.attention_mask, batch.completion_lengths)
             loss_sum += float(k_way_ranking_loss(rewards, batch.pairs)) * batch.pairs.n_rankings
             c, d = pairwise_accuracy_counts(rewards, batch.pairs)
             correct, decided = correct + c, decided + d
@@ -261,7 +273,7 @@ class RewardModelTrainer:
     @torch.inference_mode()
     def score(self, prompt: str, completions: list[str]) -> list[float]:
         batch = self.collator([Ranking("score", "score", prompt, list(completions))])
-        return self.model(batch.input_ids, batch.attention_mask).tolist()
+        return self.model(batch.input_ids, batch.attention_mask, batch.completion_lengths).tolist()
 
 
 def _outcomes(rewards: torch.Tensor, pairs: PairIndex, rankings: list[Ranking]) -> list[RankingOutcome]:

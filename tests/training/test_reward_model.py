@@ -47,3 +47,40 @@ def test_a_version_stores_the_trained_parameters_and_loads_back_to_the_same_scor
     fresh = RewardModel.from_backbone(config)
     fresh.load_stored(tmp_path / "model.safetensors")
     assert RewardModelTrainer(fresh, tokenizer).score(prompt, completions) == expected
+
+
+def test_the_mean_pooling_covers_exactly_each_completion_and_its_end(tiny_model_dir):
+    from training.reward_model import _completion_mean
+    from training.reward_trainer import RankingCollator
+    from training.rankings import Ranking
+
+    hidden = torch.arange(2 * 5, dtype=torch.float32).reshape(2, 5, 1)  # row 0: 0..4, row 1: 5..9
+    attention = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    means = _completion_mean(hidden, attention, attention.sum(dim=1), torch.tensor([2, 3]))
+    assert means.squeeze(-1).tolist() == [2.5, 8.0]  # positions 2-3 of row 0 (4 is padding), 7-9 of row 1
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    collator = RankingCollator(tokenizer, max_length=96)
+    batch = collator([Ranking("r", "g", "<|im_start|>user\nhi<|im_end|>\n", ["short", "a much longer answer"])])
+    for row, completion in enumerate(["short", "a much longer answer"]):
+        expected = len(tokenizer(completion, add_special_tokens=False)["input_ids"]) + 1  # and the EOS
+        assert int(batch.completion_lengths[row]) == expected
+
+
+def test_a_last_token_head_and_a_mean_pooled_head_both_train_and_store(tiny_model_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for pooling, width in (("last", 1), ("last+mean", 2)):
+        torch.manual_seed(0)
+        config = RewardModelConfig(str(tiny_model_dir), trainable_layers=1, max_length=96, autocast_dtype="float32",
+                                   pooling=pooling)
+        model = RewardModel.from_backbone(config)
+        assert model.reward_head.in_features == width * model.backbone.config.hidden_size
+        trainer = RewardModelTrainer(model, tokenizer, RewardTrainingConfig(learning_rate=3e-3, epochs=2, batch_rankings=4))
+        trainer.train(synthetic_rankings(32, seed=1))
+        assert trainer.evaluate(synthetic_rankings(32, seed=99)).accuracy > 0.7, pooling
+    try:
+        RewardModelConfig(str(tiny_model_dir), pooling="max")
+    except ValueError as exc:
+        assert "pooling 'max'" in str(exc)
+    else:
+        raise AssertionError("an unknown pooling was accepted")

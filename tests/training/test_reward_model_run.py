@@ -197,7 +197,8 @@ def test_a_version_has_two_calibrated_members_each_judged_on_rankings_it_never_t
     stored = manifest["model"]
     model = RewardModel.from_backbone(RewardModelConfig(backbone=stored["backbone"],
                                                         trainable_layers=stored["trainable_layers"],
-                                                        max_length=stored["max_length"], autocast_dtype="float32"))
+                                                        max_length=stored["max_length"], autocast_dtype="float32",
+                                                        pooling=stored["pooling"]))
     model.load_stored(folder / "judge.safetensors")
     tokenizer = AutoTokenizer.from_pretrained(stored["backbone"])
     calibration = RewardCalibration.from_dict(manifest["members"]["judge"]["calibration"])
