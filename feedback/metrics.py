@@ -56,6 +56,10 @@ class LabellingMetrics(FeedbackMetrics):
         self.comparisons = Counter(
             "flywheel_labelling_comparisons_total", "Judge prompts scored (two per pair: both orders).",
             registry=registry)
+        self.judge_errors = Counter(
+            "flywheel_labelling_judge_errors_total",
+            "Groups the judge could not rank now (its endpoint failed), by reason; each goes back among the "
+            "candidates", ["reason"], registry=registry)
         self.judge_loads = Counter(
             "flywheel_labelling_judge_loads_total", "Judge models loaded (once per worker process and model).",
             registry=registry)
