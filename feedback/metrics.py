@@ -97,6 +97,9 @@ class RankingStreamCollector(Collector):
         yield GaugeMetricFamily("flywheel_ai_human_agreement_ratio",
                                 "Fraction of pairs ordered alike by people and the AI labeler (all time).",
                                 value=stats.agreement.ratio)
+        yield GaugeMetricFamily("flywheel_ai_human_agreement_groups",
+                                "Groups ranked by both a person and the AI labeler (the agreement's sample).",
+                                value=stats.agreement_groups)
 
 
 def register_stream_collector(registry: CollectorRegistry, stream: RankingStream) -> RankingStreamCollector:
