@@ -330,3 +330,25 @@ def test_next_group_is_one_the_annotator_has_not_ranked(client, model_id, base_u
     assert http(base_url, "POST", "/v1/rankings", {"group_id": group_id, "completion_ids": ids})[0] == 200
     status, body, _ = http(base_url, "GET", "/v1/rankings/next")
     assert body["group"] is None or body["group"]["group_id"] != group_id
+
+
+def test_http_requests_are_counted_like_rpcs(client, model_id, platform, base_url):
+    registry = platform.metrics.registry
+
+    def count(method, code):
+        return registry.get_sample_value("flywheel_requests_total",
+                                         {"service": "http", "method": method, "code": code}) or 0.0
+
+    served, refused, lost = (count("POST /v1/chat/completions", "200"), count("POST /v1/chat/completions", "400"),
+                             count("unmatched", "404"))
+    client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Count me"}], max_tokens=2)
+    assert http(base_url, "POST", "/v1/chat/completions", {"model": model_id, "messages": []})[0] == 400
+    assert http(base_url, "GET", "/v1/no-such-route")[0] == 404
+    assert http(base_url, "GET", "/health", key=None)[0] == 200  # probes are not counted, as gRPC health is not
+    assert count("POST /v1/chat/completions", "200") == served + 1
+    assert count("POST /v1/chat/completions", "400") == refused + 1
+    assert count("unmatched", "404") == lost + 1
+    assert registry.get_sample_value("flywheel_request_duration_seconds_count", {
+        "service": "http", "method": "POST /v1/chat/completions", "code": "200"}) >= 1
+    assert not [s for m in registry.collect() for s in m.samples
+                if s.labels.get("service") == "http" and "/health" in s.labels.get("method", "")]
