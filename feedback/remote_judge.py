@@ -3,7 +3,8 @@ log-probabilities: vLLM, TGI, llama.cpp's server, or another Flywheel server's H
 
 The method is ``feedback.pairwise.PairwiseJudge``'s, unchanged; only the log-odds of "A" against
 "B" come from elsewhere. Each judge prompt is one request with ``max_tokens=1``,
-``temperature=0`` and the ``top_logprobs`` most likely first tokens: ``/v1/chat/completions``
+``temperature=0`` and the ``top_logprobs`` most likely first tokens (at most 5 on
+``/v1/completions``, the legacy API's limit): ``/v1/chat/completions``
 (the judge's conversation as messages; the endpoint applies its model's chat template, as the
 local judge does) or ``/v1/completions`` (the conversation as one plain text). Every listed
 spelling of a letter ("A", " A") counts, as the local judge sums its single-token spellings.
@@ -164,7 +165,8 @@ class RemoteJudge(PairwiseJudge):
             answer = self._request("POST", "/chat/completions", body)
             candidates = _chat_candidates(answer)
         else:
-            body |= {"prompt": self.plain_text(messages), "logprobs": endpoint.top_logprobs}
+            # the legacy completions API lists at most 5 alternatives (OpenAI, vLLM, Flywheel)
+            body |= {"prompt": self.plain_text(messages), "logprobs": min(endpoint.top_logprobs, 5)}
             answer = self._request("POST", "/completions", body)
             candidates = _completion_candidates(answer)
         if candidates is None:
