@@ -13,7 +13,7 @@ from flywheel.app.preferences import PREFERENCES
 from flywheel.contracts.keys import LABELLING_CANDIDATES_KEY, RANKINGS_STREAM
 from flywheel.contracts.rankings import RankingEntry
 
-from support.auth import CLIENT_KEY
+from support.auth import CLIENT_KEY, CLIENT_NAME
 
 
 def test_a_stable_share_of_groups_is_left_to_the_ai():
@@ -26,7 +26,7 @@ def test_a_stable_share_of_groups_is_left_to_the_ai():
 
 def test_users_rank_only_their_share_and_leave_the_rest_to_the_labeler(tiny_server):
     channel = grpc.insecure_channel(f"127.0.0.1:{tiny_server.port}")
-    users = [simulated.SimulatedUser(f"user-{i}", CLIENT_KEY) for i in range(2)]
+    users = [simulated.SimulatedUser(CLIENT_NAME, CLIENT_KEY) for _ in range(2)]  # a client key ranks as its name
     tally = simulated.rank_rounds(channel, ["What is 2+2?", "Name a colour."], 16, users,
                                   preference=PREFERENCES["concise"], seed=1, ai_fraction=0.5,
                                   plan=simulated.SamplingPlan(n=2, max_new_tokens=4, timeout_seconds=120))

@@ -20,7 +20,7 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from feedback.judge import Judge, load_constitution
-from feedback.labeler import JUDGE_ERROR, Labeler, LabellingConfig
+from feedback.labeler import JUDGE_ERROR, Labeler, LabellingConfig, LabellingScheduler, return_to_candidates
 from feedback.metrics import LabellingMetrics
 from feedback.pairwise import JudgeUnavailableError
 from feedback.remote_judge import COMPLETIONS, JudgeEndpoint, RemoteJudge, verdict_log_odds
@@ -154,6 +154,18 @@ def test_a_failing_judge_loses_no_group_and_is_counted(redis_client, tmp_path):
     assert time.monotonic() - started < 0.5
 
 
+def test_a_group_put_back_while_the_scheduler_enqueues_it_is_not_forgotten(redis_client):
+    GroupStore(redis_client, 3600).save(group_result("race", ANSWERS, created_at=time.time() - 120))
+    config = LabellingConfig(delay_seconds=60, group_ttl_seconds=3600, retry_seconds=30)
+    scheduler = LabellingScheduler(redis_client, config)
+    due = scheduler.due_groups()
+    assert due == ["race"]
+    return_to_candidates(redis_client, "race", config)  # a worker ran the task and the judge failed first
+    scheduler.forget(due)  # the scheduler, done enqueueing, forgets what it enqueued
+    assert redis_client.zscore(LABELLING_CANDIDATES_KEY, "race") is not None
+    assert scheduler.due_groups() == []  # and it is not due again before retry_seconds
+
+
 @pytest.mark.e2e
 def test_a_bad_key_is_refused_with_the_servers_message(judge_url):
     judge = RemoteJudge(JudgeEndpoint(judge_url, "not-a-key", retries=0), "be fair")
@@ -195,8 +207,7 @@ def test_a_second_flywheel_judges_the_first_and_agreement_moves_when_people_rank
         assert registry.get_sample_value("flywheel_ai_human_agreement_ratio") == 0.0
         best, middle, worst = entry.completion_ids
         human = [best, worst, middle]  # the person agrees with the judge on two of the three pairs
-        status, answer = rank_over_http(policy_server.http_port, {"group_id": group_id, "completion_ids": human,
-                                                                  "annotator_id": "erin"})
+        status, answer = rank_over_http(policy_server.http_port, {"group_id": group_id, "completion_ids": human})
         assert status == 200, answer
         assert registry.get_sample_value("flywheel_ai_human_agreement_groups") == 1
         assert registry.get_sample_value("flywheel_ai_human_agreement_ratio") == pytest.approx(2 / 3)
