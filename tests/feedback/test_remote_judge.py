@@ -25,17 +25,16 @@ from feedback.metrics import LabellingMetrics
 from feedback.pairwise import JudgeUnavailableError
 from feedback.remote_judge import COMPLETIONS, JudgeEndpoint, RemoteJudge, verdict_log_odds
 from feedback.tasks import schedule_due_groups
-from flywheel.app.serve import build_server
 from flywheel.celery_app import LABELLING_QUEUE, app
-from flywheel.config import FlywheelConfig
 from flywheel.contracts.keys import LABELLING_CANDIDATES_KEY, RANKINGS_STREAM
 from flywheel.contracts.rankings import RankingEntry
 from flywheel.group_store import GroupStore
 from flywheel.models import load_model
-from flywheel.redis_server import RedisServer, free_port
+from flywheel.redis_server import free_port
 
-from support.auth import API_KEYS, CLIENT_KEY
+from support.auth import CLIENT_KEY
 from support.feedback import group_result
+from support.servers import serving_process
 from test_feedback_labelling_worker import ANSWERS, Worker, wait_for
 
 openai = pytest.importorskip("openai", reason="the dev extra installs the openai SDK")
@@ -63,16 +62,6 @@ def rank_over_http(port: int, body: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read() or b"null")
 
 
-def serve(tmp: Path, model: str, redis_url: str) -> tuple:
-    settings = FlywheelConfig.load({
-        "model": model, "grpc_address": "127.0.0.1:0", "metrics_port": 0, "dtype": "float32", "data_dir": str(tmp),
-        "api_keys": API_KEYS, "redis_url": redis_url, "http_port": free_port(),
-    }, environ={})
-    server, release = build_server(settings)
-    server.start(wait_until_ready=True)
-    return server, release
-
-
 @pytest.fixture(scope="module")
 def embedded_judge_model():
     return load_model("", ROOT / ".flywheel", "float32")  # converted once into the checkout's data dir
@@ -81,13 +70,9 @@ def embedded_judge_model():
 @pytest.fixture(scope="module")
 def judge_server(embedded_judge_model, tmp_path_factory):
     """The second Flywheel: the embedded model on its OpenAI-compatible API, with its own Redis."""
-    root = tmp_path_factory.mktemp("judge-server")
-    redis_server = RedisServer(root / "redis").start()
-    server, release = serve(root, str(embedded_judge_model.path), redis_server.url)
-    yield server
-    server.stop(grace=1)
-    release()
-    redis_server.stop(kill=True)
+    with serving_process(tmp_path_factory.mktemp("judge-server"), embedded_judge_model.path,
+                         http_port=free_port()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -96,19 +81,10 @@ def judge_url(judge_server) -> str:
 
 
 @pytest.fixture(scope="module")
-def policy_redis(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("policy-redis")).start()
-    yield server
-    server.stop(kill=True)
-
-
-@pytest.fixture(scope="module")
-def policy_server(tiny_model_dir, policy_redis, tmp_path_factory):
-    """The first Flywheel: a tiny policy whose groups are to be judged."""
-    server, release = serve(tmp_path_factory.mktemp("policy-server"), str(tiny_model_dir), policy_redis.url)
-    yield server
-    server.stop(grace=1)
-    release()
+def policy_server(tiny_model_dir, tmp_path_factory):
+    """The first Flywheel: a tiny policy whose groups are to be judged, on its own Redis."""
+    with serving_process(tmp_path_factory.mktemp("policy-server"), tiny_model_dir, http_port=free_port()) as server:
+        yield server
 
 
 @pytest.mark.e2e
@@ -176,12 +152,13 @@ def test_a_bad_key_is_refused_with_the_servers_message(judge_url):
 
 @pytest.mark.e2e
 def test_a_second_flywheel_judges_the_first_and_agreement_moves_when_people_rank(
-        judge_url, policy_server, policy_redis, tmp_path):
-    client = redis.Redis.from_url(policy_redis.url)
+        judge_url, policy_server, tmp_path):
+    redis_url = policy_server.config.redis_url
+    client = redis.Redis.from_url(redis_url)
     key_file = tmp_path / "judge.key"
     key_file.write_text(CLIENT_KEY + "\n")
     key_file.chmod(0o600)
-    worker = Worker(tmp_path, policy_redis.url, None, FLYWHEEL_JUDGE_URL=judge_url,
+    worker = Worker(tmp_path, redis_url, None, FLYWHEEL_JUDGE_URL=judge_url,
                     FLYWHEEL_JUDGE_API_KEY_FILE=str(key_file), FLYWHEEL_JUDGE_MAX_TEXT_TOKENS="96")
     try:
         wait_for(lambda: client.exists("_kombu.binding." + LABELLING_QUEUE), 60, "the worker to consume", worker.log)
@@ -193,7 +170,7 @@ def test_a_second_flywheel_judges_the_first_and_agreement_moves_when_people_rank
         ids = [c.model_extra["completion_id"] for c in served.choices]
 
         config = LabellingConfig(delay_seconds=0, fraction=1.0, group_ttl_seconds=3600)
-        with app.connection_for_write(policy_redis.url) as connection:
+        with app.connection_for_write(redis_url) as connection:
             assert schedule_due_groups(client, config, connection=connection) == {"enqueued": 1}
         entry = wait_for(lambda: next((RankingEntry.from_fields(f) for _, f in client.xrange(RANKINGS_STREAM)
                                        if f[b"source"] == b"ai"), None), 120, "the AI ranking", worker.log)
