@@ -1,11 +1,12 @@
 """flywheel-client (clients/python): built as a wheel from the platform's sources, installed into a
-fresh virtual environment that holds only it, grpcio and protobuf (no torch, transformers, redis),
-and used there to call a real server."""
+fresh virtual environment that holds only it, grpcio and protobuf (and typing-extensions, which grpcio
+requires; no torch, transformers, redis), and used there to call a real server."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,17 +52,26 @@ print(json.dumps({"flywheel": flywheel.__file__, "group_id": response.group_id, 
 
 
 def site_packages_of(*distributions: str) -> list[Path]:
-    """The files of installed distributions (their top-level folders and dist-info), to link into
-    the fresh environment: exactly what `pip install grpcio protobuf` would have put there."""
+    """The files of installed distributions and of everything they require (their top-level
+    folders and dist-info), to link into the fresh environment: what `pip install` of them would
+    have put there."""
     from importlib.metadata import distribution
 
     site = Path(sysconfig.get_paths()["purelib"])
-    found = set()
-    for name in distributions:
-        for file in distribution(name).files or ():
+    found, seen, todo = set(), set(), list(distributions)
+    while todo:
+        name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+        if name in seen:
+            continue
+        seen.add(name)
+        installed = distribution(name)
+        for file in installed.files or ():
             top = Path(file).parts[0]
             if not top.endswith(".pth") and top != "..":
                 found.add(site / top)
+        for requirement in installed.requires or ():
+            if "extra ==" not in requirement:
+                todo.append(re.match(r"\s*([A-Za-z0-9_.-]+)", requirement).group(1))
     return sorted(found)
 
 
@@ -90,7 +100,7 @@ def test_the_wheel_holds_only_the_client_and_needs_only_grpc(client_wheel):
                               "flywheel/tls.py", "flywheel/v1/__init__.py"]
                              + [f"flywheel/v1/{s}_pb2{g}.py" for s in ("admin", "feedback", "inference")
                                 for g in ("", "_grpc")])
-    requires = sorted(line.split(":", 1)[1].split(">")[0].split("=")[0].strip()
+    requires = sorted(re.match(r"\s*([A-Za-z0-9_.-]+)", line.split(":", 1)[1]).group(1)
                       for line in metadata.splitlines() if line.startswith("Requires-Dist:"))
     assert requires == ["grpcio", "protobuf"]
 
@@ -101,8 +111,8 @@ def test_a_fresh_environment_with_only_the_client_calls_a_real_server(client_whe
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
-    # install: the wheel into the fresh site-packages (pip, from this environment, offline), and the
-    # two dependencies as pip would have placed them
+    # install: the wheel into the fresh site-packages (pip, from this environment, offline), and its
+    # dependencies (grpcio, protobuf and what they require) as pip would have placed them
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
                     str(client_wheel)], check=True, timeout=300)
     for path in site_packages_of("grpcio", "protobuf"):
