@@ -6,7 +6,11 @@ ranked them, which is what lets AI–human agreement be measured on a fair sampl
 fall in the fraction is decided by a hash of the group id, so every scheduler agrees.
 
 Labelling is idempotent per (group, judge): a task redelivered after a worker died appends
-nothing twice. Rankings the judge is not confident about are skipped, not guessed.
+nothing twice. Rankings the judge is not confident about are skipped, not guessed. A judge that
+cannot answer now (``JudgeUnavailableError``: its endpoint is down, refuses the key, times out)
+loses no group: the group goes back among the candidates, due again after ``retry_seconds``, so
+a later scheduling pass tries it again, until it is ranked or its record expires; each such failure is counted
+(``flywheel_labelling_judge_errors_total{reason}``, outcome ``judge_error``).
 """
 
 from __future__ import annotations
@@ -20,21 +24,22 @@ from typing import TYPE_CHECKING
 import redis
 
 from feedback.metrics import LabellingMetrics
+from feedback.pairwise import JudgeUnavailableError
 from flywheel.contracts.keys import LABELLING_CANDIDATES_KEY, group_key, group_rankings_key
 from flywheel.contracts.rankings import MAX_RANKED, SOURCE_AI, SOURCE_HUMAN, RankingEntry
 from flywheel.contracts.redis_text import text
 from flywheel.group_store import GroupStore
 from flywheel.rankings_stream import RankingStream
 
-if TYPE_CHECKING:  # the judge (and torch) load only in labelling workers
-    from feedback.judge import Judge
+if TYPE_CHECKING:  # the judge (and torch, for a local one) load only in labelling workers
+    from feedback.pairwise import PairwiseJudge
 
 log = logging.getLogger(__name__)
 
 AI_ANNOTATOR_ID = "ai:labeler"
 
-RANKED, LOW_CONFIDENCE, EXPIRED, ALREADY_RANKED, UNRANKABLE = (
-    "ranked", "low_confidence", "expired", "already_ranked", "unrankable")
+RANKED, LOW_CONFIDENCE, EXPIRED, ALREADY_RANKED, UNRANKABLE, JUDGE_ERROR = (
+    "ranked", "low_confidence", "expired", "already_ranked", "unrankable", "judge_error")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class LabellingConfig:
     fraction: float = 0.05
     min_confidence: float = 0.1
     group_ttl_seconds: int = 7 * 24 * 3600
+    retry_seconds: float = 60.0  # a group the judge could not rank is due again after this
 
 
 def in_agreement_sample(group_id: str, fraction: float) -> bool:
@@ -54,15 +60,31 @@ def in_agreement_sample(group_id: str, fraction: float) -> bool:
 @dataclass(frozen=True)
 class LabelOutcome:
     group_id: str
-    outcome: str  # ranked, low_confidence, expired, already_ranked, unrankable
+    outcome: str  # ranked, low_confidence, expired, already_ranked, unrankable, judge_error
     completion_ids: list[str] | None = None
     confidence: float | None = None
     ranking_id: str = ""
     entry_id: str = ""
+    error: str = ""  # judge_error: what the judge's endpoint said
 
     def to_json(self) -> dict:
         return {"group_id": self.group_id, "outcome": self.outcome, "completion_ids": self.completion_ids,
-                "confidence": self.confidence, "ranking_id": self.ranking_id, "entry_id": self.entry_id}
+                "confidence": self.confidence, "ranking_id": self.ranking_id, "entry_id": self.entry_id,
+                "error": self.error}
+
+
+_FORGET_IF_DUE = """
+-- KEYS: candidates; ARGV: the due cutoff, then group ids. A member whose score moved past the
+-- cutoff meanwhile (a labeler put it back to retry) stays.
+local removed = 0
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) <= tonumber(ARGV[1]) then
+    removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return removed
+"""
 
 
 class LabellingScheduler:
@@ -71,6 +93,8 @@ class LabellingScheduler:
     def __init__(self, client: redis.Redis, config: LabellingConfig) -> None:
         self.redis = client
         self.config = config
+        self.due_before: float | None = None  # the cutoff of the last due_groups call
+        self._forget_if_due = client.register_script(_FORGET_IF_DUE)
 
     def due_groups(self, now: float | None = None, batch: int = 500) -> list[str]:
         """Up to ``batch`` group ids to rank now. Each candidate is decided once: it leaves the set
@@ -81,9 +105,9 @@ class LabellingScheduler:
         """
         now = time.time() if now is None else now
         self.redis.zremrangebyscore(LABELLING_CANDIDATES_KEY, "-inf", now - self.config.group_ttl_seconds)
+        self.due_before = now - self.config.delay_seconds
         while True:
-            due = self.redis.zrangebyscore(LABELLING_CANDIDATES_KEY, "-inf", now - self.config.delay_seconds,
-                                           start=0, num=batch)
+            due = self.redis.zrangebyscore(LABELLING_CANDIDATES_KEY, "-inf", self.due_before, start=0, num=batch)
             ids = [text(g) for g in due]
             chosen, dropped = self._decide(ids)
             self.forget(dropped)
@@ -108,15 +132,39 @@ class LabellingScheduler:
         return chosen, dropped
 
     def forget(self, group_ids: list[str]) -> None:
-        if group_ids:
+        """Take decided groups off the candidates; one a labeler has put back to retry since
+        (``return_to_candidates``: a score past this pass's cutoff) stays."""
+        if not group_ids:
+            return
+        if self.due_before is None:
             self.redis.zrem(LABELLING_CANDIDATES_KEY, *group_ids)
+        else:
+            self._forget_if_due(keys=[LABELLING_CANDIDATES_KEY], args=[repr(self.due_before), *group_ids])
+
+
+def return_to_candidates(client: redis.Redis, group_id: str, config: LabellingConfig,
+                         now: float | None = None) -> None:
+    """Put a group the judge could not rank back among the candidates, due again in
+    ``retry_seconds``. It is dropped like any candidate once its record expires."""
+    now = time.time() if now is None else now
+    client.zadd(LABELLING_CANDIDATES_KEY, {group_id: now - config.delay_seconds + config.retry_seconds})
+
+
+def put_back(client: redis.Redis, group_id: str, config: LabellingConfig, error: JudgeUnavailableError,
+             metrics: LabellingMetrics | None = None) -> LabelOutcome:
+    """The outcome of a group the judge could not rank now: back among the candidates, counted."""
+    return_to_candidates(client, group_id, config)
+    if metrics is not None:
+        metrics.judge_errors.labels(error.reason).inc()
+    return LabelOutcome(group_id, JUDGE_ERROR, error=str(error))
 
 
 class Labeler:
     """Ranks one stored group with the judge and appends the ranking (source=ai) to the stream."""
 
-    def __init__(self, client: redis.Redis, judge: "Judge", config: LabellingConfig,
+    def __init__(self, client: redis.Redis, judge: "PairwiseJudge", config: LabellingConfig,
                  metrics: LabellingMetrics | None = None) -> None:
+        self.redis = client
         self.groups = GroupStore(client, config.group_ttl_seconds)
         self.stream = RankingStream(client, group_ttl_seconds=config.group_ttl_seconds)
         self.judge = judge
@@ -135,7 +183,10 @@ class Labeler:
                 self.metrics.duration.observe(time.monotonic() - started)
             if outcome.outcome == LOW_CONFIDENCE:
                 self.metrics.rankings_rejected.labels(SOURCE_AI, LOW_CONFIDENCE).inc()
-        log.info("labelled group %s: %s (confidence %s)", group_id, outcome.outcome, outcome.confidence)
+        if outcome.outcome == JUDGE_ERROR:
+            log.warning("group %s not labelled, back among the candidates: %s", group_id, outcome.error)
+        else:
+            log.info("labelled group %s: %s (confidence %s)", group_id, outcome.outcome, outcome.confidence)
         return outcome
 
     def _label(self, group_id: str) -> LabelOutcome:
@@ -148,7 +199,10 @@ class Labeler:
         completions = sorted(group.completions, key=lambda c: c.index)[:MAX_RANKED]
         if len(completions) < 2:
             return LabelOutcome(group_id, UNRANKABLE)
-        verdict = self.judge.rank(group.prompt, {c.completion_id: c.text for c in completions})
+        try:
+            verdict = self.judge.rank(group.prompt, {c.completion_id: c.text for c in completions})
+        except JudgeUnavailableError as error:
+            return put_back(self.redis, group_id, self.config, error, self.metrics)
         if self.metrics is not None:
             self.metrics.comparisons.inc(verdict.comparisons)
         if verdict.confidence < self.config.min_confidence:

@@ -56,6 +56,10 @@ class LabellingMetrics(FeedbackMetrics):
         self.comparisons = Counter(
             "flywheel_labelling_comparisons_total", "Judge prompts scored (two per pair: both orders).",
             registry=registry)
+        self.judge_errors = Counter(
+            "flywheel_labelling_judge_errors_total",
+            "Groups the judge could not rank now (its endpoint failed), by reason; each goes back among the "
+            "candidates", ["reason"], registry=registry)
         self.judge_loads = Counter(
             "flywheel_labelling_judge_loads_total", "Judge models loaded (once per worker process and model).",
             registry=registry)
@@ -93,6 +97,9 @@ class RankingStreamCollector(Collector):
         yield GaugeMetricFamily("flywheel_ai_human_agreement_ratio",
                                 "Fraction of pairs ordered alike by people and the AI labeler (all time).",
                                 value=stats.agreement.ratio)
+        yield GaugeMetricFamily("flywheel_ai_human_agreement_groups",
+                                "Groups ranked by both a person and the AI labeler (the agreement's sample).",
+                                value=stats.agreement_groups)
 
 
 def register_stream_collector(registry: CollectorRegistry, stream: RankingStream) -> RankingStreamCollector:

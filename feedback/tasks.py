@@ -3,9 +3,11 @@
     celery -A flywheel.app.worker worker -Q labelling --pool solo    # ranks groups; keeps the judge loaded
     celery -A flywheel.app.worker beat                               # runs feedback.schedule_labelling
 
-The judge model is loaded once per worker process (cached by model, dtype and constitution) and
-reused by every task. Settings come from ``FLYWHEEL_*`` variables; Redis is ``REDIS_URL`` (the
-broker) unless ``FLYWHEEL_REDIS_URL`` names another. A labelling worker serves its own /metrics
+The judge is made once per worker process (cached by its settings) and reused by every task:
+a model loaded here, or with ``FLYWHEEL_JUDGE_URL`` an OpenAI-compatible endpoint
+(``feedback.remote_judge``; its key from ``FLYWHEEL_JUDGE_API_KEY`` or ``_FILE``). Settings come
+from ``FLYWHEEL_*`` variables; Redis is ``REDIS_URL`` (the broker) unless ``FLYWHEEL_REDIS_URL``
+names another. A labelling worker serves its own /metrics
 on ``FLYWHEEL_LABELLING_METRICS_PORT``.
 """
 
@@ -20,8 +22,9 @@ import redis
 from celery import signals
 from prometheus_client import start_http_server
 
-from feedback.labeler import Labeler, LabellingConfig, LabellingScheduler
+from feedback.labeler import Labeler, LabellingConfig, LabellingScheduler, put_back
 from feedback.metrics import LabellingMetrics, register_stream_collector
+from feedback.pairwise import JudgeUnavailableError
 from flywheel.celery_app import LABELLING_QUEUE, app, worker_consumes
 from flywheel.metrics_registry import process_registry
 from flywheel.rankings_stream import RankingStream
@@ -29,14 +32,14 @@ from flywheel.redis_server import open_redis
 from flywheel.config import FlywheelConfig
 
 if TYPE_CHECKING:
-    from feedback.judge import Judge
+    from feedback.pairwise import PairwiseJudge
 
 log = logging.getLogger(__name__)
 
 # the worker's own registry: library code never registers on prometheus_client's global one
 WORKER_REGISTRY = process_registry()
 _state_lock = threading.Lock()
-_judges: dict[tuple, "Judge"] = {}  # (model, dtype, constitution, JudgeConfig) -> loaded judge
+_judges: dict[tuple, "PairwiseJudge"] = {}  # what makes a judge (model or endpoint, ...) -> the judge
 _worker: "WorkerState | None" = None
 
 
@@ -51,7 +54,8 @@ class WorkerState:
 def labelling_config(settings: FlywheelConfig) -> LabellingConfig:
     return LabellingConfig(delay_seconds=settings.labelling.delay_seconds, fraction=settings.labelling.fraction,
                            min_confidence=settings.labelling.min_confidence,
-                           group_ttl_seconds=settings.feedback.group_ttl_seconds)
+                           group_ttl_seconds=settings.feedback.group_ttl_seconds,
+                           retry_seconds=settings.labelling.retry_seconds)
 
 
 def worker_state() -> WorkerState:
@@ -68,24 +72,45 @@ def worker_state() -> WorkerState:
         return _worker
 
 
-def get_judge(settings: FlywheelConfig, metrics: LabellingMetrics | None = None) -> "Judge":
-    """The judge for these settings, loaded on first use and kept for the life of the process."""
-    # imported here: every process that imports the Celery app (to send tasks) need not load torch
-    from feedback.judge import Judge, JudgeConfig, load_constitution
-    from flywheel.models import load_model
+def get_judge(settings: FlywheelConfig, metrics: LabellingMetrics | None = None) -> "PairwiseJudge":
+    """The judge for these settings, made on first use and kept for the life of the process: an
+    OpenAI-compatible endpoint when ``judge_url`` is set, else a model loaded here."""
+    from feedback.pairwise import JudgeConfig, load_constitution
 
-    config = JudgeConfig(settings.judge.max_text_tokens, settings.judge.batch_size, settings.judge.combine_orders)
-    key = (settings.judge.model, settings.dtype, settings.judge.constitution, config)
+    judge_settings = settings.judge
+    config = JudgeConfig(judge_settings.max_text_tokens, judge_settings.batch_size, judge_settings.combine_orders)
+    if judge_settings.url:
+        key = ("remote", judge_settings.url, judge_settings.model, judge_settings.api, judge_settings.top_logprobs,
+               judge_settings.timeout_seconds, judge_settings.constitution, config)
+    else:
+        key = (judge_settings.model, settings.dtype, judge_settings.constitution, config)
     with _state_lock:
         judge = _judges.get(key)
         if judge is None:
-            loaded = load_model(settings.judge.model, settings.data_dir, settings.dtype)
-            constitution = load_constitution(settings.judge.constitution)
-            judge = Judge(loaded.model, loaded.tokenizer, constitution, Judge.make_id(loaded.path, constitution),
-                          config)
+            constitution = load_constitution(judge_settings.constitution)
+            if judge_settings.url:
+                from feedback.remote_judge import JudgeEndpoint, RemoteJudge
+
+                try:
+                    api_key = judge_settings.endpoint_key()
+                except ValueError as exc:
+                    raise JudgeUnavailableError(str(exc), "config") from None
+                endpoint = JudgeEndpoint(judge_settings.url, api_key, judge_settings.model,
+                                         judge_settings.api, judge_settings.top_logprobs,
+                                         judge_settings.timeout_seconds)
+                judge = RemoteJudge(endpoint, constitution, config)
+                log.info("AI judge: %r (judge id %s)", judge, judge.judge_id)
+            else:
+                # imported here: every process that imports the Celery app (to send tasks) need not load torch
+                from feedback.judge import Judge
+                from flywheel.models import load_model
+
+                loaded = load_model(judge_settings.model, settings.data_dir, settings.dtype)
+                judge = Judge(loaded.model, loaded.tokenizer, constitution, Judge.make_id(loaded.path, constitution),
+                              config)
+                if metrics is not None:
+                    metrics.judge_loads.inc()
             _judges[key] = judge
-            if metrics is not None:
-                metrics.judge_loads.inc()
         return judge
 
 
@@ -94,8 +119,14 @@ def get_judge(settings: FlywheelConfig, metrics: LabellingMetrics | None = None)
 def label_group(group_id: str) -> dict:
     """Rank one group with the AI judge; appends nothing twice even when redelivered."""
     state = worker_state()
-    labeler = Labeler(state.redis, get_judge(state.settings, state.metrics), state.labelling, state.metrics)
-    return labeler.label(group_id).to_json()
+    try:
+        judge = get_judge(state.settings, state.metrics)
+    except JudgeUnavailableError as error:  # e.g. the key file cannot be read: the group waits for a fix
+        outcome = put_back(state.redis, group_id, state.labelling, error, state.metrics)
+        state.metrics.groups.labels(outcome.outcome).inc()
+        log.error("group %s not labelled, back among the candidates: %s", group_id, error)
+        return outcome.to_json()
+    return Labeler(state.redis, judge, state.labelling, state.metrics).label(group_id).to_json()
 
 
 @app.task(name="feedback.schedule_labelling", autoretry_for=(redis.ConnectionError,), max_retries=3)

@@ -36,6 +36,7 @@ RewardModelPooling = Literal["last", "last+mean"]
 RewardModelAutocast = Literal["auto", "bfloat16", "bf16", "float16", "float32", "fp32"]
 AuthMode = Literal["on", "off"]
 JudgeCombineOrders = Literal["log_odds", "probability"]
+JudgeApi = Literal["chat", "completions"]
 Finetune = Literal["lora", "full"]
 AdvantageEstimator = Literal["gae", "rloo"]
 
@@ -171,7 +172,21 @@ class JudgeModelConfig(ConfigSection):
     prefix: ClassVar[str] = "judge_"
 
     model: str = setting(
-        "", "AI labeler's judge: a Hugging Face causal-LM folder; empty = embedded default")
+        "", "AI labeler's judge: a Hugging Face causal-LM folder (empty = embedded default); with judge_url, "
+            "the endpoint's model name (empty = the first one it lists)")
+    url: str = setting(
+        "", "OpenAI-compatible endpoint of the judge, its base URL as the openai SDK takes it "
+            "(http://host:8000/v1: vLLM, TGI, llama.cpp's server, another Flywheel's --http-port); it must return "
+            "log-probabilities; empty = the judge model runs in the labelling worker")
+    api: JudgeApi = setting(
+        "chat", "with judge_url: ask /chat/completions (the endpoint applies its chat template) or /completions")
+    api_key: str = setting("", "with judge_url: the endpoint's API key (environment only, never logged)", flag=False)
+    api_key_file: str = setting(
+        "", "with judge_url: a file holding the endpoint's API key (instead of FLYWHEEL_JUDGE_API_KEY)")
+    top_logprobs: int = setting(
+        20, "with judge_url: most likely first tokens asked for; a verdict letter outside them gets their floor",
+        minimum=1, maximum=20)
+    timeout_seconds: float = setting(60.0, "with judge_url: seconds one judge request may take", above=0)
     constitution: str = setting(
         "", "the judge's principles (a text file); empty = the shipped constitution.md")
     max_text_tokens: int = setting(
@@ -179,6 +194,25 @@ class JudgeModelConfig(ConfigSection):
     batch_size: int = setting(8, "judge prompts scored in one forward pass", minimum=1)
     combine_orders: JudgeCombineOrders = setting(
         "log_odds", "average both orders' verdicts in log_odds or probability (Lee et al.)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.url and not self.url.lower().startswith(("http://", "https://")):
+            raise ValueError(f"judge_url must be an http(s):// base URL such as http://host:8000/v1; got "
+                             f"{self.url!r} (set by {self.describe('url')})")
+        if self.api_key and self.api_key_file:
+            raise ValueError(f"set the judge's key once: {self.describe('api_key')} or "
+                             f"{self.describe('api_key_file')}, not both")
+
+    def endpoint_key(self) -> str:
+        """The judge endpoint's API key: the variable, else the file's first line ('' = none)."""
+        if self.api_key or not self.api_key_file:
+            return self.api_key
+        try:
+            return Path(self.api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read the judge's API key file {self.api_key_file} "
+                             f"(set by {self.describe('api_key_file')}): {exc.strerror}") from None
 
 
 @dataclass
@@ -197,6 +231,8 @@ class LabellingWorkerConfig(ConfigSection):
     min_confidence: float = setting(
         0.1, "AI rankings below this confidence (0..1) are skipped, not guessed", minimum=0, maximum=1)
     schedule_seconds: float = setting(60.0, "how often celery beat looks for groups to label", above=0)
+    retry_seconds: float = setting(
+        60.0, "a group the judge could not rank (its endpoint failed) is tried again after this", above=0)
     metrics_port: int = port(9401, "HTTP port of a labelling worker's /metrics; 0 = disabled")
 
 
@@ -243,7 +279,12 @@ class RewardModelRunConfig(ConfigSection):
         0.5, "gate: the 95% lower bound of each member's held-out accuracy must exceed this (0.5 = chance; "
              "-1 = no check, for tests of the plumbing)", minimum=-1, maximum=1)
     replay_ratio: float = setting(1.0, "replayed older rankings per new ranking in a run", minimum=0)
-    ai_weight: float = setting(0.5, "weight of an AI-labelled ranking relative to a human one", minimum=0)
+    ai_weight: float = setting(
+        0.5, "largest weight of an AI-labelled ranking relative to a human one; the weight used is this x "
+             "clip(2 x AI-human agreement - 1, 0, 1), 0 until reward_model_ai_min_overlap_groups", minimum=0)
+    ai_min_overlap_groups: int = setting(
+        20, "groups ranked by both a person and the AI labeler before the agreement is trusted (AI weight 0 "
+            "before)", minimum=0)
     learning_rate: float = setting(1e-5, "reward-model AdamW learning rate", above=0)
     batch_rankings: int = setting(8, "rankings per reward-model optimizer step", minimum=1)
     epochs: int = setting(1, "passes over a run's rankings", minimum=0)

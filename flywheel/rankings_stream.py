@@ -80,6 +80,7 @@ class StreamStats:
     rankings: dict[str, int]  # by source, ever accepted
     consumer_groups: list[ConsumerGroupStats]
     agreement: Agreement
+    agreement_groups: int = 0  # groups ranked by both a person and the AI labeler (counted since this field exists)
 
 
 _APPEND_SCRIPT = """
@@ -114,6 +115,7 @@ local other = redis.call('HGET', KEYS[2], ARGV[5])
 if other and other == ARGV[10] then  -- counted with the entry, so stats never lag the stream
   redis.call('HINCRBY', KEYS[3], 'agreement:pairs', tonumber(ARGV[11]))
   redis.call('HINCRBY', KEYS[3], 'agreement:agreed', tonumber(ARGV[12]))
+  redis.call('HINCRBY', KEYS[3], 'agreement:groups', 1)
 end
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[6])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
@@ -180,6 +182,7 @@ class RankingStream:
             pipe = self.redis.pipeline(transaction=True)
             pipe.hincrby(RANKINGS_STATS_KEY, "agreement:pairs", agreement.pairs)
             pipe.hincrby(RANKINGS_STATS_KEY, "agreement:agreed", agreement.agreed_pairs)
+            pipe.hincrby(RANKINGS_STATS_KEY, "agreement:groups", 1)
             pipe.execute()
         return AppendResult(entry.ranking_id, text(entry_id), False, agreement)
 
@@ -216,6 +219,7 @@ class RankingStream:
             rankings={s: counters.get("rankings:" + s, 0) for s in SOURCES},
             consumer_groups=self.consumer_groups(),
             agreement=Agreement(counters.get("agreement:agreed", 0), counters.get("agreement:pairs", 0)),
+            agreement_groups=counters.get("agreement:groups", 0),
         )
 
     def trim_acknowledged(self) -> int:

@@ -574,6 +574,20 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http %s: " + format, self.address_string(), *args)
 
     def _handle(self, method: str) -> None:
+        """Serves one request and counts it in flywheel_requests_total / _duration_seconds as
+        service "http", method "POST /v1/chat/completions" (unknown paths: "unmatched"), code the
+        HTTP status; /health aside, as gRPC health is."""
+        started, self._status, self._route_path = time.monotonic(), 0, ""
+        try:
+            self._serve(method)
+        finally:
+            if self._route_path != "/health":
+                where = f"{method} {self._route_path}" if self._route_path else "unmatched"
+                code = str(self._status or 500)
+                self.front_end.metrics.requests.labels("http", where, code).inc()
+                self.front_end.metrics.request_duration.labels("http", where, code).observe(time.monotonic() - started)
+
+    def _serve(self, method: str) -> None:
         front = self.front_end
         try:
             length = int(self.headers.get("Content-Length") or 0)
@@ -591,6 +605,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             url = urlsplit(self.path)
             route = front.route(method, url.path.rstrip("/") or "/")
+            self._route_path = route.path
             caller = front.admit(route, self.headers)
             request = HttpRequest(method, url.path, parse_qs(url.query), self.headers, body, caller)
             response = caller_context(caller).run(route.handler, request) if caller else route.handler(request)
@@ -619,6 +634,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_bytes(self, status: int, content: bytes, content_type: str,
                     headers: Iterable[tuple[str, str]] = ()) -> None:
+        self._status = status
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(content)))
@@ -636,6 +652,7 @@ class _Handler(BaseHTTPRequestHandler):
                 first = next(events)
             except StopIteration:
                 first = None
+            self._status = 200
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")

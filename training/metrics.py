@@ -37,6 +37,16 @@ class RewardModelMetrics:
             "flywheel_reward_model_current_version",
             "the current reward-model version when this worker last looked (0 = none)",
             registry=registry)
+        self.ai_weight = Gauge(
+            "flywheel_reward_model_ai_weight",
+            "weight of an AI ranking (a human one weighs 1) in the last reward-model run: "
+            "reward_model_ai_weight x clip(2 x agreement - 1, 0, 1), 0 below the overlap minimum", registry=registry)
+        self.ai_agreement = Gauge(
+            "flywheel_reward_model_ai_agreement_ratio",
+            "AI-human pairwise agreement the last reward-model run weighted AI rankings by", registry=registry)
+        self.ai_agreement_groups = Gauge(
+            "flywheel_reward_model_ai_agreement_groups",
+            "groups ranked by both a person and the AI labeler behind that agreement", registry=registry)
         self.pairs_per_second = Gauge(
             "flywheel_reward_model_training_pairs_per_second", "training throughput of the last run",
             registry=registry)

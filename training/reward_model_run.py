@@ -39,8 +39,9 @@ from flywheel.contracts.artifacts import (REWARD_MODEL_KIND, REWARD_MODEL_MEMBER
 from flywheel.contracts.heldout import is_held_out, reward_model_member
 from flywheel.contracts.keys import REWARD_MODEL_RUN_LOCK_KEY
 from flywheel.models import resolve_compute_dtype, resolve_model_path
-from flywheel.rankings_stream import RankingStreamReader
+from flywheel.rankings_stream import RankingStream, RankingStreamReader
 from flywheel.registry import VersionRecord, VersionRegistry, open_registry
+from training.ai_weight import AIWeight, ai_ranking_weight
 from training.metrics import RewardModelMetrics
 from training.rankings import ReplayStore, ranking_from_entry, sample_replay
 from training.policy_reward import calibrate
@@ -68,9 +69,19 @@ def reward_model_config(config: FlywheelConfig) -> RewardModelConfig:
                              pooling=section.pooling)
 
 
-def reward_training_config(section: RewardModelRunConfig) -> RewardTrainingConfig:
+def reward_training_config(section: RewardModelRunConfig, ai_weight: AIWeight | None = None) -> RewardTrainingConfig:
+    """How a run trains; an AI ranking weighs ``ai_weight.weight`` (the agreement rule,
+    ``training.ai_weight``), or the section's ai_weight where none is given."""
     return RewardTrainingConfig(learning_rate=section.learning_rate, batch_rankings=section.batch_rankings,
-                                epochs=section.epochs, ai_weight=section.ai_weight)
+                                epochs=section.epochs,
+                                ai_weight=section.ai_weight if ai_weight is None else ai_weight.weight)
+
+
+def measured_ai_weight(client: redis_lib.Redis, section: RewardModelRunConfig) -> AIWeight:
+    """The weight of AI rankings in this run, from the AI-human agreement the rankings stream has counted."""
+    stats = RankingStream(client).stats()
+    return ai_ranking_weight(stats.agreement.agreed_pairs, stats.agreement.pairs, stats.agreement_groups,
+                             max_weight=section.ai_weight, min_groups=section.ai_min_overlap_groups)
 
 
 class RewardModelCache:
@@ -145,6 +156,7 @@ class RewardModelRun(TrainingRun):
         if waiting < max(self.min_rankings, 1):
             return f"{waiting} rankings waiting, fewer than {self.min_rankings}"
         self.batch = batch = reader.read(self.section.max_rankings, ranking_from_entry)
+        self.ai_weight = measured_ai_weight(self.client, self.section)
         store = replay_store(self.config)
         stored_before = store.load()
         known = {r.ranking_id for r in stored_before}
@@ -181,13 +193,16 @@ class RewardModelRun(TrainingRun):
             model, tokenizer = self.cache.model_for(self.model_config, keys, member)
             if keys:
                 model.load_stored(self.registry.path(self.parent.version) / REWARD_MODEL_MEMBER_FILES[member])
-            self.trainers[member] = RewardModelTrainer(model, tokenizer, reward_training_config(self.section))
+            self.trainers[member] = RewardModelTrainer(model, tokenizer,
+                                                       reward_training_config(self.section, self.ai_weight))
         self.tokenizer = tokenizer
         log.info("reward-model run: %d new + %d replayed training rankings (%s), %d held out, warm start from %s, "
-                 "%.1f M trainable parameters per member", len(self.new_train), len(self.replay),
+                 "%.1f M trainable parameters per member; AI rankings weigh %.3f (%s)", len(self.new_train),
+                 len(self.replay),
                  ", ".join(f"{m} {len(self.train_sets[m])}" for m in REWARD_MODEL_MEMBERS), len(self.held_out),
                  f"v{self.parent.version}" if self.parent else "the backbone",
-                 self.trainers[REWARD_MODEL_MEMBERS[0]].model.trainable_parameter_count() / 1e6)
+                 self.trainers[REWARD_MODEL_MEMBERS[0]].model.trainable_parameter_count() / 1e6,
+                 self.ai_weight.weight, self.ai_weight.why)
 
     def evaluate(self) -> dict[str, EvalStats]:
         return {m: self.trainers[m].evaluate(self.eval_sets[m]) for m in REWARD_MODEL_MEMBERS}
@@ -219,6 +234,7 @@ class RewardModelRun(TrainingRun):
                 sum(s.seconds for s in self.stats.values()), 1e-9),
             "training_seconds": sum(s.seconds for s in self.stats.values()),
             "training_steps": sum(s.steps for s in self.stats.values()),
+            "ai_weight": self.ai_weight.weight,
         } | {f"{m}_heldout_accuracy": after[m].accuracy for m in REWARD_MODEL_MEMBERS} | decision.figures
         members = {m: {"file": REWARD_MODEL_MEMBER_FILES[m], "calibration": self.calibrations[m].to_dict(),
                        "trained_on": len(self.train_sets[m]), "evaluated_on": len(self.eval_sets[m]),
@@ -242,6 +258,7 @@ class RewardModelRun(TrainingRun):
             "model": asdict(self.model_config) | {
                 "stored": "trained parameters only (float32); the rest is the backbone"},
             "training": asdict(self.trainers[first].config),
+            "ai_weight": json_safe_figures(self.ai_weight.to_dict()),
             "gate": {"promoted": decision.passed, "why": decision.why, "margin": self.section.accuracy_margin,
                      "min_accuracy": self.section.min_accuracy},
             "duration_seconds": time.monotonic() - started,
@@ -267,6 +284,10 @@ class RewardModelRun(TrainingRun):
                 if count:
                     metrics.rankings_used.labels(split, source).inc(count)
         metrics.run_rankings.set(len(self.new_train + self.replay))
+        metrics.ai_weight.set(self.ai_weight.weight)
+        metrics.ai_agreement_groups.set(self.ai_weight.overlap_groups)
+        if self.ai_weight.agreement is not None:
+            metrics.ai_agreement.set(self.ai_weight.agreement)
         metrics.pairs_per_second.set(self.stats[first].pairs_per_second)
 
 

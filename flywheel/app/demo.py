@@ -68,6 +68,16 @@ DEMO_DEFAULTS = {
     "POLICY_MAX_HELDOUT": "40",  # the gate: 40 held-out prompts x 4 paired samples per policy
     "LABELLING_FRACTION": "0",
 }
+# With --ai-fraction F (RLAIF): the users leave a share F of the groups unranked and the labeler
+# ranks them a few seconds after they were served; it also ranks a fifth of the groups the users
+# ranked, so that AI-human agreement is measured, and that agreement sets the AI rankings' weight
+# in the reward model (training.ai_weight). Its judge is the embedded model unless
+# FLYWHEEL_JUDGE_URL names an OpenAI-compatible endpoint.
+RLAIF_DEFAULTS = {
+    "LABELLING_DELAY_SECONDS": "10",
+    "LABELLING_SCHEDULE_SECONDS": "5",
+    "LABELLING_FRACTION": "0.2",
+}
 
 
 @dataclass
@@ -83,6 +93,12 @@ class DemoConfig:
     progress_seconds: float = 15.0
     summary_json: Path | None = None
     startup_timeout: float = 600.0
+    ai_fraction: float = 0.0  # share of the groups the users leave to the AI labeler
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ai_fraction < 1.0:
+            raise ValueError(f"--ai-fraction must be at least 0 and below 1 (the users rank the rest); got "
+                             f"{self.ai_fraction}")
 
 
 class Platform:
@@ -91,10 +107,15 @@ class Platform:
     def __init__(self, config: DemoConfig, operator_key: str) -> None:
         self.grpc_port, self.metrics_port, self.labelling_port, self.training_port = (free_port() for _ in range(4))
         env = dict(os.environ)
+        if config.ai_fraction > 0:
+            for name, value in RLAIF_DEFAULTS.items():
+                env.setdefault(ENV_PREFIX + name, value)
         for name, value in DEMO_DEFAULTS.items():
             env.setdefault(ENV_PREFIX + name, value)
+        # a round's run starts once the users' share is in (the labeler's confident rankings add to it)
         env[ENV_PREFIX + "REWARD_MODEL_TRIGGER_RANKINGS"] = env.get(
-            ENV_PREFIX + "REWARD_MODEL_TRIGGER_RANKINGS", str(config.rankings_per_round))
+            ENV_PREFIX + "REWARD_MODEL_TRIGGER_RANKINGS",
+            str(max(1, round(config.rankings_per_round * (1.0 - config.ai_fraction)))))
         env[ENV_PREFIX + "DATA_DIR"] = str(config.data_dir)
         if config.model:
             env[ENV_PREFIX + "MODEL"] = config.model
@@ -278,6 +299,41 @@ def reward_model_accuracy(platform: Platform, config: DemoConfig) -> float:
         client.close()
 
 
+def rlaif_figures(platform: Platform, config: DemoConfig) -> dict:
+    """What RLAIF did: rankings by source, the AI-human agreement the stream counted, and the AI
+    weight the newest reward-model version trained with (its manifest)."""
+    from flywheel.contracts.artifacts import REWARD_MODEL_KIND
+    from flywheel.rankings_stream import RankingStream
+    from flywheel.registry import open_registry
+
+    client, _ = open_redis(platform.settings.redis_url, config.data_dir)  # the platform's, running
+    try:
+        stats = RankingStream(client).stats()
+        registry = open_registry(client, platform.settings.data_dir, REWARD_MODEL_KIND)
+        versions = registry.versions()
+        newest = versions[-1] if versions else None
+        return {
+            "ai_fraction": config.ai_fraction, "rankings": stats.rankings,
+            "agreement": stats.agreement.ratio if stats.agreement.pairs else None,
+            "agreement_pairs": stats.agreement.pairs, "agreement_groups": stats.agreement_groups,
+            "reward_model_version": newest.version if newest else None,
+            "ai_weight": (newest.manifest.get("ai_weight") if newest else None),
+        }
+    finally:
+        client.close()
+
+
+def print_rlaif(figures: dict) -> None:
+    rankings, weight = figures["rankings"], figures["ai_weight"]
+    agreement = ("not measured yet (no group ranked by both)" if figures["agreement"] is None else
+                 f"{figures['agreement']:.3f} over {figures['agreement_pairs']} pairs in "
+                 f"{figures['agreement_groups']} groups")
+    used = ("no reward model trained yet" if weight is None else
+            f"AI weight {weight['weight']:.3f} in reward model v{figures['reward_model_version']} ({weight['why']})")
+    print(f"== RLAIF (--ai-fraction {figures['ai_fraction']:g}): {rankings.get('human', 0)} human and "
+          f"{rankings.get('ai', 0)} AI rankings; AI-human agreement {agreement}; {used}", flush=True)
+
+
 def run_demo(config: DemoConfig) -> dict:
     from transformers import AutoTokenizer
 
@@ -321,16 +377,22 @@ def run_demo(config: DemoConfig) -> dict:
             progress.phase, progress.rankings_target = f"users ranking (round {round_number})", config.rankings_per_round
             progress.tally = tally = simulated.UserTally()
             simulated.rank_rounds(platform.channel, train_questions, config.rankings_per_round, simulated_users,
-                                  preference=preference, plan=config.plan, seed=round_number, tally=tally)
+                                  preference=preference, plan=config.plan, seed=round_number, tally=tally,
+                                  ai_fraction=config.ai_fraction)
             if tally.errors:
                 print(f"== {len(tally.errors)} user requests failed, e.g. {tally.errors[0]}")
             progress.phase = f"training (round {round_number})"
             outcome = wait_for_round(platform, counts_before, deadline)
             summary["rounds"].append({"round": round_number, "rankings": tally.rankings, "outcome": outcome,
-                                      "seconds": time.monotonic() - loop_started})
-            print(f"== round {round_number}: {tally.rankings} rankings -> {outcome}", flush=True)
+                                      "left_to_ai": tally.left_to_ai, "seconds": time.monotonic() - loop_started})
+            print(f"== round {round_number}: {tally.rankings} rankings"
+                  + (f" ({tally.left_to_ai} groups left to the AI labeler)" if config.ai_fraction else "")
+                  + f" -> {outcome}", flush=True)
             if outcome == "promoted" or time.monotonic() > deadline:
                 break
+        if config.ai_fraction:
+            summary["rlaif"] = rlaif_figures(platform, config)
+            print_rlaif(summary["rlaif"])
         if outcome != "promoted":
             print(f"== no policy was promoted ({outcome}); nothing to compare", flush=True)
             summary["outcome"] = outcome
@@ -449,13 +511,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--progress-seconds", type=float, default=15.0)
     parser.add_argument("--summary-json", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--ai-fraction", type=float, default=0.0,
+                        help="RLAIF: the users rank only 1 - F of the groups and the AI labeler the rest (and a "
+                             "sample of the users' groups, for agreement); the summary reports the agreement and "
+                             "the AI weight used. Default %(default)s: the users rank every group")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.ai_fraction < 1.0:
+        parser.error(f"--ai-fraction must be at least 0 and below 1; got {args.ai_fraction}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = DemoConfig(data_dir=args.data_dir.resolve(), model=args.model, rankings_per_round=args.rankings,
                         max_rounds=args.rounds, budget_minutes=args.budget_minutes, users=args.users,
                         preference=args.preference,
                         plan=simulated.SamplingPlan(n=args.n, max_new_tokens=args.max_new_tokens),
-                        progress_seconds=args.progress_seconds, summary_json=args.summary_json)
+                        progress_seconds=args.progress_seconds, summary_json=args.summary_json,
+                        ai_fraction=args.ai_fraction)
     summary = run_demo(config)
     return 0 if summary.get("outcome") == "promoted" else 1
 

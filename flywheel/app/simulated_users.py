@@ -98,8 +98,15 @@ class SamplingPlan:
 @dataclass
 class UserTally:
     rankings: int = 0
+    left_to_ai: int = 0  # groups the users did not rank (``ai_fraction``): the AI labeler's share
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def left_to_ai(group_id: str, ai_fraction: float) -> bool:
+    """Whether the users leave this group to the AI labeler: a stable ``ai_fraction`` of group ids."""
+    digest = hashlib.blake2b(f"left-to-ai:{group_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < ai_fraction
 
 
 def sample(stub: rpc.InferenceStub, question: str, plan: SamplingPlan, seed: int,
@@ -133,11 +140,13 @@ class SimulatedUser:
 
 def rank_rounds(channel: grpc.Channel, questions: Sequence[str], rankings: int, simulated: Sequence[SimulatedUser], *,
                 preference: Preference, plan: SamplingPlan | None = None, seed: int = 0,
-                tally: UserTally | None = None) -> UserTally:
+                tally: UserTally | None = None, ai_fraction: float = 0.0) -> UserTally:
     """Every simulated user (a thread each) asks questions and ranks the answers by ``preference``
-    until ``rankings`` rankings were acknowledged by the server. A refused call is counted and
-    retried after a pause. ``tally`` (counted as the users go, so a progress printer can read it)
-    is returned."""
+    until ``rankings`` groups were ranked (acknowledged by the server) or left to the AI labeler:
+    with ``ai_fraction`` F, a group whose id falls in a stable share F (``left_to_ai``) is not
+    ranked, so the labeler ranks it once it is due (RLAIF). A refused call is counted and retried
+    after a pause. ``tally`` (counted as the users go, so a progress printer can read it) is
+    returned."""
     plan = plan or SamplingPlan()
     inference, feedback = rpc.InferenceStub(channel), feedback_pb2_grpc.FeedbackStub(channel)
     tally = tally if tally is not None else UserTally()
@@ -150,6 +159,11 @@ def rank_rounds(channel: grpc.Channel, questions: Sequence[str], rankings: int, 
             try:
                 response = sample(inference, rng.choice(questions), plan, seed=rng.randrange(2**31),
                                   metadata=user.metadata)
+                if left_to_ai(response.group_id, ai_fraction):
+                    with tally.lock:
+                        tally.left_to_ai += 1
+                    ticket = next(tickets)
+                    continue
                 order = preference.rank([c.text for c in response.completions], rng)
                 feedback.SubmitRanking(feedback_pb2.SubmitRankingRequest(
                     group_id=response.group_id, completion_ids=[response.completions[i].completion_id for i in order],

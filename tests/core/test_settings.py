@@ -60,7 +60,12 @@ SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_POOLING": "
                   "FLYWHEEL_REWARD_MODEL_MIN_ACCURACY": "0.5",
                   "FLYWHEEL_POLICY_ADVANTAGE_ESTIMATOR": "rloo", "FLYWHEEL_POLICY_SAMPLES_PER_PROMPT": "4",
                   "FLYWHEEL_POLICY_CRITIC_WARMUP_ITERATIONS": "0", "FLYWHEEL_POLICY_MISSING_EOS_PENALTY": "1.0",
-                  "FLYWHEEL_POLICY_GATE_SAMPLES_PER_PROMPT": "4"}
+                  "FLYWHEEL_POLICY_GATE_SAMPLES_PER_PROMPT": "4",
+                  # issue 15: a judge on an OpenAI-compatible endpoint, AI weight by agreement
+                  "FLYWHEEL_JUDGE_URL": "", "FLYWHEEL_JUDGE_API": "chat", "FLYWHEEL_JUDGE_API_KEY": "",
+                  "FLYWHEEL_JUDGE_API_KEY_FILE": "", "FLYWHEEL_JUDGE_TOP_LOGPROBS": "20",
+                  "FLYWHEEL_JUDGE_TIMEOUT_SECONDS": "60.0", "FLYWHEEL_LABELLING_RETRY_SECONDS": "60.0",
+                  "FLYWHEEL_REWARD_MODEL_AI_MIN_OVERLAP_GROUPS": "20"}
 
 # The flags each command had when every command kept its own list of setting names; a command may
 # offer more now (all of its sections'), never fewer.
@@ -146,7 +151,7 @@ def test_every_command_keeps_its_flags_and_their_defaults():
 def test_secrets_have_no_flag():
     for path in FLAGS_BEFORE_SECTIONS:
         flags = config_flags(command_parser(path))
-        assert "api_keys" not in flags and "api_key" not in flags, path
+        assert "api_keys" not in flags and "api_key" not in flags and "judge_api_key" not in flags, path
 
 
 def test_a_command_gets_the_flags_of_the_sections_it_declares():
@@ -281,3 +286,21 @@ def test_sections_are_plain_dataclasses():
     config = FlywheelConfig()
     assert dataclasses.replace(config, data_dir=Path("/x")).data_dir == Path("/x")
     assert dataclasses.asdict(config)["policy"]["kl_coef"] == 0.05
+
+
+def test_the_judge_endpoint_key_comes_from_the_environment_or_a_file_and_bad_values_are_named(tmp_path):
+    from flywheel.config import JudgeModelConfig
+
+    assert JudgeModelConfig.describe("api_key") == "FLYWHEEL_JUDGE_API_KEY"  # no flag: flags show in ps
+    key_file = tmp_path / "judge.key"
+    key_file.write_text("sk-judge\n")
+    assert FlywheelConfig.load(environ={"FLYWHEEL_JUDGE_API_KEY_FILE": str(key_file)}).judge.endpoint_key() == "sk-judge"
+    assert FlywheelConfig.load(environ={"FLYWHEEL_JUDGE_API_KEY": "sk-env"}).judge.endpoint_key() == "sk-env"
+    with pytest.raises(ValueError, match="FLYWHEEL_JUDGE_API_KEY_FILE"):
+        FlywheelConfig.load(environ={"FLYWHEEL_JUDGE_API_KEY_FILE": str(tmp_path / "missing")}).judge.endpoint_key()
+    with pytest.raises(ValueError, match="not both"):
+        FlywheelConfig.load(environ={"FLYWHEEL_JUDGE_API_KEY": "a", "FLYWHEEL_JUDGE_API_KEY_FILE": str(key_file)})
+    with pytest.raises(ValueError, match="FLYWHEEL_JUDGE_URL"):
+        FlywheelConfig.load(environ={"FLYWHEEL_JUDGE_URL": "localhost:8000/v1"})
+    with pytest.raises(ValueError, match="FLYWHEEL_JUDGE_TOP_LOGPROBS"):
+        FlywheelConfig.load(environ={"FLYWHEEL_JUDGE_TOP_LOGPROBS": "21"})

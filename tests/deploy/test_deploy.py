@@ -27,7 +27,7 @@ import yaml
 
 from flywheel.config import FlywheelConfig
 
-from support.auth import API_KEYS, keyed_channel
+from support.auth import keyed_channel
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -366,20 +366,12 @@ def test_dashboard_structure_and_provisioning():
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """The serving process as `flywheel serve` wires it (build_server), on a real Redis."""
-    from flywheel.app.serve import build_server
-    from flywheel.redis_server import RedisServer, free_port
+    from flywheel.redis_server import free_port
 
-    root = tmp_path_factory.mktemp("deploy-server")
-    redis = RedisServer(root / "redis").start()
-    settings = FlywheelConfig.load({"model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0",
-                                    "metrics_port": free_port(), "dtype": "float32", "api_keys": API_KEYS,
-                                    "data_dir": str(root), "redis_url": redis.url}, environ={})
-    server, release = build_server(settings)
-    server.start(wait_until_ready=True)
-    yield server
-    server.stop(grace=1)
-    release()
-    redis.stop(kill=True)
+    from support.servers import serving_process
+
+    with serving_process(tmp_path_factory.mktemp("deploy-server"), tiny_model_dir, metrics_port=free_port()) as built:
+        yield built
 
 
 def scrape(port: int) -> str:

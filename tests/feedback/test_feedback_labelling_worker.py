@@ -40,13 +40,14 @@ def wait_for(predicate, timeout: float, what: str, log: Path | None = None):
 
 
 class Worker:
-    def __init__(self, tmp: Path, redis_url: str, judge_dir: Path) -> None:
+    def __init__(self, tmp: Path, redis_url: str, judge_dir: Path | None, **settings: str) -> None:
+        """A labelling worker judging with the model in ``judge_dir``; ``settings`` add FLYWHEEL_* variables."""
         self.metrics_port = free_port()
         self.log = tmp / "worker.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-        env.update(REDIS_URL=redis_url, FLYWHEEL_DATA_DIR=str(tmp / "data"), FLYWHEEL_JUDGE_MODEL=str(judge_dir),
+        env.update(REDIS_URL=redis_url, FLYWHEEL_DATA_DIR=str(tmp / "data"), FLYWHEEL_JUDGE_MODEL=str(judge_dir or ""),
                    FLYWHEEL_DTYPE="float32", FLYWHEEL_LABELLING_MIN_CONFIDENCE="0",
-                   FLYWHEEL_LABELLING_METRICS_PORT=str(self.metrics_port), FLYWHEEL_JUDGE_BATCH_SIZE="4")
+                   FLYWHEEL_LABELLING_METRICS_PORT=str(self.metrics_port), FLYWHEEL_JUDGE_BATCH_SIZE="4", **settings)
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "flywheel.app.worker", "worker", "-Q", LABELLING_QUEUE,

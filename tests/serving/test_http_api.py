@@ -11,15 +11,14 @@ import urllib.request
 
 import pytest
 
-from flywheel.app.serve import build_server
-from flywheel.config import FlywheelConfig
 from flywheel.contracts.keys import RANKINGS_STREAM
 from flywheel.group_store import GroupStore
-from flywheel.redis_server import RedisServer, free_port
+from flywheel.redis_server import free_port
 from flywheel.v1 import inference_pb2 as pb
 from flywheel.v1 import inference_pb2_grpc as rpc
 
-from support.auth import ADMIN_KEY, API_KEYS, CLIENT_KEY, CLIENT_NAME, keyed_channel
+from support.auth import ADMIN_KEY, CLIENT_KEY, CLIENT_NAME, keyed_channel
+from support.servers import serving_process
 
 openai = pytest.importorskip("openai", reason="the dev extra installs the openai SDK")
 
@@ -28,20 +27,10 @@ ADMIN_BURST = 3
 
 @pytest.fixture(scope="module")
 def platform(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("http-api")
-    redis_server = RedisServer(root / "redis").start()
-    settings = FlywheelConfig.load({
-        "model": str(tiny_model_dir), "grpc_address": "127.0.0.1:0", "metrics_port": 0, "dtype": "float32",
-        "data_dir": str(root), "api_keys": API_KEYS, "redis_url": redis_server.url, "http_port": free_port(),
-        # a tight admin budget, so that the 429 test needs few requests
-        "admin_requests_per_second": 0.2, "admin_request_burst": ADMIN_BURST,
-    }, environ={})
-    server, release = build_server(settings)
-    server.start(wait_until_ready=True)
-    yield server
-    server.stop(grace=1)
-    release()
-    redis_server.stop(kill=True)
+    # a tight admin budget, so that the 429 test needs few requests
+    with serving_process(tmp_path_factory.mktemp("http-api"), tiny_model_dir, http_port=free_port(),
+                         admin_requests_per_second=0.2, admin_request_burst=ADMIN_BURST) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +319,25 @@ def test_next_group_is_one_the_annotator_has_not_ranked(client, model_id, base_u
     assert http(base_url, "POST", "/v1/rankings", {"group_id": group_id, "completion_ids": ids})[0] == 200
     status, body, _ = http(base_url, "GET", "/v1/rankings/next")
     assert body["group"] is None or body["group"]["group_id"] != group_id
+
+
+def test_http_requests_are_counted_like_rpcs(client, model_id, platform, base_url):
+    registry = platform.metrics.registry
+
+    def count(method, code):
+        return registry.get_sample_value("flywheel_requests_total",
+                                         {"service": "http", "method": method, "code": code}) or 0.0
+
+    served, refused, lost = (count("POST /v1/chat/completions", "200"), count("POST /v1/chat/completions", "400"),
+                             count("unmatched", "404"))
+    client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Count me"}], max_tokens=2)
+    assert http(base_url, "POST", "/v1/chat/completions", {"model": model_id, "messages": []})[0] == 400
+    assert http(base_url, "GET", "/v1/no-such-route")[0] == 404
+    assert http(base_url, "GET", "/health", key=None)[0] == 200  # probes are not counted, as gRPC health is not
+    assert count("POST /v1/chat/completions", "200") == served + 1
+    assert count("POST /v1/chat/completions", "400") == refused + 1
+    assert count("unmatched", "404") == lost + 1
+    assert registry.get_sample_value("flywheel_request_duration_seconds_count", {
+        "service": "http", "method": "POST /v1/chat/completions", "code": "200"}) >= 1
+    assert not [s for m in registry.collect() for s in m.samples
+                if s.labels.get("service") == "http" and "/health" in s.labels.get("method", "")]
