@@ -59,7 +59,7 @@ DEFAULT_PREFERENCE = "no-hedging"  # not about length: a policy cannot win it by
 DEMO_DEFAULTS = {
     "REWARD_MODEL_CHECK_SECONDS": "3",
     "REWARD_MODEL_EPOCHS": "2",
-    "REWARD_MODEL_LEARNING_RATE": "3e-5",
+    "REWARD_MODEL_LEARNING_RATE": "3e-4",  # one round: ~60 steps from a fresh head (3e-5 learned only length)
     "POLICY_ITERATIONS": "8",
     "POLICY_BATCH_SIZE": "32",
     "POLICY_RESPONSE_LENGTH": "64",
