@@ -60,7 +60,11 @@ SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_HTTP_PORT": "0", "FLYWHE
                   "FLYWHEEL_REWARD_MODEL_MIN_ACCURACY": "0.5",
                   "FLYWHEEL_POLICY_ADVANTAGE_ESTIMATOR": "rloo", "FLYWHEEL_POLICY_SAMPLES_PER_PROMPT": "4",
                   "FLYWHEEL_POLICY_CRITIC_WARMUP_ITERATIONS": "0", "FLYWHEEL_POLICY_MISSING_EOS_PENALTY": "1.0",
-                  "FLYWHEEL_POLICY_GATE_SAMPLES_PER_PROMPT": "4"}
+                  "FLYWHEEL_POLICY_GATE_SAMPLES_PER_PROMPT": "4",
+                  # issue 12 items 12-13: the worker's liveness file, the rerun of a killed run
+                  "FLYWHEEL_WORKER_HEARTBEAT_FILE": "", "FLYWHEEL_WORKER_HEARTBEAT_SECONDS": "10.0",
+                  "FLYWHEEL_WORKER_ALIVE_MAX_AGE_SECONDS": "120.0", "FLYWHEEL_TRAINING_RERUN_CHECK_SECONDS": "30.0",
+                  "FLYWHEEL_TRAINING_MAX_RUN_ATTEMPTS": "3"}
 
 # The flags each command had when every command kept its own list of setting names; a command may
 # offer more now (all of its sections'), never fewer.
