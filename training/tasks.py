@@ -23,7 +23,7 @@ import socket
 import threading
 
 import redis as redis_lib
-from celery import signals
+from celery import Celery, signals
 from celery.exceptions import Ignore
 from prometheus_client import start_http_server
 
@@ -57,9 +57,11 @@ def redis_client(settings: FlywheelConfig) -> redis_lib.Redis:
     return client
 
 
-def enqueue(client: redis_lib.Redis, settings: FlywheelConfig, kind: str, kwargs: dict) -> tuple[str, bool]:
-    """Queue a ``kind`` run unless one waits already: (its task id, whether this call queued it)."""
-    return enqueue_run(app, client, kind, kwargs, queued_ttl_seconds(settings))
+def enqueue(client: redis_lib.Redis, settings: FlywheelConfig, kind: str, kwargs: dict,
+            celery: Celery | None = None) -> tuple[str, bool]:
+    """Queue a ``kind`` run on ``celery``'s broker (default: this worker's app) unless one waits
+    already: (its task id, whether this call queued it)."""
+    return enqueue_run(celery or app, client, kind, kwargs, queued_ttl_seconds(settings))
 
 
 def _run_task(task, kind: str, settings: FlywheelConfig, client: redis_lib.Redis, run) -> dict:
@@ -110,15 +112,17 @@ def train_policy(self, who: str = "", iterations: int | None = None) -> dict:
         client.close()
 
 
-def trigger_if_ready(client: redis_lib.Redis, settings: FlywheelConfig) -> bool:
+def trigger_if_ready(client: redis_lib.Redis, settings: FlywheelConfig, celery: Celery | None = None) -> bool:
     """Queue a reward-model run when enough new rankings wait and none is running, queued, or
-    unfinished (a dead worker's run, which ``rerun_orphans`` queues again)."""
+    unfinished (a dead worker's run, which ``rerun_orphans`` queues again). ``celery``: the app
+    whose broker gets it (default: this worker's)."""
     threshold = max(1, settings.reward_model.trigger_rankings)
     if client.exists(REWARD_MODEL_RUN_LOCK_KEY) or running(client, REWARD_MODEL_RUN_LOCK_KEY):
         return False
     if RankingStreamReader(client).waiting(threshold) < threshold:
         return False
-    task_id, queued = enqueue(client, settings, REWARD_MODEL_KIND, {"min_rankings": threshold, "who": "trigger"})
+    task_id, queued = enqueue(client, settings, REWARD_MODEL_KIND, {"min_rankings": threshold, "who": "trigger"},
+                              celery)
     if queued:
         log.info("queued a reward-model run %s: at least %d new rankings", task_id, threshold)
     return queued
