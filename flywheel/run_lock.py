@@ -143,6 +143,8 @@ def run_exclusively(lock: RunLock, metrics, name: str, skipped: R, body: Callabl
         return skipped
     started = time.monotonic()
     finished, outcome = False, "failed"
+    # wall-clock times: runs of a kind on several workers can be put in order from their logs
+    log.info("%s run took lock %s (token %s) at %.3f", name, lock.key, lock.token, time.time())
     try:
         if attempt is not None:
             if ledger.is_done(lock.client, attempt.task_id):
@@ -165,6 +167,7 @@ def run_exclusively(lock: RunLock, metrics, name: str, skipped: R, body: Callabl
                 ledger.record_finish(lock.client, lock.key, attempt, lock.token, outcome)
             except redis_lib.RedisError as exc:  # the record stays: the run is queued again, and redone
                 log.warning("could not record the %s run %s as finished: %s", name, attempt.task_id, exc)
+        log.info("%s run releases lock %s (token %s) at %.3f", name, lock.key, lock.token, time.time())
         lock.release()
     if metrics is not None:
         metrics.runs.labels(report.outcome).inc()
