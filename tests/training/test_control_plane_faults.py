@@ -49,10 +49,7 @@ def paused_run_env(worker_env):
 def workers(paused_run_env, tmp_path):
     pool = Workers(paused_run_env, tmp_path)
     yield pool
-    for process in pool.processes:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGCONT)
-    pool.stop_all()
+    pool.stop_all()  # resumes a worker the test left paused
 
 
 def start_run_and_pause_after_set_up(env, workers, redis_client):

@@ -73,10 +73,13 @@ class Workers:
             print(self.log(index)[-4000:])
             raise
 
-    def stop_all(self) -> None:
+    def stop_all(self, kill: bool = False) -> None:
+        """Stop every worker still running (resumed first, if a test paused it): SIGTERM, or SIGKILL
+        with ``kill`` (a solo worker's warm shutdown waits for the task it runs)."""
         for process in self.processes:
             if process.poll() is None:
-                process.terminate()
+                os.kill(process.pid, signal.SIGCONT)
+                process.kill() if kill else process.terminate()
         for process in self.processes:
             try:
                 process.wait(30)

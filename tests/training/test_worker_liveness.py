@@ -22,7 +22,7 @@ from flywheel.worker_heartbeat import check
 from support.rankings import publish_rankings
 from support.synthetic import synthetic_rankings
 from test_reward_celery import BIN, FLYWHEEL, wait_for, worker_env  # noqa: F401 (fixture)
-from test_training_faults import Workers, kill, send_task
+from test_training_faults import Workers, send_task
 
 MAX_AGE = 3.0
 
@@ -43,10 +43,7 @@ def probed_env(worker_env, tmp_path):
 def workers(probed_env, tmp_path):
     pool = Workers(probed_env, tmp_path)
     yield pool
-    for process in pool.processes:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGCONT)
-            kill(process)  # a solo worker's warm shutdown would wait for the long run to end
+    pool.stop_all(kill=True)  # a solo worker's warm shutdown would wait for the long run to end
 
 
 def probe(env) -> subprocess.CompletedProcess:
