@@ -27,6 +27,7 @@ from flywheel.contracts.keys import (RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROU
                                      registry_current_key)
 from flywheel.registry import CONTROL_FILES, CURRENT, VersionRegistry, open_registry
 from flywheel.config import FlywheelConfig
+from flywheel.redis_server import free_port
 from support.policy import TINY_PPO, promote_reward_model, store_served_groups
 from support.rankings import publish_rankings
 from test_reward_celery import BIN, wait_for, worker_env  # noqa: F401 (fixture)
@@ -221,7 +222,7 @@ def test_a_run_longer_than_the_visibility_timeout_runs_once(fault_env, workers, 
                       "FLYWHEEL_POLICY_TRAIN_AFTER_REWARD_MODEL": "false"})
     data = Path(fault_env["FLYWHEEL_DATA_DIR"])
     publish_rankings(redis_client, synthetic_rankings(40, seed=6, prefix="v"))
-    workers.start(), workers.start()
+    workers.start(), workers.start(FLYWHEEL_TRAINING_METRICS_PORT=str(free_port()))  # one /metrics port each
     result = send_task(fault_env, "training.train_reward_model", {"min_rankings": 1, "who": "fault-test"})
     received = f"Task training.train_reward_model[{result.id}] received"
     logs = lambda: workers.log(0) + workers.log(1)  # noqa: E731
