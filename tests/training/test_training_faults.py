@@ -37,9 +37,10 @@ from support.synthetic import synthetic_rankings
 FAST_RERUN = {
     "FLYWHEEL_REWARD_MODEL_CHECK_SECONDS": "0",  # no trigger watcher: the only run is the task we send
     "FLYWHEEL_TRAINING_RERUN_CHECK_SECONDS": "0.5",  # a worker looks for a dead worker's run this often
-    # a dead worker's lock expires after this: then its run is queued again
-    "FLYWHEEL_REWARD_MODEL_LOCK_SECONDS": "2",
-    "FLYWHEEL_POLICY_LOCK_SECONDS": "2",
+    # a dead worker's lock expires after this: then its run is queued again (long enough that a live
+    # worker's heartbeat, every third of it, keeps its lease on a loaded machine)
+    "FLYWHEEL_REWARD_MODEL_LOCK_SECONDS": "5",
+    "FLYWHEEL_POLICY_LOCK_SECONDS": "5",
 }
 assert "FLYWHEEL_TASK_VISIBILITY_TIMEOUT_SECONDS" not in FAST_RERUN  # 6 h: a rerun here is the ledger's
 
