@@ -243,19 +243,40 @@ class CeleryConfig(ConfigSection):
     prefix: ClassVar[str] = "task_"
 
     visibility_timeout_seconds: float = setting(
-        6 * 3600.0, "a task whose worker died unacknowledged is delivered again after this (longer than any run)",
+        6 * 3600.0, "a task whose worker died unacknowledged is delivered again after this (a backstop: a "
+                    "killed run is queued again once its lock expires; also how long a queued run's marker lives)",
         above=0)
     restore_interval_seconds: float = setting(
         60.0, "how often a worker looks for such tasks to deliver again", above=0)
 
 
 @dataclass
+class WorkerHealthConfig(ConfigSection):
+    """The liveness file every Celery worker keeps fresh, idle or mid-task, and the limit its probe
+    (``flywheel worker-alive``) holds it to (``flywheel.worker_heartbeat``)."""
+
+    prefix: ClassVar[str] = "worker_"
+
+    heartbeat_file: str = setting(
+        "", "file a Celery worker rewrites every worker_heartbeat_seconds, also while a task runs (on the "
+            "container's own disk); empty = none")
+    heartbeat_seconds: float = setting(10.0, "how often a worker rewrites its heartbeat file", above=0)
+    alive_max_age_seconds: float = setting(
+        120.0, "flywheel worker-alive fails once the heartbeat is older than this", above=0)
+
+
+@dataclass
 class TrainingWorkerConfig(ConfigSection):
-    """What a training worker serves besides its tasks."""
+    """What a training worker serves and watches besides its tasks."""
 
     prefix: ClassVar[str] = "training_"
 
     metrics_port: int = port(9402, "HTTP port of a training worker's /metrics; 0 = disabled")
+    rerun_check_seconds: float = setting(
+        30.0, "how often a training worker looks for a run whose worker died (its lock expired, the run "
+              "unfinished) and queues it again; 0 = never", minimum=0)
+    max_run_attempts: int = setting(
+        3, "a run whose worker died this many times is abandoned (logged), not queued again", minimum=1)
 
 
 @dataclass
@@ -382,6 +403,7 @@ class FlywheelConfig(ConfigSection):
     judge: JudgeModelConfig = section(JudgeModelConfig)
     labelling: LabellingWorkerConfig = section(LabellingWorkerConfig)
     celery: CeleryConfig = section(CeleryConfig)
+    worker: WorkerHealthConfig = section(WorkerHealthConfig)
     training: TrainingWorkerConfig = section(TrainingWorkerConfig)
     reward_model: RewardModelRunConfig = section(RewardModelRunConfig)
     policy: PolicyRunConfig = section(PolicyRunConfig)

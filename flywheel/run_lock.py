@@ -23,8 +23,10 @@ from typing import Callable, TypeVar
 
 import redis as redis_lib
 
+from flywheel import run_ledger as ledger
 from flywheel.contracts.keys import run_lock_fence_key
 from flywheel.registry import Fence, LeaseLost
+from flywheel.run_ledger import DuplicateDelivery, RunAttempt
 
 R = TypeVar("R")
 
@@ -123,19 +125,49 @@ class RunLock:
         self.release()
 
 
-def run_exclusively(lock: RunLock, metrics, name: str, skipped: R, body: Callable[[float], R]) -> R:
+def run_exclusively(lock: RunLock, metrics, name: str, skipped: R, body: Callable[[float], R],
+                    attempt: RunAttempt | None = None) -> R:
     """Run ``body(started)`` while holding ``lock`` (``skipped`` when another run holds it), and
-    count the outcome and duration on ``metrics`` (its ``runs`` counter and ``run_duration``)."""
+    count the outcome and duration on ``metrics`` (its ``runs`` counter and ``run_duration``).
+
+    With the ``attempt`` (the task delivery) the run is kept in the run ledger
+    (``flywheel.run_ledger``): a delivery whose run holds the lock already, or has finished, raises
+    ``DuplicateDelivery``; the holder's record stays until the run finishes, so a run whose
+    worker dies (or whose lease lapses, or whose Redis fails) is queued again once the lock is free."""
     if not lock.acquire():
+        holder = ledger.running(lock.client, lock.key) if attempt is not None else {}
+        if attempt is not None and holder.get("task_id") == attempt.task_id:
+            _count(metrics, "duplicate")
+            raise DuplicateDelivery(f"{name} run {attempt.task_id} is running already (worker {holder.get('worker')}, "
+                                    f"lock token {holder.get('token')}): this delivery does nothing")
         return skipped
     started = time.monotonic()
+    finished, outcome = False, "failed"
+    # wall-clock times: runs of a kind on several workers can be put in order from their logs
+    log.info("%s run took lock %s (token %s) at %.3f", name, lock.key, lock.token, time.time())
     try:
+        if attempt is not None:
+            if ledger.is_done(lock.client, attempt.task_id):
+                _count(metrics, "duplicate")
+                raise DuplicateDelivery(f"{name} run {attempt.task_id} has finished already: this delivery does nothing")
+            ledger.record_start(lock.client, lock.key, attempt, lock.token)
         report = body(started)
+        finished, outcome = True, report.outcome
+    except DuplicateDelivery:
+        raise
     except BaseException as exc:
-        if metrics is not None:
-            metrics.runs.labels("lease_lost" if isinstance(exc, LeaseLost) else "failed").inc()
+        _count(metrics, "lease_lost" if isinstance(exc, LeaseLost) else "failed")
+        # an ordinary error finishes the run (a rerun would fail alike); a lost lease, a Redis
+        # failure or the process being stopped leave it unfinished, to be queued again
+        finished = isinstance(exc, Exception) and not isinstance(exc, (LeaseLost, redis_lib.RedisError))
         raise
     finally:
+        if attempt is not None and finished and not lock.lost_why:
+            try:
+                ledger.record_finish(lock.client, lock.key, attempt, lock.token, outcome)
+            except redis_lib.RedisError as exc:  # the record stays: the run is queued again, and redone
+                log.warning("could not record the %s run %s as finished: %s", name, attempt.task_id, exc)
+        log.info("%s run releases lock %s (token %s) at %.3f", name, lock.key, lock.token, time.time())
         lock.release()
     if metrics is not None:
         metrics.runs.labels(report.outcome).inc()
@@ -143,3 +175,8 @@ def run_exclusively(lock: RunLock, metrics, name: str, skipped: R, body: Callabl
             metrics.run_duration.observe(time.monotonic() - started)
     log.info("%s run %s: %s", name, report.outcome, report.reason)
     return report
+
+
+def _count(metrics, outcome: str) -> None:
+    if metrics is not None:
+        metrics.runs.labels(outcome).inc()

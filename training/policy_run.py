@@ -35,6 +35,7 @@ from flywheel.contracts.heldout import split_prompts
 from flywheel.contracts.keys import POLICY_RUN_LOCK_KEY
 from flywheel.models import resolve_compute_dtype, resolve_model_path
 from flywheel.registry import VersionRecord, open_registry
+from flywheel.run_ledger import RunAttempt
 from training.metrics import PPOMetrics
 from training.policy_gate import (GateDecision, PolicyEvaluation, PolicyGateConfig, evaluate_policy, gate_decision,
                                   perplexity)
@@ -114,10 +115,11 @@ class PolicyModelCache:
 
 def run_policy_training(config: FlywheelConfig, client: redis_lib.Redis, *, who: str = "",
                         metrics: PPOMetrics | None = None, cache: PolicyModelCache | None = None,
-                        iterations: int | None = None) -> RunReport:
+                        iterations: int | None = None, attempt: RunAttempt | None = None) -> RunReport:
     """One PPO run (see the module docstring); skipped when another run holds the lock."""
     return PolicyRun(config, client, who=who, metrics=metrics, cache=cache or PolicyModelCache(),
-                     iterations=config.policy.iterations if iterations is None else iterations).run()
+                     iterations=config.policy.iterations if iterations is None else iterations,
+                     attempt=attempt).run()
 
 
 class PolicyRun(TrainingRun):
@@ -128,9 +130,9 @@ class PolicyRun(TrainingRun):
     compares_with_base = True
 
     def __init__(self, config: FlywheelConfig, client: redis_lib.Redis, *, who: str, metrics: PPOMetrics | None,
-                 cache: PolicyModelCache, iterations: int) -> None:
+                 cache: PolicyModelCache, iterations: int, attempt: RunAttempt | None = None) -> None:
         super().__init__(client, open_registry(client, config.data_dir, POLICY_KIND),
-                         lock_seconds=config.policy.lock_seconds, who=who, metrics=metrics)
+                         lock_seconds=config.policy.lock_seconds, who=who, metrics=metrics, attempt=attempt)
         self.config = config
         self.section = config.policy
         self.cache = cache

@@ -41,6 +41,7 @@ from flywheel.contracts.keys import REWARD_MODEL_RUN_LOCK_KEY
 from flywheel.models import resolve_compute_dtype, resolve_model_path
 from flywheel.rankings_stream import RankingStream, RankingStreamReader
 from flywheel.registry import VersionRecord, VersionRegistry, open_registry
+from flywheel.run_ledger import RunAttempt
 from training.ai_weight import AIWeight, ai_ranking_weight
 from training.metrics import RewardModelMetrics
 from training.rankings import ReplayStore, ranking_from_entry, sample_replay
@@ -128,10 +129,11 @@ def _figures(prefix: str, stats: EvalStats | None) -> dict:
 
 def run_reward_model_training(config: FlywheelConfig, client: redis_lib.Redis, *, min_rankings: int = 1,
                               who: str = "", metrics: RewardModelMetrics | None = None,
-                              cache: RewardModelCache | None = None, consumer: str | None = None) -> RunReport:
+                              cache: RewardModelCache | None = None, consumer: str | None = None,
+                              attempt: RunAttempt | None = None) -> RunReport:
     """Run once if at least ``min_rankings`` rankings wait in the stream; see the module docstring."""
     return RewardModelRun(config, client, min_rankings=min_rankings, who=who, metrics=metrics,
-                          cache=cache or RewardModelCache(), consumer=consumer).run()
+                          cache=cache or RewardModelCache(), consumer=consumer, attempt=attempt).run()
 
 
 class RewardModelRun(TrainingRun):
@@ -141,9 +143,10 @@ class RewardModelRun(TrainingRun):
     lock_key = REWARD_MODEL_RUN_LOCK_KEY
 
     def __init__(self, config: FlywheelConfig, client: redis_lib.Redis, *, min_rankings: int, who: str,
-                 metrics: RewardModelMetrics | None, cache: RewardModelCache, consumer: str | None) -> None:
+                 metrics: RewardModelMetrics | None, cache: RewardModelCache, consumer: str | None,
+                 attempt: RunAttempt | None = None) -> None:
         super().__init__(client, open_registry(client, config.data_dir, REWARD_MODEL_KIND),
-                         lock_seconds=config.reward_model.lock_seconds, who=who, metrics=metrics)
+                         lock_seconds=config.reward_model.lock_seconds, who=who, metrics=metrics, attempt=attempt)
         self.config = config
         self.section = config.reward_model
         self.min_rankings = min_rankings

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Protocol
 import redis as redis_lib
 
 from flywheel.registry import LeaseLost, RegistryConflict, VersionRecord, VersionRegistry
+from flywheel.run_ledger import RunAttempt
 from flywheel.run_lock import RunLock, run_exclusively
 
 
@@ -76,18 +77,22 @@ class TrainingRun(abc.ABC):
     to be compared with."""
 
     def __init__(self, client: redis_lib.Redis, registry: VersionRegistry, *, lock_seconds: float, who: str = "",
-                 metrics=None) -> None:
+                 metrics=None, attempt: RunAttempt | None = None) -> None:
         self.client = client
         self.registry = registry
         self.lock_seconds = lock_seconds
         self.who = who or f"{socket.gethostname()}:{os.getpid()}"
         self.metrics = metrics
+        self.attempt = attempt
+        """The task delivery this run executes for (the run ledger); None for a run outside Celery."""
 
     def run(self) -> RunReport:
-        """The run, or a skip when another run of this kind holds the lock."""
+        """The run, or a skip when another run of this kind holds the lock (``DuplicateDelivery``
+        when the holder is this very run, or it has finished)."""
         self.lock = lock = RunLock(self.client, self.lock_key, self.lock_seconds)
         return run_exclusively(lock, self.metrics, self.name,
-                               RunReport("skipped", f"another {self.name} run holds the lock"), self._run_locked)
+                               RunReport("skipped", f"another {self.name} run holds the lock"), self._run_locked,
+                               attempt=self.attempt)
 
     def _run_locked(self, started: float) -> RunReport:
         lock = self.lock

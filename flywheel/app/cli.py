@@ -13,9 +13,9 @@ def command_modules() -> tuple[ModuleType, ...]:
     """The modules that add subcommands, in the order ``--help`` lists them; each has
     ``register(subparsers) -> None``. Imported here rather than at the top: importing this
     module (``python -m flywheel.app.cli``) should not first import every command's dependencies."""
-    from flywheel.app import feedback_commands, keys_commands, serve, status, training_commands, up
+    from flywheel.app import feedback_commands, keys_commands, serve, status, training_commands, up, worker_alive
 
-    return (serve, feedback_commands, training_commands, status, up, keys_commands)
+    return (serve, feedback_commands, training_commands, status, up, keys_commands, worker_alive)
 
 
 def build_parser() -> argparse.ArgumentParser:

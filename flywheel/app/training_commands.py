@@ -148,18 +148,26 @@ def _who() -> str:
         return "unknown"
 
 
-def _run_on_worker(args: argparse.Namespace, settings, task_name: str, kwargs: dict, what: str) -> int:
-    """Send ``task_name`` to the training queue by name (the task modules stay unloaded here), then,
-    unless ``--no-wait``, wait for the run and print its report."""
+def _run_on_worker(args: argparse.Namespace, settings, kind: str, kwargs: dict, what: str) -> int:
+    """Queue a ``kind`` run on the training queue by name (the task modules stay unloaded here),
+    unless one waits there already (then that one is the run), and, unless ``--no-wait``, wait for
+    it and print its report."""
+    import redis as redis_lib
+
     from flywheel.celery_app import make_celery
+    from flywheel.run_ledger import enqueue_run, queued_ttl_seconds
 
     celery = make_celery(settings=settings)
-    result = celery.send_task(task_name, kwargs=kwargs, queue="training")
-    print(f"enqueued {what} run {result.id}")
+    client = redis_lib.Redis.from_url(celery.conf.broker_url)
+    try:
+        task_id, queued = enqueue_run(celery, client, kind, kwargs, queued_ttl_seconds(settings))
+    finally:
+        client.close()
+    print(f"enqueued {what} run {task_id}" if queued else f"a {what} run is queued already: {task_id}")
     if args.no_wait:
         return 0
     started = time.monotonic()
-    print(json.dumps(result.get(timeout=args.timeout, interval=1.0), indent=2))
+    print(json.dumps(celery.AsyncResult(task_id).get(timeout=args.timeout, interval=1.0), indent=2))
     print(f"finished in {time.monotonic() - started:.0f} s")
     return 0
 
@@ -174,8 +182,8 @@ def train_reward_model_command(args: argparse.Namespace) -> int:
             report = run_reward_model_training(settings, client, min_rankings=args.min_rankings, who="cli")
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    return _run_on_worker(args, settings, "training.train_reward_model",
-                          {"min_rankings": args.min_rankings, "who": "cli"}, "reward-model")
+    return _run_on_worker(args, settings, REWARD_MODEL_KIND, {"min_rankings": args.min_rankings, "who": "cli"},
+                          "reward-model")
 
 
 def train_policy_command(args: argparse.Namespace) -> int:
@@ -188,7 +196,7 @@ def train_policy_command(args: argparse.Namespace) -> int:
             report = run_policy_training(settings, client, who=f"cli:{_who()}")
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    return _run_on_worker(args, settings, "training.train_policy", {"who": f"cli:{_who()}"}, "policy")
+    return _run_on_worker(args, settings, POLICY_KIND, {"who": f"cli:{_who()}"}, "policy")
 
 
 def list_versions(args: argparse.Namespace, registry, columns, who: str, *, base_model_row: bool = False,

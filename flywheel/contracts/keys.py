@@ -26,7 +26,9 @@ REWARD_MODEL_CONSUMER_GROUP = "reward-model"  # the reward-model trainer's consu
 
 # ---- training ----
 RUN_LOCK_KEY_PREFIX = "flywheel:lock:"  # + kind: one run of that kind at a time (flywheel.run_lock)
-REWARD_MODEL_TRIGGER_KEY = "flywheel:trigger:reward_model"  # a run is enqueued: no second trigger
+# the run ledger (flywheel.run_ledger): what is queued, what runs, what finished
+RUN_QUEUED_KEY_PREFIX = "flywheel:queued:"  # + kind: the task id of the run of that kind waiting in the queue
+RUN_DONE_KEY_PREFIX = "flywheel:run-done:"  # + task id: that run finished (a later delivery of it is a no-op)
 
 # ---- the version registries (flywheel.registry) ----
 REGISTRY_KEY_PREFIX = "flywheel:registry:"  # + kind: the pub/sub channel; + kind + ":versions" etc.
@@ -92,6 +94,23 @@ def registry_audit_key(kind: str) -> str:
 def registry_frozen_key(kind: str) -> str:
     """Set by a rollback (JSON: who, why, at, version): automatic promotion of ``kind`` is paused."""
     return f"{REGISTRY_KEY_PREFIX}{kind}:frozen"
+
+
+def run_queued_key(kind: str) -> str:
+    """The task id of the ``kind`` run waiting in the queue (set with NX when it is queued, with a
+    TTL; cleared when it starts): a trigger never queues a second one."""
+    return RUN_QUEUED_KEY_PREFIX + kind
+
+
+def run_done_key(task_id: str) -> str:
+    """Set (with a TTL) when the run of ``task_id`` finished: a later delivery of that task does nothing."""
+    return RUN_DONE_KEY_PREFIX + task_id
+
+
+def run_record_key(lock_key: str) -> str:
+    """Hash: the run that took ``lock_key`` (task id, task, kwargs, token, worker, attempt), kept
+    until it finishes: a record whose lock expired is a run whose worker died."""
+    return lock_key + ":run"
 
 
 def run_lock_fence_key(lock_key: str) -> str:

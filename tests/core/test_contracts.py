@@ -30,8 +30,10 @@ def test_redis_names_are_the_stored_ones():
     assert keys.group_rankings_key("g") == "flywheel:group-rankings:g"
     assert keys.group_annotators_key("g") == "flywheel:group-annotators:g"
     assert keys.REWARD_MODEL_CONSUMER_GROUP == "reward-model"
-    assert (keys.POLICY_RUN_LOCK_KEY, keys.REWARD_MODEL_RUN_LOCK_KEY, keys.REWARD_MODEL_TRIGGER_KEY) == (
-        "flywheel:lock:policy", "flywheel:lock:reward_model", "flywheel:trigger:reward_model")
+    assert (keys.POLICY_RUN_LOCK_KEY, keys.REWARD_MODEL_RUN_LOCK_KEY) == (
+        "flywheel:lock:policy", "flywheel:lock:reward_model")
+    assert (keys.run_queued_key("policy"), keys.run_done_key("t1"), keys.run_record_key(keys.POLICY_RUN_LOCK_KEY)) == (
+        "flywheel:queued:policy", "flywheel:run-done:t1", "flywheel:lock:policy:run")
     assert keys.rate_limit_key("alice") == "flywheel:ratelimit:alice"
     kind = artifacts.POLICY_KIND
     assert [keys.registry_channel(kind), keys.registry_versions_key(kind), keys.registry_current_key(kind),

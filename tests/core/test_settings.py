@@ -65,7 +65,11 @@ SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_POOLING": "
                   "FLYWHEEL_JUDGE_URL": "", "FLYWHEEL_JUDGE_API": "chat", "FLYWHEEL_JUDGE_API_KEY": "",
                   "FLYWHEEL_JUDGE_API_KEY_FILE": "", "FLYWHEEL_JUDGE_TOP_LOGPROBS": "20",
                   "FLYWHEEL_JUDGE_TIMEOUT_SECONDS": "60.0", "FLYWHEEL_LABELLING_RETRY_SECONDS": "60.0",
-                  "FLYWHEEL_REWARD_MODEL_AI_MIN_OVERLAP_GROUPS": "20"}
+                  "FLYWHEEL_REWARD_MODEL_AI_MIN_OVERLAP_GROUPS": "20",
+                  # issue 12 items 12-13: the worker's liveness file, the rerun of a killed run
+                  "FLYWHEEL_WORKER_HEARTBEAT_FILE": "", "FLYWHEEL_WORKER_HEARTBEAT_SECONDS": "10.0",
+                  "FLYWHEEL_WORKER_ALIVE_MAX_AGE_SECONDS": "120.0", "FLYWHEEL_TRAINING_RERUN_CHECK_SECONDS": "30.0",
+                  "FLYWHEEL_TRAINING_MAX_RUN_ATTEMPTS": "3"}
 
 # The flags each command had when every command kept its own list of setting names; a command may
 # offer more now (all of its sections'), never fewer.

@@ -496,6 +496,10 @@ def test_compose_file_is_consistent():
         assert services[name]["entrypoint"] == ["celery"]
         assert command[command.index("-Q") + 1] == queue and "solo" in command
         assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+        # a solo worker answers no inspect ping mid-task: the check reads its heartbeat file
+        assert services[name]["healthcheck"]["test"] == ["CMD", "flywheel", "worker-alive"]
+        heartbeat = services[name]["environment"]["FLYWHEEL_WORKER_HEARTBEAT_FILE"]
+        assert heartbeat.startswith("/tmp/"), heartbeat  # the container's own, not the shared volume
     assert "beat" in services["beat"]["command"]
     for name in ["labelling-worker", "training-worker", "beat"]:  # the entry that imports the task modules
         assert_celery_entry(services[name]["command"])
@@ -715,6 +719,11 @@ def test_k8s_manifests_wire_together():
         args = template["spec"]["containers"][0]["args"]
         assert args[args.index("-Q") + 1] == queue
         assert_celery_entry(args)
+        container = template["spec"]["containers"][0]
+        for probe in ("startupProbe", "livenessProbe"):  # never `celery inspect ping`: see flywheel.worker_heartbeat
+            assert container[probe]["exec"]["command"] == ["flywheel", "worker-alive"], probe
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["FLYWHEEL_WORKER_HEARTBEAT_FILE"].startswith("/tmp/")  # not the shared /data volume
         assert template["metadata"]["annotations"]["prometheus.io/port"] == port
     assert deployments["flywheel-beat"]["spec"]["replicas"] == 1
     assert_celery_entry(deployments["flywheel-beat"]["spec"]["template"]["spec"]["containers"][0]["args"])

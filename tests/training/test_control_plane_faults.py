@@ -49,10 +49,7 @@ def paused_run_env(worker_env):
 def workers(paused_run_env, tmp_path):
     pool = Workers(paused_run_env, tmp_path)
     yield pool
-    for process in pool.processes:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGCONT)
-    pool.stop_all()
+    pool.stop_all()  # resumes a worker the test left paused
 
 
 def start_run_and_pause_after_set_up(env, workers, redis_client):
@@ -105,7 +102,8 @@ def test_a_run_whose_lease_lapsed_aborts_and_promotes_nothing(paused_run_env, wo
         assert redis_client.get(REWARD_MODEL_RUN_LOCK_KEY).decode() == second.token  # not released by the first
         # its rankings stay pending for the run that holds the lock now
         assert int(redis_client.xpending(RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP)["pending"]) == len(published)
-        assert "lost the lock" in workers.log(0)
+        # the worker logs the task's failure just after it stores it: wait for the line
+        wait_for(lambda: "lost the lock" in workers.log(0), 30, "the worker to log the lost lease")
     finally:
         second.release()
 

@@ -1,8 +1,11 @@
-"""Training workers killed with SIGKILL: the run is delivered again to the next worker, no half-written
-version appears, the registry stays consistent, and the rankings the dead run had read are not lost.
+"""Training workers killed with SIGKILL: the run is queued again for the next worker within seconds
+of its lock expiring (not after the broker's 6 h visibility timeout), no half-written version
+appears, the registry stays consistent, and the rankings the dead run had read are not lost. A
+run that outlives the visibility timeout is delivered a second time, and that delivery does
+nothing: one run, one version.
 
-The workers are real Celery worker processes on a test Redis; the broker's visibility timeout, the
-restore sweep and the run locks are shortened through settings so a redelivery takes seconds.
+The workers are real Celery worker processes on a test Redis; the run locks and the killed-run
+check are shortened through settings, the broker's visibility timeout stays at its default.
 """
 
 from __future__ import annotations
@@ -24,20 +27,22 @@ from flywheel.contracts.keys import (RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROU
                                      registry_current_key)
 from flywheel.registry import CONTROL_FILES, CURRENT, VersionRegistry, open_registry
 from flywheel.config import FlywheelConfig
+from flywheel.redis_server import free_port
 from support.policy import TINY_PPO, promote_reward_model, store_served_groups
 from support.rankings import publish_rankings
 from test_reward_celery import BIN, wait_for, worker_env  # noqa: F401 (fixture)
 from training.rankings import ReplayStore
 from support.synthetic import synthetic_rankings
 
-FAST_REDELIVERY = {
+FAST_RERUN = {
     "FLYWHEEL_REWARD_MODEL_CHECK_SECONDS": "0",  # no trigger watcher: the only run is the task we send
-    "FLYWHEEL_TASK_VISIBILITY_TIMEOUT_SECONDS": "4",
-    "FLYWHEEL_TASK_RESTORE_INTERVAL_SECONDS": "0.5",
-    # shorter than the visibility timeout: the redelivered task finds the dead run's lock expired
-    "FLYWHEEL_REWARD_MODEL_LOCK_SECONDS": "2",
-    "FLYWHEEL_POLICY_LOCK_SECONDS": "2",
+    "FLYWHEEL_TRAINING_RERUN_CHECK_SECONDS": "0.5",  # a worker looks for a dead worker's run this often
+    # a dead worker's lock expires after this: then its run is queued again (long enough that a live
+    # worker's heartbeat, every third of it, keeps its lease on a loaded machine)
+    "FLYWHEEL_REWARD_MODEL_LOCK_SECONDS": "5",
+    "FLYWHEEL_POLICY_LOCK_SECONDS": "5",
 }
+assert "FLYWHEEL_TASK_VISIBILITY_TIMEOUT_SECONDS" not in FAST_RERUN  # 6 h: a rerun here is the ledger's
 
 
 class Workers:
@@ -46,13 +51,14 @@ class Workers:
     def __init__(self, env: dict, folder: Path) -> None:
         self.env, self.folder, self.processes = env, folder, []
 
-    def start(self) -> subprocess.Popen:
+    def start(self, **env) -> subprocess.Popen:
+        """One more worker; ``env`` adds to (or overrides) the pool's environment for it alone."""
         index = len(self.processes)
         log = open(self.folder / f"worker-{index}.log", "w")
         process = subprocess.Popen(
             [str(BIN / "celery"), "-A", "flywheel.app.worker", "worker", "-Q", "training", "--pool", "solo", "-c", "1",
              "--loglevel", "INFO", "-n", f"fault-{index}@%h"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
+            env=self.env | env, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder)
         log.close()
         self.processes.append(process)
         return process
@@ -69,10 +75,13 @@ class Workers:
             print(self.log(index)[-4000:])
             raise
 
-    def stop_all(self) -> None:
+    def stop_all(self, kill: bool = False) -> None:
+        """Stop every worker still running (resumed first, if a test paused it): SIGTERM, or SIGKILL
+        with ``kill`` (a solo worker's warm shutdown waits for the task it runs)."""
         for process in self.processes:
             if process.poll() is None:
-                process.terminate()
+                os.kill(process.pid, signal.SIGCONT)
+                process.kill() if kill else process.terminate()
         for process in self.processes:
             try:
                 process.wait(30)
@@ -83,7 +92,7 @@ class Workers:
 
 @pytest.fixture
 def fault_env(worker_env):
-    worker_env.update(FAST_REDELIVERY)
+    worker_env.update(FAST_RERUN)
     return worker_env
 
 
@@ -94,11 +103,11 @@ def workers(fault_env, tmp_path):
     pool.stop_all()
 
 
-def send_task(env: dict, name: str, kwargs: dict):
+def send_task(env: dict, name: str, kwargs: dict, task_id: str | None = None):
     from flywheel.celery_app import make_celery
 
     app = make_celery(env["REDIS_URL"], FlywheelConfig.load(environ=env))
-    return app.send_task(name, kwargs=kwargs)
+    return app.send_task(name, kwargs=kwargs, task_id=task_id)
 
 
 def assert_registry_consistent(client, kind: str, root: Path) -> list[int]:
@@ -149,7 +158,8 @@ def test_a_reward_model_run_killed_midway_runs_again_and_loses_no_ranking(
         report = result.get(timeout=180)
     assert report["outcome"] == "promoted" and report["version"] == 1
     received = f"Task training.train_reward_model[{result.id}] received"
-    assert received in workers.log(0) and received in workers.log(1)  # the same task, delivered again
+    assert received in workers.log(0) and received in workers.log(1)  # the same task, queued again
+    assert f"run {result.id} (training.train_reward_model) lost its worker" in workers.log(1)
     assert second.poll() is None
 
     assert assert_registry_consistent(redis_client, "reward_model", data / "reward_models") == [1]
@@ -201,9 +211,36 @@ def test_a_ppo_run_killed_midway_runs_again_and_leaves_no_half_version(
     assert report["outcome"] == "promoted" and report["version"] == 1
     received = f"Task training.train_policy[{result.id}] received"
     assert received in workers.log(0) and received in workers.log(1)
+    assert f"run {result.id} (training.train_policy) lost its worker" in workers.log(1)
     assert assert_registry_consistent(redis_client, "policy", data / "policies") == [1]
     assert assert_registry_consistent(redis_client, "reward_model", data / "reward_models") == [1]
     assert metric(port, "flywheel_ppo_iterations_total") == 3  # the new worker ran the whole run again
+
+
+def test_a_run_longer_than_the_visibility_timeout_runs_once(fault_env, workers, redis_client):
+    fault_env.update({"FLYWHEEL_TASK_VISIBILITY_TIMEOUT_SECONDS": "3",  # the run lasts longer than this
+                      "FLYWHEEL_TASK_RESTORE_INTERVAL_SECONDS": "0.5", "FLYWHEEL_REWARD_MODEL_EPOCHS": "60",
+                      "FLYWHEEL_POLICY_TRAIN_AFTER_REWARD_MODEL": "false"})
+    data = Path(fault_env["FLYWHEEL_DATA_DIR"])
+    publish_rankings(redis_client, synthetic_rankings(40, seed=6, prefix="v"))
+    workers.start(), workers.start(FLYWHEEL_TRAINING_METRICS_PORT=str(free_port()))  # one /metrics port each
+    result = send_task(fault_env, "training.train_reward_model", {"min_rankings": 1, "who": "fault-test"})
+    received = f"Task training.train_reward_model[{result.id}] received"
+    logs = lambda: workers.log(0) + workers.log(1)  # noqa: E731
+    with workers.log_on_failure(0), workers.log_on_failure(1):
+        # the broker hands the unacknowledged task to the idle worker while the first still runs it
+        wait_for(lambda: logs().count(received) >= 2 and "is running already" in logs(), 180,
+                 "the second delivery of the running run")
+        report = result.get(timeout=240)
+    assert report["outcome"] == "promoted" and report["version"] == 1  # the run's own result, not the no-op's
+    assert assert_registry_consistent(redis_client, "reward_model", data / "reward_models") == [1]
+    assert logs().count("reward-model run promoted") == 1
+
+    # a delivery of the finished run (the broker's, hours later) does nothing either
+    send_task(fault_env, "training.train_reward_model", {"min_rankings": 1, "who": "fault-test"}, task_id=result.id)
+    wait_for(lambda: "has finished already" in logs(), 60, "the late delivery to be refused")
+    assert result.get(timeout=10) == report
+    assert assert_registry_consistent(redis_client, "reward_model", data / "reward_models") == [1]
 
 
 WRITER = """
