@@ -9,6 +9,7 @@ expected message type.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import grpc
@@ -25,6 +26,10 @@ _MALFORMED = _Malformed()
 
 def _refuse(context: grpc.ServicerContext, method: str) -> None:
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {method} request message")
+
+
+async def _refuse_async(context, method: str) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {method} request message")
 
 
 class MalformedRequestInterceptor(grpc.ServerInterceptor):
@@ -44,20 +49,36 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
 
         if handler.response_streaming:
             behavior = handler.unary_stream
-
-            def unary_stream(request, context):
-                if request is _MALFORMED:
-                    _refuse(context, method)
-                yield from behavior(request, context)
+            if inspect.isasyncgenfunction(behavior):
+                async def unary_stream(request, context):
+                    if request is _MALFORMED:
+                        await _refuse_async(context, method)
+                    async for item in behavior(request, context):
+                        yield item
+            elif inspect.iscoroutinefunction(behavior):
+                async def unary_stream(request, context):
+                    if request is _MALFORMED:
+                        await _refuse_async(context, method)
+                    return await behavior(request, context)
+            else:
+                def unary_stream(request, context):
+                    if request is _MALFORMED:
+                        _refuse(context, method)
+                    yield from behavior(request, context)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, request_deserializer=safe_deserialize,
                                                         response_serializer=handler.response_serializer)
         behavior = handler.unary_unary
-
-        def unary_unary(request, context):
-            if request is _MALFORMED:
-                _refuse(context, method)
-            return behavior(request, context)
+        if inspect.iscoroutinefunction(behavior):
+            async def unary_unary(request, context):
+                if request is _MALFORMED:
+                    await _refuse_async(context, method)
+                return await behavior(request, context)
+        else:
+            def unary_unary(request, context):
+                if request is _MALFORMED:
+                    _refuse(context, method)
+                return behavior(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, request_deserializer=safe_deserialize,
                                                    response_serializer=handler.response_serializer)

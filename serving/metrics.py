@@ -21,6 +21,7 @@ Three sources fill it:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -96,6 +97,9 @@ class ServingMetrics(EngineObserver):
         self.queue_full = Counter("flywheel_queue_full_rejections",
                                   "requests refused with RESOURCE_EXHAUSTED because the engine queue was full",
                                   registry=r)
+        self.failed_requests = Counter("flywheel_engine_failed_requests",
+                                       "requests whose generation failed in the engine (ABORTED), by stage "
+                                       "(prefill, decode step); the engine went on serving", ["stage"], registry=r)
         self.step_duration = Histogram("flywheel_engine_step_duration_seconds", "one decode step of the batch",
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
         self.prefill_duration = Histogram("flywheel_engine_prefill_duration_seconds", "prefill of one prompt",
@@ -159,6 +163,9 @@ class ServingMetrics(EngineObserver):
         self.generated_tokens.labels(version).inc(new_tokens)
         self.prefill_duration.observe(seconds)
 
+    def on_group_failed(self, stage: str) -> None:
+        self.failed_requests.labels(stage).inc()
+
     def on_first_token(self, seconds: float, policy_version: int) -> None:
         self.time_to_first_token.labels(str(policy_version)).observe(seconds)
 
@@ -175,6 +182,32 @@ class ServingMetrics(EngineObserver):
         if longest > 1:
             self.inter_token_latency.labels(version).observe((result.finished_at - result.first_token_at) /
                                                              (longest - 1))
+
+
+class StatusRecorder:
+    """A servicer context that remembers the status a handler set or aborted with: the context
+    ``grpc.aio`` hands a synchronous handler (Feedback, Admin) has no ``code()``."""
+
+    def __init__(self, context) -> None:
+        self._context = context
+        self._code: grpc.StatusCode | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+    def abort(self, code, details=""):
+        self._code = code
+        return self._context.abort(code, details)
+
+    def set_code(self, code) -> None:
+        self._code = code
+        self._context.set_code(code)
+
+    def code(self) -> grpc.StatusCode | None:
+        if self._code is not None:
+            return self._code
+        inner = getattr(self._context, "code", None)
+        return inner() if inner is not None else None
 
 
 class RequestMetricsInterceptor(grpc.ServerInterceptor):
@@ -195,6 +228,7 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
             def run(request_or_iterator, context):
                 started = time.perf_counter()
                 code = grpc.StatusCode.UNKNOWN
+                context = StatusRecorder(context)
                 try:
                     response = behavior(request_or_iterator, context)
                     code = context.code() or grpc.StatusCode.OK
@@ -210,6 +244,7 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
             def run(request_or_iterator, context):
                 started = time.perf_counter()
                 code = grpc.StatusCode.UNKNOWN
+                context = StatusRecorder(context)
                 responses = behavior(request_or_iterator, context)
                 try:
                     for item in responses:
@@ -228,7 +263,45 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
                     observe(method, code, time.perf_counter() - started)
             return run
 
-        return wrap_behavior(handler, unary, streaming)
+        def unary_async(behavior):
+            async def run(request_or_iterator, context):
+                started = time.perf_counter()
+                code = grpc.StatusCode.UNKNOWN
+                try:
+                    response = await behavior(request_or_iterator, context)
+                    code = context.code() or grpc.StatusCode.OK
+                    return response
+                except asyncio.CancelledError:  # the client went away or its deadline passed
+                    code = context.code() or grpc.StatusCode.CANCELLED
+                    raise
+                except Exception:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    observe(method, code, time.perf_counter() - started)
+            return run
+
+        def streaming_async(behavior):
+            async def run(request_or_iterator, context):
+                started = time.perf_counter()
+                code = grpc.StatusCode.UNKNOWN
+                responses = behavior(request_or_iterator, context)
+                try:
+                    async for item in responses:
+                        yield item
+                    code = context.code() or grpc.StatusCode.OK
+                except (GeneratorExit, asyncio.CancelledError):
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    await responses.aclose()
+                    observe(method, code, time.perf_counter() - started)
+            return run
+
+        return wrap_behavior(handler, unary, streaming, unary_async, streaming_async)
 
 
 MAX_LABEL_CHARS = 200  # a reason may be 1024 characters; a label value that long helps nobody

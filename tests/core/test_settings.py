@@ -60,7 +60,7 @@ SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_HTTP_PORT": "0", "FLYWHE
                   "FLYWHEEL_REWARD_MODEL_MIN_ACCURACY": "0.5",
                   "FLYWHEEL_POLICY_ADVANTAGE_ESTIMATOR": "rloo", "FLYWHEEL_POLICY_SAMPLES_PER_PROMPT": "4",
                   "FLYWHEEL_POLICY_CRITIC_WARMUP_ITERATIONS": "0", "FLYWHEEL_POLICY_MISSING_EOS_PENALTY": "1.0",
-                  "FLYWHEEL_POLICY_GATE_SAMPLES_PER_PROMPT": "4"}
+                  "FLYWHEEL_POLICY_GATE_SAMPLES_PER_PROMPT": "4", "FLYWHEEL_GRPC_OPEN_RPCS": "256"}
 
 # The flags each command had when every command kept its own list of setting names; a command may
 # offer more now (all of its sections'), never fewer.
@@ -154,7 +154,8 @@ def test_a_command_gets_the_flags_of_the_sections_it_declares():
     add_config_flags(parser, ServingConfig, ClientConfig)
     assert set(config_flags(parser)) == ({"metrics_port", "max_batch_sequences", "max_queued_requests",
                                           "max_new_tokens_limit", "default_max_new_tokens", "max_samples",
-                                          "grpc_workers", "policy_poll_seconds", "max_prompt_tokens",
+                                          "grpc_workers", "grpc_open_rpcs", "policy_poll_seconds",
+                                          "max_prompt_tokens",
                                           "grpc_max_receive_message_bytes", "grpc_max_send_message_bytes",
                                           "http_port", "http_workers", "tls_ca", "tls_client_cert", "tls_client_key"})
 
