@@ -141,6 +141,8 @@ class EngineConfig:
     # failed prefills or steps in a row (no step succeeding between them) after which the engine
     # stops for good: one failure fails only its group(s); repeated failures mean a broken engine
     max_consecutive_failures: int = 3
+    # prompts whose leading 16-token blocks were prefilled before reuse them (0 = off); per policy version
+    prefix_cache_entries: int = 64
 
 
 class EngineObserver:
@@ -155,6 +157,7 @@ class EngineObserver:
     def on_first_token(self, seconds: float, policy_version: int) -> None: ...
     def on_finished(self, result: GroupResult) -> None: ...
     def on_group_failed(self, stage: str) -> None: ...
+    def on_prefix_hit(self, cached_tokens: int, prompt_tokens: int) -> None: ...
 
 
 class _Group:
@@ -212,7 +215,7 @@ class Engine:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self.scheduler = Scheduler(self.config.max_batch_sequences, self.config.max_prefill_tokens_per_step)
-        self.runner = ModelRunner(model, policy_version)
+        self.runner = ModelRunner(model, policy_version, self.config.prefix_cache_entries)
         self.device = self.runner.device
 
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
@@ -414,6 +417,7 @@ class Engine:
             return
         self._record(group.samples, tokens, logprobs, logits)  # clients hear of the rows once they are in the batch
         self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started, n, batch.version)
+        self.observer.on_prefix_hit(batch.last_prefix_hit, len(request.prompt_token_ids))
         group.first_token_at = time.time()
         self.observer.on_first_token(group.first_token_at - request.created_at, batch.version)
         self._consecutive_failures = 0

@@ -100,6 +100,9 @@ class ServingMetrics(EngineObserver):
         self.failed_requests = Counter("flywheel_engine_failed_requests",
                                        "requests whose generation failed in the engine (ABORTED), by stage "
                                        "(prefill, decode step); the engine went on serving", ["stage"], registry=r)
+        self.prefix_cache_tokens = Counter("flywheel_prefix_cache_tokens",
+                                           "prompt tokens taken from the prefix cache (result=hit) or prefilled "
+                                           "(result=computed)", ["result"], registry=r)
         self.step_duration = Histogram("flywheel_engine_step_duration_seconds", "one decode step of the batch",
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
         self.prefill_duration = Histogram("flywheel_engine_prefill_duration_seconds", "prefill of one prompt",
@@ -162,6 +165,10 @@ class ServingMetrics(EngineObserver):
         self.prompt_tokens.labels(version).inc(prompt_tokens)
         self.generated_tokens.labels(version).inc(new_tokens)
         self.prefill_duration.observe(seconds)
+
+    def on_prefix_hit(self, cached_tokens: int, prompt_tokens: int) -> None:
+        self.prefix_cache_tokens.labels("hit").inc(cached_tokens)
+        self.prefix_cache_tokens.labels("computed").inc(prompt_tokens - cached_tokens)
 
     def on_group_failed(self, stage: str) -> None:
         self.failed_requests.labels(stage).inc()
