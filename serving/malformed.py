@@ -47,6 +47,13 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
                 log.info("%s: malformed request (%s)", handler_call_details.method, exc)
                 return _MALFORMED
 
+        def refusing_coroutine(behavior):
+            async def run(request, context):
+                if request is _MALFORMED:
+                    await _refuse_async(context, method)
+                return await behavior(request, context)
+            return run
+
         if handler.response_streaming:
             behavior = handler.unary_stream
             if inspect.isasyncgenfunction(behavior):
@@ -55,11 +62,8 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
                         await _refuse_async(context, method)
                     async for item in behavior(request, context):
                         yield item
-            elif inspect.iscoroutinefunction(behavior):
-                async def unary_stream(request, context):
-                    if request is _MALFORMED:
-                        await _refuse_async(context, method)
-                    return await behavior(request, context)
+            elif inspect.iscoroutinefunction(behavior):  # streams with context.write
+                unary_stream = refusing_coroutine(behavior)
             else:
                 def unary_stream(request, context):
                     if request is _MALFORMED:
@@ -70,10 +74,7 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
                                                         response_serializer=handler.response_serializer)
         behavior = handler.unary_unary
         if inspect.iscoroutinefunction(behavior):
-            async def unary_unary(request, context):
-                if request is _MALFORMED:
-                    await _refuse_async(context, method)
-                return await behavior(request, context)
+            unary_unary = refusing_coroutine(behavior)
         else:
             def unary_unary(request, context):
                 if request is _MALFORMED:

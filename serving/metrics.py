@@ -22,6 +22,7 @@ Three sources fill it:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 
@@ -289,6 +290,9 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
             return run
 
         def streaming_async(behavior):
+            if not inspect.isasyncgenfunction(behavior):  # a coroutine that streams with context.write
+                return unary_async(behavior)
+
             async def run(request_or_iterator, context):
                 started = time.perf_counter()
                 code = grpc.StatusCode.UNKNOWN
