@@ -436,9 +436,10 @@ class Engine:
         batch.last_tokens = tokens.unsqueeze(1)
         self._record(batch.rows, tokens, logprobs, logits)
         size = len(batch.rows)
+        # observed before the rows retire: a finished request's client may read the metrics at once
+        self.observer.on_step(size, time.perf_counter() - started, size, batch.version)
         self._retire(batch)
         self._consecutive_failures = 0
-        self.observer.on_step(size, time.perf_counter() - started, size, batch.version)
 
     def _fail_batch(self, batch: Batch, stage: str, exc: Exception, extra: list[GenerationRequest] = ()) -> None:
         """Every group with a row in ``batch`` fails (their shared cache is no longer trustworthy)."""

@@ -193,11 +193,13 @@ class ServingMetrics(EngineObserver):
 
 
 class StatusRecorder:
-    """A servicer context that remembers the status a handler set or aborted with: the context
-    ``grpc.aio`` hands a synchronous handler (Feedback, Admin) has no ``code()``."""
+    """A servicer context that remembers the status a handler set or aborted with (the context
+    ``grpc.aio`` hands a synchronous handler has no ``code()``), and reports an abort's status
+    before the status leaves (``finish``), so the RPC is counted by the time its client hears."""
 
-    def __init__(self, context) -> None:
+    def __init__(self, context, finish) -> None:
         self._context = context
+        self._finish = finish
         self._code: grpc.StatusCode | None = None
 
     def __getattr__(self, name):
@@ -205,6 +207,7 @@ class StatusRecorder:
 
     def abort(self, code, details=""):
         self._code = code
+        self._finish(code)
         return self._context.abort(code, details)
 
     def set_code(self, code) -> None:
@@ -216,6 +219,26 @@ class StatusRecorder:
             return self._code
         inner = getattr(self._context, "code", None)
         return inner() if inner is not None else None
+
+
+class AsyncStatusRecorder(StatusRecorder):
+    """``StatusRecorder`` for the context of an asyncio handler (whose ``abort`` is a coroutine)."""
+
+    async def abort(self, code, details=""):
+        self._code = code
+        self._finish(code)
+        await self._context.abort(code, details)
+
+
+def _once(observe, method: str, started: float):
+    """``finish(code)``: observe the RPC once, at its first final status."""
+    done = []
+
+    def finish(code) -> None:
+        if not done:
+            done.append(code)
+            observe(method, code, time.perf_counter() - started)
+    return finish
 
 
 class RequestMetricsInterceptor(grpc.ServerInterceptor):
@@ -236,7 +259,8 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
             def run(request_or_iterator, context):
                 started = time.perf_counter()
                 code = grpc.StatusCode.UNKNOWN
-                context = StatusRecorder(context)
+                finish = _once(observe, method, started)
+                context = StatusRecorder(context, finish)
                 try:
                     response = behavior(request_or_iterator, context)
                     code = context.code() or grpc.StatusCode.OK
@@ -245,14 +269,15 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
                     code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 finally:
-                    observe(method, code, time.perf_counter() - started)
+                    finish(code)
             return run
 
         def streaming(behavior):
             def run(request_or_iterator, context):
                 started = time.perf_counter()
                 code = grpc.StatusCode.UNKNOWN
-                context = StatusRecorder(context)
+                finish = _once(observe, method, started)
+                context = StatusRecorder(context, finish)
                 responses = behavior(request_or_iterator, context)
                 try:
                     for item in responses:
@@ -268,13 +293,15 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
                     close = getattr(responses, "close", None)
                     if close is not None:
                         close()
-                    observe(method, code, time.perf_counter() - started)
+                    finish(code)
             return run
 
         def unary_async(behavior):
             async def run(request_or_iterator, context):
                 started = time.perf_counter()
                 code = grpc.StatusCode.UNKNOWN
+                finish = _once(observe, method, started)
+                context = AsyncStatusRecorder(context, finish)
                 try:
                     response = await behavior(request_or_iterator, context)
                     code = context.code() or grpc.StatusCode.OK
@@ -286,7 +313,7 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
                     code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 finally:
-                    observe(method, code, time.perf_counter() - started)
+                    finish(code)
             return run
 
         def streaming_async(behavior):
@@ -296,6 +323,8 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
             async def run(request_or_iterator, context):
                 started = time.perf_counter()
                 code = grpc.StatusCode.UNKNOWN
+                finish = _once(observe, method, started)
+                context = AsyncStatusRecorder(context, finish)
                 responses = behavior(request_or_iterator, context)
                 try:
                     async for item in responses:
@@ -309,7 +338,7 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
                     raise
                 finally:
                     await responses.aclose()
-                    observe(method, code, time.perf_counter() - started)
+                    finish(code)
             return run
 
         return wrap_behavior(handler, unary, streaming, unary_async, streaming_async)
