@@ -5,7 +5,11 @@ Each of ``--clients`` clients loops for ``--seconds``: ``Complete`` (n samples o
 refusal (RESOURCE_EXHAUSTED) is counted and the client backs off for the server's ``retry-after-ms``
 (or half a second), then sends a refused ranking again (a refused Complete is not repeated: the
 client moves on to its next prompt); every other error is a failure. Refusals are counted by cause: the key's rate
-limit, or a busy server (gRPC's concurrent-RPC limit, the engine's full queue). At the end the number
+limit, or a busy server (the engine's full queue). The server is ``grpc.aio``: a waiting request
+holds no thread, so requests are refused as busy only beyond the queue bound (``--max-queued-requests``
+waiting plus the requests the batch runs, ``--max-batch-sequences`` / n); with no more clients than
+that bound, a busy refusal is a failure. The queue wait is read from the server's own histogram
+(``flywheel_request_queue_time_seconds``, scraped before and after). At the end the number
 of rankings acknowledged must equal the number of new entries in the rankings stream, and the
 server's memory must not have grown without bound (its RSS is sampled throughout; VmHWM is the
 kernel's peak).
@@ -45,7 +49,7 @@ from bench.serve import percentile, prompts, start_server  # noqa: E402
 from flywheel.api_keys import ROLE_CLIENT, client_key, generate_key, hash_key  # noqa: E402
 from flywheel.contracts.keys import RANKINGS_STREAM  # noqa: E402
 from flywheel.grpc_client import bearer, retry_after_seconds  # noqa: E402
-from flywheel.redis_server import open_redis  # noqa: E402
+from flywheel.redis_server import free_port, open_redis  # noqa: E402
 from flywheel.config import FlywheelConfig  # noqa: E402
 from flywheel.v1 import feedback_pb2 as fb  # noqa: E402
 from flywheel.v1 import feedback_pb2_grpc as fb_rpc  # noqa: E402
@@ -137,6 +141,46 @@ class RssSampler:
             self._thread.join()
 
 
+QUEUE_HISTOGRAM = "flywheel_request_queue_time_seconds"
+
+
+def scrape_queue_buckets(metrics_port: int | None) -> dict[float, float]:
+    """The server's queue-wait histogram now: cumulative count per upper bound (all versions summed)."""
+    if not metrics_port:
+        return {}
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != QUEUE_HISTOGRAM:
+            continue
+        for sample in family.samples:
+            if sample.name == QUEUE_HISTOGRAM + "_bucket":
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return buckets
+
+
+def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """The q-quantile (0..1) of what the histogram saw between two scrapes, interpolated in its bucket
+    (as PromQL's histogram_quantile); the largest finite bound when it falls in +Inf."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank, lower, below = q * counts[-1], 0.0, 0.0
+    for bound, count in zip(bounds, counts):
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * ((rank - below) / max(count - below, 1e-12))
+        lower, below = bound, count
+    return lower
+
+
 REFUSED = object()  # what timed() returns for a RESOURCE_EXHAUSTED refusal (the request may be sent again)
 
 
@@ -214,6 +258,7 @@ def shared_key(args: argparse.Namespace) -> ClientKey:
 def run(args: argparse.Namespace) -> dict:
     scratch = None
     process = None
+    metrics_port = args.metrics_port
     if args.address:
         address, redis_url, pid = args.address, args.redis_url, args.server_pid
         keys = [shared_key(args)] * args.clients
@@ -226,8 +271,11 @@ def run(args: argparse.Namespace) -> dict:
             load_model("", data_dir, args.dtype)
             (Path(scratch.name) / "models").symlink_to(data_dir / "models")
         keys, keys_spec = own_keys(args.clients)
+        metrics_port = free_port()
         limits = {"FLYWHEEL_GRPC_WORKERS": str(args.grpc_workers),
+                  "FLYWHEEL_METRICS_PORT": str(metrics_port),
                   "FLYWHEEL_MAX_QUEUED_REQUESTS": str(args.max_queued_requests),
+                  "FLYWHEEL_MAX_BATCH_SEQUENCES": str(args.max_batch_sequences),
                   "FLYWHEEL_TORCH_THREADS": str(args.torch_threads),
                   "FLYWHEEL_API_KEYS": keys_spec,
                   "FLYWHEEL_CLIENT_REQUESTS_PER_SECOND": str(args.client_requests_per_second),
@@ -241,8 +289,10 @@ def run(args: argparse.Namespace) -> dict:
         stream_before = store.xlen(RANKINGS_STREAM) if store else 0
         sampler = RssSampler(pid).start()
         rss_start = sampler.status_kib("VmRSS") if pid else None
+        queue_before = scrape_queue_buckets(metrics_port)
         tally, wall = asyncio.run(drive(address, keys, args.seconds, args.n, args.tokens))
         sampler.stop()
+        queue_after = scrape_queue_buckets(metrics_port)
         peak = max(sampler.samples + [sampler.status_kib("VmHWM") or 0]) if pid else None
         stream_entries = store.xlen(RANKINGS_STREAM) - stream_before if store else None
     finally:
@@ -255,7 +305,13 @@ def run(args: argparse.Namespace) -> dict:
             scratch.cleanup()
     requests = tally.completes + tally.rankings + tally.refused + sum(tally.errors.values())
     mib = lambda kib: round(kib / 1024, 1) if kib else None  # noqa: E731
+    wait = lambda q: histogram_quantile(queue_before, queue_after, q)  # noqa: E731
+    rounded = lambda v: None if v is None else round(v, 3)  # noqa: E731
+    bound = args.max_queued_requests + args.max_batch_sequences // max(1, args.n)
     return {
+        "queue_bound": bound, "below_queue_bound": args.clients <= bound,
+        "completes_per_second": round(tally.completes / wall, 2),
+        "queue_wait_p50_s": rounded(wait(0.5)), "queue_wait_p99_s": rounded(wait(0.99)),
         "clients": args.clients, "seconds": round(wall, 1), "n": args.n, "tokens": args.tokens,
         "requests": requests, "requests_per_second": round(requests / wall, 1),
         "answered_per_second": round((tally.completes + tally.rankings) / wall, 1),
@@ -279,10 +335,13 @@ def print_table(report: dict) -> None:
         ("requests (all)", f"{report['requests']}  ({report['requests_per_second']}/s)"),
         ("answered", f"{report['completes']} Complete + {report['rankings']} SubmitRanking "
                      f"({report['answered_per_second']}/s)"),
-        ("Complete latency", f"p50 {report['complete_p50_s']} s  p99 {report['complete_p99_s']} s"),
+        ("Complete latency", f"p50 {report['complete_p50_s']} s  p99 {report['complete_p99_s']} s  "
+                             f"({report['completes_per_second']} completions/s)"),
+        ("queue wait (server)", f"p50 {report['queue_wait_p50_s']} s  p99 {report['queue_wait_p99_s']} s"),
         ("SubmitRanking latency", f"p50 {report['ranking_p50_s']} s  p99 {report['ranking_p99_s']} s"),
         ("refused (RESOURCE_EXHAUSTED)", f"{report['refused']}  ({report['refused_rate_limited']} by the key's "
-                                         f"rate limit, {report['refused_busy']} busy; keys: {report['keys']})"),
+                                         f"rate limit, {report['refused_busy']} busy; keys: {report['keys']}; "
+                                         f"queue bound {report['queue_bound']} requests)"),
         ("other errors (must be 0)", f"{report['other_errors']} {report['errors_by_code'] or ''}"),
         ("server RSS", f"{report['server_rss_start_mib']} MiB at start, peak {report['server_rss_peak_mib']} MiB"),
         ("rankings acked / in stream", f"{report['rankings_acknowledged']} / {report['stream_entries_added']}"),
@@ -306,8 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="", help="model folder; default the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--data-dir", default=str(ROOT / ".flywheel"), help="where the embedded model is converted")
-    parser.add_argument("--grpc-workers", type=int, default=64, help="the started server's concurrent RPCs")
-    parser.add_argument("--max-queued-requests", type=int, default=256)
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="the running server's metrics port (to read its queue wait)")
+    parser.add_argument("--grpc-workers", type=int, default=64,
+                        help="the started server's threads for Feedback and Admin (Inference waits need none)")
+    parser.add_argument("--max-queued-requests", type=int, default=256, help="the started server's engine queue")
+    parser.add_argument("--max-batch-sequences", type=int, default=64, help="the started server's batch rows")
     defaults = FlywheelConfig.load(environ={})
     parser.add_argument("--client-requests-per-second", type=float,
                         default=defaults.security.client_requests_per_second,
@@ -325,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     consistent = report["stream_entries_added"] in (None, report["rankings_acknowledged"])
     if report["other_errors"] or not consistent:
         print("FAILED: errors other than RESOURCE_EXHAUSTED, or acknowledged rankings missing from the stream")
+        return 1
+    if report["below_queue_bound"] and report["refused_busy"] and not args.address:
+        print(f"FAILED: {report['refused_busy']} requests refused as busy with {report['clients']} clients, within "
+              f"the queue bound of {report['queue_bound']}")
         return 1
     return 0
 

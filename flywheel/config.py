@@ -89,7 +89,12 @@ class ServingConfig(ConfigSection):
     default_max_new_tokens: int = setting(
         128, "max_new_tokens of a request that does not set it (a request's explicit 0 is refused)", minimum=1)
     max_samples: int = setting(16, "largest n a request may ask", minimum=1)
-    grpc_workers: int = setting(64, "gRPC handler threads (concurrent RPCs)", minimum=1)
+    grpc_workers: int = setting(
+        64, "threads running the Feedback and Admin handlers (Inference requests wait without a thread, up to "
+            "max_queued_requests)", minimum=1)
+    grpc_open_rpcs: int = setting(
+        256, "most keyless health/reflection calls (Watch streams included) open at once; RESOURCE_EXHAUSTED "
+             "beyond (they never take what keyed calls need)", minimum=1)
     policy_poll_seconds: float = setting(
         5.0, "how often a server re-checks the policy pointer besides pub/sub", above=0)
     max_prompt_tokens: int = setting(4096, "longest prompt (in tokens) a request may send", minimum=1)

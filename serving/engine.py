@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -34,7 +35,8 @@ from serving.scheduler import Scheduler
 
 __all__ = [
     "FINISH_CANCELLED", "FINISH_LENGTH", "FINISH_STOP", "DoneEvent", "Engine", "EngineConfig", "EngineObserver",
-    "EngineStoppedError", "ErrorEvent", "GenerationRequest", "QueueFullError", "TokenEvent", "cache_argument",
+    "EngineStoppedError", "ErrorEvent", "GenerationFailedError", "GenerationRequest", "QueueFullError", "TokenEvent",
+    "cache_argument", "FAULTS_ENV",
     "iter_events", "run_to_completion", "top_alternatives",
 ]
 
@@ -47,6 +49,22 @@ class QueueFullError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine is shutting down or failed."""
+
+
+class GenerationFailedError(RuntimeError):
+    """This request's generation failed inside the engine (the engine itself goes on serving)."""
+
+
+# Test-only fault injection, read once when an engine starts and only when the variable is set: a
+# prompt containing ``<<flywheel-fault:prefill>>`` fails in its prefill, ``...:decode>>`` in the
+# first decode step of its batch, ``...:fatal>>`` in the engine loop itself (the engine cannot go
+# on). Never set in production; tests/serving/test_engine_faults.py sets it on a server process.
+FAULTS_ENV = "FLYWHEEL_TEST_ENGINE_FAULTS"
+FAULT_MARK = "<<flywheel-fault:"
+
+
+class InjectedFault(RuntimeError):
+    """The fault a test asked for (``FAULTS_ENV``)."""
 
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
@@ -120,6 +138,11 @@ class EngineConfig:
     max_queued_requests: int = 256
     max_prefill_tokens_per_step: int = 4096  # bounds how long one step's admissions stall decoding
     idle_wait_seconds: float = 0.05
+    # failed prefills or steps in a row (no step succeeding between them) after which the engine
+    # stops for good: one failure fails only its group(s); repeated failures mean a broken engine
+    max_consecutive_failures: int = 3
+    # prompts whose leading 16-token blocks were prefilled before reuse them (0 = off); per policy version
+    prefix_cache_entries: int = 64
 
 
 class EngineObserver:
@@ -133,6 +156,8 @@ class EngineObserver:
     def on_prefill(self, prompt_tokens: int, seconds: float, new_tokens: int, policy_version: int) -> None: ...
     def on_first_token(self, seconds: float, policy_version: int) -> None: ...
     def on_finished(self, result: GroupResult) -> None: ...
+    def on_group_failed(self, stage: str) -> None: ...
+    def on_prefix_hit(self, cached_tokens: int, prompt_tokens: int) -> None: ...
 
 
 class _Group:
@@ -176,15 +201,21 @@ class Engine:
     """Owns the model(s); ``submit`` from any thread, results arrive on the request's event queue."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig | None = None,
-                 observer: EngineObserver | None = None, policy_version: int = 0) -> None:
+                 observer: EngineObserver | None = None, policy_version: int = 0,
+                 on_fatal=None) -> None:
         self.tokenizer = tokenizer
+        # called (on the engine thread) once the engine has stopped for good after a failure
+        self.on_fatal = on_fatal
+        self._faults = bool(os.environ.get(FAULTS_ENV))
+        self._consecutive_failures = 0
+        self._in_hand: list[GenerationRequest] = []
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self.scheduler = Scheduler(self.config.max_batch_sequences, self.config.max_prefill_tokens_per_step)
-        self.runner = ModelRunner(model, policy_version)
+        self.runner = ModelRunner(model, policy_version, self.config.prefix_cache_entries)
         self.device = self.runner.device
 
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
@@ -245,6 +276,11 @@ class Engine:
         return request
 
     @property
+    def failure(self) -> BaseException | None:
+        """Why the engine stopped for good, or None while it runs (or stopped normally)."""
+        return self._failure
+
+    @property
     def queued(self) -> int:
         return len(self._waiting)
 
@@ -273,11 +309,39 @@ class Engine:
                             self._decode_step(batch)
                     runner.release_finished_versions()
                     self.observer.on_queue(len(self._waiting), runner.running_sequences)
-        except BaseException as exc:  # a bug or OOM: fail every request loudly rather than hang them
-            log.exception("engine loop failed")
+        except BaseException as exc:  # the loop itself broke (not one group's work): the engine cannot go on
+            log.exception("engine loop failed; the engine stops")
             self._failure = exc
         finally:
-            self._fail_everything(self._failure or EngineStoppedError("the server is shutting down"))
+            failure = self._failure
+            self._fail_everything(
+                EngineStoppedError(f"the engine stopped after an internal failure ({type(failure).__name__}); "
+                                   "the server is restarting, retry shortly")
+                if failure is not None else EngineStoppedError("the server is shutting down"))
+            if failure is not None and self.on_fatal is not None:
+                try:
+                    self.on_fatal(failure)
+                except Exception:
+                    log.exception("the engine's on_fatal callback failed")
+
+    def _group_failed(self, stage: str, exc: Exception, requests: list[GenerationRequest]) -> None:
+        """One prefill or decode step failed: its requests get an error, the engine goes on, unless
+        failures keep coming with no success between them (then the loop ends: a broken engine)."""
+        self._consecutive_failures += 1
+        log.error("engine %s failed for %d request(s) (%s: %s); failure %d in a row", stage, len(requests),
+                  type(exc).__name__, exc, self._consecutive_failures, exc_info=exc)
+        error = GenerationFailedError(
+            f"generation failed in the engine's {stage} ({type(exc).__name__}); the server goes on serving, "
+            "retrying the request may succeed")
+        for request in requests:
+            self.observer.on_group_failed(stage)
+            request.events.put(ErrorEvent(error))
+        if self._consecutive_failures >= self.config.max_consecutive_failures:
+            raise EngineStoppedError(f"{self._consecutive_failures} engine failures in a row") from exc
+
+    def _inject(self, stage: str, requests) -> None:
+        if self._faults and any(f"{FAULT_MARK}{stage}>>" in r.prompt for r in requests):
+            raise InjectedFault(f"injected {stage} fault ({FAULTS_ENV})")
 
     def _apply_swap(self) -> None:
         with self._lock:
@@ -295,7 +359,8 @@ class Engine:
             waiting, self._waiting = list(self._waiting), collections.deque()
             pending, self._pending_swap = self._pending_swap, None
         groups = {id(s.group): s.group for s in self.runner.rows()}
-        for request in waiting + [g.request for g in groups.values()]:
+        in_hand, self._in_hand = self._in_hand, []
+        for request in in_hand + waiting + [g.request for g in groups.values()]:
             request.events.put(ErrorEvent(error))
         self.runner.clear()
         if pending is not None:
@@ -318,8 +383,11 @@ class Engine:
                 return
             for request in plan.finish:
                 self._finish_unstarted(request)
+            # out of the queue, not yet in a batch: if the loop dies now, these must hear of it too
+            self._in_hand = list(plan.admit)
             for request in plan.admit:
                 self._prefill(request)
+                self._in_hand.remove(request)
             budget = plan.budget_left
 
     def _finish_unstarted(self, request: GenerationRequest) -> None:
@@ -334,25 +402,51 @@ class Engine:
         self.observer.on_admit(time.time() - request.created_at, batch.version)
         group = _Group(request, batch.version, self.eos_ids, self.tokenizer)
         n = request.params.n
-        cache, logits = batch.prefill(request.prompt_token_ids, n)
-        tokens, logprobs = self._choose(logits, group.samples)
-        batch.add(cache, group.samples, tokens)
+        self._inject("fatal", [request])  # outside the group's handling: a failure of the loop itself
+        try:  # until the rows join the batch, a failure concerns this request alone
+            self._inject("prefill", [request])
+            cache, logits = batch.prefill(request.prompt_token_ids, n)
+            tokens, logprobs = self._choose(logits, group.samples)
+        except Exception as exc:
+            self._group_failed("prefill", exc, [request])
+            return
+        try:
+            batch.add(cache, group.samples, tokens)
+        except Exception as exc:  # the batch's cache may be half-extended: its rows cannot go on
+            self._fail_batch(batch, "prefill", exc, extra=[request])
+            return
         self._record(group.samples, tokens, logprobs, logits)  # clients hear of the rows once they are in the batch
         self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started, n, batch.version)
+        self.observer.on_prefix_hit(batch.last_prefix_hit, len(request.prompt_token_ids))
         group.first_token_at = time.time()
         self.observer.on_first_token(group.first_token_at - request.created_at, batch.version)
+        self._consecutive_failures = 0
         # a sample may already be finished (max_new_tokens=1, end of sequence): retire it now
         self._retire(batch)
 
     def _decode_step(self, batch: Batch) -> None:
         started = time.perf_counter()
-        logits = batch.forward_step()
-        tokens, logprobs = self._choose(logits, batch.rows)
+        try:
+            self._inject("decode", [s.request for s in batch.rows])
+            logits = batch.forward_step()
+            tokens, logprobs = self._choose(logits, batch.rows)
+        except Exception as exc:  # the step's rows share one forward: the groups in it fail, the rest go on
+            self._fail_batch(batch, "decode step", exc)
+            return
         batch.last_tokens = tokens.unsqueeze(1)
         self._record(batch.rows, tokens, logprobs, logits)
         size = len(batch.rows)
-        self._retire(batch)
+        # observed before the rows retire: a finished request's client may read the metrics at once
         self.observer.on_step(size, time.perf_counter() - started, size, batch.version)
+        self._retire(batch)
+        self._consecutive_failures = 0
+
+    def _fail_batch(self, batch: Batch, stage: str, exc: Exception, extra: list[GenerationRequest] = ()) -> None:
+        """Every group with a row in ``batch`` fails (their shared cache is no longer trustworthy)."""
+        requests = list({id(s.request): s.request for s in batch.rows}.values())
+        requests += [r for r in extra if all(r is not q for q in requests)]
+        batch.clear()
+        self._group_failed(stage, exc, requests)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample one token per row with each row's own parameters and random stream."""

@@ -9,6 +9,7 @@ expected message type.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import grpc
@@ -27,6 +28,10 @@ def _refuse(context: grpc.ServicerContext, method: str) -> None:
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {method} request message")
 
 
+async def _refuse_async(context, method: str) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {method} request message")
+
+
 class MalformedRequestInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -42,22 +47,39 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
                 log.info("%s: malformed request (%s)", handler_call_details.method, exc)
                 return _MALFORMED
 
+        def refusing_coroutine(behavior):
+            async def run(request, context):
+                if request is _MALFORMED:
+                    await _refuse_async(context, method)
+                return await behavior(request, context)
+            return run
+
         if handler.response_streaming:
             behavior = handler.unary_stream
-
-            def unary_stream(request, context):
-                if request is _MALFORMED:
-                    _refuse(context, method)
-                yield from behavior(request, context)
+            if inspect.isasyncgenfunction(behavior):
+                async def unary_stream(request, context):
+                    if request is _MALFORMED:
+                        await _refuse_async(context, method)
+                    async for item in behavior(request, context):
+                        yield item
+            elif inspect.iscoroutinefunction(behavior):  # streams with context.write
+                unary_stream = refusing_coroutine(behavior)
+            else:
+                def unary_stream(request, context):
+                    if request is _MALFORMED:
+                        _refuse(context, method)
+                    yield from behavior(request, context)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, request_deserializer=safe_deserialize,
                                                         response_serializer=handler.response_serializer)
         behavior = handler.unary_unary
-
-        def unary_unary(request, context):
-            if request is _MALFORMED:
-                _refuse(context, method)
-            return behavior(request, context)
+        if inspect.iscoroutinefunction(behavior):
+            unary_unary = refusing_coroutine(behavior)
+        else:
+            def unary_unary(request, context):
+                if request is _MALFORMED:
+                    _refuse(context, method)
+                return behavior(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, request_deserializer=safe_deserialize,
                                                    response_serializer=handler.response_serializer)

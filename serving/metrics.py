@@ -21,6 +21,8 @@ Three sources fill it:
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import time
 
@@ -96,6 +98,12 @@ class ServingMetrics(EngineObserver):
         self.queue_full = Counter("flywheel_queue_full_rejections",
                                   "requests refused with RESOURCE_EXHAUSTED because the engine queue was full",
                                   registry=r)
+        self.failed_requests = Counter("flywheel_engine_failed_requests",
+                                       "requests whose generation failed in the engine (ABORTED), by stage "
+                                       "(prefill, decode step); the engine went on serving", ["stage"], registry=r)
+        self.prefix_cache_tokens = Counter("flywheel_prefix_cache_tokens",
+                                           "prompt tokens taken from the prefix cache (result=hit) or prefilled "
+                                           "(result=computed)", ["result"], registry=r)
         self.step_duration = Histogram("flywheel_engine_step_duration_seconds", "one decode step of the batch",
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
         self.prefill_duration = Histogram("flywheel_engine_prefill_duration_seconds", "prefill of one prompt",
@@ -159,6 +167,13 @@ class ServingMetrics(EngineObserver):
         self.generated_tokens.labels(version).inc(new_tokens)
         self.prefill_duration.observe(seconds)
 
+    def on_prefix_hit(self, cached_tokens: int, prompt_tokens: int) -> None:
+        self.prefix_cache_tokens.labels("hit").inc(cached_tokens)
+        self.prefix_cache_tokens.labels("computed").inc(prompt_tokens - cached_tokens)
+
+    def on_group_failed(self, stage: str) -> None:
+        self.failed_requests.labels(stage).inc()
+
     def on_first_token(self, seconds: float, policy_version: int) -> None:
         self.time_to_first_token.labels(str(policy_version)).observe(seconds)
 
@@ -175,6 +190,55 @@ class ServingMetrics(EngineObserver):
         if longest > 1:
             self.inter_token_latency.labels(version).observe((result.finished_at - result.first_token_at) /
                                                              (longest - 1))
+
+
+class StatusRecorder:
+    """A servicer context that remembers the status a handler set or aborted with (the context
+    ``grpc.aio`` hands a synchronous handler has no ``code()``), and reports an abort's status
+    before the status leaves (``finish``), so the RPC is counted by the time its client hears."""
+
+    def __init__(self, context, finish) -> None:
+        self._context = context
+        self._finish = finish
+        self._code: grpc.StatusCode | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+    def abort(self, code, details=""):
+        self._code = code
+        self._finish(code)
+        return self._context.abort(code, details)
+
+    def set_code(self, code) -> None:
+        self._code = code
+        self._context.set_code(code)
+
+    def code(self) -> grpc.StatusCode | None:
+        if self._code is not None:
+            return self._code
+        inner = getattr(self._context, "code", None)
+        return inner() if inner is not None else None
+
+
+class AsyncStatusRecorder(StatusRecorder):
+    """``StatusRecorder`` for the context of an asyncio handler (whose ``abort`` is a coroutine)."""
+
+    async def abort(self, code, details=""):
+        self._code = code
+        self._finish(code)
+        await self._context.abort(code, details)
+
+
+def _once(observe, method: str, started: float):
+    """``finish(code)``: observe the RPC once, at its first final status."""
+    done = []
+
+    def finish(code) -> None:
+        if not done:
+            done.append(code)
+            observe(method, code, time.perf_counter() - started)
+    return finish
 
 
 class RequestMetricsInterceptor(grpc.ServerInterceptor):
@@ -195,6 +259,8 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
             def run(request_or_iterator, context):
                 started = time.perf_counter()
                 code = grpc.StatusCode.UNKNOWN
+                finish = _once(observe, method, started)
+                context = StatusRecorder(context, finish)
                 try:
                     response = behavior(request_or_iterator, context)
                     code = context.code() or grpc.StatusCode.OK
@@ -203,13 +269,15 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
                     code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 finally:
-                    observe(method, code, time.perf_counter() - started)
+                    finish(code)
             return run
 
         def streaming(behavior):
             def run(request_or_iterator, context):
                 started = time.perf_counter()
                 code = grpc.StatusCode.UNKNOWN
+                finish = _once(observe, method, started)
+                context = StatusRecorder(context, finish)
                 responses = behavior(request_or_iterator, context)
                 try:
                     for item in responses:
@@ -225,10 +293,55 @@ class RequestMetricsInterceptor(grpc.ServerInterceptor):
                     close = getattr(responses, "close", None)
                     if close is not None:
                         close()
-                    observe(method, code, time.perf_counter() - started)
+                    finish(code)
             return run
 
-        return wrap_behavior(handler, unary, streaming)
+        def unary_async(behavior):
+            async def run(request_or_iterator, context):
+                started = time.perf_counter()
+                code = grpc.StatusCode.UNKNOWN
+                finish = _once(observe, method, started)
+                context = AsyncStatusRecorder(context, finish)
+                try:
+                    response = await behavior(request_or_iterator, context)
+                    code = context.code() or grpc.StatusCode.OK
+                    return response
+                except asyncio.CancelledError:  # the client went away or its deadline passed
+                    code = context.code() or grpc.StatusCode.CANCELLED
+                    raise
+                except Exception:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    finish(code)
+            return run
+
+        def streaming_async(behavior):
+            if not inspect.isasyncgenfunction(behavior):  # a coroutine that streams with context.write
+                return unary_async(behavior)
+
+            async def run(request_or_iterator, context):
+                started = time.perf_counter()
+                code = grpc.StatusCode.UNKNOWN
+                finish = _once(observe, method, started)
+                context = AsyncStatusRecorder(context, finish)
+                responses = behavior(request_or_iterator, context)
+                try:
+                    async for item in responses:
+                        yield item
+                    code = context.code() or grpc.StatusCode.OK
+                except (GeneratorExit, asyncio.CancelledError):
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    await responses.aclose()
+                    finish(code)
+            return run
+
+        return wrap_behavior(handler, unary, streaming, unary_async, streaming_async)
 
 
 MAX_LABEL_CHARS = 200  # a reason may be 1024 characters; a label value that long helps nobody

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from serving.kv_cache import BatchKVCache
+from serving.prefix_cache import PrefixCache
 
 
 @functools.cache
@@ -33,11 +34,14 @@ class Batch:
     completion comes from one version), while new requests join the new version's batch.
     """
 
-    def __init__(self, model: torch.nn.Module, version: int, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, version: int, device: torch.device,
+                 prefix_cache_entries: int = 64) -> None:
         self.model = model
         self.version = version
         self.device = device
         self.num_layers = model.config.num_hidden_layers
+        self.prefixes = PrefixCache(prefix_cache_entries)  # this model's prompt prefixes (kept across clear())
+        self.last_prefix_hit = 0  # prompt tokens the last prefill took from the prefix cache
         self.clear()
 
     def clear(self) -> None:
@@ -50,8 +54,16 @@ class Batch:
         """Run a prompt once into a cache of its own, repeated into ``n`` rows (the n samples share
         it); returns that cache and the logits of the next token ``[n, vocab]``."""
         cache = BatchKVCache(self.num_layers)
-        ids = torch.tensor([prompt_token_ids], dtype=torch.long, device=self.device)
+        hit = self.prefixes.lookup(prompt_token_ids)
+        start = self.last_prefix_hit = 0
+        if hit is not None:  # the prompt's leading blocks were prefilled before: only the rest runs
+            start, layers = hit
+            self.last_prefix_hit = start
+            for layer, (keys, values) in zip(cache.layers, layers):
+                layer.assign(keys, values, headroom=len(prompt_token_ids) - start)
+        ids = torch.tensor([prompt_token_ids[start:]], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_argument(self.model, cache))
+        self.prefixes.store(prompt_token_ids, [layer.view() for layer in cache.layers])
         cache.repeat_rows(n)
         return cache, out.logits[:, -1].expand(n, -1)
 
@@ -90,9 +102,10 @@ class ModelRunner:
     """The batches being decoded, one per policy version still running; the last one belongs to the
     current version and is the one new requests join."""
 
-    def __init__(self, model: torch.nn.Module, version: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, version: int = 0, prefix_cache_entries: int = 64) -> None:
         self.device = next(model.parameters()).device  # where prompts go (the first model's, as before)
-        self.batches: list[Batch] = [Batch(model, version, self.device)]
+        self.prefix_cache_entries = prefix_cache_entries
+        self.batches: list[Batch] = [Batch(model, version, self.device, prefix_cache_entries)]
 
     @property
     def current(self) -> Batch:
@@ -109,9 +122,9 @@ class ModelRunner:
         """Make ``version`` current (called at a step boundary). Rows already running stay on their
         model; returns how many do."""
         if self.current.rows:
-            self.batches.append(Batch(model, version, self.device))
+            self.batches.append(Batch(model, version, self.device, self.prefix_cache_entries))
         else:
-            self.batches[-1] = Batch(model, version, self.device)
+            self.batches[-1] = Batch(model, version, self.device, self.prefix_cache_entries)
         return sum(len(b.rows) for b in self.batches[:-1])
 
     def release_finished_versions(self) -> None:

@@ -8,10 +8,19 @@ counted and timed by ``serving.metrics.RequestMetricsInterceptor``, the outermos
 engine reports per-request figures to ``ServingMetrics`` through its observer.
 Shutdown is graceful: health flips to NOT_SERVING, new RPCs are refused, in-flight RPCs get a
 grace period to finish, then the engine stops.
+
+The server is ``grpc.aio`` on an event loop of its own thread: an Inference request waiting for
+its tokens is a coroutine, not a thread, so as many requests wait as the engine's queue holds
+(``max_queued_requests``, RESOURCE_EXHAUSTED beyond), health Watch streams cost nothing that keyed
+traffic needs, and only the synchronous services (Feedback, Admin) run in ``grpc_workers``
+threads. If the engine fails for good (``Engine.on_fatal``), health turns NOT_SERVING, the gRPC
+server stops and ``wait()`` returns with ``engine_failure`` set, so the process exits non-zero and
+its supervisor restarts it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -21,6 +30,7 @@ from typing import Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
@@ -31,10 +41,10 @@ from flywheel.registry import open_registry
 from flywheel.tls import server_credentials
 from flywheel.v1 import inference_pb2, inference_pb2_grpc
 from serving.engine import (
-    DoneEvent, Engine, EngineConfig, EngineStoppedError, GenerationRequest, QueueFullError, TokenEvent,
-    iter_events,
+    DoneEvent, Engine, EngineConfig, EngineStoppedError, ErrorEvent, GenerationFailedError, GenerationRequest,
+    QueueFullError, TokenEvent,
 )
-from serving.auth import retry_trailers, server_interceptors
+from serving.auth import AioInterceptor, retry_trailers, server_interceptors
 from serving.malformed import MalformedRequestInterceptor
 from serving.logprobs import scored_tokens
 from serving.metrics import RequestMetricsInterceptor, ServingMetrics
@@ -85,76 +95,117 @@ def token_delta(event: TokenEvent, tokenizer, logprobs: bool) -> inference_pb2.T
         tokens=token_logprobs(tokenizer, event.token_ids, event.logprobs, event.top_logprobs) if logprobs else ())
 
 
+class LoopEvents:
+    """A request's event queue that the engine thread fills and a coroutine on ``loop`` drains."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, event) -> None:  # the engine thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def get(self):
+        return await self._queue.get()
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    """Async handlers: a request waiting for its tokens holds no thread."""
+
     def __init__(self, server: "InferenceServer") -> None:
         self.server = server
 
-    def Complete(self, request, context):
-        generation, logprobs = self._submit(request, context, stream=False)
-        for event in self._events(generation, context):
-            if isinstance(event, DoneEvent):
-                return self._finish(event.result, context, logprobs)
-        return self._abort_unfinished(generation, context)
+    async def Complete(self, request, context):
+        generation, logprobs = await self._submit(request, context, stream=False)
+        try:
+            async for event in self._events(generation, context):
+                if isinstance(event, DoneEvent):
+                    return await self._finish(event.result, context, logprobs)
+            await self._abort_unfinished(generation, context)
+        finally:
+            generation.cancel()  # frees the batch slots when the client cancels or the RPC ends for any reason
 
-    def StreamComplete(self, request, context):
-        generation, logprobs = self._submit(request, context, stream=True)
+    async def StreamComplete(self, request, context):
+        generation, logprobs = await self._submit(request, context, stream=True)
         tokenizer = self.server.engine.tokenizer
-        for event in self._events(generation, context):
-            if isinstance(event, TokenEvent):
-                yield inference_pb2.StreamCompleteResponse(delta=token_delta(event, tokenizer, logprobs))
-            elif isinstance(event, DoneEvent):
-                yield inference_pb2.StreamCompleteResponse(final=self._finish(event.result, context, logprobs))
-                return
-        self._abort_unfinished(generation, context)
+        try:
+            async for event in self._events(generation, context):
+                if isinstance(event, TokenEvent):
+                    yield inference_pb2.StreamCompleteResponse(delta=token_delta(event, tokenizer, logprobs))
+                elif isinstance(event, DoneEvent):
+                    yield inference_pb2.StreamCompleteResponse(final=await self._finish(event.result, context,
+                                                                                        logprobs))
+                    return
+            await self._abort_unfinished(generation, context)
+        finally:
+            generation.cancel()
 
     # ---- helpers ----
 
-    def _submit(self, request, context, stream: bool) -> tuple[GenerationRequest, bool]:
+    async def _submit(self, request, context, stream: bool) -> tuple[GenerationRequest, bool]:
         """The request handed to the engine, and whether the caller asked for log-probabilities."""
         engine = self.server.engine
         if engine is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
         try:
             valid = validate_request(request, engine.tokenizer, self.server.limits)
         except InvalidRequest as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         generation = GenerationRequest(valid.prompt, valid.prompt_token_ids, valid.params, deadline=deadline,
-                                       stream=stream, top_logprobs=valid.top_logprobs)
-        # frees the batch slots when the client cancels or the RPC ends for any reason
-        context.add_callback(generation.cancel)
+                                       stream=stream, top_logprobs=valid.top_logprobs,
+                                       events=LoopEvents(asyncio.get_running_loop()))
+        context.add_done_callback(lambda _context: generation.cancel())
         try:
             engine.submit(generation)
         except QueueFullError as exc:
             self.server.metrics.queue_full.inc()
             context.set_trailing_metadata(retry_trailers(QUEUE_FULL_RETRY_MS))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineStoppedError:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineStoppedError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _stopped_message(exc))
         return generation, valid.logprobs
 
-    def _events(self, generation: GenerationRequest, context) -> Iterator:
-        try:
-            yield from iter_events(generation)
-        except EngineStoppedError:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        except Exception:
-            log.exception("request %s failed in the engine", generation.request_id)
-            context.abort(grpc.StatusCode.INTERNAL, "the engine failed while generating; see the server log")
+    async def _events(self, generation: GenerationRequest, context):
+        """The request's events until it is done; an engine error becomes a status the client can act on:
+        ABORTED when this request's generation failed (the server goes on), UNAVAILABLE when the engine
+        stopped (shutdown, or a failure it cannot go on from: the process restarts)."""
+        while True:
+            event = await generation.events.get()
+            if isinstance(event, ErrorEvent):
+                error = event.error
+                if isinstance(error, GenerationFailedError):
+                    await context.abort(grpc.StatusCode.ABORTED, str(error))
+                if isinstance(error, EngineStoppedError):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, _stopped_message(error))
+                log.error("request %s failed in the engine: %r", generation.request_id, error)
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"the engine failed while generating ({type(error).__name__}); retry shortly")
+            yield event
+            if isinstance(event, DoneEvent):
+                return
 
-    def _finish(self, result: GroupResult, context, logprobs: bool = False) -> inference_pb2.CompleteResponse:
+    async def _finish(self, result: GroupResult, context, logprobs: bool = False) -> inference_pb2.CompleteResponse:
         if all(s.finish_reason == "cancelled" for s in result.samples):
-            if context.time_remaining() is not None and context.time_remaining() <= 0:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before generation finished")
-            if not context.is_active():
-                context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
-        self.server.record_group(result)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    "the deadline passed before generation finished")
+            if context.cancelled():
+                await context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
+        if self.server.group_sink is not None:  # a Redis write: in a worker thread, never on the event loop
+            await asyncio.get_running_loop().run_in_executor(self.server.pool, self.server.record_group, result)
         return group_response(result, self.server.engine.tokenizer, logprobs)
 
-    def _abort_unfinished(self, generation: GenerationRequest, context):
+    async def _abort_unfinished(self, generation: GenerationRequest, context):
         generation.cancel()
-        context.abort(grpc.StatusCode.CANCELLED, "the request ended before generation finished")
+        await context.abort(grpc.StatusCode.CANCELLED, "the request ended before generation finished")
+
+
+def _stopped_message(error: EngineStoppedError) -> str:
+    text = str(error)
+    return text if text and text != "the engine is not running" else "the server is shutting down"
 
 
 @dataclass
@@ -179,8 +230,14 @@ class InferenceServer:
     http_routes: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._grpc: grpc.Server | None = None
-        self._health = health.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self.pool: futures.ThreadPoolExecutor | None = None  # the synchronous handlers (Feedback, Admin)
+        self._health: AsyncHealthServicer | None = None
+        self._terminated = threading.Event()
+        self._stop_lock = threading.Lock()
+        self.engine_failure: BaseException | None = None  # why the engine stopped for good
         self._metrics_http = None
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
@@ -193,16 +250,37 @@ class InferenceServer:
 
     def start(self, wait_until_ready: bool = False, timeout: float = 600.0) -> "InferenceServer":
         s = self.config
+        self.pool = futures.ThreadPoolExecutor(max_workers=s.serving.grpc_workers, thread_name_prefix="grpc")
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
+        self._loop_thread.start()
+        asyncio.run_coroutine_threadsafe(self._start_grpc(), self._loop).result(60)
+        if s.serving.metrics_port:
+            host = s.grpc_address.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+            self._metrics_http, _ = start_http_server(s.serving.metrics_port, addr=host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        self._start_http()
+        log.info("gRPC (%s) on port %d, metrics on %s; loading the model",
+                 "TLS" if self._tls else "plaintext", self.port, self.metrics_port or "(off)")
+        threading.Thread(target=self._load_and_serve, name="model-loader", daemon=True).start()
+        if wait_until_ready:
+            self.wait_until_ready(timeout)
+        return self
+
+    async def _start_grpc(self) -> None:
+        s = self.config
         credentials = server_credentials(s.security)
-        self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=s.serving.grpc_workers, thread_name_prefix="grpc"),
+        self._tls = credentials is not None
+        self._health = AsyncHealthServicer()
+        interceptors = [RequestMetricsInterceptor(self.metrics),
+                        *server_interceptors(s, self.metrics, self.rate_limiter, tls=credentials is not None),
+                        MalformedRequestInterceptor()]
+        self._grpc = grpc.aio.server(
+            migration_thread_pool=self.pool,
             # the first interceptor is the outermost: every RPC is counted, refusals included; then the
             # key (and its rate) is checked before anything is said about the request, so a caller
             # without a valid key learns nothing from a malformed one
-            interceptors=[RequestMetricsInterceptor(self.metrics),
-                          *server_interceptors(s, self.metrics, self.rate_limiter, tls=credentials is not None),
-                          MalformedRequestInterceptor()],
-            maximum_concurrent_rpcs=s.serving.grpc_workers,
+            interceptors=[AioInterceptor(i) for i in interceptors],
             options=[("grpc.max_receive_message_length", s.serving.grpc_max_receive_message_bytes),
                      ("grpc.max_send_message_length", s.serving.grpc_max_send_message_bytes)],
         )
@@ -210,7 +288,7 @@ class InferenceServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         for _, add_service in self.services:
             add_service(self._grpc)
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health_async(health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, *(name for name, _ in self.services), health.SERVICE_NAME, reflection.SERVICE_NAME),
             self._grpc)
@@ -220,18 +298,7 @@ class InferenceServer:
             self.port = self._grpc.add_insecure_port(s.grpc_address)
         if self.port == 0:
             raise RuntimeError(f"could not bind the gRPC server to {s.grpc_address}")
-        self._grpc.start()
-        if s.serving.metrics_port:
-            host = s.grpc_address.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
-            self._metrics_http, _ = start_http_server(s.serving.metrics_port, addr=host, registry=self.metrics.registry)
-            self.metrics_port = self._metrics_http.server_port
-        self._start_http()
-        log.info("gRPC (%s) on port %d, metrics on %s; loading the model", "TLS" if credentials else "plaintext",
-                 self.port, self.metrics_port or "(off)")
-        threading.Thread(target=self._load_and_serve, name="model-loader", daemon=True).start()
-        if wait_until_ready:
-            self.wait_until_ready(timeout)
-        return self
+        await self._grpc.start()
 
     def _start_http(self) -> None:
         """The OpenAI-compatible HTTP API beside gRPC (``serving.http_api``), when a port is set."""
@@ -270,7 +337,7 @@ class InferenceServer:
             # at least max_samples: ServingConfig refuses a smaller batch at load
             config = EngineConfig(max_batch_sequences=self.config.serving.max_batch_sequences,
                                   max_queued_requests=self.config.serving.max_queued_requests)
-            engine = Engine(model, tokenizer, config, observer=self.metrics)
+            engine = Engine(model, tokenizer, config, observer=self.metrics, on_fatal=self._engine_failed)
             engine.start()
             self.engine = engine
             self.metrics.policy_version.set(engine.policy_version)
@@ -318,30 +385,64 @@ class InferenceServer:
         self.metrics.policy_swap_duration.observe(loaded.seconds + time.perf_counter() - started)
         self.metrics.policy_version.set(loaded.version)
 
+    def _engine_failed(self, error: BaseException) -> None:
+        """The engine stopped for good (on its thread): NOT_SERVING at once, then stop so that
+        ``wait()`` returns and the process exits non-zero (``flywheel serve`` does)."""
+        log.critical("the engine cannot go on (%s: %s): health is NOT_SERVING and the server stops",
+                     type(error).__name__, error)
+        self.engine_failure = error
+        self.metrics.model_loaded.set(0)
+        threading.Thread(target=self.stop, kwargs={"grace": 2.0}, name="engine-failed-stop", daemon=True).start()
+
     def stop(self, grace: float = 10.0) -> None:
         """Refuse new RPCs, let in-flight ones finish within ``grace`` seconds, then stop the engine."""
-        self._stopping = True
+        with self._stop_lock:
+            if self._stopping:
+                return
+            self._stopping = True
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.http is not None:
             self.http.stop()
         if self.follower is not None:
             self.follower.stop()
-        if self._grpc is not None:
-            self._grpc.stop(grace).wait(grace + 5)
+        if self._grpc is not None and self._loop is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._grpc.stop(grace), self._loop).result(grace + 5)
+            except Exception as exc:  # a timeout: the loop is stopped below anyway
+                log.warning("the gRPC server did not stop cleanly: %s", exc)
         if self.engine is not None:
             self.engine.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._loop_thread is not None and self._loop_thread is not threading.current_thread():
+                self._loop_thread.join(10)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        self._terminated.set()
 
     def wait(self) -> None:
+        """Until the server has stopped (``stop``, or the engine failed for good)."""
         if self._grpc is not None:
-            self._grpc.wait_for_termination()
+            self._terminated.wait()
 
     def _set_health(self, status) -> None:
-        """The server's status ("") and each service's: Inference, and Feedback and Admin where served."""
+        """The server's status ("") and each service's: Inference, and Feedback and Admin where served
+        (from any thread but the event loop's)."""
+        if self._loop is None or not self._loop.is_running():
+            return
+        future = asyncio.run_coroutine_threadsafe(self._set_health_async(status), self._loop)
+        if threading.current_thread() is not self._loop_thread:
+            try:
+                future.result(10)
+            except Exception as exc:
+                log.warning("could not set the health status: %s", exc)
+
+    async def _set_health_async(self, status) -> None:
         for service in ("", INFERENCE_SERVICE, *(name for name, _ in self.services)):
-            self._health.set(service, status)
+            await self._health.set(service, status)
 
     # ---- used by the servicer ----
 

@@ -141,7 +141,14 @@ def run_serve(args: argparse.Namespace) -> int:
         server.wait()
     finally:
         release()
+    if server.engine_failure is not None:  # a supervisor (flywheel up, Kubernetes, systemd) restarts us
+        print(f"flywheel: the engine failed and cannot go on ({type(server.engine_failure).__name__}: "
+              f"{server.engine_failure}); exiting with status {ENGINE_FAILED_EXIT}", file=sys.stderr)
+        return ENGINE_FAILED_EXIT
     return 0
+
+
+ENGINE_FAILED_EXIT = 70  # EX_SOFTWARE
 
 
 def build_request(args: argparse.Namespace):

@@ -69,7 +69,9 @@ SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_POOLING": "
                   # issue 12 items 12-13: the worker's liveness file, the rerun of a killed run
                   "FLYWHEEL_WORKER_HEARTBEAT_FILE": "", "FLYWHEEL_WORKER_HEARTBEAT_SECONDS": "10.0",
                   "FLYWHEEL_WORKER_ALIVE_MAX_AGE_SECONDS": "120.0", "FLYWHEEL_TRAINING_RERUN_CHECK_SECONDS": "30.0",
-                  "FLYWHEEL_TRAINING_MAX_RUN_ATTEMPTS": "3"}
+                  "FLYWHEEL_TRAINING_MAX_RUN_ATTEMPTS": "3",
+                  # issue 13: keyless calls bounded apart from keyed traffic
+                  "FLYWHEEL_GRPC_OPEN_RPCS": "256"}
 
 # The flags each command had when every command kept its own list of setting names; a command may
 # offer more now (all of its sections'), never fewer.
@@ -163,7 +165,8 @@ def test_a_command_gets_the_flags_of_the_sections_it_declares():
     add_config_flags(parser, ServingConfig, ClientConfig)
     assert set(config_flags(parser)) == ({"metrics_port", "max_batch_sequences", "max_queued_requests",
                                           "max_new_tokens_limit", "default_max_new_tokens", "max_samples",
-                                          "grpc_workers", "policy_poll_seconds", "max_prompt_tokens",
+                                          "grpc_workers", "grpc_open_rpcs", "policy_poll_seconds",
+                                          "max_prompt_tokens",
                                           "grpc_max_receive_message_bytes", "grpc_max_send_message_bytes",
                                           "http_port", "http_workers", "tls_ca", "tls_client_cert", "tls_client_key"})
 

@@ -128,3 +128,26 @@ def test_min_new_tokens_blocks_the_end_of_sequence_token(loaded, engine):
     assert [(s.token_ids, s.finish_reason) for s in free.samples] == [([eos], "stop")] * 2
     assert all(len(s.token_ids) == 30 and eos not in s.token_ids for s in held.samples)
     assert {s.finish_reason for s in held.samples} == {"length"}
+
+
+def test_prompts_sharing_a_prefix_reuse_its_prefill_and_decode_as_alone(loaded):
+    """The second prompt's first 32 tokens come from the prefix cache; its greedy tokens are still
+    exactly generate's, and a prompt that only shares part of a block prefills that block itself."""
+    tok, model = loaded.tokenizer, loaded.model
+    engine = Engine(model, tok, EngineConfig(max_batch_sequences=16))
+    engine.start()
+    try:
+        shared = "You are a careful assistant who answers in one short sentence. " * 3
+        prompts = [shared + "What is the sea?", shared + "Name a red fruit.", shared[:20] + "Other."]
+        results = [run_to_completion(engine, request(tok, p, n=2, max_new_tokens=10, min_new_tokens=10,
+                                                     temperature=0.0), timeout=60) for p in prompts]
+        batch = engine.runner.current
+        assert batch.prefixes.hit_tokens >= 32 and len(batch.prefixes) >= 1
+    finally:
+        engine.stop()
+    for prompt, result in zip(prompts, results):
+        ids = torch.tensor([tok(prompt).input_ids])
+        with torch.inference_mode():
+            expected = model.generate(ids, do_sample=False, max_new_tokens=10, min_new_tokens=10,
+                                      pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        assert all(sample.token_ids == expected for sample in result.samples)

@@ -350,3 +350,36 @@ def test_redis_with_a_password_through_the_url(tiny_model_dir, tmp_path):
         app.backend.client.ping()
     finally:
         redis_server.stop(kill=True)
+
+
+# ---- keyless streams and the slots keyed traffic needs (issue 12, item 11) ----
+
+def test_open_keyless_watch_streams_do_not_block_keyed_calls(tiny_model_dir, tmp_path):
+    """16 keyless Health/Watch streams on a server with 8 worker threads: an authenticated Complete
+    and a Feedback call (a synchronous service, on those threads) are still answered at once; keyless
+    calls beyond their own bound are refused, keyed calls never are."""
+    redis_server = RedisServer(tmp_path / "redis").start()
+    settings = settings_for(tiny_model_dir, tmp_path, redis_url=redis_server.url, grpc_workers=8, grpc_open_rpcs=16)
+    server, release = build_server(settings)
+    server.start(wait_until_ready=True)
+    bare = grpc.insecure_channel(address(server))
+    watches = [health_pb2_grpc.HealthStub(bare).Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(16)]
+    try:
+        for watch in watches:  # every stream is open and has said SERVING
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        with keyed_channel(address(server)) as channel:
+            started = time.monotonic()
+            assert complete(channel).completions
+            assert feedback_pb2_grpc.FeedbackStub(channel).GetFeedbackStats(
+                feedback_pb2.GetFeedbackStatsRequest(), timeout=10) is not None
+            assert time.monotonic() - started < 10
+        code, details, _ = code_of(lambda: health_pb2_grpc.HealthStub(bare).Check(
+            health_pb2.HealthCheckRequest(), timeout=5))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "health/reflection" in details
+    finally:
+        for watch in watches:
+            watch.cancel()
+        bare.close()
+        server.stop(grace=1)
+        release()
+        redis_server.stop(kill=True)
