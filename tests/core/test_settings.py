@@ -60,7 +60,9 @@ SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_HTTP_PORT": "0", "FLYWHE
                   "FLYWHEEL_REWARD_MODEL_MIN_ACCURACY": "0.5",
                   "FLYWHEEL_POLICY_ADVANTAGE_ESTIMATOR": "rloo", "FLYWHEEL_POLICY_SAMPLES_PER_PROMPT": "4",
                   "FLYWHEEL_POLICY_CRITIC_WARMUP_ITERATIONS": "0", "FLYWHEEL_POLICY_MISSING_EOS_PENALTY": "1.0",
-                  "FLYWHEEL_POLICY_GATE_SAMPLES_PER_PROMPT": "4"}
+                  "FLYWHEEL_POLICY_GATE_SAMPLES_PER_PROMPT": "4",
+                  "FLYWHEEL_REDIS_MAX_MEMORY_MB": "2048", "FLYWHEEL_REDIS_APPENDFSYNC": "always",
+                  "FLYWHEEL_GROUP_MAX_MEMORY_FRACTION": "0.9"}
 
 # The flags each command had when every command kept its own list of setting names; a command may
 # offer more now (all of its sections'), never fewer.

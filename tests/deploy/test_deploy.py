@@ -235,7 +235,8 @@ def test_alerts_cover_what_an_operator_needs():
                    "flywheel_reward_model_runs_total", "flywheel_ppo_runs_total",
                    "flywheel_rankings_lag_entries", "flywheel_rankings_pending_entries",
                    "flywheel_reward_model_heldout_accuracy_ratio", "flywheel_policy_load_failures_total",
-                   "flywheel_rankings_redis_up", "flywheel_ai_human_agreement_ratio"]:
+                   "flywheel_rankings_redis_up", "flywheel_ai_human_agreement_ratio",
+                   "flywheel_rankings_dead_letter_entries", "flywheel_redis_memory_used_bytes"]:
         assert metric in by_metric, f"no alert watches {metric}"
 
 
