@@ -291,6 +291,7 @@ def resolve_redis_url(redis_url: str, data_dir: Path, fallback_url: str = "",
     server = RedisServer(folder, password=password, appendfsync=embedded.appendfsync,
                          max_memory_bytes=embedded.max_memory_mb * 1024 * 1024).start()
     marker.write_text(without_password(server.url))
+    marker.chmod(0o600)
     return server.url, server
 
 
