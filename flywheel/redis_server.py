@@ -9,9 +9,12 @@ free port, so they are isolated and can stop and restart it to inject faults.
 
 Every server this module starts is configured the same way (see ``RedisServer``):
 
-- durable at acknowledgement: ``appendfsync always`` fsyncs the AOF before a write is answered
-  (the bundled redis-server is 6.2, which has no WAITAOF), so an acknowledged ranking, registry
-  change or audit entry survives a host crash, not only a process crash;
+- the embedded server is durable at acknowledgement: ``appendfsync always`` (the setting
+  ``FLYWHEEL_REDIS_APPENDFSYNC``) fsyncs the AOF before a write is answered (the bundled
+  redis-server is 6.2, which has no WAITAOF), so an acknowledged ranking, registry change or audit
+  entry survives a host crash, not only a process crash. A plain ``RedisServer`` (tests, benches)
+  defaults to ``everysec``: every write waits for an fsync under ``always``, which made a feedback
+  test file 24x slower on a busy disk;
 - bounded: ``maxmemory`` with ``noeviction``, so a full Redis refuses writes (``OOM``) instead of
   growing until the kernel kills it, and never silently evicts a lock, a pointer or a ranking;
 - closed: the embedded server of a data directory requires the password generated into
@@ -78,7 +81,9 @@ class RedisServer:
     host: str = "127.0.0.1"
     appendonly: bool = True
     password: str = ""  # the default user's: clients need it in their URL (redis://:PASSWORD@host:port/0)
-    appendfsync: RedisAppendFsync = "always"
+    # everysec here (tests, benches); the embedded server of a data directory gets the setting
+    # FLYWHEEL_REDIS_APPENDFSYNC, "always" by default (resolve_redis_url)
+    appendfsync: RedisAppendFsync = "everysec"
     max_memory_bytes: int = 0
     process: subprocess.Popen | None = None
 
