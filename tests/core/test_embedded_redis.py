@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 import redis
 
+from flywheel.contracts.artifacts import POLICY_KIND
+from flywheel.contracts.keys import registry_current_key
 from flywheel.redis_server import (DENIED_COMMANDS, EmbeddedRedisOptions, RedisServer, embedded_redis_password_file,
                                    redacted, resolve_redis_url, with_password, without_password)
+
+
+POINTER = registry_current_key(POLICY_KIND)
 
 
 def mode(path: Path) -> int:
@@ -34,7 +39,7 @@ def test_a_client_without_the_password_is_refused(embedded):
     for intruder in (redis.Redis(host="127.0.0.1", port=server.port),
                      redis.Redis.from_url(with_password(url, "guessed"))):
         with pytest.raises(redis.AuthenticationError):
-            intruder.set("flywheel:registry:policy:current", "0")
+            intruder.set(POINTER, "0")
         intruder.close()
     assert redis.Redis.from_url(url).ping()
 
@@ -100,10 +105,10 @@ def test_an_older_servers_world_readable_files_are_closed_at_start(tmp_path):
 def test_a_full_redis_refuses_writes_and_evicts_nothing(tmp_path):
     with RedisServer(tmp_path / "redis", max_memory_bytes=2 * 2**20) as server:
         client = redis.Redis.from_url(server.url)
-        client.set("flywheel:registry:policy:current", "3")
+        client.set(POINTER, "3")
         with pytest.raises(redis.exceptions.OutOfMemoryError):
             for i in range(10_000):
                 client.set(f"filler:{i}", b"x" * 4096)
-        assert client.get("flywheel:registry:policy:current") == b"3"  # noeviction: nothing was dropped
+        assert client.get(POINTER) == b"3"  # noeviction: nothing was dropped
         client.delete(*[f"filler:{j}" for j in range(i)])  # deletes work at the bound and free memory
         client.set("after", "ok")
