@@ -118,7 +118,7 @@ def durability_costs(rounds: int, rankings: int) -> None:
         print(f"ratio always / everysec, {clients} client(s): {ratio:.2f}")
 
 
-def main(repeats: int = 200, rounds: int = 5, rankings: int = 400) -> None:
+def main(repeats: int = 200, rounds: int = 3, rankings: int = 300) -> None:
     group_store_costs(repeats)
     durability_costs(rounds, rankings)
 

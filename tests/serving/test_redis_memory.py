@@ -87,8 +87,13 @@ def test_a_full_redis_refuses_groups_then_rankings_clearly_and_control_state_kee
     admin_stub.Promote(admin.PromoteRequest(version=1, reason="while Redis is nearly full"), timeout=10)
     wait_served(stub, 1)
 
-    # at the bound Redis refuses every write that needs memory: the ranking gets a clear refusal
-    filled = fill_until(redis_client, 1.0, filled)
+    # at the bound Redis refuses every write that needs memory: the ranking gets a clear refusal.
+    # (Redis checks the bound when a command or script starts; a script started below it writes
+    # on, so this one lands well past it: just at the bound, a freed buffer could let a write in.)
+    filled = fill_until(redis_client, 0.95, filled)
+    redis_client.eval("redis.call('SET', KEYS[1], string.rep('x', tonumber(ARGV[1])))", 1, "test:past-the-bound",
+                      2**20)
+    assert memory_usage(redis_client)[0] > MAX_MEMORY + 2**19
     with pytest.raises(redis.exceptions.OutOfMemoryError):
         redis_client.set("test:one-more", FILLER)
     with pytest.raises(grpc.RpcError) as info:
@@ -101,7 +106,7 @@ def test_a_full_redis_refuses_groups_then_rankings_clearly_and_control_state_kee
     assert feedback.GetFeedbackStats(fb.GetFeedbackStatsRequest(), timeout=10).stream_length == 0
 
     # memory freed: the client's retry with the same idempotency key is accepted, once
-    redis_client.delete(*[f"test:filler:{i}" for i in range(filled)])
+    redis_client.delete("test:past-the-bound", *[f"test:filler:{i}" for i in range(filled)])
     ack = rank(feedback, ranked_later, "retry-me")
     assert not ack.duplicate and rank(feedback, ranked_later, "retry-me").duplicate
     assert redis_client.xlen(RANKINGS_STREAM) == 1
