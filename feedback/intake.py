@@ -25,6 +25,7 @@ from flywheel.contracts.rankings import MAX_RANKED, MIN_RANKED, SOURCE_HUMAN, Ra
 from flywheel.group_store import GroupStore
 from flywheel.quoting import quote
 from flywheel.rankings_stream import AlreadyRankedError, AppendResult, RankingStream
+from flywheel.redis_server import is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ MAX_COMMENT_CHARS = 8192
 
 # the statuses of a Rejection, named as gRPC names its codes (lower case)
 INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED = "invalid_argument", "not_found", "permission_denied"
-ALREADY_EXISTS, UNAVAILABLE = "already_exists", "unavailable"
+ALREADY_EXISTS, UNAVAILABLE, RESOURCE_EXHAUSTED = "already_exists", "unavailable", "resource_exhausted"
 
 
 class Rejection(Exception):
@@ -156,6 +157,12 @@ class RankingIntake:
             self._count_rejection(rejection.reason)
             raise
         except redis.RedisError as exc:
+            if is_out_of_memory(exc):  # noeviction at maxmemory: nothing was written
+                log.warning("ranking intake: Redis is at its maxmemory, ranking refused: %s", exc)
+                self._count_rejection("redis_full")
+                raise Rejection(RESOURCE_EXHAUSTED, "redis_full",
+                                "the feedback store is full (Redis is at its maxmemory); the ranking was not "
+                                "stored: retry later with the same idempotency key") from exc
             log.warning("ranking intake: Redis unavailable: %s", exc)
             self._count_rejection("unavailable")
             raise Rejection(UNAVAILABLE, "unavailable",

@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from flywheel.rankings_stream import RankingStream
+from flywheel.redis_server import memory_usage
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class LabellingMetrics(FeedbackMetrics):
 
 
 class RankingStreamCollector(Collector):
-    """Reads the rankings stream's state from Redis at scrape time."""
+    """Reads the rankings stream's state, and how full its Redis is, from Redis at scrape time."""
 
     def __init__(self, stream: RankingStream) -> None:
         self.stream = stream
@@ -75,6 +76,7 @@ class RankingStreamCollector(Collector):
         up = GaugeMetricFamily("flywheel_rankings_redis_up", "1 when the rankings stream's Redis answered the scrape.")
         try:
             stats = self.stream.stats()
+            used, most = memory_usage(self.stream.redis)
         except redis.RedisError as exc:
             log.warning("cannot read rankings stream stats: %s", exc)
             up.add_metric([], 0)
@@ -84,6 +86,14 @@ class RankingStreamCollector(Collector):
         yield up
         yield GaugeMetricFamily("flywheel_rankings_stream_entries", "Entries in the rankings stream.",
                                 value=stats.length)
+        yield GaugeMetricFamily("flywheel_rankings_dead_letter_entries",
+                                "Entries in the dead-letter stream flywheel:rankings:dead (rankings no run could use).",
+                                value=stats.dead_letter_length)
+        yield GaugeMetricFamily("flywheel_redis_memory_used_bytes", "Memory the shared Redis uses (INFO used_memory).",
+                                value=used)
+        yield GaugeMetricFamily("flywheel_redis_memory_max_bytes",
+                                "The shared Redis's maxmemory (0 = unbounded); above it, writes are refused.",
+                                value=most)
         pending = GaugeMetricFamily("flywheel_rankings_pending_entries",
                                     "Rankings delivered to a consumer group but not yet acknowledged.",
                                     labels=["consumer_group"])

@@ -4,7 +4,7 @@ Every refusal carries the status code a client can act on: NOT_FOUND for a group
 existed or has expired, INVALID_ARGUMENT for a ranking that cannot be right whatever the server
 state, PERMISSION_DENIED for an attempt to pass as the AI labeler or as another annotator,
 ALREADY_EXISTS for a second ranking of a group by the same annotator, UNAVAILABLE while Redis is
-down (retry later, with the same idempotency key). Rankings submitted here are always
+down and RESOURCE_EXHAUSTED while it is at its maxmemory (retry later, with the same idempotency key). Rankings submitted here are always
 ``source=human``: the API has no way to mark feedback as coming from the AI labeler.
 
 With auth on, the annotator is bound to the API key: a client key ranks as its own name

@@ -39,6 +39,7 @@ JudgeCombineOrders = Literal["log_odds", "probability"]
 JudgeApi = Literal["chat", "completions"]
 Finetune = Literal["lora", "full"]
 AdvantageEstimator = Literal["gae", "rloo"]
+RedisAppendFsync = Literal["always", "everysec"]
 
 MAX_PORT = 65535
 
@@ -165,6 +166,9 @@ class FeedbackConfig(ConfigSection):
     store_groups: bool = setting(
         True, "store served groups in Redis and serve the Feedback API on the same port")
     group_ttl_seconds: int = setting(7 * 24 * 3600, "how long served groups stay rankable", minimum=1)
+    group_max_memory_fraction: float = setting(
+        0.9, "a served group is not stored while Redis uses more than this fraction of its maxmemory (the rest "
+             "is kept for rankings, registries, run locks and the Celery broker)", above=0, maximum=1)
     rankings_claim_idle_seconds: float = setting(
         300.0, "a ranking pending this long with a consumer is reclaimed by a reader without a run lock "
                "(a run under its fenced lock reclaims a dead run's at once)", minimum=0)
@@ -400,6 +404,13 @@ class FlywheelConfig(ConfigSection):
         "127.0.0.1:50051", "host:port of the gRPC server: where serve listens and the client commands connect")
     # the feedback stream, group records, registries and the Celery broker
     redis_url: str = setting("", "redis://... of a Redis 6.2+; empty = start an embedded redis-server")
+    # the embedded redis-server only (an external Redis is configured where it runs; README "Redis")
+    redis_max_memory_mb: int = setting(
+        2048, "embedded redis-server: maxmemory in MiB, with noeviction (writes are refused above it, nothing "
+              "is evicted); 0 = unbounded", minimum=0)
+    redis_appendfsync: RedisAppendFsync = setting(
+        "always", "embedded redis-server: always = the AOF is fsynced before a write is acknowledged; everysec = "
+                  "a host crash may lose the last second of acknowledged rankings and registry changes")
 
     serving: ServingConfig = section(ServingConfig)
     security: SecurityConfig = section(SecurityConfig)

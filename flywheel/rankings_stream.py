@@ -77,6 +77,7 @@ class ConsumerGroupStats:
 @dataclass(frozen=True)
 class StreamStats:
     length: int
+    dead_letter_length: int  # entries no consumer could use (DEAD_LETTER_STREAM), with their reasons
     rankings: dict[str, int]  # by source, ever accepted
     consumer_groups: list[ConsumerGroupStats]
     agreement: Agreement
@@ -211,11 +212,13 @@ class RankingStream:
     def stats(self) -> StreamStats:
         pipe = self.redis.pipeline(transaction=False)
         pipe.xlen(self.stream)
+        pipe.xlen(DEAD_LETTER_STREAM)
         pipe.hgetall(RANKINGS_STATS_KEY)
-        length, counters = pipe.execute()
+        length, dead, counters = pipe.execute()
         counters = {k: int(v) for k, v in text_dict(counters).items()}
         return StreamStats(
             length=int(length),
+            dead_letter_length=int(dead),
             rankings={s: counters.get("rankings:" + s, 0) for s in SOURCES},
             consumer_groups=self.consumer_groups(),
             agreement=Agreement(counters.get("agreement:agreed", 0), counters.get("agreement:pairs", 0)),

@@ -76,13 +76,16 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
 
     from feedback.service import FEEDBACK_SERVICE, FeedbackServicer, add_feedback_service
     from flywheel.contracts.keys import REWARD_MODEL_CONSUMER_GROUP
-    from flywheel.group_store import GroupStore
-    from flywheel.redis_server import open_redis, resolve_redis_url
+    from prometheus_client import Counter
+
+    from flywheel.group_store import GroupStore, GroupStoreFull
+    from flywheel.redis_server import EmbeddedRedisOptions, open_redis, resolve_redis_url
     from serving.admin import ADMIN_SERVICE, AdminServicer, add_admin_service
     from serving.metrics import RegistryCollector, ServingMetrics
     from serving.rate_limit import RateLimiter
 
-    url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir)
+    url, embedded = resolve_redis_url(settings.redis_url, settings.data_dir,
+                                      embedded=EmbeddedRedisOptions.of(settings))
     # short timeouts: with Redis down, completions are still served (their groups just cannot be ranked)
     client, _ = open_redis(url, settings.data_dir, socket_connect_timeout=1.0, socket_timeout=2.0,
                            health_check_interval=10)
@@ -93,9 +96,20 @@ def build_server(settings) -> tuple["InferenceServer", Callable[[], None]]:
     feedback = FeedbackServicer(client, group_ttl_seconds=settings.feedback.group_ttl_seconds,
                                 registry=metrics.registry)
     limiter = RateLimiter.from_settings(limiter_client, settings.security, on_error=metrics.rate_limiter_errors.inc)
-    server = InferenceServer(
-        settings, metrics=metrics, group_sink=GroupStore(client, settings.feedback.group_ttl_seconds).save,
-        policy_redis=client, rate_limiter=limiter)
+    groups = GroupStore(client, settings.feedback.group_ttl_seconds, settings.feedback.group_max_memory_fraction)
+    memory_refusals = Counter("flywheel_group_store_memory_refusals",
+                              "served groups not stored because Redis is above the memory share of groups "
+                              "(also counted in flywheel_group_store_failures_total)", registry=metrics.registry)
+
+    def store_group(result) -> None:  # the server counts and logs every failure; this names the full ones
+        try:
+            groups.save(result)
+        except GroupStoreFull:
+            memory_refusals.inc()
+            raise
+
+    server = InferenceServer(settings, metrics=metrics, group_sink=store_group, policy_redis=client,
+                             rate_limiter=limiter)
 
     def serving_status() -> tuple[int, int, int]:
         engine = server.engine

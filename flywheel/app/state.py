@@ -17,11 +17,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from flywheel.redis_server import embedded_redis_folder, embedded_redis_has_data, redis_connection
+from flywheel.redis_server import (EmbeddedRedisOptions, embedded_redis_folder, embedded_redis_has_data, redacted,
+                                   redis_connection)
 
 POINT_ELSEWHERE = ("run the command in the folder where `flywheel up` or `flywheel serve` ran, or pass "
                    "--data-dir DIR (env FLYWHEEL_DATA_DIR) or --redis-url redis://HOST:PORT/0 (env FLYWHEEL_REDIS_URL)")
@@ -29,18 +29,6 @@ POINT_ELSEWHERE = ("run the command in the folder where `flywheel up` or `flywhe
 
 class StateNotFound(Exception):
     """No existing state where the command looked; the message says where, and how to point it."""
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password (``redis://:***@host:6379/0``), for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 @dataclass(frozen=True)
@@ -70,7 +58,8 @@ def existing_state(settings, allow_new_redis: bool = False) -> Iterator[tuple[re
                 f"no Flywheel state in {data_dir}: no Redis URL is set (FLYWHEEL_REDIS_URL, REDIS_URL) and "
                 f"{embedded_redis_folder(data_dir)} holds no embedded Redis data. Nothing was started; "
                 f"{POINT_ELSEWHERE}")
-    with redis_connection(settings.redis_url, settings.data_dir, socket_connect_timeout=2,
+    with redis_connection(settings.redis_url, settings.data_dir, embedded=EmbeddedRedisOptions.of(settings),
+                          socket_connect_timeout=2,
                           socket_timeout=5) as client:
         try:
             client.ping()

@@ -175,10 +175,11 @@ def _run_on_worker(args: argparse.Namespace, settings, kind: str, kwargs: dict, 
 def train_reward_model_command(args: argparse.Namespace) -> int:
     settings = config_from_args(args)
     if args.local:
-        from flywheel.redis_server import redis_connection
+        from flywheel.redis_server import EmbeddedRedisOptions, redis_connection
         from training.reward_model_run import run_reward_model_training
 
-        with redis_connection(settings.redis_url, settings.data_dir) as client:
+        with redis_connection(settings.redis_url, settings.data_dir,
+                              embedded=EmbeddedRedisOptions.of(settings)) as client:
             report = run_reward_model_training(settings, client, min_rankings=args.min_rankings, who="cli")
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -189,10 +190,11 @@ def train_reward_model_command(args: argparse.Namespace) -> int:
 def train_policy_command(args: argparse.Namespace) -> int:
     settings = config_from_args(args)
     if args.local:
-        from flywheel.redis_server import redis_connection
+        from flywheel.redis_server import EmbeddedRedisOptions, redis_connection
         from training.policy_run import run_policy_training
 
-        with redis_connection(settings.redis_url, settings.data_dir) as client:
+        with redis_connection(settings.redis_url, settings.data_dir,
+                              embedded=EmbeddedRedisOptions.of(settings)) as client:
             report = run_policy_training(settings, client, who=f"cli:{_who()}")
         print(json.dumps(report.to_dict(), indent=2))
         return 0

@@ -82,13 +82,14 @@ def child_environment(settings: FlywheelConfig, redis_url: str) -> dict:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from flywheel.redis_server import resolve_redis_url
+    from flywheel.redis_server import EmbeddedRedisOptions, redacted, resolve_redis_url
 
     settings = config_from_args(args)
     data_dir = Path(settings.data_dir).resolve()
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    redis_url, embedded = resolve_redis_url(settings.redis_url, data_dir)
+    # the embedded server's password travels in the children's environment, never in argv or a log
+    redis_url, embedded = resolve_redis_url(settings.redis_url, data_dir, embedded=EmbeddedRedisOptions.of(settings))
     if settings.security.auth != "off":  # the machine's API keys exist (and are logged) before any client needs them
         KeyStore.from_settings(dataclasses.replace(settings, data_dir=data_dir))
     processes = platform_processes(settings)
@@ -105,7 +106,7 @@ def run_up(args: argparse.Namespace) -> int:
         for process in processes:
             process.start(env, logs)
         print(format_table(("process", "pid", "where", "log"), [
-            ("redis", "-" if embedded is None else str(embedded.process.pid), redis_url, ""),
+            ("redis", "-" if embedded is None else str(embedded.process.pid), redacted(redis_url), ""),
             *[(p.name, str(p.popen.pid), _where(p.name, settings), str(logs / f"{p.name}.log")) for p in processes],
         ]), flush=True)
         print("flywheel up: running; Ctrl-C stops everything", flush=True)

@@ -1,6 +1,7 @@
 """`flywheel up` runs the platform's processes under one Ctrl-C (tiny model, real processes)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import time
 import urllib.request
 
 import grpc
+import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flywheel.redis_server import free_port
@@ -64,12 +67,28 @@ def test_up_starts_every_process_and_ctrl_c_stops_them(tiny_model_dir, tmp_path)
             group_id=response.group_id, completion_ids=[c.completion_id for c in response.completions]), timeout=30)
         assert ack.stream_entry_id
         channel.close()
+        # the embedded Redis takes only clients with the password in DATA_DIR/secrets: the server, both
+        # workers (their /metrics read it: 2048 MiB, the default bound), beat and the CLI have it
+        password = (secrets / "redis.password").read_text().strip()
+        assert (secrets / "redis.password").stat().st_mode & 0o077 == 0
+        marker = (tmp_path / "redis" / "redis.url").read_text().strip()
+        assert password not in marker
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(marker).ping()
+        for metrics_port in (metrics, labelling):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            bound = re.search(r"^flywheel_redis_memory_max_bytes (\S+)$", text, re.M)
+            assert bound and float(bound.group(1)) == 2048 * 2**20, metrics_port
+        listing = subprocess.run([sys.executable, "-m", "flywheel.app.cli", "policies", "--data-dir", str(tmp_path)],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert listing.returncode == 0, listing.stderr
         for name in ("server", "labelling-worker", "training-worker", "beat"):
             assert (tmp_path / "logs" / f"{name}.log").exists()
     finally:
         up.send_signal(signal.SIGINT)
         output, _ = up.communicate(timeout=120)
     assert up.returncode == 0, output[-3000:]
+    assert password not in output  # the table shows the Redis URL redacted
     assert "stopping" in output
     assert not (tmp_path / "redis" / "redis.url").exists(), "the embedded redis-server was left running"
     for port_ in (port, metrics, labelling, training):  # every process is gone

@@ -71,7 +71,10 @@ SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_POOLING": "
                   "FLYWHEEL_WORKER_ALIVE_MAX_AGE_SECONDS": "120.0", "FLYWHEEL_TRAINING_RERUN_CHECK_SECONDS": "30.0",
                   "FLYWHEEL_TRAINING_MAX_RUN_ATTEMPTS": "3",
                   # issue 13: keyless calls bounded apart from keyed traffic
-                  "FLYWHEEL_GRPC_OPEN_RPCS": "256"}
+                  "FLYWHEEL_GRPC_OPEN_RPCS": "256",
+                  # issue 12 items 7-9: the embedded Redis durable, bounded, groups kept under a share
+                  "FLYWHEEL_REDIS_MAX_MEMORY_MB": "2048", "FLYWHEEL_REDIS_APPENDFSYNC": "always",
+                  "FLYWHEEL_GROUP_MAX_MEMORY_FRACTION": "0.9"}
 
 # The flags each command had when every command kept its own list of setting names; a command may
 # offer more now (all of its sections'), never fewer.

@@ -235,7 +235,8 @@ def test_alerts_cover_what_an_operator_needs():
                    "flywheel_reward_model_runs_total", "flywheel_ppo_runs_total",
                    "flywheel_rankings_lag_entries", "flywheel_rankings_pending_entries",
                    "flywheel_reward_model_heldout_accuracy_ratio", "flywheel_policy_load_failures_total",
-                   "flywheel_rankings_redis_up", "flywheel_ai_human_agreement_ratio"]:
+                   "flywheel_rankings_redis_up", "flywheel_ai_human_agreement_ratio",
+                   "flywheel_rankings_dead_letter_entries", "flywheel_redis_memory_used_bytes"]:
         assert metric in by_metric, f"no alert watches {metric}"
 
 
@@ -486,20 +487,30 @@ def test_compose_file_is_consistent():
     build = services["server-1"]["build"]
     assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
 
-    assert "--appendonly" in services["redis"]["command"] and services["redis"]["image"].startswith("redis:7")
+    redis_command = " ".join(services["redis"]["command"])
+    assert services["redis"]["image"].startswith("redis:7")
+    for option in ("--appendonly yes", "--appendfsync always", "--maxmemory-policy noeviction", ">$$REDIS_PASSWORD",
+                   "-config", "-debug"):
+        assert option in redis_command, option
+    assert "$$REDIS_PASSWORD" in services["redis"]["healthcheck"]["test"][1]
+    redis_url = "redis://:${REDIS_PASSWORD:?"  # from the operator's deploy/.env, never from a committed file
     for name in ["server-1", "server-2"]:
         env = services[name]["environment"]
-        assert env["FLYWHEEL_GRPC_ADDRESS"] == "0.0.0.0:50051" and env["REDIS_URL"] == "redis://redis:6379/0"
+        assert env["FLYWHEEL_GRPC_ADDRESS"] == "0.0.0.0:50051" and env["REDIS_URL"].startswith(redis_url)
+        assert env["REDIS_URL"].endswith("}@redis:6379/0")
         assert "flywheel-data:/data" in services[name]["volumes"]
     for name, queue in [("labelling-worker", "labelling"), ("training-worker", "training")]:
         command = services[name]["command"]
         assert services[name]["entrypoint"] == ["celery"]
         assert command[command.index("-Q") + 1] == queue and "solo" in command
-        assert services[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+        assert services[name]["environment"]["REDIS_URL"].startswith(redis_url)
         # a solo worker answers no inspect ping mid-task: the check reads its heartbeat file
         assert services[name]["healthcheck"]["test"] == ["CMD", "flywheel", "worker-alive"]
         heartbeat = services[name]["environment"]["FLYWHEEL_WORKER_HEARTBEAT_FILE"]
         assert heartbeat.startswith("/tmp/"), heartbeat  # the container's own, not the shared volume
+    # the unauthenticated UIs (Prometheus with --web.enable-lifecycle, Grafana) listen on this machine only
+    for name in ["prometheus", "grafana", "alertmanager"]:
+        assert all(str(p).startswith("127.0.0.1:") for p in services[name]["ports"]), name
     assert "beat" in services["beat"]["command"]
     for name in ["labelling-worker", "training-worker", "beat"]:  # the entry that imports the task modules
         assert_celery_entry(services[name]["command"])
@@ -508,9 +519,10 @@ def test_compose_file_is_consistent():
     assert services["alert-log"]["entrypoint"] == ["python", "-m", "flywheel.app.alert_log"]
 
 
-def test_compose_file_passes_docker_compose_config(tmp_path):
+def test_compose_file_passes_docker_compose_config(tmp_path, monkeypatch):
     """``docker compose config`` validates without a daemon; where only Debian's docker-compose 1.29
     exists, it validates everything but the top-level ``name`` (which it predates)."""
+    monkeypatch.setenv("REDIS_PASSWORD", "0123abcd")  # what deploy/.env gives an operator's compose
     if shutil.which("docker") and run("docker", "compose", "version").returncode == 0:
         result = run("docker", "compose", "-f", str(COMPOSE), "config", "--quiet")
     elif shutil.which("docker-compose"):
@@ -680,10 +692,16 @@ def test_k8s_manifests_wire_together():
     fields = set(FlywheelConfig.setting_names()) | PENDING_SETTINGS
     for key in config:
         assert key.startswith("FLYWHEEL_") and key.removeprefix("FLYWHEEL_").lower() in fields, key
-    assert "REDIS_URL" in by_kind["Secret"]["flywheel-redis"]["stringData"]
+    assert "Secret" not in by_kind, "no committed manifest may hold a secret (config.yaml says how to create it)"
     claim = by_kind["PersistentVolumeClaim"]["flywheel-artifacts"]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    assert by_kind["StatefulSet"]["redis"]["spec"]["template"]["spec"]["containers"][0]["image"].startswith("redis:7")
+    (redis,) = by_kind["StatefulSet"]["redis"]["spec"]["template"]["spec"]["containers"]
+    assert redis["image"].startswith("redis:7")
+    (password,) = [e for e in redis["env"] if e["name"] == "REDIS_PASSWORD"]
+    assert password["valueFrom"]["secretKeyRef"] == {"name": "flywheel-redis", "key": "REDIS_PASSWORD"}
+    for option in ("--appendfsync always", "--maxmemory-policy noeviction", ">$REDIS_PASSWORD", "-config", "-debug"):
+        assert option in " ".join(redis["command"]), option
+    assert "REDIS_PASSWORD" in " ".join(redis["readinessProbe"]["exec"]["command"])
 
     deployments = by_kind["Deployment"]
     for name, deployment in deployments.items():

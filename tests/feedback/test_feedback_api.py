@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import grpc
 import pytest
@@ -74,7 +75,7 @@ def test_unknown_and_expired_groups_are_not_found(feedback_server, saved_group, 
     assert "does not exist or has expired" in rejected(feedback_server, grpc.StatusCode.NOT_FOUND, group_id="nope",
                                                        ids=["nope-0", "nope-1"])
     redis_client.pexpire(group_key("g1"), 1)  # the group's TTL runs out
-    redis_client.execute_command("DEBUG", "SLEEP", "0.01")
+    time.sleep(0.01)
     rejected(feedback_server, grpc.StatusCode.NOT_FOUND)
     assert redis_client.xlen(RANKINGS_STREAM) == 0
     assert feedback_server.metric("flywheel_rankings_rejected_total", source="human", reason="unknown_group") == 2

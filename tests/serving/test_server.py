@@ -280,7 +280,7 @@ def test_processes_on_one_data_dir_share_one_embedded_redis(tmp_path):
     assert not (tmp_path / "redis" / "redis.url").exists()
     url2, server2 = resolve_redis_url("", tmp_path)  # restarts after the first one stopped
     server2.stop()
-    assert url2.startswith("redis://127.0.0.1:")
+    assert url2.startswith("redis://:") and "@127.0.0.1:" in url2  # with the data dir's password
 
 
 def test_embedded_redis_starts_from_a_relative_data_dir(tmp_path, monkeypatch):
