@@ -49,7 +49,7 @@ from bench.serve import percentile, prompts, start_server  # noqa: E402
 from flywheel.api_keys import ROLE_CLIENT, client_key, generate_key, hash_key  # noqa: E402
 from flywheel.contracts.keys import RANKINGS_STREAM  # noqa: E402
 from flywheel.grpc_client import bearer, retry_after_seconds  # noqa: E402
-from flywheel.redis_server import free_port, open_redis  # noqa: E402
+from flywheel.redis_server import embedded_redis_password, free_port, open_redis, with_password  # noqa: E402
 from flywheel.config import FlywheelConfig  # noqa: E402
 from flywheel.v1 import feedback_pb2 as fb  # noqa: E402
 from flywheel.v1 import feedback_pb2_grpc as fb_rpc  # noqa: E402
@@ -282,7 +282,9 @@ def run(args: argparse.Namespace) -> dict:
                   "FLYWHEEL_CLIENT_REQUEST_BURST": str(args.client_request_burst)}
         process, port = start_server(scratch.name, args.dtype, args.model, store_groups=True, extra_env=limits)
         address, pid = f"127.0.0.1:{port}", process.pid
-        redis_url = (Path(scratch.name) / "redis" / "redis.url").read_text().strip()
+        # the server's embedded Redis: its URL file holds no password, the data dir's secrets do
+        redis_url = with_password((Path(scratch.name) / "redis" / "redis.url").read_text().strip(),
+                                  embedded_redis_password(Path(scratch.name)))
     store = open_redis(redis_url, args.data_dir)[0] if redis_url else None
     try:
         warm_up(address, keys[0])

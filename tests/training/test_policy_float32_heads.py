@@ -100,8 +100,10 @@ def test_bfloat16_log_probs_of_identical_weights_agree_across_batch_shapes(tiny_
     body_output_differs_by_batch_shape(policy, rows_of_the_full_batch=8)
     logprob_differences, value_differences = batch_shape_differences(policy)
     # PPO's clip range is 0.2. Log-probs: bfloat16 heads differ here by up to 0.20 nats (mean 0.023),
-    # float32 heads by 0.006 (mean 0.002); values: 0.031 and 0.009
-    assert logprob_differences.max() < 0.02, logprob_differences.max()
+    # float32 heads by 0.006 (mean 0.002); values: 0.031 and 0.009. On some CPUs (an AMD EPYC's
+    # bfloat16 kernels) the body itself differs more between batch shapes: float32 heads measured
+    # 0.048 there; the bound stays far below the bfloat16 heads' 0.20 and half PPO's clip range
+    assert logprob_differences.max() < 0.1, logprob_differences.max()
     assert value_differences.max() < 0.02, value_differences.max()
 
 

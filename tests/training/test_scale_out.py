@@ -119,15 +119,20 @@ def test_two_servers_and_two_workers_share_one_redis_and_one_data_dir(
     (policy_task,) = set(re.findall(r"Task training\.train_policy\[([\w-]+)\] received", "".join(text)))
     assert f"Task training.train_policy[{policy_task}] received" in text[running]
     assert f"run {policy_task} (training.train_policy) lost its worker" in text[survivor]  # handed over
-    # both triggers saw the rankings; one reward-model run was queued
-    assert len(re.findall(r"Task training\.train_reward_model\[[\w-]+\] received", "".join(text))) == 1
+    # both triggers saw the rankings; one reward-model run trained. A trigger that checked the lock
+    # just before the first run's task started (its queued marker is cleared at the start, before
+    # the run takes the lock) can queue a second task, which finds nothing to do: a known race
+    # (the README's Reliability table), so the test counts trained versions, not deliveries
+    deliveries = re.findall(r"Task training\.train_reward_model\[[\w-]+\] received", "".join(text))
+    assert 1 <= len(deliveries) <= 2, deliveries
     assert assert_registry_consistent(redis_client, REWARD_MODEL_KIND, settings.data_dir / "reward_models") == [1]
     assert assert_registry_consistent(redis_client, POLICY_KIND, settings.data_dir / "policies") == [1]
     assert [e["action"] for e in reversed(policies.audit(10)) if e["action"] in ("promote", "rollback")] == [
         "promote", "rollback"]
 
     held = lock_intervals(text, {running: killed_at})
-    assert len(held["reward-model"]) == 1 and len(held["policy"]) == 2  # the killed run and its rerun
+    # one reward-model lock per delivery (a second finds nothing waiting and skips); the killed PPO run and its rerun
+    assert 1 <= len(held["reward-model"]) <= len(deliveries) and len(held["policy"]) == 2
     for kind, intervals in held.items():
         intervals.sort()
         for (_, ended, token), (began, _, later) in zip(intervals, intervals[1:]):
