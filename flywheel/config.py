@@ -33,6 +33,7 @@ Dtype = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"
 # compute dtypes of the policy (training.policy_model) and of the reward model (training.reward_model)
 PolicyAutocast = Literal["auto", "bfloat16", "bf16", "float32", "fp32"]
 RewardModelPooling = Literal["last", "last+mean"]
+RewardLength = Literal["neutral", "learned"]  # training.policy_reward: whether PPO is paid for length
 RewardModelAutocast = Literal["auto", "bfloat16", "bf16", "float16", "float32", "fp32"]
 AuthMode = Literal["on", "off"]
 JudgeCombineOrders = Literal["log_odds", "probability"]
@@ -356,6 +357,9 @@ class PolicyRunConfig(ConfigSection):
         minimum=1)
     critic_warmup_iterations: int = setting(
         0, "first PPO iterations that train only the value head (gae)", minimum=0)
+    reward_length: RewardLength = setting(
+        "neutral", "how PPO's reward and the gate treat answer length: neutral (the reward model's length "
+        "dependence taken out: paid only for what an answer says) or learned (kept, for a preference about length)")
     missing_eos_penalty: float = setting(
         1.0, "taken off the calibrated reward of a response cut at policy_response_length without an end", minimum=0)
     learning_rate: float = setting(1e-4, "PPO AdamW learning rate", above=0)

@@ -166,11 +166,14 @@ class PolicyRun(TrainingRun):
         section, policy = self.section, self.policy
         self.parent = _warm_start(policy, self.registry, current, self.model_config)
         folder = self.rewards.path(self.reward_record.version)
+        calibrations = {member: RewardCalibration.from_dict(entry["calibration"])
+                        for member, entry in self.reward_record.manifest["members"].items()}
+        self.reward_length = reward_length(section, calibrations, self.reward_record.version)
         self.scorers = {
             member: RewardModelScorer(self.cache.reward_model(self.reward_record, folder, member), eos_id=policy.eos_id,
                                       pad_id=policy.pad_id, policy_tokenizer=policy.tokenizer,
-                                      calibration=RewardCalibration.from_dict(entry["calibration"]))
-            for member, entry in self.reward_record.manifest["members"].items()}
+                                      calibration=calibration, length_neutral=self.reward_length == "neutral")
+            for member, calibration in calibrations.items()}
         seed = secrets.randbits(31) if section.seed is None else section.seed
         self.ppo = ppo_config(section, seed)
         # a fresh seed for the gate's draws every run (sample j of both policies from seed + j): a
@@ -180,8 +183,9 @@ class PolicyRun(TrainingRun):
         self.heldout_text = policy.text_batches(load_texts(Path(section.heldout_corpus or DEFAULT_HELDOUT_CORPUS)),
                                                 8, 256)
         self.ptx_texts = load_texts(Path(section.ptx_corpus or DEFAULT_PTX_CORPUS)) if self.ppo.ptx_coef > 0 else []
-        log.info("policy run: %d training and %d held-out prompts, reward model v%d, start from %s, %.2f M trained "
-                 "parameters (%s), seed %d%s", len(self.train_prompts), len(self.held_out), self.reward_record.version,
+        log.info("policy run: %d training and %d held-out prompts, reward model v%d (%s), start from %s, %.2f M "
+                 "trained parameters (%s), seed %d%s", len(self.train_prompts), len(self.held_out),
+                 self.reward_record.version, _describe_reward(self.reward_length, calibrations),
                  f"v{self.parent}" if self.parent else "the base model", policy.trainable_parameter_count() / 1e6,
                  self.model_config.finetune, seed, " (drawn for this run)" if section.seed is None else "")
         self.reference_perplexity = perplexity(policy, self.heldout_text, reference=True)
@@ -208,6 +212,7 @@ class PolicyRun(TrainingRun):
         return {
             "base_model": self.model_config.base_model,
             "reward_model_version": self.reward_record.version,
+            "reward_length": self.reward_length,
             "parent": self.parent,
             "current_at_start": current.version if current else 0,
             "created_by": self.who,
@@ -234,6 +239,22 @@ class PolicyRun(TrainingRun):
                               (metrics.gate_policy_member_gain, "policy_member_gain")):
             if isinstance(decision.figures[figure], float):
                 gauge.set(decision.figures[figure])
+
+
+def reward_length(section: PolicyRunConfig, calibrations: dict[str, RewardCalibration], version: int) -> str:
+    """The reward's length handling this run uses: the section's, except that a reward-model
+    version calibrated before length fits existed can only be scored as learned."""
+    if section.reward_length == "neutral" and not all(c.has_length_fit for c in calibrations.values()):
+        log.warning("reward model v%d has no length fit in its calibration (trained by an older Flywheel): "
+                    "PPO and the gate use its scores with their length dependence", version)
+        return "learned"
+    return section.reward_length
+
+
+def _describe_reward(mode: str, calibrations: dict[str, RewardCalibration]) -> str:
+    """How the reward pays length, e.g. "length-neutral; policy member -0.41, judge -0.37 per ln token"."""
+    slopes = ", ".join(f"{member} {c.length_slope / c.std:+.2f}" for member, c in calibrations.items())
+    return f"length {mode}; the members' length slopes {slopes} std per ln(tokens)"
 
 
 def _warm_start(policy: PolicyWithValueHead, registry, current: VersionRecord | None,

@@ -180,6 +180,19 @@ class RewardModel(torch.nn.Module):
         return list(state)
 
 
+def scored_sequence(prompt_ids: list[int], completion_ids: list[int], eos_id: int | None,
+                    max_length: int) -> tuple[list[int], int]:
+    """What a reward model scores: prompt + completion + EOS (unless the completion already ends with
+    it), cut from the left to ``max_length`` (the end is what is scored), and how many of the last
+    ids are the completion with its EOS. The one encoding of training (``RankingCollator``),
+    calibration and PPO's reward (``RewardModelScorer``), so all three score the same sequence."""
+    completion = list(completion_ids)
+    if eos_id is not None and (not completion or completion[-1] != eos_id):
+        completion.append(eos_id)
+    ids = (list(prompt_ids) + completion)[-max_length:]
+    return ids, min(len(completion), len(ids))
+
+
 def _completion_mean(hidden: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor,
                      completion_lengths: torch.Tensor | None) -> torch.Tensor:
     """Mean hidden state over each row's last ``completion_lengths`` non-pad tokens (right padding)."""
@@ -197,19 +210,41 @@ def _completion_mean(hidden: torch.Tensor, attention_mask: torch.Tensor, lengths
 @dataclass(frozen=True)
 class RewardCalibration:
     """Mean and standard deviation of a version's raw scores over a reference set of ``count``
-    (prompt, completion) pairs; ``normalize`` maps raw scores to (r − mean) / std."""
+    (prompt, completion) pairs; ``normalize`` maps raw scores to (r − mean) / std.
+
+    It also holds the version's length dependence on that set: the least-squares slope of the raw
+    score on log(completion tokens), ``length_slope`` (what a doubling of an answer's length is
+    worth to the model, in raw units, × ln 2), around ``length_center``. ``normalize_length_neutral``
+    takes that slope out: scores with mean 0 and std 1 and *no* linear dependence on log length
+    over the reference set, so that a policy optimizing them gains nothing by talking less or more
+    (see ``training.policy_reward``). A calibration without ``completion_lengths`` (or from an old
+    manifest) has slope 0: its length-neutral scores are its plain ones.
+    """
 
     mean: float
     std: float
     count: int
+    length_slope: float = 0.0
+    length_center: float = 0.0
+    residual_std: float | None = None
+    """Std of raw − slope·(log L − center) over the set; None = ``std`` (no length fit)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.mean) and math.isfinite(self.std) and self.std > 0 and self.count >= 2):
             raise ValueError(f"not a usable calibration: mean {self.mean}, std {self.std}, count {self.count}")
+        if not (math.isfinite(self.length_slope) and math.isfinite(self.length_center)):
+            raise ValueError(f"not a usable length fit: slope {self.length_slope}, center {self.length_center}")
+        if self.residual_std is not None and not (math.isfinite(self.residual_std) and self.residual_std > 0):
+            raise ValueError(f"not a usable length fit: residual std {self.residual_std}")
+
+    @property
+    def has_length_fit(self) -> bool:
+        return self.residual_std is not None
 
     @classmethod
-    def from_scores(cls, scores: torch.Tensor) -> "RewardCalibration":
-        """From the raw scores of a reference set (at least 2, not all equal)."""
+    def from_scores(cls, scores: torch.Tensor, completion_lengths: torch.Tensor | None = None) -> "RewardCalibration":
+        """From the raw scores of a reference set (at least 2, not all equal) and, to fit the
+        length dependence, each completion's length in tokens (with its EOS)."""
         scores = scores.detach().double().flatten()
         if scores.numel() < 2:
             raise ValueError(f"calibration needs at least 2 reference scores, got {scores.numel()}")
@@ -217,18 +252,49 @@ class RewardCalibration:
         if not std > 1e-6:
             raise ValueError(f"the reward model gives every reference completion the same score ({float(scores[0]):.4f}):"
                              " it cannot rank them, and cannot be calibrated")
-        return cls(mean=float(scores.mean()), std=std, count=int(scores.numel()))
+        mean = float(scores.mean())
+        if completion_lengths is None:
+            return cls(mean=mean, std=std, count=int(scores.numel()))
+        log_length = _log_length(completion_lengths).double().flatten()
+        if log_length.numel() != scores.numel():
+            raise ValueError(f"{scores.numel()} scores but {log_length.numel()} completion lengths")
+        center = float(log_length.mean())
+        spread = float(((log_length - center) ** 2).sum())
+        slope = float(((log_length - center) * (scores - mean)).sum()) / spread if spread > 1e-12 else 0.0
+        residual = float((scores - slope * (log_length - center)).std())
+        return cls(mean=mean, std=std, count=int(scores.numel()), length_slope=slope, length_center=center,
+                   residual_std=max(residual, 1e-6))
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.mean) / self.std
 
+    def normalize_length_neutral(self, raw: torch.Tensor, completion_lengths: torch.Tensor) -> torch.Tensor:
+        """(r − slope·(log L − center) − mean) / residual std: the score with the version's length
+        dependence on the reference set taken out."""
+        if not self.has_length_fit:
+            return self.normalize(raw)
+        log_length = _log_length(completion_lengths).to(raw.device, raw.dtype)
+        return (raw - self.length_slope * (log_length - self.length_center) - self.mean) / self.residual_std
+
     def to_dict(self) -> dict:
         """For a manifest (plain JSON)."""
-        return {"mean": self.mean, "std": self.std, "count": self.count}
+        data = {"mean": self.mean, "std": self.std, "count": self.count}
+        if self.has_length_fit:
+            data |= {"length_slope": self.length_slope, "length_center": self.length_center,
+                     "residual_std": self.residual_std}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "RewardCalibration":
-        return cls(mean=float(data["mean"]), std=float(data["std"]), count=int(data["count"]))
+        residual = data.get("residual_std")
+        return cls(mean=float(data["mean"]), std=float(data["std"]), count=int(data["count"]),
+                   length_slope=float(data.get("length_slope", 0.0)),
+                   length_center=float(data.get("length_center", 0.0)),
+                   residual_std=None if residual is None else float(residual))
+
+
+def _log_length(completion_lengths: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(completion_lengths).float().clamp(min=1).log()
 
 
 # ---- the K-way ranking loss ----

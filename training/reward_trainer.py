@@ -18,7 +18,7 @@ import torch
 
 from training.evidence import Interval, clustered_accuracy
 from training.rankings import Ranking
-from training.reward_model import PairIndex, RewardModel, k_way_ranking_loss, pairwise_accuracy_counts
+from training.reward_model import PairIndex, RewardModel, k_way_ranking_loss, pairwise_accuracy_counts, scored_sequence
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,7 @@ class RankingCollator:
     def encode_with_length(self, prompt: str, completion: str) -> tuple[list[int], int]:
         """``encode``'s ids and how many of the last of them are the completion (with its EOS)."""
         completion_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
-        if self.eos_id is not None:
-            completion_ids = completion_ids + [self.eos_id]
-        ids = (self._prompt_ids(prompt) + completion_ids)[-self.max_length:]
-        return ids, min(len(completion_ids), len(ids))
+        return scored_sequence(self._prompt_ids(prompt), completion_ids, self.eos_id, self.max_length)
 
     def length(self, ranking: Ranking) -> int:
         """Rough padded cost of a ranking, for grouping by length (characters, no tokenizing)."""

@@ -60,6 +60,7 @@ SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_POOLING": "
                   "FLYWHEEL_REWARD_MODEL_MIN_ACCURACY": "0.5",
                   "FLYWHEEL_POLICY_ADVANTAGE_ESTIMATOR": "rloo", "FLYWHEEL_POLICY_SAMPLES_PER_PROMPT": "4",
                   "FLYWHEEL_POLICY_CRITIC_WARMUP_ITERATIONS": "0", "FLYWHEEL_POLICY_MISSING_EOS_PENALTY": "1.0",
+                  "FLYWHEEL_POLICY_REWARD_LENGTH": "neutral",
                   "FLYWHEEL_POLICY_GATE_SAMPLES_PER_PROMPT": "4",
                   # issue 15: a judge on an OpenAI-compatible endpoint, AI weight by agreement
                   "FLYWHEEL_JUDGE_URL": "", "FLYWHEEL_JUDGE_API": "chat", "FLYWHEEL_JUDGE_API_KEY": "",

@@ -21,8 +21,8 @@ TOPICS = ["the weather", "a recipe", "prime numbers", "a poem", "the train times
 
 
 def promote_reward_model(client, settings: FlywheelConfig, seed: int = 0) -> int:
-    """A reward model with fresh heads on the tiny backbone (both members, an identity calibration),
-    registered and promoted."""
+    """A reward model with fresh heads on the tiny backbone (both members, an identity calibration
+    with a flat length fit), registered and promoted."""
     config = RewardModelConfig(backbone=settings.model, trainable_layers=0, max_length=128, autocast_dtype="float32")
     members = {}
     for offset, member in enumerate(REWARD_MODEL_MEMBERS):
@@ -34,8 +34,8 @@ def promote_reward_model(client, settings: FlywheelConfig, seed: int = 0) -> int
             model.save(folder, file_name=REWARD_MODEL_MEMBER_FILES[member])
 
     manifest = {"model": asdict(config), "parent": None,
-                "members": {m: {"file": REWARD_MODEL_MEMBER_FILES[m], "calibration": {"mean": 0.0, "std": 1.0,
-                                                                                   "count": 2}}
+                "members": {m: {"file": REWARD_MODEL_MEMBER_FILES[m], "calibration": {
+                    "mean": 0.0, "std": 1.0, "count": 2, "length_slope": 0.0, "length_center": 0.0, "residual_std": 1.0}}
                             for m in REWARD_MODEL_MEMBERS}}
     registry = open_registry(client, settings.data_dir, REWARD_MODEL_KIND)
     record = registry.write_version(write, manifest)

@@ -56,6 +56,7 @@ def test_a_policy_run_registers_an_atomically_written_version_and_the_gate_decid
     assert manifest["format"] == "lora"
     assert manifest["base_model"] == str(tiny_model_dir)
     assert manifest["reward_model_version"] == reward_version
+    assert manifest["reward_length"] == "neutral"  # the default: PPO is not paid for length
     assert manifest["parent"] == 0
     assert set(manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors"}
     for name, digest in manifest["files"].items():
@@ -190,3 +191,18 @@ def test_the_policy_commands(redis_server, redis_client, tmp_path):
     assert lines[1].startswith("v0") and lines[2].startswith("v1 *") and "rolled_back" in lines[3]
     assert flywheel("rollback", "--to", "7")[0] == 2
     assert registry.audit()[0]["who"] == "dora" and registry.audit()[0]["why"] == "regression"
+
+
+def test_a_reward_model_calibrated_without_a_length_fit_is_used_with_its_length_dependence(settings):
+    from training.policy_run import reward_length
+    from training.reward_model import RewardCalibration
+
+    fitted = RewardCalibration(0.0, 1.0, 8, length_slope=-0.3, length_center=2.0, residual_std=0.9)
+    old = RewardCalibration(0.0, 1.0, 8)  # a version written before calibrations fitted length
+    assert reward_length(settings.policy, {"policy": fitted, "judge": fitted}, 1) == "neutral"
+    assert reward_length(settings.policy, {"policy": fitted, "judge": old}, 1) == "learned"
+    learned = FlywheelConfig.load({"data_dir": settings.data_dir, "model": settings.model,
+                                   "policy_reward_length": "learned"}, environ={})
+    assert reward_length(learned.policy, {"policy": fitted, "judge": fitted}, 1) == "learned"
+    with pytest.raises(ValueError, match="reward_length"):
+        FlywheelConfig.load({"data_dir": settings.data_dir, "policy_reward_length": "short"}, environ={})

@@ -1,6 +1,7 @@
 """Defect 1 (mechanics): a reward-model version is calibrated over a reference set of (prompt,
 completion) token ids, and the scorer returns (raw − mean) / std: mean 0 and standard deviation 1
-there, whatever offset the version's training left."""
+there, whatever offset the version's training left; length-neutral scores also carry no linear
+dependence on log(length) there."""
 
 from __future__ import annotations
 
@@ -74,3 +75,54 @@ def test_a_calibration_travels_through_a_json_manifest_and_a_bad_one_is_refused(
         RewardCalibration.from_scores(torch.full((5,), 0.3))
     with pytest.raises(ValueError, match="at least 2"):
         RewardCalibration.from_scores(torch.tensor([0.3]))
+
+
+def log_lengths(responses: list[list[int]]) -> torch.Tensor:
+    """log(tokens scored) of each response: its tokens plus the EOS the scorer appends when missing."""
+    return torch.tensor([len(r) + (not r or r[-1] != EOS) for r in responses], dtype=torch.float).log()
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
+
+
+def test_length_neutral_scores_carry_no_length_dependence_on_the_reference_set(tiny_model_dir):
+    """What PPO is paid under reward_length=neutral: calibrated (mean 0, std 1) and uncorrelated with
+    log(length) over the reference set, for a version that pays length a lot."""
+    model = tiny_reward_model(tiny_model_dir)
+    prompts, responses = reference_set(32)
+    responses = [r * (1 + i % 5) for i, r in enumerate(responses)]  # lengths 1 to ~35 tokens
+    lengths = log_lengths(responses)
+    content = RewardModelScorer(model, eos_id=EOS)(prompts, responses)  # what the head says beside length
+    pay = 3.0 * float(content.std())
+
+    class LengthPaying(RewardModelScorer):  # a version that learned "longer is better" on top
+        def raw_scores_and_lengths(self, p, r):
+            scores, tokens = super().raw_scores_and_lengths(p, r)
+            return scores + pay * tokens.float().log(), tokens
+
+    calibration = calibrate(model, prompts, responses, EOS)
+    assert calibration.has_length_fit
+    calibration = RewardCalibration.from_scores(*LengthPaying(model, eos_id=EOS).raw_scores_and_lengths(prompts, responses))
+    assert calibration.length_slope > 0
+    learned = LengthPaying(model, eos_id=EOS, calibration=calibration)(prompts, responses)
+    neutral = LengthPaying(model, eos_id=EOS, calibration=calibration, length_neutral=True)(prompts, responses)
+    assert correlation(learned, lengths) > 0.8
+    assert abs(correlation(neutral, lengths)) < 1e-4
+    assert float(neutral.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(neutral.std()) == pytest.approx(1.0, abs=1e-4)
+    assert correlation(neutral, content) > max(correlation(learned, content), 0.5)
+
+
+def test_a_length_fit_travels_through_a_manifest_and_an_old_manifest_has_none():
+    scores, tokens = torch.tensor([1.0, 2.0, 4.0, 3.0]), torch.tensor([2, 4, 8, 8])
+    calibration = RewardCalibration.from_scores(scores, tokens)
+    assert calibration.has_length_fit
+    assert RewardCalibration.from_dict(json.loads(json.dumps(calibration.to_dict()))) == calibration
+    old = RewardCalibration.from_dict({"mean": 1.0, "std": 2.0, "count": 10})  # written before length fits
+    assert not old.has_length_fit
+    assert torch.equal(old.normalize_length_neutral(scores, tokens), old.normalize(scores))
+    with pytest.raises(ValueError, match="completion lengths"):
+        RewardCalibration.from_scores(scores, torch.tensor([2, 4]))
+    with pytest.raises(ValueError, match="length fit"):
+        RewardModelScorer(torch.nn.Linear(1, 1), eos_id=EOS, calibration=old, length_neutral=True)
