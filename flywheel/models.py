@@ -8,7 +8,9 @@ and every later start loads that folder directly. Nothing is ever fetched from a
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -67,6 +69,17 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in table:
         raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {name!r}")
     return table[name]
+
+
+def cache_argument(model: torch.nn.Module, cache) -> dict:
+    """The KV-cache keyword of ``model.forward``: ``cache`` from transformers 5.24, ``past_key_values``
+    before (pyproject allows both). Here so that serving's engine and training's policy share it."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def embedded_gguf_path() -> Path:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from flywheel.models import resolve_dtype
+from flywheel.models import cache_argument, resolve_dtype
 
 from flywheel.contracts.artifacts import (FULL_WEIGHTS_FILE, LORA_ADAPTER_FILE, POLICY_FORMAT_FULL, POLICY_FORMAT_LORA,
                                          VALUE_HEAD_FILE)
@@ -376,18 +374,6 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = 
             input_ids[row, columns] = torch.tensor(list(sequence))
             attention_mask[row, columns] = 1
     return input_ids, attention_mask
-
-
-def cache_argument(model: torch.nn.Module, cache) -> dict:
-    """The KV-cache keyword of ``model.forward``: ``cache`` from transformers 5.24, ``past_key_values``
-    before (pyproject allows both). The same rule as ``serving.model_runner.cache_argument``, which
-    the import layers keep training from importing."""
-    return {_cache_keyword(type(model)): cache}
-
-
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _plain_linear(module: torch.nn.Module | None) -> bool:
