@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from flywheel.models import cache_argument, resolve_dtype
+from flywheel.models import autocast_context, autocast_dtype, cache_argument
 
 from flywheel.contracts.artifacts import (FULL_WEIGHTS_FILE, LORA_ADAPTER_FILE, POLICY_FORMAT_FULL, POLICY_FORMAT_LORA,
                                          VALUE_HEAD_FILE)
@@ -153,13 +153,10 @@ class PolicyWithValueHead(torch.nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
-        dtype = resolve_dtype(self.config.autocast_dtype)
-        return None if dtype == torch.float32 else dtype
+        return autocast_dtype(self.config.autocast_dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cpu", dtype=self.compute_dtype)
+        return autocast_context(self.compute_dtype, "cpu")
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
