@@ -9,9 +9,10 @@ Two shapes, one JSON object a line:
   and ids), for anyone who trains on full rankings or audits them.
 
 ``prompt`` is the rendered prompt the policy saw (chat template applied), so ``prompt + chosen``
-is exactly the text that was served. The stream is read with XRANGE, not through a consumer
-group: exporting acknowledges nothing and moves no trainer's position. A ranking whose group has
-expired cannot be exported (its texts are gone) and is counted as skipped.
+is exactly the text that was served. The stream is read with ``scan_rankings`` (XRANGE, not
+through a consumer group: exporting acknowledges nothing and moves no trainer's position), which
+joins each ranking with its group as the trainers do: the live record, else the copy the entry
+carries. Only a ranking with neither (from before copies, its group expired) is counted as skipped.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ import redis
 from flywheel.contracts.groups import CompletionGroup
 from flywheel.contracts.keys import RANKINGS_STREAM
 from flywheel.contracts.rankings import RankingEntry
-from flywheel.contracts.redis_text import text
-from flywheel.group_store import GroupStore
+from flywheel.rankings_stream import scan_rankings
 
 EXPORT_FORMATS = ("pairwise", "kway")
-READ_BATCH = 500
 
 
 @dataclass
@@ -48,33 +47,28 @@ def ranked_entries(client: redis.Redis, since: float | None = None, source: str 
     """(stream id, entry, group) of every ranking on the stream, oldest first, filtered by
     ``created_at >= since`` and ``source``."""
     counts = counts if counts is not None else ExportCounts()
-    groups = GroupStore(client)
     start = "-" if since is None else f"{int(since * 1000)}-0"  # stream ids start with the time in ms
-    while True:
-        batch = client.xrange(stream, start, "+", count=READ_BATCH)
-        if not batch:
-            return
-        parsed = []
-        for entry_id, raw in batch:
-            try:
-                entry = RankingEntry.from_fields(raw)
-            except (ValueError, KeyError, TypeError):
-                counts.skip("malformed")
-                continue
-            if (since is not None and entry.created_at < since) or (source and entry.source != source):
-                continue
-            parsed.append((text(entry_id), entry))
-        for (entry_id, entry), raw in zip(parsed, groups.records([e.group_id for _, e in parsed])):
-            counts.rankings += 1
-            if raw is None:
-                counts.skip("group_expired")
-                continue
+    for entry_id, fields, raw in scan_rankings(client, start, stream):
+        try:
+            entry = RankingEntry.from_fields(fields)
+        except (ValueError, KeyError, TypeError):
+            counts.skip("malformed")
+            continue
+        if (since is not None and entry.created_at < since) or (source and entry.source != source):
+            continue
+        counts.rankings += 1
+        if raw is None:
+            counts.skip("group_expired")
+            continue
+        try:
             group = CompletionGroup.from_json(raw)
-            if any(group.completion(cid) is None for cid in entry.completion_ids):
-                counts.skip("unknown_completion")
-                continue
-            yield entry_id, entry, group
-        start = "(" + text(batch[-1][0])
+        except (ValueError, KeyError, TypeError):
+            counts.skip("malformed")
+            continue
+        if any(group.completion(cid) is None for cid in entry.completion_ids):
+            counts.skip("unknown_completion")
+            continue
+        yield entry_id, entry, group
 
 
 def pairwise_records(entry: RankingEntry, group: CompletionGroup) -> list[dict]:

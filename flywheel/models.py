@@ -7,8 +7,11 @@ and every later start loads that folder directly. Nothing is ever fetched from a
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -67,6 +70,31 @@ def resolve_dtype(name: str) -> torch.dtype:
     if name not in table:
         raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {name!r}")
     return table[name]
+
+
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """The dtype a configured ``autocast_dtype`` computes in, None for plain float32 (no autocast):
+    the reward model's and the policy's rule."""
+    dtype = resolve_dtype(name)
+    return None if dtype == torch.float32 else dtype
+
+
+def autocast_context(dtype: torch.dtype | None, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device_type``; nothing for None (plain float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def cache_argument(model: torch.nn.Module, cache) -> dict:
+    """The KV-cache keyword of ``model.forward``: ``cache`` from transformers 5.24, ``past_key_values``
+    before (pyproject allows both). Here so that serving's engine and training's policy share it."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def embedded_gguf_path() -> Path:

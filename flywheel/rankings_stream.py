@@ -14,10 +14,11 @@ entry stays pending until the consumer acknowledges it, which it does only after
 used it (the model trained on it is saved). ``claim`` first takes back entries another consumer
 left pending for at least ``claim_idle_seconds`` (XAUTOCLAIM; 0 under a fenced run lock, where
 every pending entry belongs to a run that died or lost its lease), then reads new ones with
-XREADGROUP. ``read`` joins each entry with the served group it ranks (the live record, else the
-entry's copy); an entry that cannot be used (malformed, or from before copies, with its group
+XREADGROUP. ``read`` joins each entry with the served group it ranks (``with_group_records``: the
+live record, else the entry's copy); an entry that cannot be used (malformed, or from before copies, with its group
 expired) is moved to ``DEAD_LETTER_STREAM`` with the reason and acknowledged in one script, never
-acknowledged silently.
+acknowledged silently. ``scan_rankings`` reads the whole stream the same way without a consumer
+group (the export), so it skips no ranking a trainer would use.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 import redis
 
 from flywheel.contracts.groups import CompletionGroup
 from flywheel.contracts import keys
 from flywheel.contracts.keys import DEAD_LETTER_STREAM, RANKINGS_STATS_KEY, RANKINGS_STREAM, REWARD_MODEL_CONSUMER_GROUP
-from flywheel.contracts.rankings import SOURCE_AI, SOURCE_HUMAN, SOURCES, Agreement, RankingEntry, pairwise_agreement
+from flywheel.contracts.rankings import (GROUP_RECORD_FIELD, SOURCE_AI, SOURCE_HUMAN, SOURCES, Agreement, RankingEntry,
+                                        pairwise_agreement)
 from flywheel.contracts.redis_text import text, text_dict
 from flywheel.group_store import GroupStore
 from flywheel.quoting import quote
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 
 LAG_COUNT_LIMIT = 10_000  # on Redis < 7 lag is counted entry by entry, up to this many
 CLAIM_BATCH = 256  # entries per XAUTOCLAIM call
-GROUP_RECORD_FIELD = "group_record"  # the ranked group's record, copied into the entry at acceptance
+SCAN_BATCH = 500  # entries per XRANGE call of scan_rankings
 
 T = TypeVar("T")
 
@@ -258,6 +260,29 @@ def _duplicate(prior: bytes | str) -> AppendResult:
     return AppendResult(ranking_id, entry_id, True)
 
 
+def with_group_records(client: redis.Redis, entries: list[tuple[str, dict]]
+                       ) -> list[tuple[str, dict, bytes | str | None]]:
+    """(entry id, fields, record of the group it ranks) for each entry: the live record, else the
+    copy the entry carries, None when neither (an entry from before copies whose group expired).
+    The one join of a ranking with its group, so the trainers and the export use the same rankings."""
+    records = GroupStore(client).records([text_dict(f).get("group_id", "") for _, f in entries])
+    return [(entry_id, fields, live if live is not None else text_dict(fields).get(GROUP_RECORD_FIELD))
+            for (entry_id, fields), live in zip(entries, records)]
+
+
+def scan_rankings(client: redis.Redis, since_id: str = "-", stream: str = RANKINGS_STREAM,
+                  batch: int = SCAN_BATCH) -> Iterator[tuple[str, dict, bytes | str | None]]:
+    """Every entry from ``since_id`` on, oldest first, joined by ``with_group_records``. Read with
+    XRANGE, not through a consumer group: it acknowledges nothing and moves no trainer's position."""
+    start = since_id
+    while True:
+        entries = [(text(entry_id), fields) for entry_id, fields in client.xrange(stream, start, "+", count=batch)]
+        if not entries:
+            return
+        yield from with_group_records(client, entries)
+        start = "(" + entries[-1][0]
+
+
 @dataclass
 class StreamBatch(Generic[T]):
     """What one run read: what it made of each usable ranking and every entry id it must acknowledge."""
@@ -344,9 +369,7 @@ class RankingStreamReader:
         it cannot use. An unusable entry goes to the dead-letter stream (and is acknowledged)."""
         entries = self.claim(max_entries)
         rankings, skipped = [], {}
-        records = GroupStore(self.client).records([text_dict(f).get("group_id", "") for _, f in entries])
-        for (entry_id, fields), live in zip(entries, records):
-            raw = live if live is not None else text_dict(fields).get(GROUP_RECORD_FIELD)
+        for entry_id, fields, raw in with_group_records(self.client, entries):
             if raw is None:
                 skipped[entry_id] = "group record expired or missing (and the entry carries no copy)"
                 continue

@@ -29,14 +29,14 @@ import torch
 
 from flywheel.contracts.groups import GroupResult, SampleResult
 from serving.detokenizer import IncrementalDetokenizer
-from serving.model_runner import Batch, ModelRunner, cache_argument
+from serving.model_runner import Batch, ModelRunner
 from serving.sampling import SamplingParams, sample_generator, sample_tokens
 from serving.scheduler import Scheduler
 
 __all__ = [
     "FINISH_CANCELLED", "FINISH_LENGTH", "FINISH_STOP", "DoneEvent", "Engine", "EngineConfig", "EngineObserver",
     "EngineStoppedError", "ErrorEvent", "GenerationFailedError", "GenerationRequest", "QueueFullError", "TokenEvent",
-    "cache_argument", "FAULTS_ENV",
+    "FAULTS_ENV",
     "iter_events", "run_to_completion", "top_alternatives",
 ]
 

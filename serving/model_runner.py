@@ -7,24 +7,13 @@ engine's objects, carried in the same order as the cache.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any, Iterator
 
 import torch
 
+from flywheel.models import cache_argument
 from serving.kv_cache import BatchKVCache
 from serving.prefix_cache import PrefixCache
-
-
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def cache_argument(model: torch.nn.Module, cache: BatchKVCache) -> dict:
-    """The cache keyword of ``model.forward``: ``cache`` from transformers 5.24, ``past_key_values`` before."""
-    return {_cache_keyword(type(model)): cache}
 
 
 class Batch:

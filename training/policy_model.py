@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from flywheel.models import resolve_dtype
+from flywheel.models import autocast_context, autocast_dtype, cache_argument
 
 from flywheel.contracts.artifacts import (FULL_WEIGHTS_FILE, LORA_ADAPTER_FILE, POLICY_FORMAT_FULL, POLICY_FORMAT_LORA,
                                          VALUE_HEAD_FILE)
@@ -155,13 +153,10 @@ class PolicyWithValueHead(torch.nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
-        dtype = resolve_dtype(self.config.autocast_dtype)
-        return None if dtype == torch.float32 else dtype
+        return autocast_dtype(self.config.autocast_dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cpu", dtype=self.compute_dtype)
+        return autocast_context(self.compute_dtype, "cpu")
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -376,18 +371,6 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = 
             input_ids[row, columns] = torch.tensor(list(sequence))
             attention_mask[row, columns] = 1
     return input_ids, attention_mask
-
-
-def cache_argument(model: torch.nn.Module, cache) -> dict:
-    """The KV-cache keyword of ``model.forward``: ``cache`` from transformers 5.24, ``past_key_values``
-    before (pyproject allows both). The same rule as ``serving.model_runner.cache_argument``, which
-    the import layers keep training from importing."""
-    return {_cache_keyword(type(model)): cache}
-
-
-@functools.cache
-def _cache_keyword(model_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _plain_linear(module: torch.nn.Module | None) -> bool:

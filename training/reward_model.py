@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from flywheel.models import resolve_dtype
+from flywheel.models import autocast_context, autocast_dtype
 
 from flywheel.contracts.artifacts import REWARD_MODEL_WEIGHTS_FILE
 
@@ -135,13 +135,10 @@ class RewardModel(torch.nn.Module):
     @property
     def compute_dtype(self) -> torch.dtype | None:
         """The autocast dtype, None for plain float32."""
-        dtype = resolve_dtype(self.config.autocast_dtype)
-        return None if dtype == torch.float32 else dtype
+        return autocast_dtype(self.config.autocast_dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.reward_head.weight.device.type, dtype=self.compute_dtype)
+        return autocast_context(self.compute_dtype, self.reward_head.weight.device.type)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 completion_lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,6 +17,8 @@ import json
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from flywheel.app.tables import plain_text
+
 MAX_PAYLOAD_BYTES = 1024 * 1024
 
 
@@ -56,11 +58,16 @@ class AlertLogHandler(BaseHTTPRequestHandler):
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flywheel.app.alert_log", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m flywheel.app.alert_log",
+                                     description=plain_text(__doc__.split("\n\n")[0]))
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=9095, help="port to listen on (default 9095)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     server = ThreadingHTTPServer((args.host, args.port), AlertLogHandler)
     print(f"alert log: Alertmanager webhook on {args.host}:{server.server_port}", file=sys.stderr, flush=True)
     try:

@@ -42,7 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from flywheel.api_keys import ROLE_ADMIN, ROLE_CLIENT, KeyFile, default_keys_file
 from flywheel.app import simulated_users as simulated
 from flywheel.app.preferences import PREFERENCES, WinRate, win_rate
-from flywheel.app.tables import format_table
+from flywheel.app.tables import format_table, plain_text
 from flywheel.grpc_client import with_key
 from flywheel.redis_server import free_port, open_redis
 from flywheel.config import ENV_PREFIX, FlywheelConfig
@@ -493,8 +493,8 @@ def scrape_every_process(platform: Platform) -> dict[str, dict[str, float]]:
     return scraped
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flywheel.app.demo", description=__doc__,
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m flywheel.app.demo", description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = FlywheelConfig.load()
     parser.add_argument("--data-dir", type=Path, default=Path(defaults.data_dir) / "demo",
@@ -508,13 +508,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preference", choices=sorted(PREFERENCES), default=DEFAULT_PREFERENCE,
                         help="how the simulated users rank (random = the null control); default %(default)s")
     parser.add_argument("--n", type=int, default=4, help="answers per question")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--progress-seconds", type=float, default=15.0)
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="most tokens per answer, for the users' and the evaluation questions; default "
+                             "%(default)s")
+    parser.add_argument("--progress-seconds", type=float, default=15.0,
+                        help="print a progress line this often; default %(default)s")
     parser.add_argument("--summary-json", type=Path, help="write the figures here as JSON")
     parser.add_argument("--ai-fraction", type=float, default=0.0,
                         help="RLAIF: the users rank only 1 - F of the groups and the AI labeler the rest (and a "
                              "sample of the users' groups, for agreement); the summary reports the agreement and "
                              "the AI weight used. Default %(default)s: the users rank every group")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0.0 <= args.ai_fraction < 1.0:
         parser.error(f"--ai-fraction must be at least 0 and below 1; got {args.ai_fraction}")

@@ -152,13 +152,12 @@ def _run_on_worker(args: argparse.Namespace, settings, kind: str, kwargs: dict, 
     """Queue a ``kind`` run on the training queue by name (the task modules stay unloaded here),
     unless one waits there already (then that one is the run), and, unless ``--no-wait``, wait for
     it and print its report."""
-    import redis as redis_lib
-
     from flywheel.celery_app import make_celery
+    from flywheel.redis_server import open_redis
     from flywheel.run_ledger import enqueue_run, queued_ttl_seconds
 
     celery = make_celery(settings=settings)
-    client = redis_lib.Redis.from_url(celery.conf.broker_url)
+    client, _ = open_redis(settings.redis_url, settings.data_dir, fallback_url=celery.conf.broker_url)  # as the worker
     try:
         task_id, queued = enqueue_run(celery, client, kind, kwargs, queued_ttl_seconds(settings))
     finally:

@@ -4,7 +4,8 @@ Every field of a stream entry is a string: ranking_id, group_id, completion_ids 
 first), source ("human" | "ai"), annotator_id, comment, policy_version, created_at; an AI ranking
 adds judge_id, pair_probabilities (JSON ``[[id_a, id_b, P(a ≻ b)], ...]``) and confidence. The
 feedback service and the labeler write entries with ``to_fields``; the trainers read them with
-``from_fields``.
+``from_fields``. The append script adds ``GROUP_RECORD_FIELD``, a copy of the ranked group's record,
+so a ranking outlives its served group.
 
 Agreement is counted pair by pair: for every pair of completions that both rankings order, the
 pair agrees when both put the same one first. The fraction of agreeing pairs is the number Lee
@@ -24,6 +25,8 @@ from flywheel.contracts.redis_text import text_dict
 SOURCE_HUMAN = "human"
 SOURCE_AI = "ai"
 SOURCES = (SOURCE_HUMAN, SOURCE_AI)
+
+GROUP_RECORD_FIELD = "group_record"  # the ranked group's record, copied into the entry at acceptance
 
 MIN_RANKED = 2
 MAX_RANKED = 9  # InstructGPT asks labelers to rank K = 4..9

@@ -44,19 +44,38 @@ def test_every_command_is_walked():
             "rollback", "status", "up", "keys create"} <= names
 
 
-@pytest.mark.parametrize("path", [path for path, _ in COMMANDS], ids=" ".join)
-def test_help_describes_the_command_and_every_flag(path, capsys):
-    parser = dict(COMMANDS)[path]
-    assert parser.description and len(parser.description) > 20, f"flywheel {' '.join(path)} has no description"
+def assert_described(parser: argparse.ArgumentParser, command: str) -> None:
+    """A description, and help text on every flag and argument."""
+    assert parser.description and len(parser.description) > 20, f"{command} has no description"
     for action in parser._actions:
         if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
             continue
         name = "/".join(action.option_strings) or action.dest
-        assert action.help and len(action.help) > 8, f"flywheel {' '.join(path)} {name} has no help"
+        assert action.help and len(action.help) > 8, f"{command} {name} has no help"
+
+
+@pytest.mark.parametrize("path", [path for path, _ in COMMANDS], ids=" ".join)
+def test_help_describes_the_command_and_every_flag(path, capsys):
+    assert_described(dict(COMMANDS)[path], "flywheel " + " ".join(path))
     with pytest.raises(SystemExit) as exit_:
         main([*path, "--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and out.startswith("usage: flywheel " + " ".join(path))
+    assert "`" not in out, "raw reST/Markdown backticks in --help"
+
+
+@pytest.mark.parametrize("module", ["demo", "alert_log"])
+def test_the_other_entry_points_describe_every_flag(module, capsys):
+    """The ``python -m flywheel.app.<module>`` programs beside ``flywheel`` (``make demo``, the
+    alert log) meet the same bar."""
+    import importlib
+
+    entry = importlib.import_module(f"flywheel.app.{module}")
+    assert_described(entry.build_parser(), f"python -m flywheel.app.{module}")
+    with pytest.raises(SystemExit) as exit_:
+        entry.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith(f"usage: python -m flywheel.app.{module}")
     assert "`" not in out, "raw reST/Markdown backticks in --help"
 
 

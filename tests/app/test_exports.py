@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flywheel.app.cli import main as flywheel_main
-from flywheel.contracts.keys import group_key
+from flywheel.contracts.keys import RANKINGS_STREAM, group_key
 from flywheel.contracts.artifacts import POLICY_FORMAT_LORA, POLICY_KIND, REWARD_MODEL_KIND
 from flywheel.contracts.rankings import SOURCE_AI, SOURCE_HUMAN, RankingEntry
 from flywheel.group_store import GroupStore
@@ -29,8 +29,9 @@ def read_jsonl(path) -> list[dict]:
 
 @pytest.fixture
 def rankings(redis_client):
-    """Three served groups: one ranked 3-way by a person, one pairwise by the AI labeler (an hour
-    later), one whose group record has expired."""
+    """Four served groups: one ranked 3-way by a person, one pairwise by the AI labeler (an hour
+    later), one whose group record expired after its ranking (the entry carries a copy), and one
+    ranked before entries carried copies, its group expired (no texts left anywhere)."""
     groups = GroupStore(redis_client, 3600)
     stream = RankingStream(redis_client, group_ttl_seconds=3600)
     groups.save(group_result("g1", ["best", "middle", "worst"], policy_version=2))
@@ -42,7 +43,9 @@ def rankings(redis_client):
     stream.append(RankingEntry("g2", ["g2-1", "g2-0"], SOURCE_AI, 3, annotator_id="ai:judge", judge_id="judge-1",
                                pair_probabilities=[("g2-1", "g2-0", 0.8)], confidence=0.6, created_at=now))
     stream.append(RankingEntry("g3", ["g3-0", "g3-1"], SOURCE_HUMAN, 0, annotator_id="ann", created_at=now))
-    redis_client.delete(group_key("g3"))  # expired
+    redis_client.delete(group_key("g3"))  # expired after the ranking: the entry's copy remains
+    redis_client.xadd(RANKINGS_STREAM, RankingEntry("g4", ["g4-0", "g4-1"], SOURCE_HUMAN, 0, annotator_id="ann",
+                                                    created_at=now).to_fields())  # no copy, no group
     return now
 
 
@@ -55,6 +58,7 @@ def test_pairwise_export_is_trls_preference_format(redis_server, tmp_path, ranki
         {"prompt": PROMPT, "chosen": "best", "rejected": "worst"},
         {"prompt": PROMPT, "chosen": "middle", "rejected": "worst"},
         {"prompt": PROMPT, "chosen": "no", "rejected": "yes"},
+        {"prompt": PROMPT, "chosen": "a", "rejected": "b"},  # from the entry's copy of the expired group
     ]
     assert "skipped: 1 group expired" in capsys.readouterr().err
 
@@ -62,24 +66,25 @@ def test_pairwise_export_is_trls_preference_format(redis_server, tmp_path, ranki
 def test_kway_export_keeps_source_annotator_and_policy_version(redis_server, tmp_path, rankings):
     out = tmp_path / "kway.jsonl"
     assert cli(redis_server, tmp_path, "feedback", "export", str(out), "--format", "kway") == 0
-    human, ai = read_jsonl(out)
+    human, ai, expired = read_jsonl(out)
     assert human["completions"] == ["best", "middle", "worst"] and human["completion_ids"] == ["g1-0", "g1-1", "g1-2"]
     assert (human["source"], human["annotator_id"], human["policy_version"], human["comment"]) == ("human", "ann", 2,
                                                                                                   "ok")
     assert (ai["source"], ai["judge_id"], ai["policy_version"]) == ("ai", "judge-1", 3)
     assert human["prompt"] == PROMPT and human["stream_entry_id"] and human["sampling"]["n"] == 3
+    assert (expired["group_id"], expired["completions"]) == ("g3", ["a", "b"])  # the trainer would use it too
 
 
 def test_since_and_source_filter(redis_server, tmp_path, rankings):
     out = tmp_path / "f.jsonl"
     assert cli(redis_server, tmp_path, "feedback", "export", str(out), "--source", "human") == 0
-    assert {r["chosen"] for r in read_jsonl(out)} == {"best", "middle"}
+    assert {r["chosen"] for r in read_jsonl(out)} == {"best", "middle", "a"}
     assert cli(redis_server, tmp_path, "feedback", "export", str(out), "--format", "kway",
                "--since", str(rankings - 60)) == 0
-    assert [r["group_id"] for r in read_jsonl(out)] == ["g2"]
+    assert [r["group_id"] for r in read_jsonl(out)] == ["g2", "g3"]
     iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(rankings - 7200))
     assert cli(redis_server, tmp_path, "feedback", "export", str(out), "--format", "kway", "--since", iso) == 0
-    assert [r["group_id"] for r in read_jsonl(out)] == ["g1", "g2"]
+    assert [r["group_id"] for r in read_jsonl(out)] == ["g1", "g2", "g3"]
 
 
 # ---- policies export ----

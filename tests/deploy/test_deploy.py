@@ -749,6 +749,19 @@ def test_k8s_manifests_wire_together():
 
 # ---- the README and the Makefile ----
 
+def test_the_readme_node_client_uses_the_clis_retry_service_config():
+    from flywheel.grpc_client import CHANNEL_OPTIONS, SERVICE_CONFIG
+
+    readme = (ROOT / "README.md").read_text()
+    example = readme[readme.index("**Clients in other languages.**"):].split("```js\n", 1)[1].split("```", 1)[0]
+    config = re.search(r"const serviceConfig = (\{.*?\n\});", example, re.S)
+    assert config, "the Node example declares no serviceConfig"
+    assert json.loads(config.group(1)) == SERVICE_CONFIG
+    options = dict(CHANNEL_OPTIONS)
+    assert options["grpc.enable_retries"] == 1 and '"grpc.enable_retries": 1' in example
+    assert '"grpc.service_config": JSON.stringify(serviceConfig)' in example
+
+
 def test_make_bench_runs_every_benchmark_the_readme_reports():
     makefile = (ROOT / "Makefile").read_text()
     recipe = makefile[makefile.index("\nbench:"):].split("\n\n", 1)[0]

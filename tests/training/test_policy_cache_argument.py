@@ -1,5 +1,5 @@
 """Defect 8: the policy's KV-cached generation passes the cache under the keyword its
-transformers version reads (``training.policy_model.cache_argument``, the rule of serving's), not
+transformers version reads (``flywheel.models.cache_argument``, the rule serving's engine uses too), not
 always ``cache=``."""
 
 from __future__ import annotations
