@@ -2,8 +2,9 @@
 sequence together, one token per step.
 
 Requests wait in a bounded queue. At each step boundary the scheduler admits waiting requests
-while there are free sequence slots: it prefills each prompt once, copies its keys/values into
-``n`` rows (the n samples share the prefill), and appends them to the running batch. Rows leave
+while there are free sequence slots: the prompts admitted together are prefilled together in one
+left-padded forward (each prompt once, its keys/values copied into ``n`` rows: the n samples share
+the prefill), and all their rows join the running batch with one copy of its cache. Rows leave
 as soon as they finish (end of sequence, stop string, length, cancellation or deadline), so a
 short request never waits for a long one. Results flow back through a per-request event queue,
 which the gRPC handlers read.
@@ -29,7 +30,7 @@ import torch
 
 from flywheel.contracts.groups import GroupResult, SampleResult
 from serving.detokenizer import IncrementalDetokenizer
-from serving.model_runner import Batch, ModelRunner
+from serving.model_runner import Batch, ModelRunner, Prefill
 from serving.sampling import SamplingParams, sample_generator, sample_tokens
 from serving.scheduler import Scheduler
 
@@ -153,6 +154,7 @@ class EngineObserver:
     def on_step(self, batch_sequences: int, seconds: float, new_tokens: int, policy_version: int) -> None: ...
     def on_queue(self, waiting: int, running: int) -> None: ...
     def on_admit(self, queued_seconds: float, policy_version: int) -> None: ...
+    # once per prefill forward: the prompts prefilled together, their tokens and first sampled tokens
     def on_prefill(self, prompt_tokens: int, seconds: float, new_tokens: int, policy_version: int) -> None: ...
     def on_first_token(self, seconds: float, policy_version: int) -> None: ...
     def on_finished(self, result: GroupResult) -> None: ...
@@ -181,6 +183,17 @@ class _Group:
         ]
         return GroupResult(self.group_id, self.policy_version, request.prompt, list(request.prompt_token_ids),
                            request.params, samples, request.created_at, self.first_token_at, time.time())
+
+
+@dataclass
+class _Prefilled:
+    """Groups prefilled in one forward, with their first tokens, not yet in the batch."""
+
+    groups: list[_Group]
+    prefill: Prefill
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    seconds: float
 
 
 class _Sequence:
@@ -385,9 +398,9 @@ class Engine:
                 self._finish_unstarted(request)
             # out of the queue, not yet in a batch: if the loop dies now, these must hear of it too
             self._in_hand = list(plan.admit)
-            for request in plan.admit:
-                self._prefill(request)
-                self._in_hand.remove(request)
+            if plan.admit:
+                self._prefill(plan.admit)
+            self._in_hand = []
             budget = plan.budget_left
 
     def _finish_unstarted(self, request: GenerationRequest) -> None:
@@ -396,33 +409,55 @@ class Engine:
             sample.finish_reason = FINISH_CANCELLED
         self._deliver(group)
 
-    def _prefill(self, request: GenerationRequest) -> None:
-        started = time.perf_counter()
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        """Prefill the requests admitted together (one forward per group the scheduler makes) and
+        append all their rows to the batch with one cache copy."""
         batch = self.runner.current
-        self.observer.on_admit(time.time() - request.created_at, batch.version)
-        group = _Group(request, batch.version, self.eos_ids, self.tokenizer)
-        n = request.params.n
-        self._inject("fatal", [request])  # outside the group's handling: a failure of the loop itself
-        try:  # until the rows join the batch, a failure concerns this request alone
-            self._inject("prefill", [request])
-            cache, logits = batch.prefill(request.prompt_token_ids, n)
-            tokens, logprobs = self._choose(logits, group.samples)
-        except Exception as exc:
-            self._group_failed("prefill", exc, [request])
+        for request in requests:
+            self.observer.on_admit(time.time() - request.created_at, batch.version)
+        self._inject("fatal", requests)  # outside the groups' handling: a failure of the loop itself
+        done: list[_Prefilled] = []
+        for together in self.scheduler.prefill_groups(requests):
+            done += self._prefill_together(batch, together)
+        if not done:
             return
+        rows = [s for d in done for g in d.groups for s in g.samples]
         try:
-            batch.add(cache, group.samples, tokens)
+            batch.add([d.prefill for d in done], rows, torch.cat([d.tokens for d in done]))
         except Exception as exc:  # the batch's cache may be half-extended: its rows cannot go on
-            self._fail_batch(batch, "prefill", exc, extra=[request])
+            self._fail_batch(batch, "prefill", exc, extra=[g.request for d in done for g in d.groups])
             return
-        self._record(group.samples, tokens, logprobs, logits)  # clients hear of the rows once they are in the batch
-        self.observer.on_prefill(len(request.prompt_token_ids), time.perf_counter() - started, n, batch.version)
-        self.observer.on_prefix_hit(batch.last_prefix_hit, len(request.prompt_token_ids))
-        group.first_token_at = time.time()
-        self.observer.on_first_token(group.first_token_at - request.created_at, batch.version)
+        for d in done:  # clients hear of the rows once they are in the batch
+            samples = [s for g in d.groups for s in g.samples]
+            self._record(samples, d.tokens, d.logprobs, d.prefill.logits)
+            self.observer.on_prefill(sum(g.request.prompt_tokens for g in d.groups), d.seconds, len(samples),
+                                     batch.version)
+            for group, hit in zip(d.groups, d.prefill.prefix_hits):
+                self.observer.on_prefix_hit(hit, group.request.prompt_tokens)
+                group.first_token_at = time.time()
+                self.observer.on_first_token(group.first_token_at - group.request.created_at, batch.version)
         self._consecutive_failures = 0
         # a sample may already be finished (max_new_tokens=1, end of sequence): retire it now
         self._retire(batch)
+
+    def _prefill_together(self, batch: Batch, requests: list[GenerationRequest]) -> list["_Prefilled"]:
+        """One forward for ``requests``; if it fails, each is prefilled alone, so a failure fails
+        only the request(s) it belongs to (until the rows join the batch, they concern nobody else)."""
+        started = time.perf_counter()
+        groups = [_Group(r, batch.version, self.eos_ids, self.tokenizer) for r in requests]
+        try:
+            self._inject("prefill", requests)
+            prefill = batch.prefill([(r.prompt_token_ids, r.params.n) for r in requests])
+            tokens, logprobs = self._choose(prefill.logits, [s for g in groups for s in g.samples])
+        except Exception as exc:
+            if len(requests) == 1:
+                self._group_failed("prefill", exc, requests)
+                return []
+            log.warning("the joint prefill of %d requests failed (%s: %s); prefilling them one by one",
+                        len(requests), type(exc).__name__, exc)
+            return [d for r in requests for d in self._prefill_together(batch, [r])]
+        self._consecutive_failures = 0  # a prefill worked: the failures before it were not the engine's
+        return [_Prefilled(groups, prefill, tokens, logprobs, time.perf_counter() - started)]
 
     def _decode_step(self, batch: Batch) -> None:
         started = time.perf_counter()

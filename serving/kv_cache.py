@@ -79,6 +79,13 @@ class GrowingLayer(CacheLayerMixin):
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Take ``keys``/``values`` (``[rows, heads, capacity, dim]``) as the buffers, their first
+        ``length`` columns filled: no copy, for a caller that built them with headroom."""
+        self.keys, self.values, self.length = keys, values, length
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
 
 class BatchKVCache(Cache):
     """The whole model's cache for a left-padded batch, with the row operations the scheduler needs."""
@@ -95,11 +102,32 @@ class BatchKVCache(Cache):
     def length(self) -> int:
         return self.layers[0].length
 
-    def repeat_rows(self, times: int) -> None:
-        """Turn one prefilled prompt into ``times`` rows that share its keys/values (the n samples)."""
+    def load_prefixes(self, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]] | None], length: int,
+                      headroom: int) -> None:
+        """Start ``len(prefixes)`` rows of ``length`` columns from keys/values already computed (a
+        prefix-cache hit: per layer ``[1, heads, <= length, dim]``), each row's right-aligned so the
+        rows are left-padded; ``None`` is a row of padding only. Leaves ``headroom`` free columns."""
+        template = next(p for p in prefixes if p is not None)
+        for index, layer in enumerate(self.layers):
+            k0, v0 = template[index]
+            keys = k0.new_zeros(len(prefixes), k0.shape[1], length + headroom, k0.shape[3])
+            values = v0.new_zeros(len(prefixes), v0.shape[1], length + headroom, v0.shape[3])
+            for row, prefix in enumerate(prefixes):
+                if prefix is not None:
+                    k, v = prefix[index]
+                    keys[row, :, length - k.shape[2]:length] = k[0]
+                    values[row, :, length - v.shape[2]:length] = v[0]
+            layer.adopt(keys, values, length)
+
+    def repeat_rows(self, counts: list[int]) -> None:
+        """Turn each prefilled prompt's row into ``counts[i]`` rows that share its keys/values (the n samples)."""
+        if all(c == 1 for c in counts):
+            return
+        repeats = torch.tensor(counts, device=self.layers[0].keys.device)
         for layer in self.layers:
             keys, values = layer.view()
-            layer.assign(keys.expand(times, -1, -1, -1), values.expand(times, -1, -1, -1))
+            layer.assign(keys.repeat_interleave(repeats, dim=0, output_size=sum(counts)),
+                         values.repeat_interleave(repeats, dim=0, output_size=sum(counts)))
 
     def keep_rows(self, rows: torch.Tensor, drop_leading: int = 0) -> None:
         """Keep only ``rows`` (an index tensor), dropping ``drop_leading`` all-padding columns on the left."""
@@ -107,26 +135,33 @@ class BatchKVCache(Cache):
             keys, values = layer.view()
             layer.assign(keys[rows, :, drop_leading:], values[rows, :, drop_leading:])
 
-    def append(self, other: "BatchKVCache") -> tuple[int, int]:
-        """Add ``other``'s rows below ours, left-padding whichever is shorter.
+    def append(self, others: list["BatchKVCache"], headroom: int = 64) -> tuple[int, list[int]]:
+        """Add the rows of ``others`` below ours, in order, left-padding whichever are shorter: one
+        new buffer per layer, however many caches join (a step's prefills join at once).
 
-        Returns the padding columns added to (our rows, other's rows), so the caller can keep each
-        row's pad count right.
+        Returns the padding columns added to (our rows, each other's rows), so the caller can keep
+        each row's pad count right.
         """
-        if self.rows == 0:
-            for mine, theirs in zip(self.layers, other.layers):
-                mine.assign(*theirs.view())
-            return 0, 0
-        length = max(self.length, other.length)
-        pad_ours, pad_theirs = length - self.length, length - other.length
-        for mine, theirs in zip(self.layers, other.layers):
-            a_keys, a_values = mine.view()
-            b_keys, b_values = theirs.view()
-            keys = a_keys.new_zeros(a_keys.shape[0] + b_keys.shape[0], a_keys.shape[1], length, a_keys.shape[3])
-            values = a_values.new_zeros(keys.shape[0], a_values.shape[1], length, a_values.shape[3])
-            keys[: a_keys.shape[0], :, pad_ours:] = a_keys
-            keys[a_keys.shape[0] :, :, pad_theirs:] = b_keys
-            values[: a_keys.shape[0], :, pad_ours:] = a_values
-            values[a_keys.shape[0] :, :, pad_theirs:] = b_values
-            mine.assign(keys, values)
+        parts = ([self] if self.rows else []) + [o for o in others if o.rows]
+        if not parts:
+            return 0, [0] * len(others)
+        length = max(p.length for p in parts)
+        pad = {id(p): length - p.length for p in parts}
+        pad_ours = pad.get(id(self), 0)
+        pad_theirs = [pad.get(id(o), 0) for o in others]
+        if len(parts) == 1 and parts[0] is self:
+            return pad_ours, pad_theirs
+        rows = sum(p.rows for p in parts)
+        for index, mine in enumerate(self.layers):
+            views = [p.layers[index].view() for p in parts]
+            k0, v0 = views[0]
+            keys = k0.new_zeros(rows, k0.shape[1], length + headroom, k0.shape[3])
+            values = v0.new_zeros(rows, v0.shape[1], length + headroom, v0.shape[3])
+            start = 0
+            for part, (k, v) in zip(parts, views):
+                left = pad[id(part)]
+                keys[start:start + k.shape[0], :, left:length] = k
+                values[start:start + k.shape[0], :, left:length] = v
+                start += k.shape[0]
+            mine.adopt(keys, values, length)
         return pad_ours, pad_theirs

@@ -106,7 +106,8 @@ class ServingMetrics(EngineObserver):
                                            "(result=computed)", ["result"], registry=r)
         self.step_duration = Histogram("flywheel_engine_step_duration_seconds", "one decode step of the batch",
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
-        self.prefill_duration = Histogram("flywheel_engine_prefill_duration_seconds", "prefill of one prompt",
+        self.prefill_duration = Histogram("flywheel_engine_prefill_duration_seconds",
+                                          "one prefill forward (of the prompts admitted together)",
                                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
                                           registry=r)
         self.policy_version = Gauge("flywheel_serving_policy_version", "policy version this server samples from",

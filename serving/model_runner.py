@@ -1,12 +1,13 @@
 """The engine's model runner: the model(s) and the running batches' key/value caches.
 
-It runs forwards (a prompt's prefill, one decode step of a whole batch) and keeps each batch's
-rows in step with its cache rows, but never samples or looks inside a row: rows are the
-engine's objects, carried in the same order as the cache.
+It runs forwards (one left-padded prefill of the prompts admitted together, one decode step of a
+whole batch) and keeps each batch's rows in step with its cache rows, but never samples or looks
+inside a row: rows are the engine's objects, carried in the same order as the cache.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -14,6 +15,18 @@ import torch
 from flywheel.models import cache_argument
 from serving.kv_cache import BatchKVCache
 from serving.prefix_cache import PrefixCache
+
+
+@dataclass
+class Prefill:
+    """Prompts prefilled together: their cache (each prompt's n rows together, in order), the
+    next-token logits ``[rows, vocab]``, each row's left padding, and each prompt's tokens taken
+    from the prefix cache."""
+
+    cache: BatchKVCache
+    logits: torch.Tensor
+    pads: torch.Tensor
+    prefix_hits: list[int]
 
 
 class Batch:
@@ -30,7 +43,6 @@ class Batch:
         self.device = device
         self.num_layers = model.config.num_hidden_layers
         self.prefixes = PrefixCache(prefix_cache_entries)  # this model's prompt prefixes (kept across clear())
-        self.last_prefix_hit = 0  # prompt tokens the last prefill took from the prefix cache
         self.clear()
 
     def clear(self) -> None:
@@ -39,27 +51,55 @@ class Batch:
         self.pads = torch.zeros(0, dtype=torch.long)
         self.last_tokens = torch.zeros(0, 1, dtype=torch.long)  # each row's newest token, fed next step
 
-    def prefill(self, prompt_token_ids: list[int], n: int) -> tuple[BatchKVCache, torch.Tensor]:
-        """Run a prompt once into a cache of its own, repeated into ``n`` rows (the n samples share
-        it); returns that cache and the logits of the next token ``[n, vocab]``."""
-        cache = BatchKVCache(self.num_layers)
-        hit = self.prefixes.lookup(prompt_token_ids)
-        start = self.last_prefix_hit = 0
-        if hit is not None:  # the prompt's leading blocks were prefilled before: only the rest runs
-            start, layers = hit
-            self.last_prefix_hit = start
-            for layer, (keys, values) in zip(cache.layers, layers):
-                layer.assign(keys, values, headroom=len(prompt_token_ids) - start)
-        ids = torch.tensor([prompt_token_ids[start:]], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_argument(self.model, cache))
-        self.prefixes.store(prompt_token_ids, [layer.view() for layer in cache.layers])
-        cache.repeat_rows(n)
-        return cache, out.logits[:, -1].expand(n, -1)
+    def prefill(self, prompts: list[tuple[list[int], int]]) -> Prefill:
+        """Prefill several prompts in ONE left-padded forward, each row repeated into its ``n``
+        rows (the n samples share it): ``prompts`` is (token ids, n) per prompt.
 
-    def add(self, prefilled: BatchKVCache, rows: list[Any], first_tokens: torch.Tensor) -> None:
-        """Append a prefilled cache's rows, with the engine's row objects and their first tokens."""
-        pad_ours, pad_new = self.cache.append(prefilled)
-        self.pads = torch.cat([self.pads + pad_ours, torch.full((len(rows),), pad_new, dtype=torch.long)])
+        A prompt whose leading blocks are in the prefix cache starts from them: the forward runs
+        the columns after the shortest cached part (the longest uncached rest decides the width),
+        so a row whose cached prefix reaches further recomputes those few tokens, which costs what
+        padding would. Each row's positions count from its first real token and its padding is
+        masked out, so every row's next-token logits are those of the prompt alone.
+        """
+        lengths = [len(ids) for ids, _ in prompts]
+        hits = [self.prefixes.lookup(ids) for ids, _ in prompts]
+        starts = [0 if hit is None else hit[0] for hit in hits]
+        total = max(lengths)  # columns of the prefilled cache; row i's tokens fill the last lengths[i]
+        width = max(length - start for length, start in zip(lengths, starts))  # the columns this forward runs
+        past = total - width  # columns taken from the prefix cache (zero without a hit)
+        pads = [total - length for length in lengths]
+        cache = BatchKVCache(self.num_layers)
+        reused = [max(0, length - width) for length in lengths]  # each row's cached tokens kept as they are
+        if past:
+            cache.load_prefixes([None if not use else [(k[:, :, :use], v[:, :, :use]) for k, v in hit[1]]
+                                 for hit, use in zip(hits, reused)], past, headroom=width)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, ((tokens, _), use) in enumerate(zip(prompts, reused)):
+            rest = tokens[use:]
+            ids[row, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+        pad = torch.tensor(pads, dtype=torch.long)
+        extra = {}
+        if any(pads):  # left padding: mask it, and count each row's positions from its first real token
+            extra["attention_mask"] = (torch.arange(total).unsqueeze(0) >= pad.unsqueeze(1)).long().to(self.device)
+            extra["position_ids"] = (torch.arange(past, total).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0).to(
+                self.device)
+        out = self.model(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=1, **extra,
+                         **cache_argument(self.model, cache))
+        views = [layer.view() for layer in cache.layers]
+        for row, (tokens, _) in enumerate(prompts):
+            left = pads[row]
+            self.prefixes.store(tokens, [(k[row:row + 1, :, left:], v[row:row + 1, :, left:]) for k, v in views])
+        counts = [n for _, n in prompts]
+        cache.repeat_rows(counts)
+        repeats = torch.tensor(counts)
+        return Prefill(cache, out.logits[:, -1].repeat_interleave(repeats.to(out.logits.device), dim=0),
+                       pad.repeat_interleave(repeats), starts)
+
+    def add(self, prefilled: list[Prefill], rows: list[Any], first_tokens: torch.Tensor) -> None:
+        """Append the rows of one step's prefills at once (one copy of the cache, however many
+        prompts joined), with the engine's row objects and their first tokens, in the same order."""
+        pad_ours, pad_new = self.cache.append([p.cache for p in prefilled])
+        self.pads = torch.cat([self.pads + pad_ours] + [p.pads + extra for p, extra in zip(prefilled, pad_new)])
         self.rows.extend(rows)
         self.last_tokens = torch.cat([self.last_tokens, first_tokens.unsqueeze(1)])
 

@@ -9,7 +9,9 @@ the free sequence slots and the step still has prefill budget, so a big request 
 never overtaken by small ones behind it. The budget bounds how long one step's prefills stall
 the running rows' decoding; it is checked before each admission, so a prompt longer than the
 whole budget is still admitted (the first of its step) rather than never. A request cancelled or
-past its deadline while it waits is finished without a prefill when it reaches the head.
+past its deadline while it waits is finished without a prefill when it reaches the head. The
+requests admitted together are prefilled together (``prefill_groups``), in as few forwards as
+padding allows.
 """
 
 from __future__ import annotations
@@ -97,6 +99,20 @@ class Scheduler:
             plan.admit.append(request)
         plan.budget_left = budget
         return plan
+
+    def prefill_groups(self, admitted: Sequence[R]) -> list[list[R]]:
+        """Split one step's admissions into the groups prefilled together, each in one left-padded
+        forward: by prompt length (shortest first), a group grows while its prompts times its longest
+        prompt (the padded tokens it computes) stay within the step's prefill budget, so one long
+        prompt does not make many short ones compute its length in padding. A prompt longer than
+        the budget is a group of its own."""
+        groups: list[list[R]] = []
+        for request in sorted(admitted, key=lambda r: r.prompt_tokens):
+            if groups and (len(groups[-1]) + 1) * request.prompt_tokens <= self.max_prefill_tokens_per_step:
+                groups[-1].append(request)
+            else:
+                groups.append([request])
+        return groups
 
     @staticmethod
     def plan_retirement(rows: Sequence[Row], now: float | None = None) -> Retirement | None:

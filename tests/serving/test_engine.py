@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from flywheel.models import load_model
-from serving.engine import DoneEvent, Engine, EngineConfig, GenerationRequest, QueueFullError, iter_events, run_to_completion
+from serving.engine import (FAULTS_ENV, DoneEvent, Engine, EngineConfig, EngineObserver, GenerationFailedError,
+                            GenerationRequest, QueueFullError, iter_events, run_to_completion)
+from serving.model_runner import Batch
 from serving.sampling import SamplingParams
 
 
@@ -151,3 +153,102 @@ def test_prompts_sharing_a_prefix_reuse_its_prefill_and_decode_as_alone(loaded):
             expected = model.generate(ids, do_sample=False, max_new_tokens=10, min_new_tokens=10,
                                       pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
         assert all(sample.token_ids == expected for sample in result.samples)
+
+
+def generated(loaded, prompt: str, tokens: int) -> list[int]:
+    tok = loaded.tokenizer
+    ids = torch.tensor([tok(prompt).input_ids])
+    with torch.inference_mode():
+        out = loaded.model.generate(ids, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
+                                    pad_token_id=tok.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+SHARED = "You are a careful assistant who answers in one short sentence. " * 3
+
+
+def test_prompts_prefilled_together_get_each_prompts_own_logits(loaded):
+    """One left-padded forward for prompts of different lengths, some starting from the prefix
+    cache: each row's last logits are the prompt's alone, and the rows decode on as alone."""
+    tok, model = loaded.tokenizer, loaded.model
+    batch = Batch(model, 0, torch.device("cpu"))
+    with torch.inference_mode():
+        batch.prefill([(tok(SHARED + "Warm up.").input_ids, 1)])  # fills the prefix cache
+        prompts = [SHARED + "What is the sea?", "Hi", "The quick brown fox jumps over the lazy dog and",
+                   SHARED + "A red fruit, please, and a yellow one too, if you know one."]
+        ids = [tok(p).input_ids for p in prompts]
+        prefill = batch.prefill([(i, n) for i, n in zip(ids, (2, 1, 1, 3))])
+        assert prefill.prefix_hits[0] >= 32 and prefill.prefix_hits[3] >= 32 and prefill.prefix_hits[1] == 0
+        alone = torch.cat([model(torch.tensor([i])).logits[:, -1].expand(n, -1) for i, n in zip(ids, (2, 1, 1, 3))])
+        assert torch.allclose(prefill.logits, alone, atol=1e-4)
+        first = prefill.logits.argmax(-1)
+        batch.add([prefill], list(range(7)), first)
+        following = batch.forward_step()
+        expected = torch.cat([model(torch.tensor([i + [t]])).logits[:, -1] for i, t in
+                              zip([ids[0]] * 2 + [ids[1], ids[2]] + [ids[3]] * 3, first.tolist())])
+        assert torch.allclose(following, expected, atol=1e-4)
+
+
+class PrefillLog(EngineObserver):
+    def __init__(self):
+        self.prefills: list[int] = []  # prompt tokens of each prefill forward
+
+    def on_prefill(self, prompt_tokens, seconds, new_tokens, policy_version):
+        self.prefills.append(prompt_tokens)
+
+
+def admitted_together(engine, model, requests):
+    """Submit ``requests`` while the engine is held inside a prefill, so one step admits them all."""
+    gate, held = threading.Event(), threading.Event()
+
+    def hold(module, args):
+        if not gate.is_set():
+            held.set()
+            gate.wait(30)
+
+    hook = model.register_forward_pre_hook(hold)
+    try:
+        engine.submit(request(engine.tokenizer, "block", n=1, max_new_tokens=1))
+        assert held.wait(30)
+        for r in requests:
+            engine.submit(r)
+    finally:
+        gate.set()
+        hook.remove()
+    outcomes = []
+    for r in requests:
+        try:
+            outcomes.append(next(e for e in iter_events(r, time.monotonic() + 60) if isinstance(e, DoneEvent)).result)
+        except GenerationFailedError:
+            outcomes.append(None)
+    return outcomes
+
+
+def test_requests_admitted_in_one_step_are_prefilled_together_and_decode_as_alone(loaded, monkeypatch):
+    """Greedy completions of different-length prompts (with and without a prefix hit) prefilled
+    in one forward equal generate's for each prompt alone; when a prompt's prefill fails, the
+    others of its step are prefilled one by one and served."""
+    monkeypatch.setenv(FAULTS_ENV, "1")
+    tok, model = loaded.tokenizer, loaded.model
+    observer = PrefillLog()
+    engine = Engine(model, tok, EngineConfig(max_batch_sequences=16), observer=observer)
+    engine.start()
+    try:
+        run_to_completion(engine, request(tok, SHARED + "Warm up.", n=1, max_new_tokens=1), timeout=60)
+        prompts = [SHARED + "What is the sea?", "Hi", "The quick brown fox jumps over the lazy dog and",
+                   SHARED + "Name a red fruit."]
+        make = [lambda p=p: request(tok, p, n=2, max_new_tokens=8, min_new_tokens=8, temperature=0.0)
+                for p in prompts]
+        before = len(observer.prefills)
+        together = admitted_together(engine, model, [m() for m in make])
+        assert observer.prefills[before + 1] == sum(len(tok(p).input_ids) for p in prompts)  # after the blocker's
+        faulty = request(tok, "x <<flywheel-fault:prefill>>", n=2, max_new_tokens=8)
+        with_fault = admitted_together(engine, model, [m() for m in make[:2]] + [faulty] + [m() for m in make[2:]])
+        assert engine.failure is None
+    finally:
+        engine.stop()
+    assert with_fault[2] is None
+    for prompt, a, b in zip(prompts, together, with_fault[:2] + with_fault[3:]):
+        expected = generated(loaded, prompt, 8)
+        assert [s.token_ids for s in a.samples] == [expected] * 2, prompt
+        assert [s.token_ids for s in b.samples] == [expected] * 2, prompt

@@ -149,3 +149,13 @@ def test_the_scheduler_needs_no_torch():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     code = "import sys, serving.scheduler; sys.exit(2 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_one_steps_admissions_are_prefilled_together_within_the_padded_budget():
+    """Shortest first; a group stops growing once its prompts times its longest would pass the
+    budget, so one long prompt is not padded onto many short ones; a prompt over the budget is alone."""
+    scheduler = Scheduler(max_batch_sequences=64, max_prefill_tokens_per_step=100)
+    admitted = [Waiting("long", 90), Waiting("a", 10), Waiting("b", 30), Waiting("c", 20), Waiting("huge", 400)]
+    assert [names(g) for g in scheduler.prefill_groups(admitted)] == [["a", "c", "b"], ["long"], ["huge"]]
+    assert [names(g) for g in scheduler.prefill_groups([Waiting(str(i), 5) for i in range(4)])] == [["0", "1", "2", "3"]]
+    assert scheduler.prefill_groups([]) == []
