@@ -49,6 +49,7 @@ bench-venv: $(PPO_STAMP)
 
 bench: $(BENCH_STAMP) $(PPO_STAMP)
 	$(PY) bench/serve.py
+	$(PY) bench/step.py
 	$(PY) bench/train_reward.py
 	$(PY) bench/train_ppo.py
 	$(PY) bench/swap.py
