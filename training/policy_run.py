@@ -252,7 +252,8 @@ def reward_length(section: PolicyRunConfig, calibrations: dict[str, RewardCalibr
 
 
 def _describe_reward(mode: str, calibrations: dict[str, RewardCalibration]) -> str:
-    """How the reward pays length, e.g. "length-neutral; policy member -0.41, judge -0.37 per ln token"."""
+    """How the reward treats length, e.g. "length neutral; the members' length slopes policy -0.74,
+    judge -0.71 std per ln(tokens)" (each member's raw slope in units of its std)."""
     slopes = ", ".join(f"{member} {c.length_slope / c.std:+.2f}" for member, c in calibrations.items())
     return f"length {mode}; the members' length slopes {slopes} std per ln(tokens)"
 

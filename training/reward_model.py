@@ -30,7 +30,9 @@ whatever its initialization and training left, about ±2 on SmolLM2. A version i
 instead (``RewardCalibration``: mean 0, standard deviation 1 of its raw scores over a reference set
 of served completions, stored in its manifest), as InstructGPT shifts its reward model so that the
 demonstrations score 0 on average: PPO's reward, its missing-EOS penalty, its KL coefficient and
-the gate's minimum gain then mean the same thing for every version.
+the gate's minimum gain then mean the same thing for every version. The same set gives the
+version's length dependence (the slope of its score on log length), which a length-neutral reward
+takes out (``RewardCalibration.normalize_length_neutral``, ``training.policy_reward``).
 """
 
 from __future__ import annotations
