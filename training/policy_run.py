@@ -95,6 +95,11 @@ class PolicyModelCache:
             self._policy_key = key
         return self._policy
 
+    @property
+    def loaded_policy(self) -> PolicyWithValueHead | None:
+        """The policy as the last run left it (its trained adapters), without a reset."""
+        return self._policy
+
     def reward_model(self, record: VersionRecord, folder: Path, member: str = POLICY_MEMBER) -> RewardModel:
         key = (record.version, str(folder))
         cached = self._rewards.get(member)

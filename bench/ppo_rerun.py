@@ -1,0 +1,73 @@
+"""Same-data comparisons of PPO settings: rerun the policy run in-process on a ``bench/loop.py``
+data dir (its current reward model and served prompts, the demo's loop settings plus the given
+settings), then let v0 and the candidate answer the 64 questions no user asked (4 samples each at
+temperature 0.8, the same seeds for both) and compare them under the preference: win rate and
+length-controlled win rate with bootstrap 95% CIs, median lengths, the gate's outcome.
+
+    python bench/ppo_rerun.py DATA_DIR PREFERENCE [setting=value ...]
+    python bench/ppo_rerun.py .flywheel/bench-loop/no-hedging no-hedging policy_learning_rate=3e-4
+
+It writes a new (promoted or rejected) policy version into DATA_DIR's registry: copy the folder
+first (``cp -a``) to compare several settings from the same start. Prints one JSON line.
+"""
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if len(sys.argv) < 3:
+    raise SystemExit(__doc__)
+data_dir = Path(sys.argv[1]).resolve()
+preference_name = sys.argv[2]
+overrides = dict(a.split("=", 1) for a in sys.argv[3:])
+from flywheel.app.demo import DEMO_DEFAULTS
+from flywheel.config import FlywheelConfig
+from flywheel.redis_server import open_redis
+from flywheel.app.preferences import PREFERENCES, win_rate
+from flywheel.app import simulated_users as simulated
+from flywheel.contracts.prompts import render_prompt
+from training.policy_model import Prompt
+from training.policy_run import PolicyModelCache, run_policy_training
+
+env = {f"FLYWHEEL_{k}": v for k, v in DEMO_DEFAULTS.items()}
+model = str(data_dir.parent / "models" / "SmolLM2-135M-Instruct")
+config = FlywheelConfig.load({"data_dir": data_dir, "model": model} | overrides, environ=env)
+client, server = open_redis(config.redis_url, data_dir)
+cache = PolicyModelCache()
+started = time.monotonic()
+report = run_policy_training(config, client, who="rerun", cache=cache)
+seconds = time.monotonic() - started
+policy = cache.loaded_policy  # the policy the run just trained
+tok = policy.tokenizer
+_, eval_questions = simulated.evaluation_split(simulated.question_pool())
+prompts = [Prompt(*render_prompt(tok, q)) for q in eval_questions]
+
+def answers(reference: bool) -> dict:
+    """question -> 4 answers, of v0 (the adapters off) or of the candidate."""
+    out = {q: [] for q in eval_questions}
+    for j in range(4):
+        gen = torch.Generator().manual_seed(7000 + j)
+        ctx = policy.lm.disable_adapter() if reference else torch.no_grad()
+        with ctx:
+            _, _, responses, mask = policy.generate(prompts, 64, 0.8, generator=gen)
+        for q, row, n in zip(eval_questions, responses, mask.sum(dim=1)):
+            ids = [t for t in row[:int(n)].tolist() if t != policy.eos_id]
+            out[q].append(tok.decode(ids, skip_special_tokens=True))
+    return out
+
+before, after = answers(True), answers(False)
+pref = PREFERENCES[preference_name]
+rate = win_rate(after, before, pref); lc = win_rate(after, before, pref, length_tolerance=0.2)
+med = lambda a: statistics.median(len(t.strip()) for ts in a.values() for t in ts)
+print(json.dumps({"overrides": overrides, "outcome": report.outcome, "reason": report.reason[:300],
+                  "win": None if rate is None else [round(rate.rate, 3), round(rate.low, 3), round(rate.high, 3)],
+                  "lc": None if lc is None else [round(lc.rate, 3), round(lc.low, 3), round(lc.high, 3), lc.pairs],
+                  "chars": [med(before), med(after)], "run_seconds": round(seconds)}), flush=True)
+client.close()
+if server is not None:
+    server.stop()
