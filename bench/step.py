@@ -31,20 +31,16 @@ sys.path.insert(0, str(ROOT))
 
 from flywheel.models import load_model  # noqa: E402
 from serving.model_runner import ModelRunner  # noqa: E402
-from serving.sampling import sample_tokens  # noqa: E402
+from serving.sampling import nucleus_pick, sample_tokens  # noqa: E402
 
 
 def full_sort_sampling(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor,
                        uniforms: torch.Tensor) -> torch.Tensor:
-    """The baseline: top-p through a sort of every row's whole vocabulary."""
+    """The baseline: top-p through a sort of every row's whole vocabulary (the same pick after it)."""
     probs = torch.softmax(logits.float() / temperatures.unsqueeze(1), dim=-1)
     ranked, order = torch.sort(probs, dim=-1, descending=True)
-    cumulative = ranked.cumsum(dim=-1)
-    ranked = ranked.masked_fill((cumulative - ranked) >= top_ps.unsqueeze(1), 0.0)
-    cumulative = ranked.cumsum(dim=-1)
-    picks = torch.searchsorted(cumulative, uniforms.unsqueeze(1) * cumulative[:, -1:], right=True)
     torch.log_softmax(logits.float(), dim=-1)  # the reported log-probabilities, as before
-    return order.gather(1, picks.clamp_(max=probs.shape[1] - 1)).squeeze(1)
+    return nucleus_pick(ranked, order, top_ps, uniforms.unsqueeze(1))
 
 
 def median_ms(function, steps: int) -> float:

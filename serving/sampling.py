@@ -84,16 +84,16 @@ def _inverse_cdf(probs: torch.Tensor, top_ps: torch.Tensor, targets: torch.Tenso
         # the nucleus lies inside the candidates when their mass reaches top_p (a token is outside
         # once the mass before it does); the rest, flat distributions, are sorted in full
         short = (candidates.cumsum(dim=-1)[:, -1] < top_ps[nucleus]).nonzero().squeeze(1)
-        picked = _nucleus_pick(candidates, order, top_ps[nucleus], targets[nucleus])
+        picked = nucleus_pick(candidates, order, top_ps[nucleus], targets[nucleus])
         if short.numel():
             rows = nucleus[short]
             ranked, ranked_order = torch.sort(probs[rows], dim=-1, descending=True)
-            picked[short] = _nucleus_pick(ranked, ranked_order, top_ps[rows], targets[rows])
+            picked[short] = nucleus_pick(ranked, ranked_order, top_ps[rows], targets[rows])
         tokens[nucleus] = picked
     return tokens
 
 
-def _nucleus_pick(ranked: torch.Tensor, order: torch.Tensor, top_ps: torch.Tensor,
+def nucleus_pick(ranked: torch.Tensor, order: torch.Tensor, top_ps: torch.Tensor,
                   targets: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF pick among probabilities sorted descending (``order``: their token ids)."""
     cumulative = ranked.cumsum(dim=-1)
