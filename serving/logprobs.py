@@ -28,9 +28,12 @@ class ScoredToken:
 def scored_tokens(tokenizer, token_ids: Sequence[int], logprobs: Sequence[float],
                   top_logprobs: Sequence[Sequence[tuple[int, float]]] = ()) -> list[ScoredToken]:
     """The tokens with their texts, decoded one by one in a single batch (a token that is part of a
-    multi-byte character decodes to U+FFFD on its own, as in every OpenAI-compatible server)."""
+    multi-byte character decodes to U+FFFD on its own, as in every OpenAI-compatible server).
+    Special tokens decode to "" as they do in the completion's text, so the tokens' texts join to
+    the text and ``text_offset`` stays inside it."""
     wanted = sorted({int(t) for t in token_ids} | {int(t) for top in top_logprobs for t, _ in top})
-    texts = dict(zip(wanted, tokenizer.batch_decode([[t] for t in wanted]))) if wanted else {}
+    texts = (dict(zip(wanted, tokenizer.batch_decode([[t] for t in wanted], skip_special_tokens=True)))
+             if wanted else {})
     tokens = []
     for position, (token_id, logprob) in enumerate(zip(token_ids, logprobs)):
         top = top_logprobs[position] if position < len(top_logprobs) else ()

@@ -34,3 +34,19 @@ def test_stop_string_truncates_and_is_never_streamed(tokenizer):
     assert detok.stopped
     assert detok.text == "one two three "
     assert streamed == detok.text and "EN" not in streamed
+
+
+def test_logprob_token_texts_join_to_the_text_with_special_tokens(tokenizer):
+    """A sampled special token is skipped in the text, so its logprob entry's text is "" too: the
+    OpenAI contract that the tokens join to the text (CI once sampled <gh_stars> from a tiny model)."""
+    from serving.logprobs import scored_tokens
+
+    special = tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens[0])
+    ids = tokenizer(" ul Type", add_special_tokens=False).input_ids + [special] + \
+        tokenizer(" drama", add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tokenizer, ())
+    for token in ids:
+        detok.add(token)
+    scored = scored_tokens(tokenizer, ids, [0.0] * len(ids), [[(special, -1.0)]] * len(ids))
+    assert "".join(t.token for t in scored) == detok.text == " ul Type drama"
+    assert scored[len(ids) - 2].token == "" and scored[0].top[0].token == ""
