@@ -367,6 +367,9 @@ class PolicyRunConfig(ConfigSection):
         "approx. KL of 0.001, at 5e-4 by 0.015-0.05, PPO's usual range)", above=0)
     kl_coef: float = setting(0.05, "β: per-token KL penalty to the initial policy", minimum=0)
     kl_target: float = setting(0.0, "adapt β towards this KL per response (nats); 0 = fixed β", minimum=0)
+    kl_stop: float = setting(
+        8.0, "stop a PPO run at the first rollout whose KL to the initial policy per response exceeds this (nats) "
+             "and keep the last iterate within it (the gate refuses candidates past kl_budget); 0 = never", minimum=0)
     ptx_coef: float = setting(
         0.0, "γ of PPO-ptx (language-model loss on the pretraining corpus); 0 = off", minimum=0)
     ptx_corpus: str = setting(
@@ -374,6 +377,9 @@ class PolicyRunConfig(ConfigSection):
     heldout_corpus: str = setting("", "JSONL held-out text for the gate's perplexity; empty = the shipped one")
     prompts_file: str = setting("", "JSONL prompts added to the served ones ({\"prompt\": ...} per line)")
     max_prompts: int = setting(4096, "most served prompts (newest) a PPO run reads", minimum=0)
+    served_groups: int = setting(
+        512, "most served groups (newest) of the version a PPO run starts from whose samples it learns from before "
+             "its own rollouts: episodes it need not generate; 0 = none", minimum=0)
     min_prompts: int = setting(8, "skip a PPO run with fewer training prompts", minimum=0)
     heldout_fraction: float = setting(
         0.1, "share of prompts (by a hash of the prompt) held out for the gate", minimum=0, maximum=1)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flywheel.contracts.groups import GroupResult, SampleResult
+from flywheel.contracts.groups import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, GroupResult, SampleResult
 from serving.detokenizer import IncrementalDetokenizer
 from serving.model_runner import Batch, ModelRunner, Prefill
 from serving.sampling import SamplingParams, sample_generator, sample_tokens
@@ -66,9 +66,6 @@ FAULT_MARK = "<<flywheel-fault:"
 
 class InjectedFault(RuntimeError):
     """The fault a test asked for (``FAULTS_ENV``)."""
-
-
-FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 
 
 @dataclass

@@ -6,6 +6,8 @@
 - A JSONL prompt file adds more: ``{"prompt": "user message"}`` (rendered with the chat template,
   as the server renders it: ``flywheel.contracts.prompts``) or
   ``{"prompt_token_ids": [...], "prompt": "rendered text"}``.
+- The served groups' samples are PPO episodes too (``served_groups``): those of the version a run
+  starts from, sampled as PPO would sample them (no stop strings or forced length), at their own τ.
 - The held-out slice is fixed by a hash of the prompt text (``flywheel.contracts.heldout``), so a
   prompt is always either trained on or evaluated on, whichever run sees it.
 - Text corpora (JSONL ``{"text": ...}``): the pretraining mix of PPO-ptx and the held-out text the
@@ -20,10 +22,12 @@ from pathlib import Path
 
 import redis as redis_lib
 
-from flywheel.contracts.groups import CompletionGroup
+from flywheel.contracts.groups import FINISH_LENGTH, FINISH_STOP, CompletionGroup
+from flywheel.contracts.heldout import prompt_is_held_out
 from flywheel.contracts.prompts import render_prompt
 from flywheel.group_store import GroupStore
 from training.policy_model import Prompt
+from training.ppo import ServedGroup
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,40 @@ def served_prompts(client: redis_lib.Redis, tokenizer, max_prompts: int = 4096) 
             found[text] = (created, Prompt(text, token_ids))
     newest_first = sorted(found.values(), key=lambda item: -item[0])
     return [prompt for _, prompt in newest_first[:max_prompts]]
+
+
+def served_groups(client: redis_lib.Redis, version: int, eos_id: int, response_length: int,
+                  heldout_fraction: float, max_groups: int = 1024) -> list[ServedGroup]:
+    """The newest served groups of policy ``version`` (at most ``max_groups``) whose samples are
+    on-policy episodes for PPO, training prompts only (never the held-out slice).
+
+    A group qualifies when its request sampled as a rollout does: τ > 0, no stop strings and no
+    ``min_new_tokens`` (both change what was sampled), at most ``response_length`` new tokens; and
+    it keeps the samples that ended with ``eos_id`` or at their length limit (2 at least: RLOO's
+    baseline is over a prompt's other samples). A nucleus (``top_p`` < 1) is accepted: its samples
+    lack the tail it cut, and PPO takes their log-probs under the untruncated softmax(z/τ), as
+    rollouts sampled through a serving stack with top-p usually are."""
+    found: list[tuple[float, ServedGroup]] = []
+    for raw in GroupStore(client).all_records():
+        try:
+            group = CompletionGroup.from_json(raw)
+            params = group.params
+            temperature = float(params.get("temperature", 1.0))
+            as_a_rollout = (int(group.policy_version) == version and temperature > 0 and not params.get("stop")
+                            and int(params.get("min_new_tokens") or 0) == 0
+                            and 0 < int(params.get("max_new_tokens") or 0) <= response_length)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("skipping an unreadable group record: %s", exc)
+            continue
+        prompt = Prompt(str(group.prompt), tuple(int(t) for t in group.prompt_token_ids or ()))
+        if not as_a_rollout or not prompt.token_ids or prompt_is_held_out(prompt, heldout_fraction):
+            continue
+        responses = [list(c.token_ids) for c in group.completions if c.token_ids and (
+            c.finish_reason == FINISH_LENGTH or (c.finish_reason == FINISH_STOP and c.token_ids[-1] == eos_id))]
+        if len(responses) >= 2:
+            found.append((float(group.created_at), ServedGroup(prompt, responses, temperature)))
+    found.sort(key=lambda item: -item[0])
+    return [group for _, group in found[:max_groups]]
 
 
 def file_prompts(path: Path, tokenizer) -> list[Prompt]:

@@ -40,7 +40,8 @@ from training.metrics import PPOMetrics
 from training.policy_gate import (GateDecision, PolicyEvaluation, PolicyGateConfig, evaluate_policy, gate_decision,
                                   perplexity)
 from training.policy_model import LORA, PolicyModelConfig, PolicyWithValueHead
-from training.policy_prompts import DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS, file_prompts, load_texts, served_prompts
+from training.policy_prompts import (DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS, file_prompts, load_texts,
+                                     served_groups, served_prompts)
 from training.policy_reward import RewardModelScorer
 from training.reward_model import RewardCalibration
 from training.ppo import PPOConfig, PPOStats, PPOTrainer
@@ -63,7 +64,7 @@ def ppo_config(section: PolicyRunConfig, seed: int) -> PPOConfig:
                      rollout_batch_size=section.batch_size, ppo_epochs=section.ppo_epochs,
                      response_length=section.response_length, temperature=section.temperature,
                      learning_rate=section.learning_rate, kl_coef=section.kl_coef,
-                     kl_target=section.kl_target or None, ptx_coef=section.ptx_coef,
+                     kl_target=section.kl_target or None, kl_stop=section.kl_stop, ptx_coef=section.ptx_coef,
                      advantage_estimator=section.advantage_estimator, samples_per_prompt=section.samples_per_prompt,
                      critic_warmup_iterations=section.critic_warmup_iterations,
                      missing_eos_penalty=section.missing_eos_penalty, seed=seed)
@@ -169,7 +170,11 @@ class PolicyRun(TrainingRun):
 
     def set_up(self, current: VersionRecord | None) -> None:
         section, policy = self.section, self.policy
-        self.parent = _warm_start(policy, self.registry, current, self.model_config)
+        self.parent, starts_as = _warm_start(policy, self.registry, current, self.model_config)
+        # the groups the version this run starts from served are episodes PPO need not generate
+        self.served = (served_groups(self.client, starts_as, policy.eos_id, section.response_length,
+                                     section.heldout_fraction, section.served_groups)
+                       if section.served_groups else [])
         folder = self.rewards.path(self.reward_record.version)
         calibrations = {member: RewardCalibration.from_dict(entry["calibration"])
                         for member, entry in self.reward_record.manifest["members"].items()}
@@ -188,8 +193,9 @@ class PolicyRun(TrainingRun):
         self.heldout_text = policy.text_batches(load_texts(Path(section.heldout_corpus or DEFAULT_HELDOUT_CORPUS)),
                                                 8, 256)
         self.ptx_texts = load_texts(Path(section.ptx_corpus or DEFAULT_PTX_CORPUS)) if self.ppo.ptx_coef > 0 else []
-        log.info("policy run: %d training and %d held-out prompts, reward model v%d (%s), start from %s, %.2f M "
-                 "trained parameters (%s), seed %d%s", len(self.train_prompts), len(self.held_out),
+        log.info("policy run: %d training and %d held-out prompts, %d served samples of v%d to learn from, reward "
+                 "model v%d (%s), start from %s, %.2f M trained parameters (%s), seed %d%s", len(self.train_prompts),
+                 len(self.held_out), sum(len(g.responses) for g in self.served), starts_as,
                  self.reward_record.version, _describe_reward(self.reward_length, calibrations),
                  f"v{self.parent}" if self.parent else "the base model", policy.trainable_parameter_count() / 1e6,
                  self.model_config.finetune, seed, " (drawn for this run)" if section.seed is None else "")
@@ -202,7 +208,7 @@ class PolicyRun(TrainingRun):
         trainer = PPOTrainer(self.policy, self.scorers[POLICY_MEMBER], self.ppo, ptx_texts=self.ptx_texts,
                              progress=_progress_reporter(self.metrics, self.ppo.batch_size, time.monotonic()),
                              kl_state=self.kl_state)
-        self.result = trainer.train(self.train_prompts, self.iterations)
+        self.result = trainer.train(self.train_prompts, self.iterations, served=self.served)
 
     def gate(self, current: VersionRecord | None, before: PolicyEvaluation, after: PolicyEvaluation) -> GateDecision:
         return gate_decision(after, before, self.reference_perplexity, self.policy.all_finite(), self.gate_config)
@@ -224,12 +230,14 @@ class PolicyRun(TrainingRun):
             "created_at": time.time(),
             "figures": figures,
             "prompts": {"train": len(self.train_prompts), "held_out": len(self.held_out),
-                        "prompts_file": self.section.prompts_file or None},
+                        "prompts_file": self.section.prompts_file or None, "served_groups": len(self.served),
+                        "served_samples": sum(len(g.responses) for g in self.served)},
             "model": asdict(self.model_config),
             "ppo": asdict(self.ppo) | {"iterations": self.iterations},
             "kl_controller": {"start": self.kl_state, "end": result.kl_state},
             "gate": asdict(self.gate_config) | {"passed": decision.passed, "why": decision.why},
             "iterations": [s.to_dict() for s in result.iterations],
+            "stopped": result.stopped,
             "duration_seconds": time.monotonic() - started,
         }
 
@@ -264,19 +272,19 @@ def _describe_reward(mode: str, calibrations: dict[str, RewardCalibration]) -> s
 
 
 def _warm_start(policy: PolicyWithValueHead, registry, current: VersionRecord | None,
-                config: PolicyModelConfig) -> int:
+                config: PolicyModelConfig) -> tuple[int, int]:
     """Load the current version into the policy when it was trained the same way on the same base;
-    returns the parent version (0 = the base model)."""
+    returns (the parent version, the version whose weights the policy now has), 0 = the base model."""
     if current is None:
-        return 0
+        return 0, 0
     manifest = current.manifest
     if manifest.get("format") != config.finetune or manifest.get("base_model") != config.base_model:
         log.warning("current policy v%d is a %s version of %s; this run trains %s on %s from the base",
                     current.version, manifest.get("format"), manifest.get("base_model"), config.finetune,
                     config.base_model)
-        return current.version
+        return current.version, 0
     policy.load_version(registry.path(current.version), manifest["format"])
-    return current.version
+    return current.version, current.version
 
 
 def _last_kl_state(registry) -> dict | None:

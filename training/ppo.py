@@ -26,6 +26,10 @@ One iteration (``PPOTrainer.step``):
    language-model loss on a pretraining text batch (``pretraining_loss``). During the first
    ``critic_warmup_iterations`` only the value loss is optimised.
 
+With ``kl_stop`` the run ends at the first rollout whose KL to π_ref is past it, and the policy goes
+back to the last iterate whose rollout was within it: the candidate the gate sees stays inside the
+gate's KL budget instead of being rejected for the iterations that left it.
+
 The policy is a ``PolicyWithValueHead`` (one forward gives the logits and the values; π_ref is the
 same backbone with its LoRA adapters disabled). Responses are right-aligned after left-padded
 prompts, so the response of every row occupies the last ``response_length`` positions.
@@ -43,7 +47,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from training.policy_model import PolicyWithValueHead, Prompt
+from training.policy_model import PolicyWithValueHead, Prompt, pad_sequences
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,10 @@ class PPOConfig:
     """β: weight of the per-token KL penalty (the initial value when adaptive)."""
     kl_target: float | None = None
     """Adapt β so that the mean KL per response approaches this (nats); None = fixed β."""
+    kl_stop: float = 0.0
+    """Stop the run when a rollout's mean KL to π_ref per response exceeds this (nats) and keep the
+    last iterate whose rollout stayed within it; 0 = never. The gate refuses a candidate past its
+    KL budget, so iterations past it would only turn a round's gain into a rejection."""
     kl_horizon: int | None = None
     """Episodes over which the adaptive β may move by a factor of about e^±0.2. None = the run's own
     episodes (``iterations`` · ``batch_size``, set by ``train``): Ziegler et al.'s 10,000 is made for
@@ -105,6 +113,11 @@ class PPOConfig:
     over ``samples_per_prompt`` samples of each prompt, no critic (see the module docstring)."""
     samples_per_prompt: int = 1
     """k: responses sampled for each prompt in one batch (rloo needs k ≥ 2)."""
+    served_mini_batch_size: int = 32
+    """Episodes per optimizer step over the served groups (in chunks of ``mini_batch_size``, the
+    gradients accumulated): a batch of several hundred episodes in steps of 8 would take as many
+    steps as a whole run of rollouts."""
+    served_epochs: int = 1
     seed: int = 0
     log_every_seconds: float = 10.0
 
@@ -147,9 +160,18 @@ def leave_one_out_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
     """RLOO's baseline: each score minus the mean of the other k − 1 scores of its prompt (the
     samples of a prompt are k consecutive rows). Sums to 0 over a prompt's samples; unbiased,
     since a sample's baseline does not depend on the sample itself."""
-    grouped = scores.view(-1, k)
-    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
-    return (grouped - baseline).flatten()
+    return leave_one_out_by_prompt(scores, torch.arange(scores.shape[0]) // k)
+
+
+def leave_one_out_by_prompt(scores: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+    """The same baseline where a prompt's samples are the rows sharing a ``prompt_index`` (served
+    groups have as many samples as their request asked for); every prompt needs 2 or more."""
+    count = torch.bincount(prompt_index).to(scores.dtype)
+    total = torch.zeros_like(count).index_add_(0, prompt_index, scores)
+    if bool((count[prompt_index] < 2).any()):
+        raise ValueError("leave-one-out needs at least 2 samples of every prompt")
+    baseline = (total[prompt_index] - scores) / (count[prompt_index] - 1)
+    return scores - baseline
 
 
 def rewards_to_go(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -205,19 +227,28 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     return loss, stats
 
 
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
     """H(π(·|s_t)) per position of the distribution sampled from, softmax(z/τ):
     logsumexp(z/τ) − Σ softmax(z/τ)·z/τ."""
-    logits = logits.float() / temperature
+    logits = logits.float() / _per_row(temperature, logits)
     probabilities = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probabilities * logits).sum(dim=-1)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
     """log π(y_t) of the given tokens under softmax(z/τ), in float32. Responses are sampled at τ,
     so every log-prob of them (π_θold, π_ref, π_θ, the gate's KL) must be taken at the same τ:
     at τ = 1 the ratio ρ and the KL would describe a policy that never produced the samples."""
-    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(logits.float() / _per_row(temperature, logits), dim=-1).gather(
+        -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _per_row(temperature: float | torch.Tensor, logits: torch.Tensor) -> float | torch.Tensor:
+    """τ as a divisor of [B, ..., V] logits: a float, or one τ per row ([B]) for served episodes,
+    each sampled at the temperature its request asked for."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature.float().view(-1, *([1] * (logits.dim() - 1)))
+    return temperature
 
 
 # ---- β ----
@@ -293,6 +324,22 @@ class Rollout:
     """[B] bool: the response reached ``response_length`` without an EOS."""
     frozen_hidden: torch.Tensor | None = None
     """[B, P + T, H]: output of the policy's frozen bottom layers, reused by every epoch."""
+    temperature: torch.Tensor | None = None
+    """[B]: τ each response was sampled at (None: the config's); its log-probs are taken at it."""
+    prompt_index: torch.Tensor | None = None
+    """[B]: rows with the same index are samples of one prompt (None: ``samples_per_prompt``
+    consecutive rows); RLOO's baseline is over them."""
+
+
+@dataclass(frozen=True)
+class ServedGroup:
+    """Samples the policy already served for one prompt: episodes PPO can learn from without
+    generating them. On-policy for the version that served them, at the τ its request asked for."""
+
+    prompt: Prompt
+    responses: list[list[int]]
+    """Each sample's token ids, ending with the EOS when it stopped."""
+    temperature: float
 
 
 @dataclass
@@ -321,6 +368,8 @@ class PPOStats:
     critic_warmup: bool = False
     """A critic warm-up iteration: the policy was not updated (policy_loss, clipfrac, approx_kl and
     entropy are 0)."""
+    served: bool = False
+    """The update on the served groups' samples (``PPOTrainer.step_served``), not on a rollout."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -332,6 +381,8 @@ class TrainResult:
     seconds: float = 0.0
     kl_state: dict | None = None
     """The KL controller's state at the end (``state_dict``): what the next run continues from."""
+    stopped: str | None = None
+    """Why the run ended before its last iteration (the KL stop), None when it ran them all."""
 
     @property
     def last(self) -> PPOStats | None:
@@ -371,6 +422,9 @@ class PPOTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.ptx_batches = (policy.text_batches(ptx_texts, config.ptx_batch_size, config.ptx_max_length)
                             if config.ptx_coef > 0 and ptx_texts else [])
+        self._within_kl_stop: dict[str, torch.Tensor] | None = None
+        """The trained parameters of the last iterate whose rollout was within ``kl_stop``."""
+        self.stopped: str | None = None
 
     # 1. rollout
     @torch.no_grad()
@@ -381,19 +435,52 @@ class PPOTrainer:
             query_responses, attention_mask, responses, response_mask = self.policy.generate(
                 chunk, self.config.response_length, self.config.temperature, self.config.max_prompt_length,
                 generator=self.generator)
-            frozen = self.policy.frozen_prefix(query_responses, attention_mask)
-            logits, values = self.policy(query_responses, attention_mask, responses.shape[1], frozen)
-            logprobs = token_logprobs(logits, responses, self.config.temperature)
-            del logits
-            ref_logits = self.policy.reference_logits(query_responses, attention_mask, responses.shape[1], frozen)
-            ref_logprobs = token_logprobs(ref_logits, responses, self.config.temperature)
-            del ref_logits
-            prompt_ids = [p.token_ids[-self.config.max_prompt_length:] for p in chunk]
-            response_ids = [row[:int(n)].tolist() for row, n in zip(responses, response_mask.sum(dim=1))]
-            scores = self.reward_fn(prompt_ids, response_ids).float()
-            truncated = ~(responses == self.policy.eos_id).any(dim=1)
-            parts.append((query_responses, attention_mask, responses, response_mask, logprobs, ref_logprobs,
-                          values.float(), scores, truncated, frozen))
+            parts.append(self._scored(chunk, query_responses, attention_mask, responses, response_mask,
+                                      self.config.temperature))
+        return self._joined(parts)
+
+    @torch.no_grad()
+    def served_rollout(self, groups: Sequence[ServedGroup]) -> Rollout:
+        """The served groups as a rollout: their samples as sampled, with log π_θold, log π_ref and
+        the values taken now (at each group's τ) and the reward model's scores."""
+        rows = [(group.prompt, response, group.temperature, index)
+                for index, group in enumerate(groups) for response in group.responses]
+        parts = []
+        for start in range(0, len(rows), self.config.rollout_batch_size):
+            chunk = rows[start:start + self.config.rollout_batch_size]
+            prompts = [prompt for prompt, _, _, _ in chunk]
+            input_ids, prompt_mask = self.policy.left_pad([p.token_ids[-self.config.max_prompt_length:]
+                                                           for p in prompts])
+            responses, response_mask = pad_sequences([r[:self.config.response_length] for _, r, _, _ in chunk],
+                                                     self.pad_id)
+            query_responses = torch.cat([input_ids, responses], dim=1)
+            attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+            temperature = torch.tensor([t for _, _, t, _ in chunk])
+            parts.append(self._scored(prompts, query_responses, attention_mask, responses, response_mask.float(),
+                                      temperature))
+        rollout = self._joined(parts)
+        rollout.temperature = torch.tensor([t for _, _, t, _ in rows])
+        rollout.prompt_index = torch.tensor([i for _, _, _, i in rows])
+        return rollout
+
+    def _scored(self, prompts, query_responses, attention_mask, responses, response_mask, temperature) -> tuple:
+        """One chunk's log-probs (π_θold, π_ref at τ), values, scores and truncation flags."""
+        frozen = self.policy.frozen_prefix(query_responses, attention_mask)
+        logits, values = self.policy(query_responses, attention_mask, responses.shape[1], frozen)
+        logprobs = token_logprobs(logits, responses, temperature)
+        del logits
+        ref_logits = self.policy.reference_logits(query_responses, attention_mask, responses.shape[1], frozen)
+        ref_logprobs = token_logprobs(ref_logits, responses, temperature)
+        del ref_logits
+        prompt_ids = [p.token_ids[-self.config.max_prompt_length:] for p in prompts]
+        response_ids = [row[:int(n)].tolist() for row, n in zip(responses, response_mask.sum(dim=1))]
+        scores = self.reward_fn(prompt_ids, response_ids).float()
+        last = (response_mask.sum(dim=1).long() - 1).clamp(min=0)
+        truncated = responses.gather(1, last.unsqueeze(1)).squeeze(1) != self.policy.eos_id  # no EOS at its end
+        return (query_responses, attention_mask, responses, response_mask, logprobs, ref_logprobs,
+                values.float(), scores, truncated, frozen)
+
+    def _joined(self, parts: list[tuple]) -> Rollout:
         frozen = None if parts[0][9] is None else _cat_padded([p[9] for p in parts], left=True, pad=0)
         return Rollout(*[_cat_padded([p[i] for p in parts], left=i < 2, pad=self.pad_id if i == 0 else 0)
                          for i in range(9)], frozen_hidden=frozen)
@@ -405,7 +492,8 @@ class PPOTrainer:
         mask = rollout.response_mask
         scores = missing_eos_penalized(rollout.scores, rollout.truncated, c.missing_eos_penalty)
         if c.advantage_estimator == "rloo":
-            scores = leave_one_out_scores(scores, c.samples_per_prompt)
+            scores = (leave_one_out_scores(scores, c.samples_per_prompt) if rollout.prompt_index is None
+                      else leave_one_out_by_prompt(scores, rollout.prompt_index))
         rewards, kl = kl_penalized_rewards(rollout.logprobs, rollout.ref_logprobs, scores, mask,
                                            self.kl_controller.value)
         if c.whiten_rewards:
@@ -417,8 +505,13 @@ class PPOTrainer:
         return advantages, returns, kl
 
     # 4. minibatch epochs
-    def update(self, rollout: Rollout) -> dict[str, float]:
+    def update(self, rollout: Rollout, epochs: int | None = None, mini_batch_size: int | None = None) -> dict[str, float]:
+        """``epochs`` (the config's ``ppo_epochs``) passes over the rollout in optimizer steps of
+        ``mini_batch_size`` episodes (the config's), each computed in chunks of the config's
+        ``mini_batch_size`` with the gradients accumulated."""
         c = self.config
+        epochs = c.ppo_epochs if epochs is None else epochs
+        step_size = mini_batch_size or c.mini_batch_size
         mask = rollout.response_mask
         advantages, returns, kl = self.advantages_and_returns(rollout)
         train_critic = c.advantage_estimator == "gae"  # rloo has no critic
@@ -431,48 +524,23 @@ class PPOTrainer:
         sums: dict[str, float] = {}
         steps = 0
         batch = rollout.responses.shape[0]
-        response_length = rollout.responses.shape[1]
         self.policy.train()
-        for _epoch in range(c.ppo_epochs):
+        for _epoch in range(epochs):
             order = list(range(batch))
             self.rng.shuffle(order)
-            for start in range(0, batch, c.mini_batch_size):
-                idx = torch.tensor(order[start:start + c.mini_batch_size])
-                mb_mask = mask[idx]
-                first = _first_used_column(rollout.attention_mask[idx], response_length)
-                qr, am = rollout.query_responses[idx, first:], rollout.attention_mask[idx, first:]
-                frozen = None if rollout.frozen_hidden is None else rollout.frozen_hidden[idx, first:]
-                if train_policy:
-                    logits, values = self.policy(qr, am, response_length, frozen)
-                else:  # critic warm-up: gradients reach the value head only
-                    logits, values = None, self.policy.critic_values(qr, am, response_length, frozen)
-                loss = torch.zeros(())
-                figures = {}
-                if train_critic:
-                    vf_loss, vf_stats = clipped_value_loss(values.float(), rollout.values[idx], returns[idx], mb_mask,
-                                                           cliprange_value)
-                    loss = loss + c.vf_coef * vf_loss
-                    figures |= {"value_loss": vf_loss.detach()} | vf_stats
-                if train_policy:
-                    new_logprobs = token_logprobs(logits, rollout.responses[idx], c.temperature)
-                    pg_loss, pg_stats = clipped_policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx],
-                                                            mb_mask, c.cliprange)
-                    loss = loss + pg_loss
-                    figures |= {"policy_loss": pg_loss.detach()} | pg_stats
-                    if self.ptx_batches:
-                        ptx = self.policy.language_model_loss(*self.ptx_batches[steps % len(self.ptx_batches)])
-                        loss = loss + c.ptx_coef * ptx
-                        figures["ptx_loss"] = ptx.detach()
+            for start in range(0, batch, step_size):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                step_rows = order[start:start + step_size]
+                for chunk_start in range(0, len(step_rows), c.mini_batch_size):
+                    idx = torch.tensor(step_rows[chunk_start:chunk_start + c.mini_batch_size])
+                    figures = self._accumulate_gradients(rollout, idx, advantages, returns, train_policy,
+                                                         train_critic, cliprange_value, len(idx) / len(step_rows),
+                                                         steps)
+                    for name, value in figures.items():
+                        sums[name] = sums.get(name, 0.0) + float(value) * len(idx) / len(step_rows)
                 torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad],
                                                c.max_grad_norm)
                 self.optimizer.step()
-                if train_policy:
-                    with torch.no_grad():
-                        figures["entropy"] = masked_mean(entropy_from_logits(logits, c.temperature), mb_mask)
-                for name, value in figures.items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
                 steps += 1
         self.policy.eval()
         # what an iteration did not compute: the policy's figures in a critic warm-up, the critic's with rloo
@@ -487,32 +555,127 @@ class PPOTrainer:
         self.iteration += 1
         return means
 
-    def step(self, prompts: Sequence[Prompt]) -> PPOStats:
-        """One iteration on ``prompts``, each rolled out ``samples_per_prompt`` times."""
+    def _accumulate_gradients(self, rollout: Rollout, idx: torch.Tensor, advantages: torch.Tensor,
+                              returns: torch.Tensor, train_policy: bool, train_critic: bool, cliprange_value: float,
+                              weight: float, step: int) -> dict[str, torch.Tensor]:
+        """Backward of ``weight`` × the losses of the rows ``idx``; returns their figures."""
+        c = self.config
+        mb_mask = rollout.response_mask[idx]
+        response_length = rollout.responses.shape[1]
+        temperature = c.temperature if rollout.temperature is None else rollout.temperature[idx]
+        first = _first_used_column(rollout.attention_mask[idx], response_length)
+        qr, am = rollout.query_responses[idx, first:], rollout.attention_mask[idx, first:]
+        frozen = None if rollout.frozen_hidden is None else rollout.frozen_hidden[idx, first:]
+        if train_policy:
+            logits, values = self.policy(qr, am, response_length, frozen)
+        else:  # critic warm-up: gradients reach the value head only
+            logits, values = None, self.policy.critic_values(qr, am, response_length, frozen)
+        loss = torch.zeros(())
+        figures = {}
+        if train_critic:
+            vf_loss, vf_stats = clipped_value_loss(values.float(), rollout.values[idx], returns[idx], mb_mask,
+                                                   cliprange_value)
+            loss = loss + c.vf_coef * vf_loss
+            figures |= {"value_loss": vf_loss.detach()} | vf_stats
+        if train_policy:
+            new_logprobs = token_logprobs(logits, rollout.responses[idx], temperature)
+            pg_loss, pg_stats = clipped_policy_loss(new_logprobs, rollout.logprobs[idx], advantages[idx],
+                                                    mb_mask, c.cliprange)
+            loss = loss + pg_loss
+            figures |= {"policy_loss": pg_loss.detach()} | pg_stats
+            if self.ptx_batches:
+                ptx = self.policy.language_model_loss(*self.ptx_batches[step % len(self.ptx_batches)])
+                loss = loss + c.ptx_coef * ptx
+                figures["ptx_loss"] = ptx.detach()
+        (weight * loss).backward()
+        if train_policy:
+            with torch.no_grad():
+                figures["entropy"] = masked_mean(entropy_from_logits(logits, temperature), mb_mask)
+        return figures
+
+    def step(self, prompts: Sequence[Prompt]) -> PPOStats | None:
+        """One iteration on ``prompts``, each rolled out ``samples_per_prompt`` times. None when the
+        rollout's KL to π_ref is past ``kl_stop``: then the policy is back at the last iterate within
+        it (``stopped`` says why) and nothing was updated."""
         started = time.monotonic()
         prompts = [prompt for prompt in prompts for _ in range(self.config.samples_per_prompt)]
         rollout = self.rollout(prompts)
         rollout_seconds = time.monotonic() - started
-        figures = self.update(rollout)
+        if self.config.kl_stop > 0 and self._past_kl_stop(rollout):
+            return None
+        return self._stats(rollout, self.update(rollout), started, rollout_seconds)
+
+    def step_served(self, groups: Sequence[ServedGroup]) -> PPOStats | None:
+        """One update on the samples already served (``served_epochs`` passes, optimizer steps of
+        ``served_mini_batch_size`` episodes): the rankings' groups are on-policy episodes of the
+        version that served them, as many as several iterations of rollouts, for the price of
+        scoring them. None past ``kl_stop``, as ``step``."""
+        started = time.monotonic()
+        rollout = self.served_rollout(groups)
+        rollout_seconds = time.monotonic() - started
+        if self.config.kl_stop > 0 and self._past_kl_stop(rollout):
+            return None
+        figures = self.update(rollout, self.config.served_epochs, self.config.served_mini_batch_size)
+        return self._stats(rollout, figures, started, rollout_seconds, served=True)
+
+    def _stats(self, rollout: Rollout, figures: dict, started: float, rollout_seconds: float,
+               served: bool = False) -> PPOStats:
         return PPOStats(
             mean_score=float(rollout.scores.mean()), mean_reward=figures["mean_reward"],
             kl_to_ref=figures["kl_to_ref"], kl_coef=figures["kl_coef"], policy_loss=figures["policy_loss"],
             value_loss=figures["value_loss"], clipfrac=figures["clipfrac"], approx_kl=figures["approx_kl"],
             entropy=figures["entropy"], ptx_loss=figures.get("ptx_loss"),
-            response_length=float(rollout.response_mask.sum(dim=1).float().mean()), episodes=len(prompts),
-            seconds=time.monotonic() - started, rollout_seconds=rollout_seconds,
-            truncated_fraction=float(rollout.truncated.float().mean()), critic_warmup=figures["critic_warmup"])
+            response_length=float(rollout.response_mask.sum(dim=1).float().mean()),
+            episodes=rollout.responses.shape[0], seconds=time.monotonic() - started, rollout_seconds=rollout_seconds,
+            truncated_fraction=float(rollout.truncated.float().mean()), critic_warmup=figures["critic_warmup"],
+            served=served)
 
-    def train(self, prompts: Sequence[Prompt], iterations: int) -> TrainResult:
-        """``iterations`` PPO iterations of ``batch_size`` episodes each (batch_size / samples_per_prompt
-        prompts, drawn from ``prompts``, reshuffled whenever they run out). Progress (rate, ETA) is
-        logged and passed to ``progress``."""
+    def _past_kl_stop(self, rollout: Rollout) -> bool:
+        """Whether this rollout's policy is past ``kl_stop`` (then restore the last iterate within
+        it); else remember this iterate's trained parameters as that last one."""
+        kl = float(((rollout.logprobs - rollout.ref_logprobs) * rollout.response_mask).sum(dim=1).mean())
+        trained = [(name, p) for name, p in self.policy.named_parameters() if p.requires_grad]
+        if kl <= self.config.kl_stop:
+            self._within_kl_stop = {name: p.detach().clone() for name, p in trained}
+            return False
+        if self._within_kl_stop is None:
+            self.stopped = (f"the starting policy's KL to π_ref, {kl:.2f} nats, is past kl_stop "
+                            f"{self.config.kl_stop}: not trained further")
+        else:
+            with torch.no_grad():
+                for name, p in trained:
+                    p.copy_(self._within_kl_stop[name])
+            self.stopped = (f"iteration {self.iteration + 1}'s rollout had a KL to π_ref of {kl:.2f} nats, past "
+                            f"kl_stop {self.config.kl_stop}: kept the policy after {self.iteration - 1} updates, the last "
+                            "one whose rollout was within it")
+        return True
+
+    def train(self, prompts: Sequence[Prompt], iterations: int, served: Sequence[ServedGroup] = ()) -> TrainResult:
+        """First one update on the ``served`` groups' samples (if any), then ``iterations`` PPO
+        iterations of ``batch_size`` episodes each (batch_size / samples_per_prompt prompts, drawn
+        from ``prompts``, reshuffled whenever they run out). Progress (rate, ETA) is logged and
+        passed to ``progress``."""
         if not prompts:
             raise ValueError("no prompts to train on")
+        served_episodes = sum(len(group.responses) for group in served)
         if isinstance(self.kl_controller, AdaptiveKLController) and self.config.kl_horizon is None:
-            self.kl_controller.horizon = iterations * self.config.batch_size  # β adapts within the run
+            # β adapts within the run
+            self.kl_controller.horizon = iterations * self.config.batch_size + served_episodes
         result = TrainResult()
         started = time.monotonic()
+        if served:
+            stats = self.step_served(served)
+            if stats is None:
+                log.info("PPO stopped: %s", self.stopped)
+                iterations = 0
+            else:
+                result.iterations.append(stats)
+                log.info("PPO on %d served samples of %d prompts: score %.4f, KL %.3f, policy loss %.4f, clipfrac "
+                         "%.3f, approx KL %.4f | %.1f s (%.1f s scoring them)", served_episodes, len(served),
+                         stats.mean_score, stats.kl_to_ref, stats.policy_loss, stats.clipfrac, stats.approx_kl,
+                         stats.seconds, stats.rollout_seconds)
+                if self.progress is not None:
+                    self.progress(0, iterations, math.nan, stats)
         pool: list[Prompt] = []
         for iteration in range(1, iterations + 1):
             batch: list[Prompt] = []
@@ -522,6 +685,9 @@ class PPOTrainer:
                     self.rng.shuffle(pool)
                 batch.append(pool.pop())
             stats = self.step(batch)
+            if stats is None:
+                log.info("PPO stopped: %s", self.stopped)
+                break
             result.iterations.append(stats)
             elapsed = time.monotonic() - started
             rate = iteration * self.config.batch_size / elapsed
@@ -537,6 +703,7 @@ class PPOTrainer:
                 break
         result.seconds = time.monotonic() - started
         result.kl_state = self.kl_controller.state_dict()
+        result.stopped = self.stopped
         return result
 
 

@@ -19,6 +19,10 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+"""A completion's ``finish_reason``: it ended (end of sequence or a stop string), it reached
+``max_new_tokens``, or it was cancelled (its client went away, the server stopped)."""
+
 
 class SamplingParamsRecord(Protocol):
     """What a group keeps of its sampling parameters (serving's ``SamplingParams``): their JSON."""

@@ -39,6 +39,11 @@ def reward_model_member(group_id: str) -> str:
     return POLICY_MEMBER if digest[0] % 2 == 0 else JUDGE_MEMBER
 
 
+def prompt_is_held_out(prompt: RenderedPrompt, fraction: float) -> bool:
+    """Whether a prompt is in the held-out slice: a hash of its text (of its token ids without one)."""
+    return is_held_out(prompt.text or " ".join(map(str, prompt.token_ids)), fraction)
+
+
 def split_prompts(prompts: Sequence[P], fraction: float) -> tuple[list[P], list[P]]:
     """(training prompts, held-out prompts), each prompt once, by a hash of its text."""
     seen: set[str] = set()
@@ -48,5 +53,5 @@ def split_prompts(prompts: Sequence[P], fraction: float) -> tuple[list[P], list[
         if key in seen:
             continue
         seen.add(key)
-        (held_out if is_held_out(key, fraction) else train).append(prompt)
+        (held_out if prompt_is_held_out(prompt, fraction) else train).append(prompt)
     return train, held_out

@@ -85,3 +85,28 @@ def test_a_policy_with_a_nan_weight_is_rejected_by_the_gate(sharp_tiny_model_dir
     decision = gate_decision(candidate, current, reference_perplexity, policy.all_finite(), config)
     assert not decision.passed
     assert "NaN" in decision.why
+
+
+def test_the_kl_stop_keeps_the_last_iterate_whose_rollout_was_within_it(sharp_tiny_model_dir):
+    """The run that would leave the gate's KL budget ends at the first rollout past kl_stop and hands
+    back the policy that rolled out the iteration before, not the one past the limit."""
+    torch.manual_seed(0)
+    policy = PolicyWithValueHead.from_pretrained(
+        PolicyModelConfig(str(sharp_tiny_model_dir), lora_rank=8, autocast_dtype="float32"))
+    reward = toy_reward(policy)
+    prompts = [Prompt(*render_prompt(policy.tokenizer, f"Tell me about number {i}.")) for i in range(32)]
+    trained = lambda: {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}  # noqa: E731
+    after_update = [trained()]  # [i]: the parameters after i updates
+
+    config = PPOConfig(batch_size=32, mini_batch_size=8, rollout_batch_size=32, response_length=12,
+                       learning_rate=5e-3, kl_coef=0.0, ppo_epochs=4, seed=0, kl_stop=0.5)
+    result = PPOTrainer(policy, reward, config, progress=lambda *_: after_update.append(trained())).train(
+        prompts, iterations=12)
+
+    assert result.stopped and "past kl_stop 0.5" in result.stopped, result.stopped
+    kept = len(result.iterations) - 1  # the last recorded rollout was within the stop; its update is undone
+    assert 1 <= len(result.iterations) < 12
+    assert all(stats.kl_to_ref <= 0.5 for stats in result.iterations)
+    now = trained()
+    assert all(torch.equal(now[name], after_update[kept][name]) for name in now)
+    assert not all(torch.equal(now[name], after_update[-1][name]) for name in now)
