@@ -260,6 +260,10 @@ def openai_request(data: dict, chat: bool) -> OpenAIRequest:
         raise HttpError(400, f"top_logprobs: must be between 0 and 20; got {top}", param="top_logprobs")
     request.logprobs = logprobs
     request.top_logprobs = top
+    # OpenAI's store (default false there: OpenAI keeps outputs only on request); here a group is kept
+    # for ranking unless the request says "store": false (evaluation traffic that must stay unseen)
+    store = _typed(data, "store", (bool,), "true or false")
+    request.store = True if store is None else store
     stream = bool(_typed(data, "stream", (bool,), "true or false"))
     options = _typed(data, "stream_options", (dict,), "an object") or {}
     return OpenAIRequest(request, chat, stream, bool(options.get("include_usage")), top)
@@ -354,7 +358,8 @@ class OpenAIRoutes:
         try:
             for event in self._events(generation):
                 if isinstance(event, DoneEvent):
-                    self.server.record_group(event.result)
+                    if asked.request.store:
+                        self.server.record_group(event.result)
                     return JsonResponse(answer.whole(event.result))
         finally:
             generation.cancel()
@@ -445,7 +450,8 @@ class CompletionAnswer:
                 yield self._head(event.group_id) | {"object": kind, "choices": [choice]}
             elif isinstance(event, DoneEvent):
                 result = event.result
-                self.routes.server.record_group(result)
+                if self.asked.request.store:
+                    self.routes.server.record_group(result)
                 for s in result.samples:
                     choice = {"index": s.index, "completion_id": s.completion_id, "finish_reason": s.finish_reason,
                               "logprobs": None}

@@ -51,7 +51,7 @@ from serving.metrics import RequestMetricsInterceptor, ServingMetrics
 from serving.policy_follower import FollowerState, PolicyFollower
 from serving.policy_loader import LoadedPolicy, PolicyLoader
 from serving.rate_limit import RateLimiter
-from serving.validation import InvalidRequest, RequestLimits, validate_request
+from serving.validation import InvalidRequest, RequestLimits, ValidatedRequest, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +116,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.server = server
 
     async def Complete(self, request, context):
-        generation, logprobs = await self._submit(request, context, stream=False)
+        generation, valid = await self._submit(request, context, stream=False)
         try:
             async for event in self._events(generation, context):
                 if isinstance(event, DoneEvent):
-                    return await self._finish(event.result, context, logprobs)
+                    return await self._finish(event.result, context, valid)
             await self._abort_unfinished(generation, context)
         finally:
             generation.cancel()  # frees the batch slots when the client cancels or the RPC ends for any reason
 
     async def StreamComplete(self, request, context):
-        generation, logprobs = await self._submit(request, context, stream=True)
+        generation, valid = await self._submit(request, context, stream=True)
         tokenizer = self.server.engine.tokenizer
         try:
             async for event in self._events(generation, context):
                 if isinstance(event, TokenEvent):
-                    yield inference_pb2.StreamCompleteResponse(delta=token_delta(event, tokenizer, logprobs))
+                    yield inference_pb2.StreamCompleteResponse(delta=token_delta(event, tokenizer, valid.logprobs))
                 elif isinstance(event, DoneEvent):
                     yield inference_pb2.StreamCompleteResponse(final=await self._finish(event.result, context,
-                                                                                        logprobs))
+                                                                                        valid))
                     return
             await self._abort_unfinished(generation, context)
         finally:
@@ -142,8 +142,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     # ---- helpers ----
 
-    async def _submit(self, request, context, stream: bool) -> tuple[GenerationRequest, bool]:
-        """The request handed to the engine, and whether the caller asked for log-probabilities."""
+    async def _submit(self, request, context, stream: bool) -> tuple[GenerationRequest, ValidatedRequest]:
+        """The request handed to the engine, and the request as validated (log-probabilities, store)."""
         engine = self.server.engine
         if engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
@@ -165,7 +165,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineStoppedError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, _stopped_message(exc))
-        return generation, valid.logprobs
+        return generation, valid
 
     async def _events(self, generation: GenerationRequest, context):
         """The request's events until it is done; an engine error becomes a status the client can act on:
@@ -186,7 +186,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if isinstance(event, DoneEvent):
                 return
 
-    async def _finish(self, result: GroupResult, context, logprobs: bool = False) -> inference_pb2.CompleteResponse:
+    async def _finish(self, result: GroupResult, context, valid: ValidatedRequest) -> inference_pb2.CompleteResponse:
         if all(s.finish_reason == "cancelled" for s in result.samples):
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
@@ -194,9 +194,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                     "the deadline passed before generation finished")
             if context.cancelled():
                 await context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
-        if self.server.group_sink is not None:  # a Redis write: in a worker thread, never on the event loop
+        if self.server.group_sink is not None and valid.store:  # a Redis write: in a worker thread, never on the loop
             await asyncio.get_running_loop().run_in_executor(self.server.pool, self.server.record_group, result)
-        return group_response(result, self.server.engine.tokenizer, logprobs)
+        return group_response(result, self.server.engine.tokenizer, valid.logprobs)
 
     async def _abort_unfinished(self, generation: GenerationRequest, context):
         generation.cancel()

@@ -45,6 +45,7 @@ class ValidatedRequest:
     params: SamplingParams
     logprobs: bool = False  # report each generated token with its log-probability
     top_logprobs: int = 0  # and this many alternatives at each position
+    store: bool = True  # keep the group (ranking, training); False for evaluation traffic
 
 
 def request_prompt(request: inference_pb2.CompleteRequest, tokenizer) -> tuple[str, list[int]]:
@@ -120,4 +121,5 @@ def validate_request(request: inference_pb2.CompleteRequest, tokenizer, limits: 
                             seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
                             min_new_tokens=min_new_tokens)
     return ValidatedRequest(prompt, ids, params, logprobs=request.logprobs or request.top_logprobs > 0,
-                            top_logprobs=request.top_logprobs)
+                            top_logprobs=request.top_logprobs,
+                            store=request.store if request.HasField("store") else True)

@@ -110,12 +110,13 @@ def left_to_ai(group_id: str, ai_fraction: float) -> bool:
 
 
 def sample(stub: rpc.InferenceStub, question: str, plan: SamplingPlan, seed: int,
-           metadata: Sequence[tuple[str, str]] = (), retries: int = 20) -> pb.CompleteResponse:
+           metadata: Sequence[tuple[str, str]] = (), retries: int = 20, store: bool = True) -> pb.CompleteResponse:
     """One request, retried as a polite client does when the server says RESOURCE_EXHAUSTED (a
-    full queue or the key's rate limit): after the ``retry-after-ms`` it names."""
+    full queue or the key's rate limit): after the ``retry-after-ms`` it names. ``store=False``:
+    the server keeps no group of it (nothing can rank or train on it)."""
     request = pb.CompleteRequest(
         messages=[pb.ChatMessage(role="user", content=question)], n=plan.n, max_new_tokens=plan.max_new_tokens,
-        temperature=plan.temperature, top_p=plan.top_p, seed=seed)
+        temperature=plan.temperature, top_p=plan.top_p, seed=seed, store=store)
     for attempt in range(retries + 1):
         try:
             return stub.Complete(request, timeout=plan.timeout_seconds, metadata=metadata)
@@ -190,12 +191,15 @@ def sample_answers(channel: grpc.Channel, questions: Sequence[str], plan: Sampli
                    parallel: int = 16, metadata: Sequence[tuple[str, str]] = ()
                    ) -> tuple[dict[str, list[str]], set[int]]:
     """Answers to every question (seeded, so two policies face the same draws), and the policy
-    versions that produced them. ``parallel`` requests at a time, so the server batches them."""
+    versions that produced them. ``parallel`` requests at a time, so the server batches them.
+    Evaluation traffic: the server stores none of it, so neither the reward model nor PPO (whose
+    prompts are the stored groups' prompts) ever trains on these questions."""
     from concurrent.futures import ThreadPoolExecutor
 
     inference = rpc.InferenceStub(channel)
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="sample") as pool:
-        responses = list(pool.map(lambda item: sample(inference, item[1], plan, seed + item[0], metadata),
+        responses = list(pool.map(lambda item: sample(inference, item[1], plan, seed + item[0], metadata,
+                                                        store=False),
                                   enumerate(questions)))
     answers = {q: [c.text for c in r.completions] for q, r in zip(questions, responses)}
     return answers, {r.policy_version for r in responses}

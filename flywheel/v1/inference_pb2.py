@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66lywheel/v1/inference.proto\x12\x0b\x66lywheel.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xdd\x02\n\x0f\x43ompleteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.flywheel.v1.ChatMessage\x12\x0e\n\x01n\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x1b\n\x0emin_new_tokens\x18\t \x01(\rH\x05\x88\x01\x01\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\rB\x04\n\x02_nB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_min_new_tokens\"\xc3\x01\n\nCompletion\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.flywheel.v1.FinishReason\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12\x0f\n\x07logprob\x18\x06 \x01(\x01\x12)\n\x06tokens\x18\x07 \x03(\x0b\x32\x19.flywheel.v1.TokenLogprob\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.flywheel.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\x86\x01\n\x10\x43ompleteResponse\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12,\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x17.flywheel.v1.Completion\x12\x1a\n\x12prompt_token_count\x18\x04 \x01(\r\"i\n\nTokenDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12)\n\x06tokens\x18\x04 \x03(\x0b\x32\x19.flywheel.v1.TokenLogprob\"{\n\x16StreamCompleteResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.flywheel.v1.TokenDeltaH\x00\x12.\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1d.flywheel.v1.CompleteResponseH\x00\x42\x07\n\x05\x65vent*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xab\x01\n\tInference\x12G\n\x08\x43omplete\x12\x1c.flywheel.v1.CompleteRequest\x1a\x1d.flywheel.v1.CompleteResponse\x12U\n\x0eStreamComplete\x12\x1c.flywheel.v1.CompleteRequest\x1a#.flywheel.v1.StreamCompleteResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66lywheel/v1/inference.proto\x12\x0b\x66lywheel.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfb\x02\n\x0f\x43ompleteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.flywheel.v1.ChatMessage\x12\x0e\n\x01n\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x1b\n\x0emin_new_tokens\x18\t \x01(\rH\x05\x88\x01\x01\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x12\n\x05store\x18\x0c \x01(\x08H\x06\x88\x01\x01\x42\x04\n\x02_nB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x11\n\x0f_min_new_tokensB\x08\n\x06_store\"\xc3\x01\n\nCompletion\x12\x15\n\rcompletion_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.flywheel.v1.FinishReason\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12\x0f\n\x07logprob\x18\x06 \x01(\x01\x12)\n\x06tokens\x18\x07 \x03(\x0b\x32\x19.flywheel.v1.TokenLogprob\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12$\n\x03top\x18\x04 \x03(\x0b\x32\x17.flywheel.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\x86\x01\n\x10\x43ompleteResponse\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12,\n\x0b\x63ompletions\x18\x03 \x03(\x0b\x32\x17.flywheel.v1.Completion\x12\x1a\n\x12prompt_token_count\x18\x04 \x01(\r\"i\n\nTokenDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x13\n\x0btoken_count\x18\x03 \x01(\r\x12)\n\x06tokens\x18\x04 \x03(\x0b\x32\x19.flywheel.v1.TokenLogprob\"{\n\x16StreamCompleteResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.flywheel.v1.TokenDeltaH\x00\x12.\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1d.flywheel.v1.CompleteResponseH\x00\x42\x07\n\x05\x65vent*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xab\x01\n\tInference\x12G\n\x08\x43omplete\x12\x1c.flywheel.v1.CompleteRequest\x1a\x1d.flywheel.v1.CompleteResponse\x12U\n\x0eStreamComplete\x12\x1c.flywheel.v1.CompleteRequest\x1a#.flywheel.v1.StreamCompleteResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flywheel.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1177
-  _globals['_FINISHREASON']._serialized_end=1301
+  _globals['_FINISHREASON']._serialized_start=1207
+  _globals['_FINISHREASON']._serialized_end=1331
   _globals['_CHATMESSAGE']._serialized_start=44
   _globals['_CHATMESSAGE']._serialized_end=88
   _globals['_COMPLETEREQUEST']._serialized_start=91
-  _globals['_COMPLETEREQUEST']._serialized_end=440
-  _globals['_COMPLETION']._serialized_start=443
-  _globals['_COMPLETION']._serialized_end=638
-  _globals['_TOKENLOGPROB']._serialized_start=640
-  _globals['_TOKENLOGPROB']._serialized_end=742
-  _globals['_TOPLOGPROB']._serialized_start=744
-  _globals['_TOPLOGPROB']._serialized_end=806
-  _globals['_COMPLETERESPONSE']._serialized_start=809
-  _globals['_COMPLETERESPONSE']._serialized_end=943
-  _globals['_TOKENDELTA']._serialized_start=945
-  _globals['_TOKENDELTA']._serialized_end=1050
-  _globals['_STREAMCOMPLETERESPONSE']._serialized_start=1052
-  _globals['_STREAMCOMPLETERESPONSE']._serialized_end=1175
-  _globals['_INFERENCE']._serialized_start=1304
-  _globals['_INFERENCE']._serialized_end=1475
+  _globals['_COMPLETEREQUEST']._serialized_end=470
+  _globals['_COMPLETION']._serialized_start=473
+  _globals['_COMPLETION']._serialized_end=668
+  _globals['_TOKENLOGPROB']._serialized_start=670
+  _globals['_TOKENLOGPROB']._serialized_end=772
+  _globals['_TOPLOGPROB']._serialized_start=774
+  _globals['_TOPLOGPROB']._serialized_end=836
+  _globals['_COMPLETERESPONSE']._serialized_start=839
+  _globals['_COMPLETERESPONSE']._serialized_end=973
+  _globals['_TOKENDELTA']._serialized_start=975
+  _globals['_TOKENDELTA']._serialized_end=1080
+  _globals['_STREAMCOMPLETERESPONSE']._serialized_start=1082
+  _globals['_STREAMCOMPLETERESPONSE']._serialized_end=1205
+  _globals['_INFERENCE']._serialized_start=1334
+  _globals['_INFERENCE']._serialized_end=1505
 # @@protoc_insertion_point(module_scope)

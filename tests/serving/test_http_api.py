@@ -103,6 +103,30 @@ def test_chat_n_samples_with_group_and_completion_ids(client, model_id, platform
     assert stored.params["n"] == 3 and stored.params["max_new_tokens"] == 8
 
 
+def test_store_false_answers_without_keeping_the_group(client, model_id, platform, redis_client, base_url):
+    """Evaluation traffic: answered as usual, but no group is kept, so nothing can rank or train on it
+    (the demo's before/after questions must stay unseen by PPO, whose prompts are the stored groups')."""
+    store = GroupStore(redis_client)
+    response = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Unseen"}],
+                                              n=2, max_tokens=4, store=False)
+    assert len(response.choices) == 2 and store.load(extra(response, "group_id")) is None
+    stream = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Unseen"}],
+                                            n=2, max_tokens=4, store=False, stream=True)
+    streamed_ids = {extra(chunk, "group_id") for chunk in stream}
+    assert len(streamed_ids) == 1 and store.load(streamed_ids.pop()) is None
+    kept = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Seen"}],
+                                          n=2, max_tokens=4, store=True)
+    assert store.load(extra(kept, "group_id")) is not None
+    with keyed_channel(f"127.0.0.1:{platform.port}") as channel:
+        stub = rpc.InferenceStub(channel)
+        unstored = stub.Complete(pb.CompleteRequest(prompt="Unseen", n=2, max_new_tokens=4, store=False), timeout=30)
+        stored = stub.Complete(pb.CompleteRequest(prompt="Seen", n=2, max_new_tokens=4), timeout=30)
+    assert store.load(unstored.group_id) is None and store.load(stored.group_id) is not None
+    status, body, _ = http(base_url, "POST", "/v1/chat/completions",
+                           {"model": model_id, "messages": [{"role": "user", "content": "x"}], "store": "no"})
+    assert status == 400 and body["error"]["param"] == "store" and "store: must be true or false" in body["error"]["message"]
+
+
 def test_seed_reproduces_the_samples(client, model_id):
     def texts(seed):
         response = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Seeded"}],
