@@ -9,6 +9,11 @@ length-controlled win rate with bootstrap 95% CIs, median lengths, the gate's ou
 
 It writes a new (promoted or rejected) policy version into DATA_DIR's registry: copy the folder
 first (``cp -a``) to compare several settings from the same start. Prints one JSON line.
+
+The run starts from v0 (a loop bench ends with its promoted version current: it is rolled back,
+and promotion resumed), and the stored groups of the evaluation questions are deleted first (a
+data dir from before evaluation traffic was sent with ``store=False`` has them: PPO would train on
+the very questions it is compared on).
 """
 import json
 import statistics
@@ -32,19 +37,34 @@ from flywheel.app.preferences import PREFERENCES, win_rate
 from flywheel.app import simulated_users as simulated
 from flywheel.contracts.prompts import render_prompt
 from training.policy_model import Prompt
+from flywheel.contracts.artifacts import POLICY_KIND
+from flywheel.contracts.groups import CompletionGroup
+from flywheel.contracts.keys import group_key
+from flywheel.group_store import GroupStore
+from flywheel.registry import open_registry
 from training.policy_run import PolicyModelCache, run_policy_training
 
 env = {f"FLYWHEEL_{k}": v for k, v in DEMO_DEFAULTS.items()}
 model = str(data_dir.parent / "models" / "SmolLM2-135M-Instruct")
 config = FlywheelConfig.load({"data_dir": data_dir, "model": model} | overrides, environ=env)
 client, server = open_redis(config.redis_url, data_dir)
+registry = open_registry(client, data_dir, POLICY_KIND)
+if registry.current_version():
+    registry.rollback(0, "ppo_rerun", "rerun from v0")
+    registry.resume("ppo_rerun", "rerun from v0")
+from transformers import AutoTokenizer
+_, eval_questions = simulated.evaluation_split(simulated.question_pool())
+eval_prompts = {render_prompt(AutoTokenizer.from_pretrained(model), q)[0] for q in eval_questions}
+leaked = [g.group_id for g in map(CompletionGroup.from_json, GroupStore(client).all_records()) if g.prompt in eval_prompts]
+if leaked:
+    client.delete(*[group_key(g) for g in leaked])
+print(f"deleted {len(leaked)} stored groups of evaluation questions", file=sys.stderr, flush=True)
 cache = PolicyModelCache()
 started = time.monotonic()
 report = run_policy_training(config, client, who="rerun", cache=cache)
 seconds = time.monotonic() - started
 policy = cache.loaded_policy  # the policy the run just trained
 tok = policy.tokenizer
-_, eval_questions = simulated.evaluation_split(simulated.question_pool())
 prompts = [Prompt(*render_prompt(tok, q)) for q in eval_questions]
 
 def answers(reference: bool) -> dict:

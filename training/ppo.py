@@ -443,16 +443,18 @@ class PPOTrainer:
     def served_rollout(self, groups: Sequence[ServedGroup]) -> Rollout:
         """The served groups as a rollout: their samples as sampled, with log π_θold, log π_ref and
         the values taken now (at each group's τ) and the reward model's scores."""
-        rows = [(group.prompt, response, group.temperature, index)
+        rows = [(group.prompt, response[:self.config.response_length], group.temperature, index)
                 for index, group in enumerate(groups) for response in group.responses]
+        width = max(len(response) for _, response, _, _ in rows)  # every row's response in the last columns
         parts = []
         for start in range(0, len(rows), self.config.rollout_batch_size):
             chunk = rows[start:start + self.config.rollout_batch_size]
             prompts = [prompt for prompt, _, _, _ in chunk]
             input_ids, prompt_mask = self.policy.left_pad([p.token_ids[-self.config.max_prompt_length:]
                                                            for p in prompts])
-            responses, response_mask = pad_sequences([r[:self.config.response_length] for _, r, _, _ in chunk],
-                                                     self.pad_id)
+            responses, response_mask = pad_sequences([r for _, r, _, _ in chunk], self.pad_id)
+            responses = F.pad(responses, (0, width - responses.shape[1]), value=self.pad_id)
+            response_mask = F.pad(response_mask, (0, width - response_mask.shape[1]), value=0)
             query_responses = torch.cat([input_ids, responses], dim=1)
             attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
             temperature = torch.tensor([t for _, _, t, _ in chunk])
@@ -719,5 +721,7 @@ def _cat_padded(tensors: list[torch.Tensor], left: bool, pad: int | float) -> to
     if len(tensors) == 1 or tensors[0].dim() == 1:
         return torch.cat(tensors)
     width = max(t.shape[1] for t in tensors)
-    padded = [F.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=pad) for t in tensors]
+    later = [0, 0] * (tensors[0].dim() - 2)  # F.pad counts from the last dimension: leave those after dim 1
+    padded = [F.pad(t, later + ([width - t.shape[1], 0] if left else [0, width - t.shape[1]]), value=pad)
+              for t in tensors]
     return torch.cat(padded)

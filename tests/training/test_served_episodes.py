@@ -70,10 +70,24 @@ def test_only_groups_sampled_as_a_rollout_of_the_starting_version_qualify(redis_
 
 
 def test_a_served_rollout_is_the_rollout_its_samples_came_from(sharp_tiny_model_dir):
-    from test_missing_eos_penalty import first_row_stops_after_two_tokens
+    from training.policy_model import response_mask_until_eos
 
-    policy = tiny_policy(sharp_tiny_model_dir, perturb=True)
-    first_row_stops_after_two_tokens(policy)
+    # adapters on the top layer only: the frozen layers' hidden states are kept per row, as in the demo
+    policy = tiny_policy(sharp_tiny_model_dir, perturb=True, lora_layers=1)
+    assert policy.frozen_prefix(*policy.left_pad([[1, 2], [3]])) is not None
+    generate = policy.generate
+
+    def first_rows_stop_early(prompts, response_length, *args, **kwargs):
+        """Rows 0-2 end with an EOS at their third token (a random tiny model almost never samples it)."""
+        query_responses, attention_mask, responses, _ = generate(prompts, response_length, *args, **kwargs)
+        prompt_width = query_responses.shape[1] - response_length
+        responses = responses.clone()
+        responses[:3, 2], responses[:3, 3:] = policy.eos_id, policy.pad_id
+        mask = response_mask_until_eos(responses, policy.eos_id)
+        attention_mask = torch.cat([attention_mask[:, :prompt_width], mask.long()], dim=1)
+        return torch.cat([query_responses[:, :prompt_width], responses], dim=1), attention_mask, responses, mask.float()
+
+    policy.generate = first_rows_stop_early
     prompts = tiny_prompts(policy, 4)
     config = PPOConfig(batch_size=8, mini_batch_size=4, rollout_batch_size=8, response_length=6, temperature=0.7,
                        advantage_estimator="rloo", samples_per_prompt=2, seed=3)
@@ -85,7 +99,8 @@ def test_a_served_rollout_is_the_rollout_its_samples_came_from(sharp_tiny_model_
     assert rollout.truncated.any() and not rollout.truncated.all(), "want both ended and cut samples"
     groups = [ServedGroup(prompts[i], [rollout.responses[row, :lengths[row]].tolist() for row in (2 * i, 2 * i + 1)],
                           0.7) for i in range(4)]
-    served = trainer.served_rollout(groups)
+    # in chunks of 3 rows: the first chunk's responses are all short, and every chunk is padded to one layout
+    served = PPOTrainer(policy, score, PPOConfig(**{**config.__dict__, "rollout_batch_size": 3})).served_rollout(groups)
 
     assert served.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert torch.equal(served.truncated, rollout.truncated) and torch.equal(served.scores, rollout.scores)
