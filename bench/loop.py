@@ -84,15 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     summaries: dict[str, dict] = {}
     started = time.monotonic()
     for name in args.preferences:
-        print(f"\n===== preference {name}: {PREFERENCES[name].description}", flush=True)
+        # a preference about length needs the reward's length term, which PPO's reward drops by default:
+        # the operator of such users sets FLYWHEEL_POLICY_REWARD_LENGTH=learned, as this does
+        length_term = {"FLYWHEEL_POLICY_REWARD_LENGTH": "learned"} if PREFERENCES[name].about_length else {}
+        print(f"\n===== preference {name}: {PREFERENCES[name].description}"
+              + "".join(f" ({k}={v})" for k, v in length_term.items()), flush=True)
         config = DemoConfig(data_dir=(args.data_dir / name).resolve(), model=args.model,
                             rankings_per_round=args.rankings, max_rounds=args.rounds,
                             budget_minutes=args.budget_minutes, users=args.users, preference=name,
                             plan=SamplingPlan(n=4, max_new_tokens=64))
+        saved = {k: os.environ.get(k) for k in length_term}
+        os.environ.update(length_term)
         try:
             summaries[name] = run_demo(config)
         except Exception as exc:  # one failed run must not hide the others' figures
             summaries[name] = {"outcome": f"error: {exc}"}
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         if args.summary_json:
             args.summary_json.write_text(json.dumps(summaries, indent=2, default=str))
 

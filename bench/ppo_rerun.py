@@ -16,6 +16,7 @@ data dir from before evaluation traffic was sent with ``store=False`` has them: 
 the very questions it is compared on).
 """
 import json
+import logging
 import statistics
 import sys
 import time
@@ -44,6 +45,7 @@ from flywheel.group_store import GroupStore
 from flywheel.registry import open_registry
 from training.policy_run import PolicyModelCache, run_policy_training
 
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the run's progress, on stderr
 env = {f"FLYWHEEL_{k}": v for k, v in DEMO_DEFAULTS.items()}
 model = str(data_dir.parent / "models" / "SmolLM2-135M-Instruct")
 config = FlywheelConfig.load({"data_dir": data_dir, "model": model} | overrides, environ=env)
