@@ -310,7 +310,7 @@ def _progress_reporter(metrics: PPOMetrics | None, batch_size: int, started: flo
         metrics.clipfrac.set(stats.clipfrac)
         metrics.approx_kl.set(stats.approx_kl)
         metrics.entropy.set(stats.entropy)
-        metrics.progress.set(iteration / total)
+        metrics.progress.set(iteration / total if total else 1.0)
         metrics.episodes_per_second.set(iteration * batch_size / max(time.monotonic() - started, 1e-9))
         metrics.eta.set(eta)
         metrics.episodes.inc(stats.episodes)

@@ -26,6 +26,12 @@ One iteration (``PPOTrainer.step``):
    language-model loss on a pretraining text batch (``pretraining_loss``). During the first
    ``critic_warmup_iterations`` only the value loss is optimised.
 
+Before its iterations a run may learn from samples it did not generate (``step_served``): the
+served groups' samples of the version it starts from are on-policy episodes, each at the τ its
+request asked for (``Rollout.temperature``), with RLOO's baseline over each group's own samples
+(``Rollout.prompt_index``, ``leave_one_out_by_prompt``); one pass over them in larger optimizer steps
+(``served_mini_batch_size``, the gradients of ``mini_batch_size`` chunks accumulated).
+
 With ``kl_stop`` the run ends at the first rollout whose KL to π_ref is past it, and the policy goes
 back to the last iterate whose rollout was within it: the candidate the gate sees stays inside the
 gate's KL budget instead of being rejected for the iterations that left it.
