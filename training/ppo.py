@@ -653,7 +653,7 @@ class PPOTrainer:
             with torch.no_grad():
                 for name, p in trained:
                     p.copy_(self._within_kl_stop[name])
-            self.stopped = (f"iteration {self.iteration + 1}'s rollout had a KL to π_ref of {kl:.2f} nats, past "
+            self.stopped = (f"the rollout after {self.iteration} updates had a KL to π_ref of {kl:.2f} nats, past "
                             f"kl_stop {self.config.kl_stop}: kept the policy after {self.iteration - 1} updates, the last "
                             "one whose rollout was within it")
         return True
@@ -670,7 +670,7 @@ class PPOTrainer:
             # β adapts within the run
             self.kl_controller.horizon = iterations * self.config.batch_size + served_episodes
         result = TrainResult()
-        started = time.monotonic()
+        run_started = time.monotonic()
         if served:
             stats = self.step_served(served)
             if stats is None:
@@ -685,6 +685,7 @@ class PPOTrainer:
                 if self.progress is not None:
                     self.progress(0, iterations, math.nan, stats)
         pool: list[Prompt] = []
+        started = time.monotonic()  # the rate and ETA are the rollout iterations' own
         for iteration in range(1, iterations + 1):
             batch: list[Prompt] = []
             while len(batch) < self.config.batch_size // self.config.samples_per_prompt:
@@ -709,7 +710,7 @@ class PPOTrainer:
             if not all(math.isfinite(v) for v in (stats.policy_loss, stats.value_loss, stats.kl_to_ref)):
                 log.warning("PPO stopped at iteration %d: a loss is not finite", iteration)
                 break
-        result.seconds = time.monotonic() - started
+        result.seconds = time.monotonic() - run_started
         result.kl_state = self.kl_controller.state_dict()
         result.stopped = self.stopped
         return result
