@@ -380,6 +380,10 @@ class PolicyRunConfig(ConfigSection):
     served_groups: int = setting(
         512, "most served groups (newest) of the version a PPO run starts from whose samples it learns from before "
              "its own rollouts: episodes it need not generate; 0 = none", minimum=0)
+    served_rankings: bool = setting(
+        True, "reward a served group's samples by the users' own ranking of them where they ranked it (and the "
+              "judge member never trained on it), not by the reward model's estimate of it")
+    served_epochs: int = setting(1, "PPO passes over the served groups' samples", minimum=1)
     min_prompts: int = setting(8, "skip a PPO run with fewer training prompts", minimum=0)
     heldout_fraction: float = setting(
         0.1, "share of prompts (by a hash of the prompt) held out for the gate", minimum=0, maximum=1)

@@ -8,6 +8,7 @@
   ``{"prompt_token_ids": [...], "prompt": "rendered text"}``.
 - The served groups' samples are PPO episodes too (``served_groups``): those of the version a run
   starts from, sampled as PPO would sample them (no stop strings or forced length), at their own τ.
+  Where the users ranked a group, their ranking is its samples' reward (``rank_rewards``).
 - The held-out slice is fixed by a hash of the prompt text (``flywheel.contracts.heldout``), so a
   prompt is always either trained on or evaluated on, whichever run sees it.
 - Text corpora (JSONL ``{"text": ...}``): the pretraining mix of PPO-ptx and the held-out text the
@@ -18,16 +19,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import redis as redis_lib
 
-from flywheel.contracts.groups import FINISH_LENGTH, FINISH_STOP, CompletionGroup
-from flywheel.contracts.heldout import prompt_is_held_out
+from flywheel.contracts.groups import FINISH_LENGTH, FINISH_STOP, CompletionGroup, StoredCompletion
+from flywheel.contracts.heldout import judge_trains_on, prompt_is_held_out
+from flywheel.contracts.rankings import SOURCE_AI
 from flywheel.contracts.prompts import render_prompt
 from flywheel.group_store import GroupStore
 from training.policy_model import Prompt
 from training.ppo import ServedGroup
+from training.rankings import Ranking
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +41,27 @@ DEFAULT_PTX_CORPUS = DATA_DIR / "ptx_corpus.jsonl"
 DEFAULT_HELDOUT_CORPUS = DATA_DIR / "heldout_corpus.jsonl"
 
 
-def served_prompts(client: redis_lib.Redis, tokenizer, max_prompts: int = 4096) -> list[Prompt]:
-    """Distinct prompts of the served groups in Redis, newest first, at most ``max_prompts``. A
-    record without token ids (written by something other than the server) has its text tokenized;
-    one that does not parse as a group record is skipped."""
-    found: dict[str, tuple[float, Prompt]] = {}
+def stored_groups(client: redis_lib.Redis) -> list[CompletionGroup]:
+    """Every served group in Redis (one SCAN for a run's prompts and its served episodes); a record
+    that does not parse as a group is skipped with a warning."""
+    groups = []
     for raw in GroupStore(client).all_records():
         try:
-            group = CompletionGroup.from_json(raw)
+            groups.append(CompletionGroup.from_json(raw))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("skipping an unreadable group record: %s", exc)
+    return groups
+
+
+def served_prompts(groups: Sequence[CompletionGroup], tokenizer, max_prompts: int = 4096) -> list[Prompt]:
+    """Distinct prompts of the served groups, newest first, at most ``max_prompts``. A record
+    without token ids (written by something other than the server) has its text tokenized."""
+    found: dict[str, tuple[float, Prompt]] = {}
+    for group in groups:
+        try:
             text, token_ids = str(group.prompt), tuple(int(t) for t in group.prompt_token_ids or ())
             created = float(group.created_at)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:
             log.warning("skipping an unreadable group record: %s", exc)
             continue
         if not token_ids and text:
@@ -57,8 +72,38 @@ def served_prompts(client: redis_lib.Redis, tokenizer, max_prompts: int = 4096) 
     return [prompt for _, prompt in newest_first[:max_prompts]]
 
 
-def served_groups(client: redis_lib.Redis, version: int, eos_id: int, response_length: int,
-                  heldout_fraction: float, max_groups: int = 1024) -> list[ServedGroup]:
+def rank_rewards(kept: Sequence[StoredCompletion], rankings: Sequence[Ranking]) -> list[float] | None:
+    """The users' own verdict on a group's kept samples as PPO rewards: each ranking that orders
+    all of them gives the i-th best of m the standardized Borda score (m − 1 − 2i) / √((m² − 1)/3)
+    (mean 0, std 1 over the group, the scale of a calibrated reward), averaged over such rankings.
+    Only human rankings count (AI ones are a stand-in for them). None when no ranking covers them
+    all: the reward model scores that group instead."""
+    m = len(kept)
+    if m < 2:
+        return None
+    spread = math.sqrt((m * m - 1) / 3)
+    totals, counted = [0.0] * m, 0
+    for ranking in rankings:
+        if ranking.source == SOURCE_AI:
+            continue
+        if ranking.completion_ids:
+            keys, ranked = [c.completion_id for c in kept], ranking.completion_ids
+        else:  # stored before rankings kept their ids: joined by text
+            keys, ranked = [c.text for c in kept], ranking.completions
+        wanted = set(keys)
+        place = {key: i for i, key in enumerate(key for key in ranked if key in wanted)}
+        if len(wanted) < m or len(place) < m or wanted - place.keys():
+            continue  # a sample it did not rank (or texts it cannot tell apart)
+        for j, key in enumerate(keys):
+            totals[j] += (m - 1 - 2 * place[key]) / spread
+        counted += 1
+    return [total / counted for total in totals] if counted else None
+
+
+def served_groups(groups: Sequence[CompletionGroup], version: int, eos_id: int, response_length: int,
+                  heldout_fraction: float, max_groups: int = 1024,
+                  rankings: Mapping[str, Sequence[Ranking]] | None = None,
+                  ranking_heldout_fraction: float = 0.0) -> list[ServedGroup]:
     """The newest served groups of policy ``version`` (at most ``max_groups``) whose samples are
     on-policy episodes for PPO, training prompts only (never the held-out slice).
 
@@ -67,26 +112,35 @@ def served_groups(client: redis_lib.Redis, version: int, eos_id: int, response_l
     it keeps the samples that ended with ``eos_id`` or at their length limit (2 at least: RLOO's
     baseline is over a prompt's other samples). A nucleus (``top_p`` < 1) is accepted: its samples
     lack the tail it cut, and PPO takes their log-probs under the untruncated softmax(z/τ), as
-    rollouts sampled through a serving stack with top-p usually are."""
+    rollouts sampled through a serving stack with top-p usually are.
+
+    ``rankings`` (by group id): a group the users ranked carries their ranking as its samples'
+    rewards (``rank_rewards``), unless the judge member trains on it
+    (``ranking_heldout_fraction``: the reward model's held-out share): the gate's judge must stay a
+    signal the policy was not optimised against."""
     found: list[tuple[float, ServedGroup]] = []
-    for raw in GroupStore(client).all_records():
+    for group in groups:
         try:
-            group = CompletionGroup.from_json(raw)
             params = group.params
             temperature = float(params.get("temperature", 1.0))
             as_a_rollout = (int(group.policy_version) == version and temperature > 0 and not params.get("stop")
                             and int(params.get("min_new_tokens") or 0) == 0
                             and 0 < int(params.get("max_new_tokens") or 0) <= response_length)
-        except (ValueError, KeyError, TypeError) as exc:
+            prompt = Prompt(str(group.prompt), tuple(int(t) for t in group.prompt_token_ids or ()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("skipping an unreadable group record: %s", exc)
             continue
-        prompt = Prompt(str(group.prompt), tuple(int(t) for t in group.prompt_token_ids or ()))
         if not as_a_rollout or not prompt.token_ids or prompt_is_held_out(prompt, heldout_fraction):
             continue
-        responses = [list(c.token_ids) for c in group.completions if c.token_ids and (
+        kept = [c for c in group.completions if c.token_ids and (
             c.finish_reason == FINISH_LENGTH or (c.finish_reason == FINISH_STOP and c.token_ids[-1] == eos_id))]
-        if len(responses) >= 2:
-            found.append((float(group.created_at), ServedGroup(prompt, responses, temperature)))
+        if len(kept) < 2:
+            continue
+        scores = None
+        if rankings and group.group_id in rankings and not judge_trains_on(group.group_id, ranking_heldout_fraction):
+            scores = rank_rewards(kept, rankings[group.group_id])
+        found.append((float(group.created_at),
+                      ServedGroup(prompt, [list(c.token_ids) for c in kept], temperature, scores)))
     found.sort(key=lambda item: -item[0])
     return [group for _, group in found[:max_groups]]
 

@@ -41,11 +41,13 @@ from training.policy_gate import (GateDecision, PolicyEvaluation, PolicyGateConf
                                   perplexity)
 from training.policy_model import LORA, PolicyModelConfig, PolicyWithValueHead
 from training.policy_prompts import (DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS, file_prompts, load_texts,
-                                     served_groups, served_prompts)
+                                     served_groups, served_prompts, stored_groups)
 from training.policy_reward import RewardModelScorer
 from training.reward_model import RewardCalibration
 from training.ppo import PPOConfig, PPOStats, PPOTrainer
+from training.rankings import Ranking
 from training.reward_model import RewardModel, RewardModelConfig
+from training.reward_model_run import replay_store
 from training.run import RunReport, TrainingRun
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ def ppo_config(section: PolicyRunConfig, seed: int) -> PPOConfig:
                      kl_target=section.kl_target or None, kl_stop=section.kl_stop, ptx_coef=section.ptx_coef,
                      advantage_estimator=section.advantage_estimator, samples_per_prompt=section.samples_per_prompt,
                      critic_warmup_iterations=section.critic_warmup_iterations,
-                     missing_eos_penalty=section.missing_eos_penalty, seed=seed)
+                     missing_eos_penalty=section.missing_eos_penalty, served_epochs=section.served_epochs, seed=seed)
 
 
 def gate_config(section: PolicyRunConfig, seed: int) -> PolicyGateConfig:
@@ -156,7 +158,8 @@ class PolicyRun(TrainingRun):
                     "reward models had two): the gate could only judge PPO by the reward it optimised")
         self.model_config = policy_model_config(self.config)
         self.policy = policy = self.cache.policy(self.model_config)
-        prompts = served_prompts(self.client, policy.tokenizer, section.max_prompts)
+        self.stored_groups = stored_groups(self.client)  # one SCAN: the prompts here, the served episodes in set_up
+        prompts = served_prompts(self.stored_groups, policy.tokenizer, section.max_prompts)
         if section.prompts_file:
             prompts += file_prompts(Path(section.prompts_file), policy.tokenizer)
         self.train_prompts, held_out = split_prompts(prompts, section.heldout_fraction)
@@ -172,9 +175,11 @@ class PolicyRun(TrainingRun):
         section, policy = self.section, self.policy
         self.parent, starts_as = _warm_start(policy, self.registry, current, self.model_config)
         # the groups the version this run starts from served are episodes PPO need not generate
-        self.served = (served_groups(self.client, starts_as, policy.eos_id, section.response_length,
-                                     section.heldout_fraction, section.served_groups)
+        self.served = (served_groups(self.stored_groups, starts_as, policy.eos_id, section.response_length,
+                                     section.heldout_fraction, section.served_groups, self._rankings_by_group(),
+                                     self.config.reward_model.heldout_fraction)
                        if section.served_groups else [])
+        self.stored_groups = []
         folder = self.rewards.path(self.reward_record.version)
         calibrations = {member: RewardCalibration.from_dict(entry["calibration"])
                         for member, entry in self.reward_record.manifest["members"].items()}
@@ -193,13 +198,25 @@ class PolicyRun(TrainingRun):
         self.heldout_text = policy.text_batches(load_texts(Path(section.heldout_corpus or DEFAULT_HELDOUT_CORPUS)),
                                                 8, 256)
         self.ptx_texts = load_texts(Path(section.ptx_corpus or DEFAULT_PTX_CORPUS)) if self.ppo.ptx_coef > 0 else []
-        log.info("policy run: %d training and %d held-out prompts, %d served samples of v%d to learn from, reward "
-                 "model v%d (%s), start from %s, %.2f M trained parameters (%s), seed %d%s", len(self.train_prompts),
+        log.info("policy run: %d training and %d held-out prompts, %d served samples of v%d to learn from (%d of "
+                 "%d groups rewarded by the users' rankings), reward model v%d (%s), start from %s, %.2f M trained "
+                 "parameters (%s), seed %d%s", len(self.train_prompts),
                  len(self.held_out), sum(len(g.responses) for g in self.served), starts_as,
+                 sum(g.scores is not None for g in self.served), len(self.served),
                  self.reward_record.version, _describe_reward(self.reward_length, calibrations),
                  f"v{self.parent}" if self.parent else "the base model", policy.trainable_parameter_count() / 1e6,
                  self.model_config.finetune, seed, " (drawn for this run)" if section.seed is None else "")
         self.reference_perplexity = perplexity(policy, self.heldout_text, reference=True)
+
+    def _rankings_by_group(self) -> dict[str, list[Ranking]]:
+        """The rankings reward-model runs have taken in (the replay store), by group: the users'
+        verdict on served groups (``policy_served_rankings``)."""
+        if not self.section.served_rankings:
+            return {}
+        by_group: dict[str, list[Ranking]] = {}
+        for ranking in replay_store(self.config).load():
+            by_group.setdefault(ranking.group_id, []).append(ranking)
+        return by_group
 
     def evaluate(self) -> PolicyEvaluation:
         return evaluate_policy(self.policy, self.scorers, self.held_out, self.heldout_text, self.gate_config)
@@ -231,7 +248,8 @@ class PolicyRun(TrainingRun):
             "figures": figures,
             "prompts": {"train": len(self.train_prompts), "held_out": len(self.held_out),
                         "prompts_file": self.section.prompts_file or None, "served_groups": len(self.served),
-                        "served_samples": sum(len(g.responses) for g in self.served)},
+                        "served_samples": sum(len(g.responses) for g in self.served),
+                        "served_groups_ranked": sum(g.scores is not None for g in self.served)},
             "model": asdict(self.model_config),
             "ppo": asdict(self.ppo) | {"iterations": self.iterations},
             "kl_controller": {"start": self.kl_state, "end": result.kl_state},

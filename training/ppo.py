@@ -346,6 +346,10 @@ class ServedGroup:
     responses: list[list[int]]
     """Each sample's token ids, ending with the EOS when it stopped."""
     temperature: float
+    scores: list[float] | None = None
+    """Each sample's reward when the users ranked the group (``training.policy_prompts.rank_rewards``):
+    their verdict, where the reward model's score is only an estimate of it. None: the reward model
+    scores them."""
 
 
 @dataclass
@@ -448,31 +452,35 @@ class PPOTrainer:
     @torch.no_grad()
     def served_rollout(self, groups: Sequence[ServedGroup]) -> Rollout:
         """The served groups as a rollout: their samples as sampled, with log π_θold, log π_ref and
-        the values taken now (at each group's τ) and the reward model's scores."""
-        rows = [(group.prompt, response[:self.config.response_length], group.temperature, index)
-                for index, group in enumerate(groups) for response in group.responses]
-        width = max(len(response) for _, response, _, _ in rows)  # every row's response in the last columns
+        the values taken now (at each group's τ), and each sample's reward: the users' ranking where
+        the group carries one, else the reward model's score."""
+        rows = [(group.prompt, response[:self.config.response_length], group.temperature, index,
+                 math.nan if group.scores is None else group.scores[j])
+                for index, group in enumerate(groups) for j, response in enumerate(group.responses)]
+        width = max(len(row[1]) for row in rows)  # every row's response in the last columns
         parts = []
         for start in range(0, len(rows), self.config.rollout_batch_size):
             chunk = rows[start:start + self.config.rollout_batch_size]
-            prompts = [prompt for prompt, _, _, _ in chunk]
+            prompts = [row[0] for row in chunk]
             input_ids, prompt_mask = self.policy.left_pad([p.token_ids[-self.config.max_prompt_length:]
                                                            for p in prompts])
-            responses, response_mask = pad_sequences([r for _, r, _, _ in chunk], self.pad_id)
+            responses, response_mask = pad_sequences([row[1] for row in chunk], self.pad_id)
             responses = F.pad(responses, (0, width - responses.shape[1]), value=self.pad_id)
             response_mask = F.pad(response_mask, (0, width - response_mask.shape[1]), value=0)
             query_responses = torch.cat([input_ids, responses], dim=1)
             attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-            temperature = torch.tensor([t for _, _, t, _ in chunk])
+            temperature = torch.tensor([row[2] for row in chunk])
             parts.append(self._scored(prompts, query_responses, attention_mask, responses, response_mask.float(),
-                                      temperature))
+                                      temperature, given_scores=torch.tensor([row[4] for row in chunk])))
         rollout = self._joined(parts)
-        rollout.temperature = torch.tensor([t for _, _, t, _ in rows])
-        rollout.prompt_index = torch.tensor([i for _, _, _, i in rows])
+        rollout.temperature = torch.tensor([row[2] for row in rows])
+        rollout.prompt_index = torch.tensor([row[3] for row in rows])
         return rollout
 
-    def _scored(self, prompts, query_responses, attention_mask, responses, response_mask, temperature) -> tuple:
-        """One chunk's log-probs (π_θold, π_ref at τ), values, scores and truncation flags."""
+    def _scored(self, prompts, query_responses, attention_mask, responses, response_mask, temperature,
+                given_scores: torch.Tensor | None = None) -> tuple:
+        """One chunk's log-probs (π_θold, π_ref at τ), values, scores and truncation flags.
+        ``given_scores`` [B]: rewards already known (NaN where the reward model must score the row)."""
         frozen = self.policy.frozen_prefix(query_responses, attention_mask)
         logits, values = self.policy(query_responses, attention_mask, responses.shape[1], frozen)
         logprobs = token_logprobs(logits, responses, temperature)
@@ -482,7 +490,14 @@ class PPOTrainer:
         del ref_logits
         prompt_ids = [p.token_ids[-self.config.max_prompt_length:] for p in prompts]
         response_ids = [row[:int(n)].tolist() for row, n in zip(responses, response_mask.sum(dim=1))]
-        scores = self.reward_fn(prompt_ids, response_ids).float()
+        if given_scores is None:
+            scores = self.reward_fn(prompt_ids, response_ids).float()
+        else:
+            scores = given_scores.float().clone()
+            unknown = torch.isnan(scores).nonzero().flatten().tolist()
+            if unknown:
+                scores[unknown] = self.reward_fn([prompt_ids[i] for i in unknown],
+                                                 [response_ids[i] for i in unknown]).float()
         last = (response_mask.sum(dim=1).long() - 1).clamp(min=0)
         truncated = responses.gather(1, last.unsqueeze(1)).squeeze(1) != self.policy.eos_id  # no EOS at its end
         return (query_responses, attention_mask, responses, response_mask, logprobs, ref_logprobs,

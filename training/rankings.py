@@ -34,6 +34,9 @@ class Ranking:
     stream_id: str = ""
     policy_version: str = ""
     created_at: str = ""
+    completion_ids: list[str] = field(default_factory=list)
+    """The ranked completions' ids, best first, as ``completions`` (empty in rankings stored before
+    they were kept): what joins a ranking to its group's samples and their token ids."""
 
     @property
     def k(self) -> int:
@@ -73,6 +76,7 @@ def ranking_from_entry(entry_id: str, entry: RankingEntry, group: CompletionGrou
         ranking_id=entry.ranking_id or entry_id, group_id=entry.group_id, prompt=group.prompt,
         completions=[texts[cid] for cid in order], source=entry.source, pair_probabilities=pair_probabilities,
         stream_id=entry_id, policy_version=str(entry.policy_version), created_at=repr(entry.created_at),
+        completion_ids=list(order),
     )
 
 

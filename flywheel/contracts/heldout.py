@@ -39,6 +39,13 @@ def reward_model_member(group_id: str) -> str:
     return POLICY_MEMBER if digest[0] % 2 == 0 else JUDGE_MEMBER
 
 
+def judge_trains_on(group_id: str, heldout_fraction: float) -> bool:
+    """Whether the judge member trains on a group's rankings (``heldout_fraction``: the reward
+    model's). Whatever else learns from rankings must leave these alone, or the judge would no longer
+    be a signal the policy was not optimised against."""
+    return not is_held_out(group_id, heldout_fraction) and reward_model_member(group_id) == JUDGE_MEMBER
+
+
 def prompt_is_held_out(prompt: RenderedPrompt, fraction: float) -> bool:
     """Whether a prompt is in the held-out slice: a hash of its text (of its token ids without one)."""
     return is_held_out(prompt.text or " ".join(map(str, prompt.token_ids)), fraction)

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from flywheel.contracts.groups import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, CompletionGroup, StoredCompletion
-from flywheel.contracts.heldout import prompt_is_held_out
+from flywheel.contracts.artifacts import JUDGE_MEMBER, POLICY_MEMBER
+from flywheel.contracts.heldout import is_held_out, prompt_is_held_out, reward_model_member
 from flywheel.group_store import GroupStore
 from support.policy import one_thread  # noqa: F401 (fixture)
-from training.policy_prompts import served_groups
+from training.policy_prompts import rank_rewards, served_groups, stored_groups
 from training.ppo import PPOConfig, PPOTrainer, ServedGroup
+from training.rankings import Ranking
 from training_fixtures import tiny_policy, tiny_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,16 +59,16 @@ def test_only_groups_sampled_as_a_rollout_of_the_starting_version_qualify(redis_
     for group in groups.values():
         store.save_group(group)
 
-    found = served_groups(redis_client, version=0, eos_id=EOS, response_length=64, heldout_fraction=0.5)
+    found = served_groups(stored_groups(redis_client), version=0, eos_id=EOS, response_length=64, heldout_fraction=0.5)
     by_prompt = {g.prompt.text: g for g in found}
     assert set(by_prompt) == {groups["good"].prompt, groups["cancelled-one"].prompt}
     good = by_prompt[groups["good"].prompt]
     assert good.responses == [[9, 9, EOS], [9, 9, 9], [9, 9, EOS]] and good.temperature == 0.8
     assert good.prompt.token_ids == (5, 6, 7)
     assert len(by_prompt[groups["cancelled-one"].prompt].responses) == 2
-    assert [g.prompt.text for g in served_groups(redis_client, 0, EOS, 64, 0.5, max_groups=1)] == \
+    assert [g.prompt.text for g in served_groups(stored_groups(redis_client), 0, EOS, 64, 0.5, max_groups=1)] == \
         [groups["cancelled-one"].prompt]  # the newest
-    assert [g.prompt.text for g in served_groups(redis_client, 1, EOS, 64, 0.5)] == [groups["other-version"].prompt]
+    assert [g.prompt.text for g in served_groups(stored_groups(redis_client), 1, EOS, 64, 0.5)] == [groups["other-version"].prompt]
 
 
 def test_a_served_rollout_is_the_rollout_its_samples_came_from(sharp_tiny_model_dir):
@@ -141,3 +143,102 @@ def test_an_update_on_served_samples_alone_raises_the_reward(sharp_tiny_model_di
     assert len(result.iterations) == 1 and result.iterations[0].served and result.iterations[0].episodes == 128
     after = mean_reward(samples(100) + samples(101))
     assert after > before + 0.25, (before, after)  # 5.0 -> 5.4 on the development machine
+
+
+def ranking(group_id: str, order: list[str], source: str = "human", by_text: bool = False) -> Ranking:
+    """A ranking of completions ``order`` (ids ``{group_id}-{i}``, texts ``text {i}``), best first."""
+    texts = [f"text {cid.rsplit('-', 1)[1]}" for cid in order]
+    return Ranking(f"r-{group_id}-{source}-{by_text}", group_id, "prompt", texts, source=source,
+                   completion_ids=[] if by_text else list(order))
+
+
+def completions(group_id: str, count: int) -> list[StoredCompletion]:
+    return [StoredCompletion(f"{group_id}-{i}", i, f"text {i}", FINISH_STOP, [9, i, EOS], [0.0] * 3)
+            for i in range(count)]
+
+
+def test_a_ranking_becomes_standardized_rewards_of_the_samples_it_orders():
+    kept = completions("g", 4)
+    rewards = rank_rewards(kept, [ranking("g", ["g-2", "g-0", "g-3", "g-1"])])
+    spread = (15 / 3) ** 0.5
+    assert rewards == pytest.approx([1 / spread, -3 / spread, 3 / spread, -1 / spread])
+    assert sum(rewards) == pytest.approx(0) and (sum(r * r for r in rewards) / 4) == pytest.approx(1)
+    # a ranking stored before rankings kept their ids joins by text, to the same rewards
+    assert rank_rewards(kept, [ranking("g", ["g-2", "g-0", "g-3", "g-1"], by_text=True)]) == pytest.approx(rewards)
+    # two rankings: the mean; a ranked sample the run dropped (cancelled) does not count, the others keep their order
+    both = rank_rewards(kept, [ranking("g", ["g-2", "g-0", "g-3", "g-1"]), ranking("g", ["g-0", "g-2", "g-1", "g-3"])])
+    assert both == pytest.approx([2 / spread, -2 / spread, 2 / spread, -2 / spread])
+    assert rank_rewards(kept[:3], [ranking("g", ["g-3", "g-2", "g-0", "g-1"])]) == pytest.approx([0, -1.5 ** 0.5, 1.5 ** 0.5])
+    # nothing the users said about all of them: the reward model must score the group
+    assert rank_rewards(kept, [ranking("g", ["g-2", "g-0"])]) is None  # a partial ranking
+    assert rank_rewards(kept, [ranking("g", ["g-2", "g-0", "g-3", "g-1"], source="ai")]) is None
+    assert rank_rewards(kept, []) is None
+
+
+def test_served_groups_carry_the_users_rankings_the_judge_never_trained_on(redis_client):
+    ended = ([9, 9, EOS], FINISH_STOP)
+    ids = {member: next(f"{member}-{i}" for i in range(1000) if reward_model_member(f"{member}-{i}") == member
+                        and not is_held_out(f"{member}-{i}", 0.1)) for member in (POLICY_MEMBER, JUDGE_MEMBER)}
+    held = next(f"held-{i}" for i in range(1000) if is_held_out(f"held-{i}", 0.1))
+    groups = [stored(gid, training_prompt(n), [ended] * 3) for n, gid in enumerate([*ids.values(), held, "unranked"])]
+    rankings = {gid: [ranking(gid, [f"{gid}-1", f"{gid}-0", f"{gid}-2"])] for gid in [*ids.values(), held]}
+    found = {g.prompt.text: g for g in served_groups(groups, 0, EOS, 64, 0.5, rankings=rankings,
+                                                       ranking_heldout_fraction=0.1)}
+    scores = {gid: found[group.prompt].scores for gid, group in zip([*ids.values(), held, "unranked"], groups)}
+    assert scores[ids[POLICY_MEMBER]] == pytest.approx([0, 1.5 ** 0.5, -(1.5 ** 0.5)])
+    assert scores[held] == pytest.approx([0, 1.5 ** 0.5, -(1.5 ** 0.5)])  # the reward model's held-out: no member's
+    assert scores[ids[JUDGE_MEMBER]] is None and scores["unranked"] is None
+
+
+def test_a_served_rollout_takes_the_rankings_rewards_and_scores_only_the_rest(tiny_model_dir):
+    policy = tiny_policy(tiny_model_dir)
+    prompts = tiny_prompts(policy, 2)
+    scored: list[list[int]] = []
+
+    def reward(prompt_ids, response_ids):
+        scored.extend(response_ids)
+        return torch.full((len(response_ids),), 7.0)
+
+    groups = [ServedGroup(prompts[0], [[5, 6], [7]], 1.0, [0.5, -0.5]), ServedGroup(prompts[1], [[8, 9], [4]], 1.0)]
+    config = PPOConfig(batch_size=4, mini_batch_size=2, rollout_batch_size=3, response_length=4,
+                       advantage_estimator="rloo", samples_per_prompt=2)
+    rollout = PPOTrainer(policy, reward, config).served_rollout(groups)
+    assert rollout.scores.tolist() == [0.5, -0.5, 7.0, 7.0]
+    assert sorted(scored) == [[4], [8, 9]]
+
+
+def test_an_update_on_ranked_served_samples_alone_raises_what_the_ranking_prefers(sharp_tiny_model_dir):
+    """The reward model says nothing (0 for every sample): only the users' rankings (by the toy
+    reward) can move the policy."""
+    from test_ppo_learns import toy_reward
+
+    policy = tiny_policy(sharp_tiny_model_dir)
+    reward = toy_reward(policy)
+    prompts = tiny_prompts(policy, 32)
+
+    def samples(seed: int, ranked: bool = False) -> list[ServedGroup]:
+        generator = torch.Generator().manual_seed(seed)
+        _, _, responses, mask = policy.generate([p for p in prompts for _ in range(4)], 12, 1.0, generator=generator)
+        rows = [r[:int(n)].tolist() for r, n in zip(responses, mask.sum(dim=1))]
+        groups = []
+        for i, p in enumerate(prompts):
+            group_rows = rows[4 * i:4 * i + 4]
+            scores = reward([list(p.token_ids)] * 4, group_rows).tolist()
+            kept = [StoredCompletion(f"g{i}-{j}", j, "", FINISH_STOP, r, []) for j, r in enumerate(group_rows)]
+            best_first = sorted(range(4), key=lambda j: -scores[j])
+            user = Ranking(f"r{i}", f"g{i}", "", [""] * 4, completion_ids=[f"g{i}-{j}" for j in best_first])
+            groups.append(ServedGroup(p, group_rows, 1.0, rank_rewards(kept, [user]) if ranked else None))
+        return groups
+
+    def mean_reward(groups: list[ServedGroup]) -> float:
+        return float(reward([list(g.prompt.token_ids) for g in groups for _ in g.responses],
+                            [r for g in groups for r in g.responses]).mean())
+
+    before = mean_reward(samples(100) + samples(101))
+    config = PPOConfig(batch_size=32, mini_batch_size=8, rollout_batch_size=64, response_length=12,
+                       learning_rate=5e-3, kl_coef=0.05, advantage_estimator="rloo", samples_per_prompt=4,
+                       served_mini_batch_size=16, served_epochs=8, seed=0)
+    silent = lambda prompt_ids, response_ids: torch.zeros(len(response_ids))  # noqa: E731
+    PPOTrainer(policy, silent, config).train(prompts, iterations=0, served=samples(1, ranked=True))
+    after = mean_reward(samples(100) + samples(101))
+    assert after > before + 0.25, (before, after)
