@@ -393,6 +393,9 @@ class PolicyRunConfig(ConfigSection):
              "this (calibrated reward units)")
     gate_samples_per_prompt: int = setting(
         4, "gate: responses per held-out prompt from each policy, paired by seed", minimum=2)
+    gate_rankings: int = setting(
+        256, "gate: most rankings (the newest human ones of the groups the judge member trains on, which PPO never "
+             "learns from) of the users' held-out verdict; 0 = the judge's gain alone decides", minimum=0)
     kl_budget: float = setting(10.0, "gate: most KL to the initial policy per response (nats)", minimum=0)
     perplexity_margin: float = setting(
         0.05, "gate: held-out perplexity may exceed the initial policy's by this fraction")

@@ -34,7 +34,8 @@ class Interval:
     def describe(self, digits: int = 3) -> str:
         return (f"{self.mean:+.{digits}f} (95% CI {self.low:+.{digits}f} to {self.high:+.{digits}f}, "
                 f"{self.units} units)" if self.level == 0.95 else
-                f"{self.mean:+.{digits}f} ({self.level:.0%} CI {self.low:+.{digits}f} to {self.high:+.{digits}f})")
+                f"{self.mean:+.{digits}f} ({self.level:.1%} CI {self.low:+.{digits}f} to {self.high:+.{digits}f}, "
+                f"{self.units} units)")
 
 
 def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:

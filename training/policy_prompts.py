@@ -30,6 +30,7 @@ from flywheel.contracts.heldout import judge_trains_on, prompt_is_held_out
 from flywheel.contracts.rankings import SOURCE_AI
 from flywheel.contracts.prompts import render_prompt
 from flywheel.group_store import GroupStore
+from training.policy_gate import RankedAnswers
 from training.policy_model import Prompt
 from training.ppo import ServedGroup
 from training.rankings import Ranking
@@ -103,7 +104,7 @@ def rank_rewards(kept: Sequence[StoredCompletion], rankings: Sequence[Ranking]) 
 def served_groups(groups: Sequence[CompletionGroup], version: int, eos_id: int, response_length: int,
                   heldout_fraction: float, max_groups: int = 1024,
                   rankings: Mapping[str, Sequence[Ranking]] | None = None,
-                  ranking_heldout_fraction: float = 0.0) -> list[ServedGroup]:
+                  ranking_heldout_fraction: float | None = None) -> list[ServedGroup]:
     """The newest served groups of policy ``version`` (at most ``max_groups``) whose samples are
     on-policy episodes for PPO, training prompts only (never the held-out slice).
 
@@ -115,9 +116,9 @@ def served_groups(groups: Sequence[CompletionGroup], version: int, eos_id: int, 
     rollouts sampled through a serving stack with top-p usually are.
 
     ``rankings`` (by group id): a group the users ranked carries their ranking as its samples'
-    rewards (``rank_rewards``), unless the judge member trains on it
-    (``ranking_heldout_fraction``: the reward model's held-out share): the gate's judge must stay a
-    signal the policy was not optimised against."""
+    rewards (``rank_rewards``). With ``ranking_heldout_fraction`` (the reward model's held-out
+    share), the groups the judge member trains on are left out altogether: they are the gate's
+    evidence (its judge and its users' held-out verdict), never PPO's episodes."""
     found: list[tuple[float, ServedGroup]] = []
     for group in groups:
         try:
@@ -132,17 +133,32 @@ def served_groups(groups: Sequence[CompletionGroup], version: int, eos_id: int, 
             continue
         if not as_a_rollout or not prompt.token_ids or prompt_is_held_out(prompt, heldout_fraction):
             continue
+        if ranking_heldout_fraction is not None and judge_trains_on(group.group_id, ranking_heldout_fraction):
+            continue
         kept = [c for c in group.completions if c.token_ids and (
             c.finish_reason == FINISH_LENGTH or (c.finish_reason == FINISH_STOP and c.token_ids[-1] == eos_id))]
         if len(kept) < 2:
             continue
-        scores = None
-        if rankings and group.group_id in rankings and not judge_trains_on(group.group_id, ranking_heldout_fraction):
-            scores = rank_rewards(kept, rankings[group.group_id])
+        scores = rank_rewards(kept, rankings[group.group_id]) if rankings and group.group_id in rankings else None
         found.append((float(group.created_at),
                       ServedGroup(prompt, [list(c.token_ids) for c in kept], temperature, scores)))
     found.sort(key=lambda item: -item[0])
     return [group for _, group in found[:max_groups]]
+
+
+def gate_rankings(rankings: Mapping[str, Sequence[Ranking]], tokenizer, heldout_fraction: float,
+                  max_rankings: int) -> list[RankedAnswers]:
+    """The users' held-out verdict's rankings: the newest ``max_rankings`` human rankings of the
+    groups the judge member trains on (``heldout_fraction``: the reward model's), which no PPO run
+    learns from, tokenized from their own texts (their groups may have expired)."""
+    chosen = [ranking for group_id, group in rankings.items() if judge_trains_on(group_id, heldout_fraction)
+              for ranking in group if ranking.source != SOURCE_AI and ranking.k >= 2]
+    chosen.sort(key=lambda ranking: ranking.created_at, reverse=True)
+
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return [RankedAnswers(ids(r.prompt), tuple(ids(text) for text in r.completions)) for r in chosen[:max_rankings]]
 
 
 def file_prompts(path: Path, tokenizer) -> list[Prompt]:

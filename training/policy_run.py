@@ -40,8 +40,8 @@ from training.metrics import PPOMetrics
 from training.policy_gate import (GateDecision, PolicyEvaluation, PolicyGateConfig, evaluate_policy, gate_decision,
                                   perplexity)
 from training.policy_model import LORA, PolicyModelConfig, PolicyWithValueHead
-from training.policy_prompts import (DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS, file_prompts, load_texts,
-                                     served_groups, served_prompts, stored_groups)
+from training.policy_prompts import (DEFAULT_HELDOUT_CORPUS, DEFAULT_PTX_CORPUS, file_prompts, gate_rankings,
+                                     load_texts, served_groups, served_prompts, stored_groups)
 from training.policy_reward import RewardModelScorer
 from training.reward_model import RewardCalibration
 from training.ppo import PPOConfig, PPOStats, PPOTrainer
@@ -175,10 +175,12 @@ class PolicyRun(TrainingRun):
         section, policy = self.section, self.policy
         self.parent, starts_as = _warm_start(policy, self.registry, current, self.model_config)
         # the groups the version this run starts from served are episodes PPO need not generate
+        rankings, ranking_heldout = self._rankings_by_group(), self.config.reward_model.heldout_fraction
         self.served = (served_groups(self.stored_groups, starts_as, policy.eos_id, section.response_length,
-                                     section.heldout_fraction, section.served_groups, self._rankings_by_group(),
-                                     self.config.reward_model.heldout_fraction)
+                                     section.heldout_fraction, section.served_groups,
+                                     rankings if section.served_rankings else None, ranking_heldout)
                        if section.served_groups else [])
+        self.gate_rankings = gate_rankings(rankings, policy.tokenizer, ranking_heldout, section.gate_rankings)
         self.stored_groups = []
         folder = self.rewards.path(self.reward_record.version)
         calibrations = {member: RewardCalibration.from_dict(entry["calibration"])
@@ -198,10 +200,10 @@ class PolicyRun(TrainingRun):
         self.heldout_text = policy.text_batches(load_texts(Path(section.heldout_corpus or DEFAULT_HELDOUT_CORPUS)),
                                                 8, 256)
         self.ptx_texts = load_texts(Path(section.ptx_corpus or DEFAULT_PTX_CORPUS)) if self.ppo.ptx_coef > 0 else []
-        log.info("policy run: %d training and %d held-out prompts, %d served samples of v%d to learn from (%d of "
+        log.info("policy run: %d training and %d held-out prompts (and %d held-out rankings), %d served samples of v%d to learn from (%d of "
                  "%d groups rewarded by the users' rankings), reward model v%d (%s), start from %s, %.2f M trained "
                  "parameters (%s), seed %d%s", len(self.train_prompts),
-                 len(self.held_out), sum(len(g.responses) for g in self.served), starts_as,
+                 len(self.held_out), len(self.gate_rankings), sum(len(g.responses) for g in self.served), starts_as,
                  sum(g.scores is not None for g in self.served), len(self.served),
                  self.reward_record.version, _describe_reward(self.reward_length, calibrations),
                  f"v{self.parent}" if self.parent else "the base model", policy.trainable_parameter_count() / 1e6,
@@ -210,16 +212,15 @@ class PolicyRun(TrainingRun):
 
     def _rankings_by_group(self) -> dict[str, list[Ranking]]:
         """The rankings reward-model runs have taken in (the replay store), by group: the users'
-        verdict on served groups (``policy_served_rankings``)."""
-        if not self.section.served_rankings:
-            return {}
+        verdict on served groups (``policy_served_rankings``) and the gate's held-out rankings."""
         by_group: dict[str, list[Ranking]] = {}
         for ranking in replay_store(self.config).load():
             by_group.setdefault(ranking.group_id, []).append(ranking)
         return by_group
 
     def evaluate(self) -> PolicyEvaluation:
-        return evaluate_policy(self.policy, self.scorers, self.held_out, self.heldout_text, self.gate_config)
+        return evaluate_policy(self.policy, self.scorers, self.held_out, self.heldout_text, self.gate_config,
+                               self.gate_rankings)
 
     def train(self) -> None:
         trainer = PPOTrainer(self.policy, self.scorers[POLICY_MEMBER], self.ppo, ptx_texts=self.ptx_texts,
@@ -249,7 +250,8 @@ class PolicyRun(TrainingRun):
             "prompts": {"train": len(self.train_prompts), "held_out": len(self.held_out),
                         "prompts_file": self.section.prompts_file or None, "served_groups": len(self.served),
                         "served_samples": sum(len(g.responses) for g in self.served),
-                        "served_groups_ranked": sum(g.scores is not None for g in self.served)},
+                        "served_groups_ranked": sum(g.scores is not None for g in self.served),
+                        "gate_rankings": len(self.gate_rankings)},
             "model": asdict(self.model_config),
             "ppo": asdict(self.ppo) | {"iterations": self.iterations},
             "kl_controller": {"start": self.kl_state, "end": result.kl_state},
@@ -267,8 +269,9 @@ class PolicyRun(TrainingRun):
         for gauge, figure in ((metrics.gate_reward_gain, "reward_gain"), (metrics.gate_kl_to_ref, "kl_to_ref"),
                               (metrics.gate_perplexity_ratio, "perplexity_ratio"),
                               (metrics.gate_reward_gain_lower_bound, "reward_gain_low"),
-                              (metrics.gate_policy_member_gain, "policy_member_gain")):
-            if isinstance(decision.figures[figure], float):
+                              (metrics.gate_policy_member_gain, "policy_member_gain"),
+                              (metrics.gate_users_verdict_lower_bound, "users_verdict_low")):
+            if isinstance(decision.figures.get(figure), float):
                 gauge.set(decision.figures[figure])
 
 

@@ -15,11 +15,14 @@ import pytest
 from flywheel.config import FlywheelConfig
 from support.policy import TINY_PPO, one_thread, promote_reward_model, store_served_groups  # noqa: F401
 from flywheel.contracts.artifacts import POLICY_KIND
+from flywheel.contracts.heldout import judge_trains_on
 from flywheel.contracts.keys import POLICY_RUN_LOCK_KEY, registry_channel
 from flywheel.policy_admin import promote_policy, rollback_policy
 from flywheel.registry import open_registry
 from training.policy_model import PolicyWithValueHead
 from training.policy_run import run_policy_training
+from training.rankings import Ranking
+from training.reward_model_run import replay_store
 
 FLYWHEEL = [sys.executable, "-m", "flywheel.app.cli"]  # the `flywheel` command of this checkout
 
@@ -43,6 +46,11 @@ def test_a_policy_run_registers_an_atomically_written_version_and_the_gate_decid
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     reward_version = promote_reward_model(redis_client, settings)
     store_served_groups(redis_client, tokenizer, 16)
+    # rankings of groups the judge member trains on: the gate's held-out verdict, never PPO's episodes
+    judge_groups = [g for g in (f"judged{i}" for i in range(200))
+                    if judge_trains_on(g, settings.reward_model.heldout_fraction)][:3]
+    replay_store(settings).append([Ranking(f"r-{g}", g, "Tell me about rivers.", ["Rivers flow.", "I do not know."])
+                                   for g in judge_groups])
     pubsub = redis_client.pubsub()
     pubsub.subscribe(registry_channel(POLICY_KIND))
 
@@ -61,6 +69,8 @@ def test_a_policy_run_registers_an_atomically_written_version_and_the_gate_decid
     assert set(manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors", "value_head.safetensors"}
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+    assert manifest["prompts"]["gate_rankings"] == 3 and manifest["figures"]["users_verdict_rankings"] == 3.0
+    assert isinstance(manifest["figures"]["users_verdict_low"], float)
     for figure in ("reward_gain", "kl_to_ref", "perplexity_ratio", "train_policy_loss", "train_value_loss",
                    "train_clipfrac", "train_approx_kl", "train_entropy", "train_mean_reward"):
         assert figure in manifest["figures"]

@@ -12,7 +12,7 @@ from flywheel.contracts.artifacts import JUDGE_MEMBER, POLICY_MEMBER
 from flywheel.contracts.heldout import is_held_out, prompt_is_held_out, reward_model_member
 from flywheel.group_store import GroupStore
 from support.policy import one_thread  # noqa: F401 (fixture)
-from training.policy_prompts import rank_rewards, served_groups, stored_groups
+from training.policy_prompts import gate_rankings, rank_rewards, served_groups, stored_groups
 from training.ppo import PPOConfig, PPOTrainer, ServedGroup
 from training.rankings import Ranking
 from training_fixtures import tiny_policy, tiny_prompts
@@ -175,19 +175,42 @@ def test_a_ranking_becomes_standardized_rewards_of_the_samples_it_orders():
     assert rank_rewards(kept, []) is None
 
 
-def test_served_groups_carry_the_users_rankings_the_judge_never_trained_on(redis_client):
+def test_served_groups_carry_the_users_rankings_and_leave_the_judges_groups_to_the_gate(redis_client):
     ended = ([9, 9, EOS], FINISH_STOP)
     ids = {member: next(f"{member}-{i}" for i in range(1000) if reward_model_member(f"{member}-{i}") == member
                         and not is_held_out(f"{member}-{i}", 0.1)) for member in (POLICY_MEMBER, JUDGE_MEMBER)}
     held = next(f"held-{i}" for i in range(1000) if is_held_out(f"held-{i}", 0.1))
-    groups = [stored(gid, training_prompt(n), [ended] * 3) for n, gid in enumerate([*ids.values(), held, "unranked"])]
+    unranked = next(f"unranked-{i}" for i in range(1000) if reward_model_member(f"unranked-{i}") == POLICY_MEMBER)
+    names = [*ids.values(), held, unranked]
+    groups = [stored(gid, training_prompt(n), [ended] * 3) for n, gid in enumerate(names)]
     rankings = {gid: [ranking(gid, [f"{gid}-1", f"{gid}-0", f"{gid}-2"])] for gid in [*ids.values(), held]}
     found = {g.prompt.text: g for g in served_groups(groups, 0, EOS, 64, 0.5, rankings=rankings,
                                                        ranking_heldout_fraction=0.1)}
-    scores = {gid: found[group.prompt].scores for gid, group in zip([*ids.values(), held, "unranked"], groups)}
+    scores = {gid: found[group.prompt].scores for gid, group in zip(names, groups) if group.prompt in found}
+    assert set(scores) == {ids[POLICY_MEMBER], held, unranked}  # the judge's groups are the gate's evidence
     assert scores[ids[POLICY_MEMBER]] == pytest.approx([0, 1.5 ** 0.5, -(1.5 ** 0.5)])
     assert scores[held] == pytest.approx([0, 1.5 ** 0.5, -(1.5 ** 0.5)])  # the reward model's held-out: no member's
-    assert scores[ids[JUDGE_MEMBER]] is None and scores["unranked"] is None
+    assert scores[unranked] is None  # the reward model scores it
+    without = served_groups(groups, 0, EOS, 64, 0.5)  # no split given: every group, none rewarded by a ranking
+    assert len(without) == 4 and all(g.scores is None for g in without)
+
+
+def test_the_gate_rankings_are_the_judges_human_ones_newest_first():
+    class Tokenizer:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [len(word) for word in text.split()]}
+
+    judge = [f"judge-{i}" for i in range(1000) if reward_model_member(f"judge-{i}") == JUDGE_MEMBER
+             and not is_held_out(f"judge-{i}", 0.1)][:3]
+    policy = next(f"policy-{i}" for i in range(1000) if reward_model_member(f"policy-{i}") == POLICY_MEMBER
+                  and not is_held_out(f"policy-{i}", 0.1))
+    def made(gid, created, source="human"):
+        return Ranking(f"r-{gid}-{source}", gid, "a bb", ["ccc", "dddd e"], source=source, created_at=created)
+    rankings = {judge[0]: [made(judge[0], "1.0"), made(judge[0], "5.0", "ai")], judge[1]: [made(judge[1], "3.0")],
+                judge[2]: [made(judge[2], "2.0")], policy: [made(policy, "9.0")]}
+    chosen = gate_rankings(rankings, Tokenizer(), 0.1, max_rankings=2)
+    assert [r.prompt_ids for r in chosen] == [(1, 2), (1, 2)] and chosen[0].answers == ((3,), (4, 1))
+    assert len(gate_rankings(rankings, Tokenizer(), 0.1, max_rankings=10)) == 3  # no AI, no policy-half ranking
 
 
 def test_a_served_rollout_takes_the_rankings_rewards_and_scores_only_the_rest(tiny_model_dir):
