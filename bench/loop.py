@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from flywheel.app.demo import DemoConfig, run_demo  # noqa: E402
+from flywheel.app.demo import DemoConfig, describe_evidence, run_demo  # noqa: E402
 from flywheel.app.preferences import PREFERENCES  # noqa: E402
 from flywheel.app.simulated_users import SamplingPlan  # noqa: E402
 from flywheel.app.tables import format_table  # noqa: E402
@@ -47,7 +47,9 @@ def row(name: str, summary: dict) -> tuple[str, ...]:
         return f"{figure['rate']:.2f} ({figure['low']:.2f}-{figure['high']:.2f})"
 
     loop = summary.get("loop_seconds")
-    return (name, "yes" if promoted else f"no ({summary.get('outcome', 'failed')})", rate("win_rate"),
+    rounds = summary.get("rounds") or [{}]
+    evidence = describe_evidence(rounds[-1].get("gate") or {}) or "-"
+    return (name, "yes" if promoted else f"no ({summary.get('outcome', 'failed')})", evidence, rate("win_rate"),
             rate("length_controlled_win_rate"),
             f"{summary['kl_to_v0']:.2f}" if promoted else "-",
             f"{summary['reward_model_accuracy']:.3f}" if promoted else "-",
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             args.summary_json.write_text(json.dumps(summaries, indent=2, default=str))
 
     print(f"\n== bench/loop.py: {len(summaries)} runs in {(time.monotonic() - started) / 60:.1f} min")
-    print(format_table(("preference", "promoted", "win rate vs v0 (95% CI)", "length-controlled", "KL to v0",
+    print(format_table(("preference", "promoted", "the gate's evidence (last round)", "win rate vs v0 (95% CI)",
+                        "length-controlled", "KL to v0",
                         "RM held-out acc", "loop time"),
                        [row(name, s) for name, s in summaries.items()]))
     print("\ntargets: " + "; ".join(f"{name}: {verdict(name, s)}" for name, s in summaries.items()))

@@ -368,7 +368,7 @@ class PolicyRunConfig(ConfigSection):
     kl_coef: float = setting(0.05, "β: per-token KL penalty to the initial policy", minimum=0)
     kl_target: float = setting(0.0, "adapt β towards this KL per response (nats); 0 = fixed β", minimum=0)
     kl_stop: float = setting(
-        8.0, "stop a PPO run at the first rollout whose KL to the initial policy per response exceeds this (nats) "
+        6.0, "stop a PPO run at the first rollout whose KL to the initial policy per response exceeds this (nats) "
              "and keep the last iterate within it (the gate refuses candidates past kl_budget); 0 = never", minimum=0)
     ptx_coef: float = setting(
         0.0, "γ of PPO-ptx (language-model loss on the pretraining corpus); 0 = off", minimum=0)

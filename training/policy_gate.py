@@ -19,9 +19,10 @@ The decision rests on evidence PPO never optimised against, of two kinds; either
   candidate would say it than the current policy does (the implicit reward of a KL-regularised
   policy, as in DPO); the verdict is the share of the users' pairs (better, worse) with
   Δ(better) > Δ(worse), with an interval over rankings, and it passes when the lower bound is
-  above 1/2, unless the judge is confident the candidate is worse (its upper bound below
-  ``min_reward_gain``). A policy that learned what the users prefer moves towards the answers they
-  preferred even among answers it never saw ranked; one that learned a reward model's quirks does not.
+  above 1/2. A policy that learned what the users prefer moves towards the answers they preferred
+  even among answers it never saw ranked; one that learned a reward model's quirks does not. The
+  judge has no veto over it: where the two disagreed, the judge was the one that was wrong (its
+  length-neutral score extrapolates its length fit to a candidate that answers shorter).
 
 Two kinds of evidence are two chances: each is a two-sided 97.5% interval (Bonferroni), so under
 the null (users who rank at random, a reward model at chance) each passes at most 1.25% of the
@@ -225,14 +226,13 @@ def gate_decision(candidate: PolicyEvaluation, current: PolicyEvaluation, refere
         failures.append("non-finite parameters or figures (NaN/inf)")
     else:
         judge_confirms = judge.above(config.min_reward_gain)
-        judge_sees_worse = math.isfinite(judge.high) and judge.high < config.min_reward_gain
-        users_confirm = users.above(0.5) and not judge_sees_worse
+        users_confirm = users.above(0.5)
         evidence = (f"judge's reward gain {judge.describe()}, users' held-out verdict {_describe_verdict(users)}, "
                     f"the member PPO optimised: {optimised.describe()}")
         if not (judge_confirms or users_confirm):
             failures.append(f"neither the judge's reward gain nor the users' held-out verdict confirms a gain "
-                            f"({evidence}; needed: the judge's lower bound above {config.min_reward_gain}, or the "
-                            f"users' above 0.5 with the judge's upper bound not below {config.min_reward_gain})")
+                            f"({evidence}; needed: the judge's lower bound above {config.min_reward_gain} or the "
+                            f"users' above 0.5)")
         if figures["kl_to_ref"] > config.kl_budget:
             failures.append(f"KL to π_ref {figures['kl_to_ref']:.3f} > budget {config.kl_budget}")
         if figures["perplexity_ratio"] > 1 + config.perplexity_margin:

@@ -153,12 +153,19 @@ def gate_rankings(rankings: Mapping[str, Sequence[Ranking]], tokenizer, heldout_
     learns from, tokenized from their own texts (their groups may have expired)."""
     chosen = [ranking for group_id, group in rankings.items() if judge_trains_on(group_id, heldout_fraction)
               for ranking in group if ranking.source != SOURCE_AI and ranking.k >= 2]
-    chosen.sort(key=lambda ranking: ranking.created_at, reverse=True)
+    chosen.sort(key=lambda ranking: _seconds(ranking.created_at), reverse=True)
 
     def ids(text: str) -> tuple[int, ...]:
         return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     return [RankedAnswers(ids(r.prompt), tuple(ids(text) for text in r.completions)) for r in chosen[:max_rankings]]
+
+
+def _seconds(created_at: str) -> float:
+    try:
+        return float(created_at)
+    except ValueError:
+        return 0.0
 
 
 def file_prompts(path: Path, tokenizer) -> list[Prompt]:

@@ -259,6 +259,28 @@ def wait_for_round(platform: Platform, before: tuple[dict[str, int], dict[str, i
     return "out of time"
 
 
+def gate_evidence(platform: Platform) -> dict[str, float]:
+    """The gate's figures of the newest policy version (the round's candidate)."""
+    listing = platform.policies()
+    if not listing.policies:
+        return {}
+    newest = max(listing.policies, key=lambda p: p.version)
+    return {name: newest.gate_metrics[name] for name in GATE_EVIDENCE if name in newest.gate_metrics}
+
+
+GATE_EVIDENCE = ("reward_gain", "reward_gain_low", "users_verdict", "users_verdict_low", "policy_member_gain",
+                 "kl_to_ref")
+
+
+def describe_evidence(figures: dict[str, float]) -> str:
+    if "reward_gain" not in figures:
+        return ""
+    text = f"judge gain {figures['reward_gain']:+.2f} (low {figures.get('reward_gain_low', float('nan')):+.2f})"
+    if math.isfinite(figures.get("users_verdict", float("nan"))):
+        text += f", users' held-out verdict {figures['users_verdict']:.3f} (low {figures['users_verdict_low']:.3f})"
+    return text + f", PPO member gain {figures.get('policy_member_gain', float('nan')):+.2f}"
+
+
 def _newest_is_current(platform: Platform) -> bool:
     listing = platform.policies()
     return bool(listing.policies) and listing.current_version == max(p.version for p in listing.policies)
@@ -385,11 +407,13 @@ def run_demo(config: DemoConfig) -> dict:
                 print(f"== {len(tally.errors)} user requests failed, e.g. {tally.errors[0]}")
             progress.phase = f"training (round {round_number})"
             outcome = wait_for_round(platform, counts_before, deadline)
+            evidence = gate_evidence(platform) if outcome in ("promoted", "rejected") else {}
             summary["rounds"].append({"round": round_number, "rankings": tally.rankings, "outcome": outcome,
-                                      "left_to_ai": tally.left_to_ai, "seconds": time.monotonic() - loop_started})
+                                      "left_to_ai": tally.left_to_ai, "seconds": time.monotonic() - loop_started,
+                                      "gate": evidence})
             print(f"== round {round_number}: {tally.rankings} rankings"
                   + (f" ({tally.left_to_ai} groups left to the AI labeler)" if config.ai_fraction else "")
-                  + f" -> {outcome}", flush=True)
+                  + f" -> {outcome}" + (f": {describe_evidence(evidence)}" if evidence else ""), flush=True)
             if outcome == "promoted" or time.monotonic() > deadline:
                 break
         if config.ai_fraction:
