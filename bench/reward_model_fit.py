@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -92,7 +93,6 @@ def main() -> None:
         for member in REWARD_MODEL_MEMBERS:
             torch.manual_seed(0)
             model = RewardModel.from_backbone(model_config)
-            from transformers import AutoTokenizer
             trainer = RewardModelTrainer(model, AutoTokenizer.from_pretrained(model_config.backbone), training)
             started = time.monotonic()
             trainer.train(halves[member])

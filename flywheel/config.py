@@ -381,8 +381,8 @@ class PolicyRunConfig(ConfigSection):
         512, "most served groups (newest) of the version a PPO run starts from whose samples it learns from before "
              "its own rollouts: episodes it need not generate; 0 = none", minimum=0)
     served_rankings: bool = setting(
-        True, "reward a served group's samples by the users' own ranking of them where they ranked it (and the "
-              "judge member never trained on it), not by the reward model's estimate of it")
+        True, "reward a served group's samples by the users' own ranking of them where they ranked it, not by the "
+              "reward model's estimate of it (the groups the judge member trains on are never PPO episodes)")
     served_epochs: int = setting(1, "PPO passes over the served groups' samples", minimum=1)
     min_prompts: int = setting(8, "skip a PPO run with fewer training prompts", minimum=0)
     heldout_fraction: float = setting(

@@ -88,7 +88,8 @@ class PPOMetrics:
                                       "judge member (calibrated reward units)")
         self.gate_reward_gain_lower_bound = gauge(
             "flywheel_policy_gate_reward_gain_lower_bound",
-            "97.5% lower bound of the judge member's gain of the last candidate (one of the gate's two kinds of evidence)")
+            "97.5% lower bound of the judge member's gain of the last candidate (one of the gate's two kinds of "
+            "evidence)")
         self.gate_users_verdict_lower_bound = gauge(
             "flywheel_policy_gate_users_verdict_lower_bound",
             "97.5% lower bound of the users' held-out verdict on the last candidate: the share of held-out ranked "

@@ -26,9 +26,9 @@ The decision rests on evidence PPO never optimised against, of two kinds; either
 
 Two kinds of evidence are two chances: each is a two-sided 97.5% interval (Bonferroni), so under
 the null (users who rank at random, a reward model at chance) each passes at most 1.25% of the
-time and the two together at most 2.5%, inside the 5% a 95% interval on one of them would allow. The policy
-member's gain is recorded beside them: a gain on the member PPO optimised and none on the judge or
-the users' rankings is reward over-optimisation, and is rejected. Then, as before:
+time and the two together at most 2.5%, inside the 5% a 95% interval on one of them would allow.
+The policy member's gain is recorded beside them: a gain on the member PPO optimised and none on
+the judge or the users' rankings is reward over-optimisation, and is rejected. Then, as before:
 
 - KL to π_ref: mean Σ_t log π(y_t) − log π_ref(y_t) over the candidate's responses (sampled, and
   their log-probs taken, at PPO's rollout temperature) must stay under ``kl_budget`` nats;

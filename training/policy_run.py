@@ -200,9 +200,9 @@ class PolicyRun(TrainingRun):
         self.heldout_text = policy.text_batches(load_texts(Path(section.heldout_corpus or DEFAULT_HELDOUT_CORPUS)),
                                                 8, 256)
         self.ptx_texts = load_texts(Path(section.ptx_corpus or DEFAULT_PTX_CORPUS)) if self.ppo.ptx_coef > 0 else []
-        log.info("policy run: %d training and %d held-out prompts (and %d held-out rankings), %d served samples of v%d to learn from (%d of "
-                 "%d groups rewarded by the users' rankings), reward model v%d (%s), start from %s, %.2f M trained "
-                 "parameters (%s), seed %d%s", len(self.train_prompts),
+        log.info("policy run: %d training and %d held-out prompts (and %d held-out rankings), %d served samples of "
+                 "v%d to learn from (%d of %d groups rewarded by the users' rankings), reward model v%d (%s), start "
+                 "from %s, %.2f M trained parameters (%s), seed %d%s", len(self.train_prompts),
                  len(self.held_out), len(self.gate_rankings), sum(len(g.responses) for g in self.served), starts_as,
                  sum(g.scores is not None for g in self.served), len(self.served),
                  self.reward_record.version, _describe_reward(self.reward_length, calibrations),
