@@ -46,7 +46,14 @@ def test_a_promoted_reward_model_triggers_a_policy_run_and_the_cli_runs_one(
         raise
 
     port = policy_worker_env["FLYWHEEL_TRAINING_METRICS_PORT"]
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    # the pointer moves at the promotion; the run's outcome is counted when its task returns, a moment later
+    wait_for(lambda: 'flywheel_ppo_runs_total{outcome="promoted"}' in scrape(), 30, "the PPO run to be counted",
+             worker)
+    metrics = scrape()
     assert "flywheel_policy_current_version 1.0" in metrics
     assert 'flywheel_ppo_runs_total{outcome="promoted"} 1.0' in metrics
     for name in ("flywheel_ppo_mean_reward", "flywheel_ppo_kl_to_ref_nats", "flywheel_ppo_policy_loss",
