@@ -52,6 +52,10 @@ from training.ppo import RewardFunction, token_logprobs
 from training.run import json_safe_figures
 
 
+MIN_VERDICT_RANKINGS = 20
+"""Fewer held-out rankings give the users' verdict no say: with a handful, all of them ordered right by
+chance (1 in 8 for three rankings of two answers) is an interval of zero width at 1.0."""
+
 EVIDENCE_LEVEL = 0.975
 """The level of each of the gate's two intervals (the judge's gain, the users' held-out verdict):
 two chances at 1.25% one-sided each, at most 2.5% false promotions together."""
@@ -226,13 +230,13 @@ def gate_decision(candidate: PolicyEvaluation, current: PolicyEvaluation, refere
         failures.append("non-finite parameters or figures (NaN/inf)")
     else:
         judge_confirms = judge.above(config.min_reward_gain)
-        users_confirm = users.above(0.5)
+        users_confirm = users.units >= MIN_VERDICT_RANKINGS and users.above(0.5)
         evidence = (f"judge's reward gain {judge.describe()}, users' held-out verdict {_describe_verdict(users)}, "
                     f"the member PPO optimised: {optimised.describe()}")
         if not (judge_confirms or users_confirm):
             failures.append(f"neither the judge's reward gain nor the users' held-out verdict confirms a gain "
                             f"({evidence}; needed: the judge's lower bound above {config.min_reward_gain} or the "
-                            f"users' above 0.5)")
+                            f"users' above 0.5 on at least {MIN_VERDICT_RANKINGS} rankings)")
         if figures["kl_to_ref"] > config.kl_budget:
             failures.append(f"KL to π_ref {figures['kl_to_ref']:.3f} > budget {config.kl_budget}")
         if figures["perplexity_ratio"] > 1 + config.perplexity_margin:

@@ -125,3 +125,14 @@ def test_null_candidates_are_promoted_at_most_5_percent_of_the_time():
                                   evaluation(current, current, ranked=current_ranked), 10.0, True,
                                   PolicyGateConfig()).passed
     assert promoted <= 20, f"{promoted} of 400 null candidates promoted"
+
+
+def test_a_handful_of_held_out_rankings_gives_the_users_verdict_no_say():
+    rng = random.Random(9)
+    current, base = scores(rng, 40, 4)
+    flat = paired(rng, base, 4, shift=0.0)
+    current_ranked = [[-10.0, -10.0]] * 3
+    right_by_chance = [[-9.0, -11.0]] * 3  # all three ordered as the users did: an interval of zero width at 1.0
+    decision = gate_decision(evaluation(flat, flat, ranked=right_by_chance),
+                             evaluation(current, current, ranked=current_ranked), 10.0, True, PolicyGateConfig())
+    assert decision.figures["users_verdict_low"] == 1.0 and not decision.passed
