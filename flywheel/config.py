@@ -100,6 +100,9 @@ class ServingConfig(ConfigSection):
     policy_poll_seconds: float = setting(
         5.0, "how often a server re-checks the policy pointer besides pub/sub", above=0)
     max_prompt_tokens: int = setting(4096, "longest prompt (in tokens) a request may send", minimum=1)
+    max_cache_mib: int = setting(
+        2048, "memory the running batches' key/value caches may take (MiB; a left-padded batch takes rows x its "
+              "widest prompt + max_new_tokens): a request waits for it as for a batch slot; 0 = no bound", minimum=0)
     # -1 is gRPC's "no limit"
     grpc_max_receive_message_bytes: int = setting(
         8 * 1024 * 1024, "largest gRPC message the server accepts (RESOURCE_EXHAUSTED above)", minimum=-1)

@@ -30,6 +30,7 @@ import torch
 
 from flywheel.contracts.groups import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, GroupResult, SampleResult
 from serving.detokenizer import IncrementalDetokenizer
+from serving.kv_cache import kv_bytes_per_token
 from serving.model_runner import Batch, ModelRunner, Prefill
 from serving.sampling import SamplingParams, sample_generator, sample_tokens
 from serving.scheduler import Scheduler
@@ -125,6 +126,10 @@ class GenerationRequest:
     def n(self) -> int:
         return self.params.n
 
+    @property
+    def cache_extent(self) -> int:
+        return len(self.prompt_token_ids) + self.params.max_new_tokens
+
     def abandoned(self, now: float) -> bool:
         """Cancelled, or past its deadline at ``now`` (``time.monotonic()``)."""
         return self.cancelled.is_set() or (self.deadline is not None and now >= self.deadline)
@@ -141,6 +146,8 @@ class EngineConfig:
     max_consecutive_failures: int = 3
     # prompts whose leading 16-token blocks were prefilled before reuse them (0 = off); per policy version
     prefix_cache_entries: int = 64
+    # the running batches' key/value caches stay within this (rows x widest row, see serving.scheduler); 0 = no bound
+    max_cache_bytes: int = 0
 
 
 class EngineObserver:
@@ -150,6 +157,7 @@ class EngineObserver:
 
     def on_step(self, batch_sequences: int, seconds: float, new_tokens: int, policy_version: int) -> None: ...
     def on_queue(self, waiting: int, running: int) -> None: ...
+    def on_cache(self, allocated_bytes: int) -> None: ...  # the running batches' key/value buffers, each loop
     def on_admit(self, queued_seconds: float, policy_version: int) -> None: ...
     # once per prefill forward: the prompts prefilled together, their tokens and first sampled tokens
     def on_prefill(self, prompt_tokens: int, seconds: float, new_tokens: int, policy_version: int) -> None: ...
@@ -224,7 +232,13 @@ class Engine:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self.scheduler = Scheduler(self.config.max_batch_sequences, self.config.max_prefill_tokens_per_step)
+        self.cache_token_bytes = kv_bytes_per_token(model)
+        self.max_cache_tokens = self.config.max_cache_bytes // self.cache_token_bytes
+        if self.config.max_cache_bytes and not self.max_cache_tokens:
+            raise ValueError(f"max_cache_bytes {self.config.max_cache_bytes} holds no token of this model "
+                             f"({self.cache_token_bytes} bytes of keys and values per token)")
+        self.scheduler = Scheduler(self.config.max_batch_sequences, self.config.max_prefill_tokens_per_step,
+                                   self.max_cache_tokens)
         self.runner = ModelRunner(model, policy_version, self.config.prefix_cache_entries)
         self.device = self.runner.device
 
@@ -319,6 +333,7 @@ class Engine:
                             self._decode_step(batch)
                     runner.release_finished_versions()
                     self.observer.on_queue(len(self._waiting), runner.running_sequences)
+                    self.observer.on_cache(runner.cache_bytes)
         except BaseException as exc:  # the loop itself broke (not one group's work): the engine cannot go on
             log.exception("engine loop failed; the engine stops")
             self._failure = exc
@@ -386,7 +401,8 @@ class Engine:
             with self._lock:
                 if not self._waiting:
                     return
-                plan = self.scheduler.plan_admission(self._waiting, self.runner.running_sequences, now, budget)
+                plan = self.scheduler.plan_admission(self._waiting, self.runner.running_sequences, now, budget,
+                                                     self.runner.cache_use())
                 for _ in range(plan.taken):
                     self._waiting.popleft()
             if not plan.taken:
@@ -420,7 +436,8 @@ class Engine:
             return
         rows = [s for d in done for g in d.groups for s in g.samples]
         try:
-            batch.add([d.prefill for d in done], rows, torch.cat([d.tokens for d in done]))
+            batch.add([d.prefill for d in done], rows, torch.cat([d.tokens for d in done]),
+                      [row.request.cache_extent for row in rows])
         except Exception as exc:  # the batch's cache may be half-extended: its rows cannot go on
             self._fail_batch(batch, "prefill", exc, extra=[g.request for d in done for g in d.groups])
             return

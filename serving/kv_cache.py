@@ -3,13 +3,24 @@
 Rows are left-padded so that every row's newest token sits in the same column, which lets one
 ``forward`` call decode the whole batch (the layout of TGI's original ``CausalLMBatch``). Unlike
 transformers' ``DynamicCache``, which concatenates a new tensor every step, each layer writes into
-a preallocated buffer that grows geometrically, so a decode step copies only the new token.
+a preallocated buffer that grows geometrically, so a decode step copies only the new token. The
+growth stops at ``column_limit`` (the widest its rows can get, set by the batch), so the buffers
+stay within the engine's cache budget (``serving.scheduler``).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes one token's keys and values take in every layer of ``model``'s cache."""
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * heads * head_dim * element
 
 
 class GrowingLayer(CacheLayerMixin):
@@ -23,6 +34,11 @@ class GrowingLayer(CacheLayerMixin):
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.length = 0
+        self.column_limit = 0  # the most columns the buffers need (0 = no limit)
+
+    def _capacity(self, needed: int, wanted: int) -> int:
+        """``wanted`` columns (``needed`` and headroom), but no more than ``column_limit`` allows."""
+        return min(wanted, max(needed, self.column_limit)) if self.column_limit else wanted
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -32,7 +48,7 @@ class GrowingLayer(CacheLayerMixin):
         capacity = 0 if self.keys is None else self.keys.shape[2]
         if needed <= capacity:
             return
-        new_capacity = max(needed, 2 * capacity, 64)
+        new_capacity = self._capacity(needed, max(needed, 2 * capacity, 64))
         rows, heads, _, dim = template.shape
         keys = template.new_zeros(rows, heads, new_capacity, dim)
         values = values_template.new_zeros(rows, values_template.shape[1], new_capacity, values_template.shape[3])
@@ -71,8 +87,9 @@ class GrowingLayer(CacheLayerMixin):
     def assign(self, keys: torch.Tensor, values: torch.Tensor, headroom: int = 64) -> None:
         """Replace the contents with ``keys``/``values`` (``[rows, heads, length, dim]``) plus free columns."""
         rows, heads, length, dim = keys.shape
-        self.keys = keys.new_zeros(rows, heads, length + headroom, dim)
-        self.values = values.new_zeros(rows, values.shape[1], length + headroom, values.shape[3])
+        capacity = self._capacity(length, length + headroom)
+        self.keys = keys.new_zeros(rows, heads, capacity, dim)
+        self.values = values.new_zeros(rows, values.shape[1], capacity, values.shape[3])
         self.keys[:, :, :length] = keys
         self.values[:, :, :length] = values
         self.length = length
@@ -101,6 +118,21 @@ class BatchKVCache(Cache):
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+    @property
+    def column_limit(self) -> int:
+        return self.layers[0].column_limit
+
+    @column_limit.setter
+    def column_limit(self, columns: int) -> None:
+        for layer in self.layers:
+            layer.column_limit = columns
+
+    @property
+    def allocated_bytes(self) -> int:
+        """The bytes of every layer's key and value buffers, headroom included."""
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer.keys is not None
+                   for t in (layer.keys, layer.values))
 
     def load_prefixes(self, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]] | None], length: int,
                       headroom: int) -> None:
@@ -152,11 +184,12 @@ class BatchKVCache(Cache):
         if len(parts) == 1 and parts[0] is self:
             return pad_ours, pad_theirs
         rows = sum(p.rows for p in parts)
+        capacity = self.layers[0]._capacity(length, length + headroom)
         for index, mine in enumerate(self.layers):
             views = [p.layers[index].view() for p in parts]
             k0, v0 = views[0]
-            keys = k0.new_zeros(rows, k0.shape[1], length + headroom, k0.shape[3])
-            values = v0.new_zeros(rows, v0.shape[1], length + headroom, v0.shape[3])
+            keys = k0.new_zeros(rows, k0.shape[1], capacity, k0.shape[3])
+            values = v0.new_zeros(rows, v0.shape[1], capacity, v0.shape[3])
             start = 0
             for part, (k, v) in zip(parts, views):
                 left = pad[id(part)]

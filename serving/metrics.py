@@ -96,6 +96,11 @@ class ServingMetrics(EngineObserver):
                                        "sequences in the running batch now", registry=r)
         self.queue_depth = Gauge("flywheel_engine_queued_requests", "requests waiting for a batch slot",
                                  registry=r)
+        self.cache_bytes = Gauge("flywheel_engine_kv_cache_bytes",
+                                 "bytes the running batches' key/value cache buffers take now", registry=r)
+        self.cache_budget_bytes = Gauge("flywheel_engine_kv_cache_budget_bytes",
+                                        "the key/value cache budget admission keeps the batches within (0 = none)",
+                                        registry=r)
         self.queue_full = Counter("flywheel_queue_full_rejections",
                                   "requests refused with RESOURCE_EXHAUSTED because the engine queue was full",
                                   registry=r)
@@ -159,6 +164,9 @@ class ServingMetrics(EngineObserver):
     def on_queue(self, waiting: int, running: int) -> None:
         self.queue_depth.set(waiting)
         self.running_sequences.set(running)
+
+    def on_cache(self, allocated_bytes: int) -> None:
+        self.cache_bytes.set(allocated_bytes)
 
     def on_admit(self, queued_seconds: float, policy_version: int) -> None:
         self.queue_time.labels(str(policy_version)).observe(max(0.0, queued_seconds))

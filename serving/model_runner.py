@@ -15,6 +15,7 @@ import torch
 from flywheel.models import cache_argument
 from serving.kv_cache import BatchKVCache
 from serving.prefix_cache import PrefixCache
+from serving.scheduler import CacheUse
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Batch:
     def clear(self) -> None:
         self.cache = BatchKVCache(self.num_layers)
         self.rows: list[Any] = []
+        self.extents: list[int] = []  # the most cache columns each row can reach (prompt + max_new_tokens)
         self.pads = torch.zeros(0, dtype=torch.long)
         self.last_tokens = torch.zeros(0, 1, dtype=torch.long)  # each row's newest token, fed next step
 
@@ -95,9 +97,17 @@ class Batch:
         return Prefill(cache, out.logits[:, -1].repeat_interleave(repeats.to(out.logits.device), dim=0),
                        pad.repeat_interleave(repeats), starts)
 
-    def add(self, prefilled: list[Prefill], rows: list[Any], first_tokens: torch.Tensor) -> None:
+    @property
+    def extent(self) -> int:
+        """The widest the batch's cache can get: its widest row's prompt + max_new_tokens."""
+        return max(self.extents, default=0)
+
+    def add(self, prefilled: list[Prefill], rows: list[Any], first_tokens: torch.Tensor, extents: list[int]) -> None:
         """Append the rows of one step's prefills at once (one copy of the cache, however many
-        prompts joined), with the engine's row objects and their first tokens, in the same order."""
+        prompts joined), with the engine's row objects, their first tokens and their cache extents,
+        in the same order."""
+        self.extents.extend(extents)
+        self.cache.column_limit = self.extent
         pad_ours, pad_new = self.cache.append([p.cache for p in prefilled])
         self.pads = torch.cat([self.pads + pad_ours] + [p.pads + extra for p, extra in zip(prefilled, pad_new)])
         self.rows.extend(rows)
@@ -111,6 +121,8 @@ class Batch:
         rows = torch.tensor(keep, dtype=torch.long)
         pads = self.pads[rows]
         drop = int(pads.min())  # columns that are padding in every remaining row
+        self.extents = [self.extents[i] for i in keep]
+        self.cache.column_limit = self.extent
         self.cache.keep_rows(rows, drop_leading=drop)
         self.pads = pads - drop
         self.last_tokens = self.last_tokens[rows]
@@ -146,6 +158,17 @@ class ModelRunner:
 
     def rows(self) -> Iterator[Any]:
         return (row for b in self.batches for row in b.rows)
+
+    def cache_use(self) -> CacheUse:
+        """What the running batches may take of the cache (``serving.scheduler.CacheUse``): new rows
+        join the current batch."""
+        current = self.current
+        return CacheUse(len(current.rows), current.extent, sum(len(b.rows) * b.extent for b in self.batches[:-1]))
+
+    @property
+    def cache_bytes(self) -> int:
+        """The bytes the running batches' cache buffers take now."""
+        return sum(b.cache.allocated_bytes for b in self.batches)
 
     def swap(self, model: torch.nn.Module, version: int) -> int:
         """Make ``version`` current (called at a step boundary). Rows already running stay on their

@@ -12,6 +12,12 @@ whole budget is still admitted (the first of its step) rather than never. A requ
 past its deadline while it waits is finished without a prefill when it reaches the head. The
 requests admitted together are prefilled together (``prefill_groups``), in as few forwards as
 padding allows.
+
+Admission is also bounded by the key/value cache's memory (``max_cache_tokens``, the engine's
+byte budget over one token's keys and values in every layer). A batch is left-padded, so its cache
+is rows x its widest row: every row can reach ``cache_extent`` columns (prompt + max_new_tokens),
+and the batch is budgeted at rows x the widest extent among them. One long prompt thus waits at
+the head, rather than making 63 short rows pad to its length, until the batch it would join fits.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ class Schedulable(Protocol):
 
     @property
     def n(self) -> int: ...
+
+    @property
+    def cache_extent(self) -> int:
+        """The most cache columns one of its rows can take: prompt tokens + max_new_tokens."""
+        ...
 
     def abandoned(self, now: float) -> bool:
         """Cancelled by the caller or past its deadline (``now`` is ``time.monotonic()``)."""
@@ -70,18 +81,38 @@ class Retirement:
 
 
 @dataclass(frozen=True)
+class CacheUse:
+    """What the running batches may take of the key/value cache, in token columns: the batch new
+    rows join (``rows`` x its widest ``extent``) and every other one (a hot-swap's previous version
+    finishing its rows), ``others`` tokens in all."""
+
+    rows: int = 0
+    extent: int = 0
+    others: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.extent + self.others
+
+
+@dataclass(frozen=True)
 class Scheduler:
     max_batch_sequences: int
     max_prefill_tokens_per_step: int
+    max_cache_tokens: int = 0
+    """Token columns (rows x width) the running batches' caches may reach; 0 = no bound."""
 
     def plan_admission(self, waiting: Iterable[R], running: int, now: float,
-                       budget: int | None = None) -> Admission[R]:
+                       budget: int | None = None, cache: CacheUse = CacheUse()) -> Admission[R]:
         """Plan from the head of ``waiting`` given ``running`` rows in the batch.
 
         ``budget`` is what is left of this step's prefill tokens (the whole budget if ``None``).
-        The plan assumes the admitted rows stay. A prefilled sample may finish on its first token
-        and free its slot at once, so the engine plans again with ``budget_left`` until a plan
-        takes nothing; the step then admits what deciding one request at a time would.
+        ``cache`` is what the running rows may take of the cache (``max_cache_tokens``); into an
+        empty cache the head is admitted whatever its size (the server refuses requests larger than
+        the whole budget), so the queue always moves. The plan assumes the admitted rows stay. A
+        prefilled sample may finish on its first token and free its slot at once, so the engine
+        plans again with ``budget_left`` until a plan takes nothing; the step then admits what
+        deciding one request at a time would.
         """
         budget = self.max_prefill_tokens_per_step if budget is None else budget
         free = self.max_batch_sequences - running
@@ -94,8 +125,12 @@ class Scheduler:
                 continue
             if request.n > free:
                 break  # the head waits for slots; nothing behind it overtakes
+            grown = CacheUse(cache.rows + request.n, max(cache.extent, request.cache_extent), cache.others)
+            if self.max_cache_tokens and cache.tokens and grown.tokens > self.max_cache_tokens:
+                break  # the head waits for cache memory, as for slots
             free -= request.n
             budget -= request.prompt_tokens
+            cache = grown
             plan.admit.append(request)
         plan.budget_left = budget
         return plan

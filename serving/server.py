@@ -327,17 +327,20 @@ class InferenceServer:
 
                 loaded = load_model(self.config.model, self.config.data_dir, self.config.dtype)
                 model, tokenizer = loaded.model, loaded.tokenizer
+            # at least max_samples: ServingConfig refuses a smaller batch at load
+            config = EngineConfig(max_batch_sequences=self.config.serving.max_batch_sequences,
+                                  max_queued_requests=self.config.serving.max_queued_requests,
+                                  max_cache_bytes=self.config.serving.max_cache_mib * 2**20)
+            engine = Engine(model, tokenizer, config, observer=self.metrics, on_fatal=self._engine_failed)
+            self.metrics.cache_budget_bytes.set(engine.max_cache_tokens * engine.cache_token_bytes)
             self.limits = RequestLimits(
                 max_samples=self.config.serving.max_samples,
                 max_new_tokens_limit=self.config.serving.max_new_tokens_limit,
                 default_max_new_tokens=self.config.serving.default_max_new_tokens,
                 context_window=int(getattr(model.config, "max_position_embeddings", 2048)),
                 max_prompt_tokens=self.config.serving.max_prompt_tokens,
+                max_cache_tokens=engine.max_cache_tokens,
             )
-            # at least max_samples: ServingConfig refuses a smaller batch at load
-            config = EngineConfig(max_batch_sequences=self.config.serving.max_batch_sequences,
-                                  max_queued_requests=self.config.serving.max_queued_requests)
-            engine = Engine(model, tokenizer, config, observer=self.metrics, on_fatal=self._engine_failed)
             engine.start()
             self.engine = engine
             self.metrics.policy_version.set(engine.policy_version)

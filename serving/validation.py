@@ -31,6 +31,7 @@ class RequestLimits:
     default_max_new_tokens: int = 128
     context_window: int = 2048
     max_prompt_tokens: int = 4096
+    max_cache_tokens: int = 0  # the engine's key/value cache budget in tokens (0 = no bound)
 
     @property
     def max_prompt_chars(self) -> int:
@@ -116,6 +117,14 @@ def validate_request(request: inference_pb2.CompleteRequest, tokenizer, limits: 
             "prompt",
             f"the model's context window is {limits.context_window} tokens; the prompt has {len(ids)} and "
             f"max_new_tokens asks for {max_new_tokens} more ({len(ids) + max_new_tokens} in all)",
+        )
+    if limits.max_cache_tokens and n * (len(ids) + max_new_tokens) > limits.max_cache_tokens:
+        # it could never be admitted: its own rows would pass the engine's whole cache budget
+        raise InvalidRequest(
+            "max_new_tokens",
+            f"n={n} samples of the prompt's {len(ids)} tokens + max_new_tokens {max_new_tokens} need "
+            f"{n * (len(ids) + max_new_tokens)} tokens of key/value cache; this server's budget is "
+            f"{limits.max_cache_tokens} (ask for fewer samples or tokens)",
         )
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
                             seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),

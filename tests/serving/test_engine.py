@@ -182,7 +182,7 @@ def test_prompts_prefilled_together_get_each_prompts_own_logits(loaded):
         alone = torch.cat([model(torch.tensor([i])).logits[:, -1].expand(n, -1) for i, n in zip(ids, (2, 1, 1, 3))])
         assert torch.allclose(prefill.logits, alone, atol=1e-4)
         first = prefill.logits.argmax(-1)
-        batch.add([prefill], list(range(7)), first)
+        batch.add([prefill], list(range(7)), first, [len(i) + 8 for i in [ids[0]] * 2 + ids[1:3] + [ids[3]] * 3])
         following = batch.forward_step()
         expected = torch.cat([model(torch.tensor([i + [t]])).logits[:, -1] for i, t in
                               zip([ids[0]] * 2 + [ids[1], ids[2]] + [ids[3]] * 3, first.tolist())])
@@ -252,3 +252,50 @@ def test_requests_admitted_in_one_step_are_prefilled_together_and_decode_as_alon
         expected = generated(loaded, prompt, 8)
         assert [s.token_ids for s in a.samples] == [expected] * 2, prompt
         assert [s.token_ids for s in b.samples] == [expected] * 2, prompt
+
+
+class CacheLog(EngineObserver):
+    def __init__(self):
+        self.largest = 0  # the most bytes the running batches' cache buffers took at once
+
+    def on_cache(self, allocated_bytes):
+        self.largest = max(self.largest, allocated_bytes)
+
+
+def test_the_cache_stays_within_its_budget_and_a_long_request_waits_its_turn(loaded):
+    """A budget of 400 tokens of keys and values: the long request (2 rows x 200 columns) takes it
+    all, so the short ones behind it wait until it is done instead of padding to its width; the
+    buffers never pass the budget (without it, they passed it by a third), and greedy
+    decoding is still exactly HF's."""
+    from serving.kv_cache import kv_bytes_per_token
+    from serving.validation import InvalidRequest, RequestLimits, validate_request
+    from flywheel.v1 import inference_pb2
+
+    tok, model = loaded.tokenizer, loaded.model
+    per_token = kv_bytes_per_token(model)
+    assert per_token == 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x head dim 16 x float32
+    log = CacheLog()
+    engine = Engine(model, tok, EngineConfig(max_batch_sequences=16, max_cache_bytes=400 * per_token), observer=log)
+    engine.start()
+    try:
+        long_prompt = "A much longer prompt about the sea and the sky and the wind " * 2
+        long_ids = tok(long_prompt).input_ids
+        long = request(tok, long_prompt, n=2, max_new_tokens=200 - len(long_ids), min_new_tokens=200 - len(long_ids),
+                       temperature=0.0)
+        short = [request(tok, p, n=2, max_new_tokens=20, min_new_tokens=20, temperature=0.0) for p in PROMPTS[:2]]
+        for r in [long] + short:
+            engine.submit(r)
+        results = [next(e for e in iter_events(r) if isinstance(e, DoneEvent)).result for r in [long] + short]
+    finally:
+        engine.stop()
+    assert 0 < log.largest <= 400 * per_token
+    # the short ones arrived while the long one ran, and started only once it was done
+    assert all(r.created_at < results[0].finished_at <= r.first_token_at for r in results[1:])
+    for r, (text, tokens) in zip(results, [(long_prompt, 200 - len(long_ids)), (PROMPTS[0], 20), (PROMPTS[1], 20)]):
+        assert all(s.token_ids == generated(loaded, text, tokens) for s in r.samples)
+    # a request whose own rows could never fit the budget is refused up front, naming the field
+    limits = RequestLimits(context_window=512, max_cache_tokens=engine.max_cache_tokens)
+    with pytest.raises(InvalidRequest) as info:
+        validate_request(inference_pb2.CompleteRequest(prompt="hi", n=4, max_new_tokens=120), tok, limits)
+    assert info.value.field == "max_new_tokens" and "400" in str(info.value)
+    assert validate_request(inference_pb2.CompleteRequest(prompt="hi", n=2, max_new_tokens=120), tok, limits)

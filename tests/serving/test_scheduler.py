@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import serving.scheduler
-from serving.scheduler import Scheduler
+from serving.scheduler import CacheUse, Scheduler
 
 NOW = 100.0
 
@@ -23,6 +23,11 @@ class Waiting:
     n: int = 1
     cancelled: bool = False
     deadline: float | None = None
+    max_new_tokens: int = 10
+
+    @property
+    def cache_extent(self) -> int:
+        return self.prompt_tokens + self.max_new_tokens
 
     def abandoned(self, now: float) -> bool:
         return self.cancelled or (self.deadline is not None and now >= self.deadline)
@@ -159,3 +164,31 @@ def test_one_steps_admissions_are_prefilled_together_within_the_padded_budget():
     assert [names(g) for g in scheduler.prefill_groups(admitted)] == [["a", "c", "b"], ["long"], ["huge"]]
     assert [names(g) for g in scheduler.prefill_groups([Waiting(str(i), 5) for i in range(4)])] == [["0", "1", "2", "3"]]
     assert scheduler.prefill_groups([]) == []
+
+
+def test_a_batch_is_budgeted_at_its_rows_times_its_widest_row():
+    """Left padding makes every row as wide as the widest: two short rows fit a budget of 200
+    tokens alone, but not beside one long row (3 rows x 100 columns)."""
+    scheduler = Scheduler(max_batch_sequences=64, max_prefill_tokens_per_step=10_000, max_cache_tokens=200)
+    short = [Waiting("a", 10, max_new_tokens=30), Waiting("b", 10, max_new_tokens=30)]
+    assert names(scheduler.plan_admission(short, 0, NOW).admit) == ["a", "b"]  # 2 x 40
+    long = Waiting("long", 60, max_new_tokens=40)  # 100 columns
+    plan = scheduler.plan_admission([long] + short, 0, NOW)
+    assert names(plan.admit) == ["long", "a"]  # 2 x 100 fits; a third row of 100 would not
+    # the rows already running count at the widest of theirs and the newcomer's
+    assert scheduler.plan_admission([Waiting("c", 10, max_new_tokens=30)], 2, NOW,
+                                    cache=CacheUse(rows=2, extent=100)).taken == 0
+    assert names(scheduler.plan_admission([Waiting("c", 10, max_new_tokens=30)], 1, NOW,
+                                          cache=CacheUse(rows=1, extent=100)).admit) == ["c"]
+
+
+def test_the_head_waits_for_cache_memory_and_nothing_overtakes_it():
+    scheduler = Scheduler(max_batch_sequences=64, max_prefill_tokens_per_step=10_000, max_cache_tokens=1000)
+    waiting = [Waiting("big", 400, n=2, max_new_tokens=100), Waiting("small", 5, max_new_tokens=5)]
+    busy = CacheUse(rows=4, extent=100, others=200)  # 600 taken: 600 + 6 x 500 would pass 1000
+    assert scheduler.plan_admission(waiting, 4, NOW, cache=busy).taken == 0
+    assert names(scheduler.plan_admission(waiting, 0, NOW, cache=CacheUse()).admit) == ["big"]
+    # a request larger than the whole budget still goes into an empty cache: the queue always moves
+    huge = Waiting("huge", 2000, max_new_tokens=100)
+    assert names(scheduler.plan_admission([huge, Waiting("next")], 0, NOW).admit) == ["huge"]
+    assert Scheduler(64, 10_000).plan_admission([huge] * 3, 0, NOW).taken == 3  # 0: no bound
