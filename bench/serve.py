@@ -16,8 +16,12 @@ slots). The bench also measures this machine's matmul peak in the served dtype a
 compute roofline of the model (2 FLOP per parameter per token) and the share of it the batch reaches.
 How to build ``llama-server``: README, "Serving speed".
 
+With ``--quantize int8`` (or ``int4``) the server decodes small batches from quantized weights
+(``serving.quantize``): the single stream is measured on it and, in the same run, on a server
+without quantization; the 16-client case runs on the quantized server.
+
     python bench/serve.py [--clients 16] [--n 4] [--tokens 64] [--repeats 3] [--dtype auto]
-                          [--llama-server PATH] [--skip-batch]
+                          [--llama-server PATH] [--skip-batch] [--quantize none|int8|int4]
 """
 
 from __future__ import annotations
@@ -284,7 +288,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(ROOT / ".flywheel"))
     parser.add_argument("--llama-server", default="", help="a llama-server binary: compare on the embedded GGUF")
     parser.add_argument("--skip-batch", action="store_true", help="only the single-stream case")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                        help="the server's FLYWHEEL_QUANTIZE (the single stream is also measured without)")
     args = parser.parse_args()
+    quantize_env = {"FLYWHEEL_QUANTIZE": args.quantize}
     texts = prompts(args.clients)
     dtype = resolve_dtype(args.dtype)
     print(f"model {args.model or 'SmolLM2-135M-Instruct'}  dtype {dtype}  threads {torch.get_num_threads()}  "
@@ -295,7 +302,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:  # its own embedded Redis, so the bench leaves no data behind
         models = Path(scratch) / "models"
         models.symlink_to(Path(args.data_dir).resolve() / "models")
-        process, port = start_server(scratch, args.dtype, args.model, store_groups=True)
+        unquantized = None
+        if args.quantize != "none":  # the same single stream without quantization, in this run
+            process, port = start_server(scratch, args.dtype, args.model, store_groups=True)
+            try:
+                run_clients(port, texts[:2], args.n, 8, stream=False)
+                unquantized = [single_stream(port, texts[0], args.tokens) for _ in range(args.repeats)]
+            finally:
+                process.terminate()
+                process.wait(30)
+        process, port = start_server(scratch, args.dtype, args.model, store_groups=True, extra_env=quantize_env)
         try:
             run_clients(port, texts[:2], args.n, 8, stream=False)  # warm-up
             single = [single_stream(port, texts[0], args.tokens) for _ in range(args.repeats)]
@@ -306,7 +322,7 @@ def main() -> None:
             process.terminate()
             process.wait(30)
         if not args.skip_batch:
-            process, port = start_server(scratch, args.dtype, args.model, store_groups=False)
+            process, port = start_server(scratch, args.dtype, args.model, store_groups=False, extra_env=quantize_env)
             try:
                 run_clients(port, texts[:2], args.n, 8, stream=False)
                 unstored = [run_clients(port, texts, args.n, args.tokens, stream=False) for _ in range(args.repeats)]
@@ -340,11 +356,17 @@ def main() -> None:
 
     print(f"single stream (n=1, {args.tokens} tokens): server decode {med(single, 'decode_tok_s'):6.1f} tok/s  "
           f"TTFT {1000 * med(single, 'ttft'):.0f} ms")
+    if unquantized:
+        print(f"  server without quantization (quantize none) decode {med(unquantized, 'decode_tok_s'):6.1f} tok/s  "
+              f"TTFT {1000 * med(unquantized, 'ttft'):.0f} ms")
     print(f"  baseline HF generate                      decode {med(hf_single, 'decode_tok_s'):6.1f} tok/s  "
           f"TTFT {1000 * med(hf_single, 'ttft'):.0f} ms")
     if llama:
         print(f"  llama-server (same GGUF)                  decode {med(llama['single'], 'decode_tok_s'):6.1f} "
               f"tok/s  TTFT {1000 * med(llama['single'], 'ttft'):.0f} ms")
+    if unquantized:
+        print(f"single stream, quantize {args.quantize} / none decode: "
+              f"{med(single, 'decode_tok_s') / med(unquantized, 'decode_tok_s'):.2f}x")
     if args.skip_batch:
         if llama:
             print(f"single stream, server / llama-server decode: "

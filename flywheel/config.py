@@ -36,6 +36,7 @@ RewardModelPooling = Literal["last", "last+mean"]
 RewardLength = Literal["neutral", "learned"]  # training.policy_reward: whether PPO is paid for length
 RewardModelAutocast = Literal["auto", "bfloat16", "bf16", "float16", "float32", "fp32"]
 AuthMode = Literal["on", "off"]
+Quantize = Literal["none", "int8", "int4"]  # serving.quantize
 JudgeCombineOrders = Literal["log_odds", "probability"]
 JudgeApi = Literal["chat", "completions"]
 Finetune = Literal["lora", "full"]
@@ -100,6 +101,9 @@ class ServingConfig(ConfigSection):
     policy_poll_seconds: float = setting(
         5.0, "how often a server re-checks the policy pointer besides pub/sub", above=0)
     max_prompt_tokens: int = setting(4096, "longest prompt (in tokens) a request may send", minimum=1)
+    quantize: Quantize = setting(
+        "none", "weights the engine decodes small batches (up to 4 rows) from: none, int8 (per output channel) or "
+                "int4 (groups of 64); prefills and larger batches keep the model's own weights (CPU only)")
     max_cache_mib: int = setting(
         2048, "memory the running batches' key/value caches may take (MiB; a left-padded batch takes rows x its "
               "widest prompt + max_new_tokens): a request waits for it as for a batch slot; 0 = no bound", minimum=0)

@@ -50,6 +50,7 @@ from serving.logprobs import scored_tokens
 from serving.metrics import RequestMetricsInterceptor, ServingMetrics
 from serving.policy_follower import FollowerState, PolicyFollower
 from serving.policy_loader import LoadedPolicy, PolicyLoader
+from serving.quantize import quantized
 from serving.rate_limit import RateLimiter
 from serving.validation import InvalidRequest, RequestLimits, ValidatedRequest, validate_request
 
@@ -331,7 +332,8 @@ class InferenceServer:
             config = EngineConfig(max_batch_sequences=self.config.serving.max_batch_sequences,
                                   max_queued_requests=self.config.serving.max_queued_requests,
                                   max_cache_bytes=self.config.serving.max_cache_mib * 2**20)
-            engine = Engine(model, tokenizer, config, observer=self.metrics, on_fatal=self._engine_failed)
+            engine = Engine(quantized(model, self.config.serving.quantize), tokenizer, config, observer=self.metrics,
+                            on_fatal=self._engine_failed)
             self.metrics.cache_budget_bytes.set(engine.max_cache_tokens * engine.cache_token_bytes)
             self.limits = RequestLimits(
                 max_samples=self.config.serving.max_samples,
@@ -383,7 +385,7 @@ class InferenceServer:
     def swap_to(self, loaded: LoadedPolicy) -> None:
         """Hand a loaded version to the engine and wait for the step boundary where it takes over."""
         started = time.perf_counter()
-        self.engine.swap(loaded.model, loaded.version).wait(60)
+        self.engine.swap(quantized(loaded.model, self.config.serving.quantize), loaded.version).wait(60)
         self.metrics.policy_swaps.inc()
         self.metrics.policy_swap_duration.observe(loaded.seconds + time.perf_counter() - started)
         self.metrics.policy_version.set(loaded.version)

@@ -1,0 +1,116 @@
+"""Weight-only quantized decoding for small batches (``FLYWHEEL_QUANTIZE``).
+
+One decoding stream is memory-bound: each token reads every weight once, so its speed is the bytes
+of the weights over the memory bandwidth, and llama.cpp's lead at one stream is its 4-bit weights
+(Q4_1 reads about a quarter of bf16's bytes). Here every linear layer of the served model
+(attention, MLP, the LM head) also gets its weight as int8 per output channel (``int8``) or as int4
+in groups of ``INT4_GROUP`` input columns with a scale and a zero point each (``int4``: the layout of
+torch's CPU kernel ``_weight_int4pack_mm_for_cpu``, as torchao's ``int4_weight_only``); activations
+stay in the model's dtype and torch's fused kernels dequantize as they multiply.
+
+The quantized kernels win only while a forward has few rows: at one row they read a half or a
+quarter of the bytes, but from ~16 rows on the matmul is compute-bound and bf16's kernel is faster
+(``bench/serve.py --quantize`` measures the single stream both ways). So a layer keeps its full-precision weight as well and picks
+by the rows of each call: decode steps of up to ``max_rows`` rows use the quantized weight,
+prefills and bigger batches the original one. The embedding is left as it is (a lookup reads one
+row). The served model is a copy of the module tree that shares the original weights, so the base
+model the policy loader merges LoRA versions into is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+QUANTIZE_SCHEMES = ("none", "int8", "int4")
+INT4_GROUP = 64
+DEFAULT_MAX_ROWS = 4
+
+
+def int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 [out, in], scales [out]): w ≈ code · scale, scale = the row's absmax / 127."""
+    weight = weight.detach().float()
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-8)
+    return torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def int4_weight(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int32 [out, in] in 0..15, scales and minima [out, in / group, 2]): w ≈ code · s + m for
+    the group's scale s and minimum m (asymmetric, 16 levels)."""
+    out_features, in_features = weight.shape
+    if in_features % group:
+        raise ValueError(f"int4 needs input features divisible by {group}; got {in_features}")
+    grouped = weight.detach().float().reshape(out_features, in_features // group, group)
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    scales = ((high - low) / 15).clamp(min=1e-8)
+    codes = torch.round((grouped - low) / scales).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+    return codes, torch.cat([scales, low], dim=-1)
+
+
+class QuantizedLinear(torch.nn.Module):
+    """A linear layer with a quantized copy of its weight, used for calls of at most ``max_rows``
+    rows; the original ``linear`` (shared, not copied) serves the others."""
+
+    def __init__(self, linear: torch.nn.Linear, scheme: str, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+        super().__init__()
+        self.linear = linear
+        self.scheme = scheme
+        self.max_rows = max_rows
+        dtype = linear.weight.dtype
+        if scheme == "int8":
+            codes, scales = int8_weight(linear.weight)
+            self.register_buffer("codes", codes, persistent=False)
+            self.register_buffer("scales", scales.to(dtype), persistent=False)
+        elif scheme == "int4":
+            codes, scales_and_minima = int4_weight(linear.weight)
+            self.register_buffer("codes", torch._convert_weight_to_int4pack_for_cpu(codes, 1), persistent=False)
+            # the kernel computes (q - 8) · scale + zero, so its zero is the minimum + 8 scales
+            scales, low = scales_and_minima.unbind(-1)
+            zeros = torch.stack([scales, low + 8 * scales], dim=-1)
+            self.register_buffer("scales", zeros.transpose(0, 1).contiguous().to(dtype), persistent=False)
+        else:
+            raise ValueError(f"quantize must be int8 or int4 here; got {scheme!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > self.max_rows:
+            return self.linear(x)
+        flat = x.reshape(rows, x.shape[-1]).to(self.scales.dtype)
+        if self.scheme == "int8":
+            y = torch._weight_int8pack_mm(flat, self.codes, self.scales)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.codes, INT4_GROUP, self.scales)
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if self.linear.bias is None else y + self.linear.bias
+
+
+def _with_quantized_linears(module: torch.nn.Module, scheme: str, max_rows: int) -> torch.nn.Module:
+    """A shallow copy of ``module`` whose submodule tree is copied too (parameters shared) and whose
+    linear layers are wrapped; the original tree is left as it was."""
+    if isinstance(module, torch.nn.Linear):
+        return QuantizedLinear(module, scheme, max_rows)
+    clone = copy.copy(module)
+    clone._modules = {name: None if child is None else _with_quantized_linears(child, scheme, max_rows)
+                      for name, child in module._modules.items()}
+    return clone
+
+
+def quantized(model: torch.nn.Module, scheme: str, max_rows: int = DEFAULT_MAX_ROWS) -> torch.nn.Module:
+    """The model to serve: ``model`` itself for "none", else a copy sharing its weights whose linear
+    layers decode small batches from ``scheme`` weights."""
+    if scheme not in QUANTIZE_SCHEMES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_SCHEMES)}; got {scheme!r}")
+    if scheme == "none":
+        return model
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(f"quantize={scheme} uses torch's CPU kernels; the model is on {device}")
+    served = _with_quantized_linears(model, scheme, max_rows)
+    # hooks registered on the served copy must not land on the original
+    for module in served.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+            if name in module.__dict__:
+                setattr(module, name, type(module.__dict__[name])(module.__dict__[name]))
+    return served
