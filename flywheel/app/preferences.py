@@ -62,6 +62,12 @@ def impersonal(text: str) -> float:
     return 1 - sum(w in FIRST_PERSON for w in found) / len(found) if found else EMPTY
 
 
+def plain_words(text: str) -> float:
+    """Share of words that are short (at most 7 letters): plain words over long Latinate ones."""
+    found = words(text)
+    return sum(len(w) <= 7 for w in found) / len(found) if found else EMPTY
+
+
 @dataclass(frozen=True)
 class Preference:
     name: str
@@ -94,6 +100,7 @@ PREFERENCES = {p.name: p for p in (
                no_hedging),
     Preference("simple-sentences", "simple sentences: the fewest commas per word is best", simple_sentences),
     Preference("impersonal", "impersonal: the smaller share of 'I'/'my'/'we' words is best", impersonal),
+    Preference("plain-words", "plain words: the larger share of words of at most 7 letters is best", plain_words),
     Preference("random", "control: a random order, no preference at all", None),
 )}
 

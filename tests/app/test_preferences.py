@@ -16,6 +16,7 @@ def test_each_preference_puts_an_empty_answer_last_and_ranks_by_its_feature():
         "no-hedging": ("Water boils at 100 degrees Celsius.", "However, water may often boil at 100 degrees."),
         "simple-sentences": ("Snow is white. It reflects light.", "Snow, which reflects light, is, in fact, white."),
         "impersonal": ("The answer is four.", "I think my answer is four."),
+        "plain-words": ("Cats like to sleep in the sun.", "Felines frequently appreciate sunlight."),
     }
     for name, (better, worse) in cases.items():
         preference = PREFERENCES[name]
