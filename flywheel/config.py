@@ -102,8 +102,9 @@ class ServingConfig(ConfigSection):
         5.0, "how often a server re-checks the policy pointer besides pub/sub", above=0)
     max_prompt_tokens: int = setting(4096, "longest prompt (in tokens) a request may send", minimum=1)
     quantize: Quantize = setting(
-        "none", "weights the engine decodes small batches (up to 4 rows) from: none, int8 (per output channel) or "
-                "int4 (groups of 64); prefills and larger batches keep the model's own weights (CPU only)")
+        "none", "weights the engine decodes small batches (up to 8 rows) from: none, int8 (per output channel) or "
+                "int4 (groups of 32, as llama.cpp's Q4_1); prefills and larger batches keep the model's own weights "
+                "(CPU only)")
     max_cache_mib: int = setting(
         2048, "memory the running batches' key/value caches may take (MiB; a left-padded batch takes rows x its "
               "widest prompt + max_new_tokens): a request waits for it as for a batch slot; 0 = no bound", minimum=0)

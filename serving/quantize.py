@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 QUANTIZE_SCHEMES = ("none", "int8", "int4")
-INT4_GROUP = 64
-DEFAULT_MAX_ROWS = 4
+INT4_GROUP = 32
+DEFAULT_MAX_ROWS = 8
 
 
 def int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
