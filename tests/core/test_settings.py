@@ -77,7 +77,9 @@ SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_POOLING": "
                   "FLYWHEEL_GRPC_OPEN_RPCS": "256",
                   # issue 12 items 7-9: the embedded Redis durable, bounded, groups kept under a share
                   "FLYWHEEL_REDIS_MAX_MEMORY_MB": "2048", "FLYWHEEL_REDIS_APPENDFSYNC": "always",
-                  "FLYWHEEL_GROUP_MAX_MEMORY_FRACTION": "0.9"}
+                  "FLYWHEEL_GROUP_MAX_MEMORY_FRACTION": "0.9",
+                  # issue 13: admission by key/value cache memory, quantized decoding of small batches
+                  "FLYWHEEL_MAX_CACHE_MIB": "2048", "FLYWHEEL_QUANTIZE": "none"}
 
 # The flags each command had when every command kept its own list of setting names; a command may
 # offer more now (all of its sections'), never fewer.
@@ -172,7 +174,7 @@ def test_a_command_gets_the_flags_of_the_sections_it_declares():
     assert set(config_flags(parser)) == ({"metrics_port", "max_batch_sequences", "max_queued_requests",
                                           "max_new_tokens_limit", "default_max_new_tokens", "max_samples",
                                           "grpc_workers", "grpc_open_rpcs", "policy_poll_seconds",
-                                          "max_prompt_tokens",
+                                          "max_prompt_tokens", "quantize", "max_cache_mib",
                                           "grpc_max_receive_message_bytes", "grpc_max_send_message_bytes",
                                           "http_port", "http_workers", "tls_ca", "tls_client_cert", "tls_client_key"})
 
