@@ -51,6 +51,7 @@ from flywheel.models import load_model, resolve_dtype  # noqa: E402
 from flywheel.redis_server import free_port  # noqa: E402
 from flywheel.v1 import inference_pb2 as pb  # noqa: E402
 from flywheel.v1 import inference_pb2_grpc as rpc  # noqa: E402
+from serving.quantize import QUANTIZE_SCHEMES  # noqa: E402
 
 TOPICS = ["the sea", "a lighthouse", "autumn", "a red fox", "the moon", "a library", "rain in a city", "a violin",
           "mountains", "a train at night", "bread", "the desert", "a garden", "snow", "an old clock", "the river"]
@@ -288,7 +289,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(ROOT / ".flywheel"))
     parser.add_argument("--llama-server", default="", help="a llama-server binary: compare on the embedded GGUF")
     parser.add_argument("--skip-batch", action="store_true", help="only the single-stream case")
-    parser.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_SCHEMES,
                         help="the server's FLYWHEEL_QUANTIZE (the single stream is also measured without)")
     args = parser.parse_args()
     quantize_env = {"FLYWHEEL_QUANTIZE": args.quantize}

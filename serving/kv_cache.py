@@ -130,9 +130,13 @@ class BatchKVCache(Cache):
 
     @property
     def allocated_bytes(self) -> int:
-        """The bytes of every layer's key and value buffers, headroom included."""
-        return sum(t.numel() * t.element_size() for layer in self.layers if layer.keys is not None
-                   for t in (layer.keys, layer.values))
+        """The bytes of every layer's key and value buffers, headroom included (every layer's are
+        alike: the engine reads this each step)."""
+        first = self.layers[0]
+        if first.keys is None:
+            return 0
+        per_layer = first.keys.numel() * first.keys.element_size() + first.values.numel() * first.values.element_size()
+        return per_layer * len(self.layers)
 
     def load_prefixes(self, prefixes: list[list[tuple[torch.Tensor, torch.Tensor]] | None], length: int,
                       headroom: int) -> None:

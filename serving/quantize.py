@@ -10,8 +10,8 @@ stay in the model's dtype and torch's fused kernels dequantize as they multiply.
 
 The quantized kernels win only while a forward has few rows: at one row they read a half or a
 quarter of the bytes, but from ~16 rows on the matmul is compute-bound and bf16's kernel is faster
-(``bench/serve.py --quantize`` measures the single stream both ways). So a layer keeps its full-precision weight as well and picks
-by the rows of each call: decode steps of up to ``max_rows`` rows use the quantized weight,
+(``bench/serve.py --quantize`` measures the single stream both ways). So a layer keeps its
+full-precision weight as well and picks by the rows of each call: decode steps of up to ``max_rows`` rows use the quantized weight,
 prefills and bigger batches the original one. The embedding is left as it is (a lookup reads one
 row). The served model is a copy of the module tree that shares the original weights, so the base
 model the policy loader merges LoRA versions into is never changed.
@@ -20,11 +20,13 @@ model the policy loader merges LoRA versions into is never changed.
 from __future__ import annotations
 
 import copy
+from typing import get_args
 
 import torch
-import torch.nn.functional as F
 
-QUANTIZE_SCHEMES = ("none", "int8", "int4")
+from flywheel.config import Quantize
+
+QUANTIZE_SCHEMES: tuple[str, ...] = get_args(Quantize)
 INT4_GROUP = 32
 DEFAULT_MAX_ROWS = 8
 
@@ -88,10 +90,14 @@ class QuantizedLinear(torch.nn.Module):
 
 def _with_quantized_linears(module: torch.nn.Module, scheme: str, max_rows: int) -> torch.nn.Module:
     """A shallow copy of ``module`` whose submodule tree is copied too (parameters shared) and whose
-    linear layers are wrapped; the original tree is left as it was."""
+    linear layers are wrapped; the original tree is left as it was (hooks registered on the copy
+    too: a shallow copy would share the hook dicts)."""
     if isinstance(module, torch.nn.Linear):
         return QuantizedLinear(module, scheme, max_rows)
     clone = copy.copy(module)
+    for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+        if name in module.__dict__:
+            setattr(clone, name, type(module.__dict__[name])(module.__dict__[name]))
     clone._modules = {name: None if child is None else _with_quantized_linears(child, scheme, max_rows)
                       for name, child in module._modules.items()}
     return clone
@@ -107,10 +113,4 @@ def quantized(model: torch.nn.Module, scheme: str, max_rows: int = DEFAULT_MAX_R
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise ValueError(f"quantize={scheme} uses torch's CPU kernels; the model is on {device}")
-    served = _with_quantized_linears(model, scheme, max_rows)
-    # hooks registered on the served copy must not land on the original
-    for module in served.modules():
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
-            if name in module.__dict__:
-                setattr(module, name, type(module.__dict__[name])(module.__dict__[name]))
-    return served
+    return _with_quantized_linears(model, scheme, max_rows)
