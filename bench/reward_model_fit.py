@@ -17,9 +17,11 @@ config section without its prefix (``trainable_layers``, ``learning_rate``, ``ep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import logging
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -60,10 +62,25 @@ def best_possible(rankings: list[Ranking], preference) -> float:
     return right / total if total else float("nan")
 
 
+def reranked(rankings: list[Ranking], preference) -> list[Ranking]:
+    """The same groups ranked by ``preference`` as a simulated user would (ties at random, seeded)."""
+    rng = random.Random(0)
+    out = []
+    for ranking in rankings:
+        order = preference.rank(ranking.completions, rng)
+        out.append(dataclasses.replace(ranking, completions=[ranking.completions[i] for i in order],
+                                       completion_ids=[ranking.completion_ids[i] for i in order]
+                                       if ranking.completion_ids else []))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--preference", choices=sorted(PREFERENCES))
+    parser.add_argument("--rerank", choices=sorted(PREFERENCES),
+                        help="rank the stored groups' completions anew by this preference (ties at random, seeded) "
+                             "instead of the users' own rankings: one data dir tries every preference")
     parser.add_argument("settings", nargs="*", default=["demo"],
                         help="one word per setting tried: name=value[,name=value ...], or demo")
     args = parser.parse_intermixed_args()
@@ -74,6 +91,9 @@ def main() -> None:
     base_env[ENV_PREFIX + "DATA_DIR"] = str(args.data_dir)
     config = FlywheelConfig.load(environ=base_env | {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)})
     rankings = replay_store(config).load()
+    if args.rerank:
+        rankings = reranked(rankings, PREFERENCES[args.rerank])
+        args.preference = args.rerank
     fraction = config.reward_model.heldout_fraction
     held_out = [r for r in rankings if is_held_out(r.group_id, fraction)]
     train = [r for r in rankings if not is_held_out(r.group_id, fraction)]
@@ -95,11 +115,13 @@ def main() -> None:
             model = RewardModel.from_backbone(model_config)
             trainer = RewardModelTrainer(model, AutoTokenizer.from_pretrained(model_config.backbone), training)
             started = time.monotonic()
-            trainer.train(halves[member])
+            stats = trainer.train(halves[member])
             seconds = time.monotonic() - started
             others = held_out + [r for m, h in halves.items() if m != member for r in h]
             interval = trainer.evaluate(others).accuracy_interval()
-            figures.append(f"{member} {interval.mean:.3f} ({interval.low:.3f}-{interval.high:.3f}) {seconds:.0f} s")
+            probe = (f" [probe: {stats.probe.features}, L2 {stats.probe.l2:.2g}, cv {stats.probe.cv_accuracy:.3f}]"
+                     if stats.probe else "")
+            figures.append(f"{member} {interval.mean:.3f} ({interval.low:.3f}-{interval.high:.3f}) {seconds:.0f} s{probe}")
         label = " ".join(f"{k}={v}" for k, v in overrides.items()) or "the demo's"
         rows.append((label, figures))
         print(f"{label:40s} " + " | ".join(figures), flush=True)

@@ -32,7 +32,7 @@ ENV_PREFIX = "FLYWHEEL_"
 Dtype = Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"]
 # compute dtypes of the policy (training.policy_model) and of the reward model (training.reward_model)
 PolicyAutocast = Literal["auto", "bfloat16", "bf16", "float32", "fp32"]
-RewardModelPooling = Literal["last", "last+mean"]
+RewardModelPooling = Literal["last", "last+mean", "last+layer-means"]
 RewardLength = Literal["neutral", "learned"]  # training.policy_reward: whether PPO is paid for length
 RewardModelAutocast = Literal["auto", "bfloat16", "bf16", "float16", "float32", "fp32"]
 AuthMode = Literal["on", "off"]
@@ -327,11 +327,15 @@ class RewardModelRunConfig(ConfigSection):
     learning_rate: float = setting(1e-5, "reward-model AdamW learning rate", above=0)
     batch_rankings: int = setting(8, "rankings per reward-model optimizer step", minimum=1)
     epochs: int = setting(1, "passes over a run's rankings", minimum=0)
+    linear_probe: bool = setting(
+        True, "fit the reward head first by L2 logistic regression on the frozen features, its strength chosen by "
+              "cross-validation, then fine-tune for reward_model_epochs from there")
     max_length: int = setting(512, "longest prompt + completion in tokens", minimum=1)
     trainable_layers: int = setting(
         4, "top decoder layers trained with the head; -1 = all parameters", minimum=-1)
     pooling: RewardModelPooling = setting(
-        "last+mean", "what the reward head reads: last (the last token) or last+mean (and the mean over the completion)")
+        "last+layer-means", "what the reward head reads: last (the last token), last+mean (and the last layer's mean "
+                            "over the completion) or last+layer-means (and the completion's means at 7 depths)")
     autocast: RewardModelAutocast = setting(
         "auto", "reward-model compute dtype: bfloat16, float32 or auto (bf16 where native)")
     lock_seconds: float = setting(

@@ -74,7 +74,7 @@ def reward_training_config(section: RewardModelRunConfig, ai_weight: AIWeight | 
     """How a run trains; an AI ranking weighs ``ai_weight.weight`` (the agreement rule,
     ``training.ai_weight``), or the section's ai_weight where none is given."""
     return RewardTrainingConfig(learning_rate=section.learning_rate, batch_rankings=section.batch_rankings,
-                                epochs=section.epochs,
+                                epochs=section.epochs, linear_probe=section.linear_probe,
                                 ai_weight=section.ai_weight if ai_weight is None else ai_weight.weight)
 
 
@@ -241,7 +241,8 @@ class RewardModelRun(TrainingRun):
         } | {f"{m}_heldout_accuracy": after[m].accuracy for m in REWARD_MODEL_MEMBERS} | decision.figures
         members = {m: {"file": REWARD_MODEL_MEMBER_FILES[m], "calibration": self.calibrations[m].to_dict(),
                        "trained_on": len(self.train_sets[m]), "evaluated_on": len(self.eval_sets[m]),
-                       "heldout": after[m].accuracy_interval().to_dict() | {"judged_on": after[m].judged_on}}
+                       "heldout": after[m].accuracy_interval().to_dict() | {"judged_on": after[m].judged_on},
+                       "probe": self.stats[m].probe.to_dict() if self.stats[m].probe else None}
                    for m in REWARD_MODEL_MEMBERS}
         return {
             "parent": self.parent.version if self.parent else None,

@@ -56,7 +56,7 @@ SETTINGS_BEFORE_SECTIONS = {
     "FLYWHEEL_POLICY_PERPLEXITY_MARGIN": "0.05", "FLYWHEEL_POLICY_LOCK_SECONDS": "60.0",
 }
 # settings added since (name: default)
-SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_POOLING": "last+mean", "FLYWHEEL_HTTP_PORT": "0", "FLYWHEEL_HTTP_WORKERS": "64",
+SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_POOLING": "last+layer-means", "FLYWHEEL_HTTP_PORT": "0", "FLYWHEEL_HTTP_WORKERS": "64",
                   "FLYWHEEL_REWARD_MODEL_MIN_ACCURACY": "0.5", "FLYWHEEL_POLICY_KL_STOP": "6.0", "FLYWHEEL_POLICY_SERVED_GROUPS": "512",
                   "FLYWHEEL_POLICY_SERVED_RANKINGS": "True", "FLYWHEEL_POLICY_SERVED_EPOCHS": "1",
                   "FLYWHEEL_POLICY_GATE_RANKINGS": "256",
@@ -79,7 +79,9 @@ SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_POOLING": "
                   "FLYWHEEL_REDIS_MAX_MEMORY_MB": "2048", "FLYWHEEL_REDIS_APPENDFSYNC": "always",
                   "FLYWHEEL_GROUP_MAX_MEMORY_FRACTION": "0.9",
                   # issue 13: admission by key/value cache memory, quantized decoding of small batches
-                  "FLYWHEEL_MAX_CACHE_MIB": "2048", "FLYWHEEL_QUANTIZE": "none"}
+                  "FLYWHEEL_MAX_CACHE_MIB": "2048", "FLYWHEEL_QUANTIZE": "none",
+                  # issue 11: the reward head fitted by a cross-validated linear probe first
+                  "FLYWHEEL_REWARD_MODEL_LINEAR_PROBE": "True"}
 
 # The flags each command had when every command kept its own list of setting names; a command may
 # offer more now (all of its sections'), never fewer.
