@@ -144,7 +144,7 @@ def fit_pairwise_probe(features: torch.Tensor, pairs: PairIndex, fold_of_ranking
     if basis is not None:
         beta = basis.T @ beta
     weight = beta / scale
-    bias = -float(features.mean(dim=0) @ weight)
+    bias = -float(mean @ weight)
     return ProbeFit(weight=weight.float(), bias=bias, l2=l2, cv_loss=cv_loss, cv_accuracy=cv_accuracy,
                     folds=len(folds), grid=tuple(grid))
 
