@@ -19,9 +19,8 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
-from training.reward_model import PairIndex
+from training.reward_model import PairIndex, pair_log_likelihood
 
 DEFAULT_L2_GRID = tuple(10.0 ** (k / 2) for k in range(-6, 5))  # 1e-3 ... 100
 
@@ -56,9 +55,7 @@ class ProbeFit:
 
 def _objective(differences: torch.Tensor, beta: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
                rankings: int, l2: float) -> torch.Tensor:
-    margin = differences @ beta
-    per_pair = target * F.logsigmoid(margin) + (1.0 - target) * F.logsigmoid(-margin)
-    return -(weight * per_pair).sum() / rankings + 0.5 * l2 * beta.pow(2).sum()
+    return -(weight * pair_log_likelihood(differences @ beta, target)).sum() / rankings + 0.5 * l2 * beta.pow(2).sum()
 
 
 def _solve(differences: torch.Tensor, pairs: PairIndex, mask: torch.Tensor, l2: float,
@@ -96,7 +93,7 @@ def _held_out(differences: torch.Tensor, beta: torch.Tensor, pairs: PairIndex, m
     """(summed per-ranking loss, summed correct pairs, decided pairs) on the masked pairs."""
     margin = differences[mask] @ beta
     target, weight = pairs.target[mask], pairs.weight[mask]
-    per_pair = target * F.logsigmoid(margin) + (1.0 - target) * F.logsigmoid(-margin)
+    per_pair = pair_log_likelihood(margin, target)
     decided = target != 0.5
     right = torch.where(target > 0.5, margin > 0, margin < 0).double() + 0.5 * (margin == 0).double()
     return float(-(weight * per_pair).sum()), float(right[decided].sum()), int(decided.sum())

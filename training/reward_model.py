@@ -355,6 +355,23 @@ class PairIndex:
     def n_pairs(self) -> int:
         return int(self.winner.numel())
 
+    @classmethod
+    def concat(cls, parts: list[tuple[PairIndex, int, int]]) -> PairIndex:
+        """One index over several batches laid end to end: each part is (pairs, its batch's first
+        row in the flat reward vector, its batch's first ranking)."""
+        cat = torch.cat
+        return cls(winner=cat([p.winner + row for p, row, _ in parts]), loser=cat([p.loser + row for p, row, _ in parts]),
+                   target=cat([p.target for p, _, _ in parts]), weight=cat([p.weight for p, _, _ in parts]),
+                   ranking=cat([p.ranking + first for p, _, first in parts]),
+                   n_rankings=sum(p.n_rankings for p, _, _ in parts))
+
+
+def pair_log_likelihood(margin: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log P(the labelled order) of each pair under Bradley-Terry, margin = r_winner − r_loser and
+    target = P(winner ≻ loser): p log σ(margin) + (1−p) log σ(−margin). The one per-pair term of
+    every ranking loss here (the fine-tuning loss and the linear probe's)."""
+    return target * F.logsigmoid(margin) + (1.0 - target) * F.logsigmoid(-margin)
+
 
 def k_way_ranking_loss(rewards: torch.Tensor, pairs: PairIndex) -> torch.Tensor:
     """−1/B · Σ_rankings w/C(K,2) · Σ_pairs [p log σ(r_w − r_l) + (1−p) log σ(r_l − r_w)].
@@ -362,8 +379,7 @@ def k_way_ranking_loss(rewards: torch.Tensor, pairs: PairIndex) -> torch.Tensor:
     With p = 1 (human rankings) and w = 1 this is InstructGPT's −1/C(K,2) Σ log σ(r_w − r_l)
     averaged over the rankings of the batch.
     """
-    diff = rewards[pairs.winner] - rewards[pairs.loser]
-    per_pair = pairs.target * F.logsigmoid(diff) + (1.0 - pairs.target) * F.logsigmoid(-diff)
+    per_pair = pair_log_likelihood(rewards[pairs.winner] - rewards[pairs.loser], pairs.target)
     return -(pairs.weight * per_pair).sum() / max(pairs.n_rankings, 1)
 
 

@@ -213,11 +213,7 @@ class RewardModelTrainer:
             features.append(self.model.features(batch.input_ids, batch.attention_mask, batch.completion_lengths))
             pair_parts.append((batch.pairs, offset, start))
             offset += batch.input_ids.shape[0]
-        cat = lambda name, shift: torch.cat([getattr(p, name) + shift(o, r) for p, o, r in pair_parts])  # noqa: E731
-        pairs = PairIndex(winner=cat("winner", lambda o, r: o), loser=cat("loser", lambda o, r: o),
-                          target=cat("target", lambda o, r: 0), weight=cat("weight", lambda o, r: 0),
-                          ranking=cat("ranking", lambda o, r: r), n_rankings=len(rankings))
-        return torch.cat(features), pairs
+        return torch.cat(features), PairIndex.concat(pair_parts)
 
     def fit_head(self, rankings: list[Ranking]) -> ProbeFit | None:
         """Set the head to the cross-validated linear probe of the current features on ``rankings``
