@@ -101,6 +101,9 @@ class ServingConfig(ConfigSection):
     policy_poll_seconds: float = setting(
         5.0, "how often a server re-checks the policy pointer besides pub/sub", above=0)
     max_prompt_tokens: int = setting(4096, "longest prompt (in tokens) a request may send", minimum=1)
+    prefill_chunk_tokens: int = setting(
+        512, "a longer prompt is prefilled in chunks of about this many tokens, one per engine step, the running "
+             "streams decoding between them (0 = whole prompts, or at least 32)", minimum=0)
     quantize: Quantize = setting(
         "none", "weights the engine decodes small batches (up to 8 rows) from: none, int8 (per output channel) or "
                 "int4 (groups of 32, as llama.cpp's Q4_1); prefills and larger batches keep the model's own weights "
@@ -121,6 +124,9 @@ class ServingConfig(ConfigSection):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if 0 < self.prefill_chunk_tokens < 32:  # serving.engine.PREFILL_CHUNK_MIN: a chunk carries a cache block on
+            raise ValueError(f"prefill_chunk_tokens ({self.describe('prefill_chunk_tokens')}) must be 0 or at least "
+                             f"32, got {self.prefill_chunk_tokens}")
         if self.max_batch_sequences < self.max_samples:
             # the engine decodes a request's n samples in one batch: a batch smaller than the largest
             # n could never admit such a request (the server used to raise the batch silently)

@@ -148,6 +148,13 @@ class EngineConfig:
     prefix_cache_entries: int = 64
     # the running batches' key/value caches stay within this (rows x widest row, see serving.scheduler); 0 = no bound
     max_cache_bytes: int = 0
+    # a longer prompt is prefilled in chunks of about this many tokens, one per step, the running rows
+    # decoding between them, so a long prompt does not stall every stream (0 = whole prompts; needs
+    # the prefix cache, whose entries carry each chunk to the next)
+    prefill_chunk_tokens: int = 512
+
+
+PREFILL_CHUNK_MIN = 32  # two prefix-cache blocks: a chunk must carry at least one block to the next
 
 
 class EngineObserver:
@@ -165,6 +172,8 @@ class EngineObserver:
     def on_finished(self, result: GroupResult) -> None: ...
     def on_group_failed(self, stage: str) -> None: ...
     def on_prefix_hit(self, cached_tokens: int, prompt_tokens: int) -> None: ...
+    # once per chunk of a long prompt's prefill (its last part is an ordinary prefill)
+    def on_prefill_chunk(self, tokens: int, seconds: float) -> None: ...
 
 
 class _Group:
@@ -199,6 +208,17 @@ class _Prefilled:
     tokens: torch.Tensor
     logprobs: torch.Tensor
     seconds: float
+
+
+@dataclass
+class _Chunking:
+    """A long prompt being prefilled a chunk per step: ``done`` of its tokens are in ``batch``'s
+    prefix cache, ``reused`` of them were there before its first chunk (another request's)."""
+
+    request: GenerationRequest
+    batch: Batch
+    done: int = 0
+    reused: int = 0
 
 
 class _Sequence:
@@ -237,8 +257,16 @@ class Engine:
         if self.config.max_cache_bytes and not self.max_cache_tokens:
             raise ValueError(f"max_cache_bytes {self.config.max_cache_bytes} holds no token of this model "
                              f"({self.cache_token_bytes} bytes of keys and values per token)")
+        chunk = self.config.prefill_chunk_tokens
+        if chunk and not self.config.prefix_cache_entries:
+            log.warning("prefill_chunk_tokens %d needs the prefix cache (prefix_cache_entries 0): long prompts are "
+                        "prefilled whole", chunk)
+            chunk = 0
+        if chunk and chunk < PREFILL_CHUNK_MIN:
+            raise ValueError(f"prefill_chunk_tokens must be 0 or at least {PREFILL_CHUNK_MIN}, got {chunk}")
         self.scheduler = Scheduler(self.config.max_batch_sequences, self.config.max_prefill_tokens_per_step,
-                                   self.max_cache_tokens)
+                                   self.max_cache_tokens, chunk)
+        self._chunking: _Chunking | None = None
         self.runner = ModelRunner(model, policy_version, self.config.prefix_cache_entries)
         self.device = self.runner.device
 
@@ -322,7 +350,8 @@ class Engine:
                     with self._wakeup:
                         if not self._running:
                             break
-                        if not runner.running_sequences and not self._waiting and self._pending_swap is None:
+                        if (not runner.running_sequences and not self._waiting and self._pending_swap is None
+                                and self._chunking is None):
                             self._wakeup.wait(self.config.idle_wait_seconds)
                             continue
                     self._apply_swap()
@@ -385,6 +414,9 @@ class Engine:
             pending, self._pending_swap = self._pending_swap, None
         groups = {id(s.group): s.group for s in self.runner.rows()}
         in_hand, self._in_hand = self._in_hand, []
+        if self._chunking is not None:
+            in_hand.append(self._chunking.request)
+            self._chunking = None
         for request in in_hand + waiting + [g.request for g in groups.values()]:
             request.events.put(ErrorEvent(error))
         self.runner.clear()
@@ -395,6 +427,9 @@ class Engine:
         """Carry out the scheduler's admissions (in arrival order) until a plan takes nothing: a
         prefill may free slots at once (a sample done on its first token), and requests may arrive
         meanwhile, so each plan starts from the live queue, running rows and budget left."""
+        if self._chunking is not None:  # a long prompt's chunks take the step until its last one
+            self._prefill_next_chunk()
+            return
         budget: int | None = None  # the step's whole budget
         now = time.monotonic()
         while True:
@@ -411,10 +446,54 @@ class Engine:
                 self._finish_unstarted(request)
             # out of the queue, not yet in a batch: if the loop dies now, these must hear of it too
             self._in_hand = list(plan.admit)
+            if plan.admit and self.scheduler.chunked(plan.admit[-1]):  # the plan's only one (Scheduler)
+                self._chunking = _Chunking(plan.admit[-1], self.runner.current)
+                self._in_hand = []
+                self.observer.on_admit(time.time() - self._chunking.request.created_at, self.runner.current.version)
+                self._prefill_next_chunk()
+                return
             if plan.admit:
                 self._prefill(plan.admit)
             self._in_hand = []
             budget = plan.budget_left
+
+    def _prefill_next_chunk(self) -> None:
+        """One more chunk of the long prompt being prefilled, or its last part as an ordinary
+        prefill (which joins the batch). Chunks end one token past a prefix-cache block, so each
+        chunk's blocks are what the next one finds; after a hot-swap it starts again on the new
+        version's batch (its prefix cache is that model's)."""
+        chunking = self._chunking
+        request, batch = chunking.request, self.runner.current
+        if request.abandoned(time.monotonic()):
+            self._chunking = None
+            self._finish_unstarted(request)
+            return
+        if chunking.batch is not batch:
+            chunking.batch, chunking.done, chunking.reused = batch, 0, 0
+        tokens = request.prompt_token_ids
+        chunk, block = self.scheduler.prefill_chunk_tokens, batch.prefixes.block_tokens
+        # from what the cache holds (a shared system turn, the same long prompt sent before), else from the last chunk
+        start = max(chunking.done, batch.prefixes.cached_tokens(tokens))
+        end = (start + chunk) // block * block + 1
+        if end >= len(tokens):  # the rest fits in one chunk: the prompt's own prefill
+            self._chunking = None
+            self._in_hand = [request]
+            self._prefill([request], reused={request.request_id: chunking.reused})
+            self._in_hand = []
+            return
+        started = time.perf_counter()
+        try:
+            self._inject("prefill", [request])
+            found = batch.prefill_chunk(tokens[:end])
+        except Exception as exc:  # only this request's: nothing of it is in the batch yet
+            self._chunking = None
+            self._group_failed("prefill", exc, [request])
+            return
+        if chunking.done == 0:
+            chunking.reused = found
+        chunking.done = end - 1
+        self._consecutive_failures = 0
+        self.observer.on_prefill_chunk(end - found, time.perf_counter() - started)
 
     def _finish_unstarted(self, request: GenerationRequest) -> None:
         group = _Group(request, self.policy_version, self.eos_ids, self.tokenizer)
@@ -422,12 +501,14 @@ class Engine:
             sample.finish_reason = FINISH_CANCELLED
         self._deliver(group)
 
-    def _prefill(self, requests: list[GenerationRequest]) -> None:
+    def _prefill(self, requests: list[GenerationRequest], reused: dict[str, int] | None = None) -> None:
         """Prefill the requests admitted together (one forward per group the scheduler makes) and
-        append all their rows to the batch with one cache copy."""
+        append all their rows to the batch with one cache copy. ``reused`` (by request id) is the
+        prefix-cache hit to report for a prompt whose earlier chunks made the rest of its hit."""
         batch = self.runner.current
         for request in requests:
-            self.observer.on_admit(time.time() - request.created_at, batch.version)
+            if reused is None or request.request_id not in reused:  # a chunked one was observed at its admission
+                self.observer.on_admit(time.time() - request.created_at, batch.version)
         self._inject("fatal", requests)  # outside the groups' handling: a failure of the loop itself
         done: list[_Prefilled] = []
         for together in self.scheduler.prefill_groups(requests):
@@ -447,6 +528,7 @@ class Engine:
             self.observer.on_prefill(sum(g.request.prompt_tokens for g in d.groups), d.seconds, len(samples),
                                      batch.version)
             for group, hit in zip(d.groups, d.prefill.prefix_hits):
+                hit = (reused or {}).get(group.request.request_id, hit)
                 self.observer.on_prefix_hit(hit, group.request.prompt_tokens)
                 group.first_token_at = time.time()
                 self.observer.on_first_token(group.first_token_at - group.request.created_at, batch.version)

@@ -112,8 +112,13 @@ class ServingMetrics(EngineObserver):
                                            "(result=computed)", ["result"], registry=r)
         self.step_duration = Histogram("flywheel_engine_step_duration_seconds", "one decode step of the batch",
                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.prefill_chunk_tokens = Counter("flywheel_engine_prefill_chunk_tokens",
+                                            "prompt tokens prefilled in the chunks of long prompts (their last "
+                                            "part is an ordinary prefill), the running streams decoding between "
+                                            "chunks", registry=r)
         self.prefill_duration = Histogram("flywheel_engine_prefill_duration_seconds",
-                                          "one prefill forward (of the prompts admitted together)",
+                                          "one prefill forward (of the prompts admitted together, or one chunk of "
+                                          "a long prompt)",
                                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
                                           registry=r)
         self.policy_version = Gauge("flywheel_serving_policy_version", "policy version this server samples from",
@@ -175,6 +180,10 @@ class ServingMetrics(EngineObserver):
         version = str(policy_version)
         self.prompt_tokens.labels(version).inc(prompt_tokens)
         self.generated_tokens.labels(version).inc(new_tokens)
+        self.prefill_duration.observe(seconds)
+
+    def on_prefill_chunk(self, tokens: int, seconds: float) -> None:
+        self.prefill_chunk_tokens.inc(tokens)
         self.prefill_duration.observe(seconds)
 
     def on_prefix_hit(self, cached_tokens: int, prompt_tokens: int) -> None:

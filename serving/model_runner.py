@@ -97,6 +97,13 @@ class Batch:
         return Prefill(cache, out.logits[:, -1].repeat_interleave(repeats.to(out.logits.device), dim=0),
                        pad.repeat_interleave(repeats), starts)
 
+    def prefill_chunk(self, tokens: list[int]) -> int:
+        """Prefill ``tokens`` (the leading part of a long prompt) into the prefix cache only, from
+        the longest part of them already there; returns the tokens it found there. The prompt's
+        last prefill (``prefill``) then starts where its chunks ended, so a long prompt is computed
+        over several steps with the running rows decoding between them."""
+        return self.prefill([(tokens, 1)]).prefix_hits[0]
+
     @property
     def extent(self) -> int:
         """The widest the batch's cache can get: its widest row's prompt + max_new_tokens."""

@@ -48,6 +48,22 @@ class PrefixCache:
         if self.max_entries <= 0:
             return None
         self.lookups += 1
+        found = self._find(tokens)
+        if found is None:
+            return None
+        key, length = found
+        entry = self._entries[key]
+        self._entries.move_to_end(key)
+        self.hit_tokens += length
+        return length, [(k[:, :, :length], v[:, :, :length]) for k, v in entry.layers]
+
+    def cached_tokens(self, tokens: list[int]) -> int:
+        """How many leading tokens of ``tokens`` ``lookup`` would find, without using the entry."""
+        found = self._find(tokens) if self.max_entries > 0 else None
+        return 0 if found is None else found[1]
+
+    def _find(self, tokens: list[int]) -> tuple[int, int] | None:
+        """(entry key, length) of the longest cached block-aligned prefix, leaving one token."""
         usable = tokens[: len(tokens) - 1]
         for depth, value in reversed(list(enumerate(self._chain(usable), start=1))):
             found = self._blocks.get(value)
@@ -58,9 +74,7 @@ class PrefixCache:
             length = depth * self.block_tokens
             if entry is None or entry.tokens[:length] != tuple(usable[:length]):
                 continue  # a stale index or a hash collision: not a match
-            self._entries.move_to_end(key)
-            self.hit_tokens += length
-            return length, [(k[:, :, :length], v[:, :, :length]) for k, v in entry.layers]
+            return key, length
         return None
 
     def store(self, tokens: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -80,6 +94,10 @@ class PrefixCache:
                                          [(k[:, :, :length].clone(), v[:, :, :length].clone()) for k, v in layers])
         for depth, value in enumerate(chain, start=1):
             self._blocks[value] = (key, depth * self.block_tokens)  # the newest entry answers a shared block
+            if depth < len(chain) and value in self._entries:
+                # an entry this one extends (an earlier chunk of this prompt, an earlier turn of a
+                # conversation): every block of it is answered by this one now
+                del self._entries[value]
         while len(self._entries) > self.max_entries:
             old_key, old = self._entries.popitem(last=False)
             for value in self._chain(list(old.tokens)):

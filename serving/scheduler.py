@@ -13,6 +13,11 @@ past its deadline while it waits is finished without a prefill when it reaches t
 requests admitted together are prefilled together (``prefill_groups``), in as few forwards as
 padding allows.
 
+A prompt longer than ``prefill_chunk_tokens`` is prefilled in chunks, one per step, the running rows
+decoding between them (``Engine`` carries it across steps): it is admitted only as the first of a
+plan and ends it, so it and nothing else is prefilled while its chunks run, and the queue behind it
+keeps its order.
+
 Admission is also bounded by the key/value cache's memory (``max_cache_tokens``, the engine's
 byte budget over one token's keys and values in every layer). A batch is left-padded, so its cache
 is rows x its widest row: every row can reach ``cache_extent`` columns (prompt + max_new_tokens),
@@ -101,6 +106,12 @@ class Scheduler:
     max_prefill_tokens_per_step: int
     max_cache_tokens: int = 0
     """Token columns (rows x width) the running batches' caches may reach; 0 = no bound."""
+    prefill_chunk_tokens: int = 0
+    """Prompts longer than this are prefilled in chunks over several steps; 0 = whole prompts."""
+
+    def chunked(self, request: Schedulable) -> bool:
+        """Whether ``request``'s prompt is prefilled in chunks, one per step."""
+        return 0 < self.prefill_chunk_tokens < request.prompt_tokens
 
     def plan_admission(self, waiting: Iterable[R], running: int, now: float,
                        budget: int | None = None, cache: CacheUse = CacheUse()) -> Admission[R]:
@@ -125,6 +136,8 @@ class Scheduler:
                 continue
             if request.n > free:
                 break  # the head waits for slots; nothing behind it overtakes
+            if self.chunked(request) and plan.admit:
+                break  # a chunked prompt starts a plan of its own, at the next one
             grown = CacheUse(cache.rows + request.n, max(cache.extent, request.cache_extent), cache.others)
             if self.max_cache_tokens and cache.tokens and grown.tokens > self.max_cache_tokens:
                 break  # the head waits for cache memory, as for slots
@@ -132,6 +145,9 @@ class Scheduler:
             budget -= request.prompt_tokens
             cache = grown
             plan.admit.append(request)
+            if self.chunked(request):
+                budget = 0  # its chunks take the step: nothing is admitted behind it until they are done
+                break
         plan.budget_left = budget
         return plan
 

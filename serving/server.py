@@ -331,7 +331,8 @@ class InferenceServer:
             # at least max_samples: ServingConfig refuses a smaller batch at load
             config = EngineConfig(max_batch_sequences=self.config.serving.max_batch_sequences,
                                   max_queued_requests=self.config.serving.max_queued_requests,
-                                  max_cache_bytes=self.config.serving.max_cache_mib * 2**20)
+                                  max_cache_bytes=self.config.serving.max_cache_mib * 2**20,
+                                  prefill_chunk_tokens=self.config.serving.prefill_chunk_tokens)
             engine = Engine(quantized(model, self.config.serving.quantize), tokenizer, config, observer=self.metrics,
                             on_fatal=self._engine_failed)
             self.metrics.cache_budget_bytes.set(engine.max_cache_tokens * engine.cache_token_bytes)

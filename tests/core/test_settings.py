@@ -81,7 +81,9 @@ SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_POOLING": "
                   # issue 13: admission by key/value cache memory, quantized decoding of small batches
                   "FLYWHEEL_MAX_CACHE_MIB": "2048", "FLYWHEEL_QUANTIZE": "none",
                   # issue 11: the reward head fitted by a cross-validated linear probe first
-                  "FLYWHEEL_REWARD_MODEL_LINEAR_PROBE": "True"}
+                  "FLYWHEEL_REWARD_MODEL_LINEAR_PROBE": "True",
+                  # issue 13: long prompts prefilled in chunks between decode steps
+                  "FLYWHEEL_PREFILL_CHUNK_TOKENS": "512"}
 
 # The flags each command had when every command kept its own list of setting names; a command may
 # offer more now (all of its sections'), never fewer.
@@ -176,7 +178,7 @@ def test_a_command_gets_the_flags_of_the_sections_it_declares():
     assert set(config_flags(parser)) == ({"metrics_port", "max_batch_sequences", "max_queued_requests",
                                           "max_new_tokens_limit", "default_max_new_tokens", "max_samples",
                                           "grpc_workers", "grpc_open_rpcs", "policy_poll_seconds",
-                                          "max_prompt_tokens", "quantize", "max_cache_mib",
+                                          "max_prompt_tokens", "prefill_chunk_tokens", "quantize", "max_cache_mib",
                                           "grpc_max_receive_message_bytes", "grpc_max_send_message_bytes",
                                           "http_port", "http_workers", "tls_ca", "tls_client_cert", "tls_client_key"})
 

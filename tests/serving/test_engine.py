@@ -299,3 +299,67 @@ def test_the_cache_stays_within_its_budget_and_a_long_request_waits_its_turn(loa
         validate_request(inference_pb2.CompleteRequest(prompt="hi", n=4, max_new_tokens=120), tok, limits)
     assert info.value.field == "max_new_tokens" and "400" in str(info.value)
     assert validate_request(inference_pb2.CompleteRequest(prompt="hi", n=2, max_new_tokens=120), tok, limits)
+
+
+class StepLog(EngineObserver):
+    """The order of the engine's forwards: ("chunk", tokens) and ("step", rows)."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_prefill_chunk(self, tokens, seconds):
+        self.events.append(("chunk", tokens))
+
+    def on_step(self, batch_sequences, seconds, new_tokens, policy_version):
+        self.events.append(("step", batch_sequences))
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_stream_decodes(loaded):
+    """Chunks of 32 tokens: the long prompt's prefill is split over several steps with the running
+    request decoding between them (without chunks, none between: the whole prompt in one forward),
+    its greedy tokens are still exactly generate's, the chunks compute the prompt once, and the
+    prefix cache keeps one entry for it, not one per chunk."""
+    tok, model = loaded.tokenizer, loaded.model
+    steps = StepLog()
+    engine = Engine(model, tok, EngineConfig(max_batch_sequences=16, prefill_chunk_tokens=32), observer=steps)
+    engine.start()
+    try:
+        running = request(tok, "Hello", n=1, max_new_tokens=200, min_new_tokens=200, temperature=0.0)
+        running.stream = True
+        engine.submit(running)
+        first = next(iter_events(running, time.monotonic() + 60))  # it decodes before the long one arrives
+        assert not isinstance(first, DoneEvent)
+        long_prompt = "A much longer prompt about the sea and the sky and the wind " * 12
+        long_ids = tok(long_prompt).input_ids
+        assert len(long_ids) > 4 * 32
+        long = request(tok, long_prompt, n=2, max_new_tokens=8, min_new_tokens=8, temperature=0.0)
+        result = run_to_completion(engine, long, timeout=60)
+        next(e for e in iter_events(running, time.monotonic() + 60) if isinstance(e, DoneEvent))
+        prefixes = engine.runner.current.prefixes
+    finally:
+        engine.stop()
+    chunks = [i for i, (kind, _) in enumerate(steps.events) if kind == "chunk"]
+    assert len(chunks) >= 3
+    # between two chunks, the running stream's decode step
+    assert all(any(kind == "step" for kind, _ in steps.events[a + 1:b]) for a, b in zip(chunks, chunks[1:]))
+    assert sum(steps.events[i][1] for i in chunks) <= len(long_ids)  # no chunk recomputes another's tokens
+    assert all(s.token_ids == generated(loaded, long_prompt, 8) for s in result.samples)
+    long_entries = [e for e in prefixes._entries.values() if e.tokens == tuple(long_ids[:len(e.tokens)])]
+    assert len(long_entries) == 1
+
+
+def test_an_abandoned_request_stops_its_chunks(loaded):
+    """A long prompt cancelled while its chunks run finishes as cancelled, and the engine goes on."""
+    tok, model = loaded.tokenizer, loaded.model
+    engine = Engine(model, tok, EngineConfig(max_batch_sequences=16, prefill_chunk_tokens=32))
+    engine.start()
+    try:
+        long_prompt = "A much longer prompt about the sea and the sky and the wind " * 12
+        long = request(tok, long_prompt, n=1, max_new_tokens=8)
+        long.cancel()
+        result = run_to_completion(engine, long, timeout=60)
+        assert [s.finish_reason for s in result.samples] == ["cancelled"]
+        after = run_to_completion(engine, request(tok, "Hello", n=1, max_new_tokens=4, min_new_tokens=4), timeout=60)
+        assert len(after.samples[0].token_ids) == 4
+    finally:
+        engine.stop()

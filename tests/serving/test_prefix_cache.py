@@ -36,3 +36,18 @@ def test_least_recently_used_entries_go_and_a_disabled_cache_holds_nothing():
     off = PrefixCache(max_entries=0)
     off.store(a * 10, layers_for(a * 10))
     assert len(off) == 0 and off.lookup(a * 10) is None
+
+
+def test_an_entry_that_a_newer_one_extends_goes_and_its_blocks_still_hit():
+    """A long prompt's chunks (or a conversation's turns) store prefixes of one another: the newer,
+    longer entry answers every block of the older one, which would only hold a second copy."""
+    cache = PrefixCache(max_entries=4, block_tokens=4)
+    turn1, turn2 = list(range(9)), list(range(17))
+    cache.store(turn1, layers_for(turn1))
+    cache.store(turn2, layers_for(turn2))
+    assert len(cache) == 1
+    assert cache.lookup(turn1)[0] == 8 and cache.lookup(turn2)[0] == 16
+    assert cache.cached_tokens(turn2) == 16 and cache.cached_tokens([5, 5, 5, 5, 5]) == 0
+    other = [0, 1, 2, 3, 9, 9, 9, 9, 9]  # shares one block but is no prefix: both kept
+    cache.store(other, layers_for(other))
+    assert len(cache) == 2 and cache.lookup(turn2)[0] == 16 and cache.lookup(other + [1])[0] == 8

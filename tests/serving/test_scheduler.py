@@ -192,3 +192,18 @@ def test_the_head_waits_for_cache_memory_and_nothing_overtakes_it():
     huge = Waiting("huge", 2000, max_new_tokens=100)
     assert names(scheduler.plan_admission([huge, Waiting("next")], 0, NOW).admit) == ["huge"]
     assert Scheduler(64, 10_000).plan_admission([huge] * 3, 0, NOW).taken == 3  # 0: no bound
+
+
+def test_a_chunked_prompt_is_admitted_only_first_and_ends_the_plan():
+    """A prompt past prefill_chunk_tokens waits for a plan of its own (nothing before it in the
+    step), and nothing behind it is admitted with it: its chunks take the steps until its last one."""
+    scheduler = Scheduler(max_batch_sequences=16, max_prefill_tokens_per_step=4096, prefill_chunk_tokens=512)
+    short, long, behind = Waiting("short"), Waiting("long", prompt_tokens=2000), Waiting("behind")
+    assert not scheduler.chunked(short) and scheduler.chunked(long)
+    plan = scheduler.plan_admission([short, long, behind], running=0, now=NOW)
+    assert names(plan.admit) == ["short"]
+    plan = scheduler.plan_admission([long, behind], running=0, now=NOW)
+    assert names(plan.admit) == ["long"] and plan.budget_left == 0
+    # without chunking the same prompt is an ordinary (whole) admission, with what fits behind it
+    whole = Scheduler(max_batch_sequences=16, max_prefill_tokens_per_step=4096)
+    assert names(whole.plan_admission([long, behind], running=0, now=NOW).admit) == ["long", "behind"]
