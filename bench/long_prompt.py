@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.serve import BENCH_KEY, prompts, start_server  # noqa: E402
+from flywheel.contracts.prompts import render_prompt  # noqa: E402
 from flywheel.grpc_client import with_key  # noqa: E402
 from flywheel.models import load_model  # noqa: E402
 from flywheel.v1 import inference_pb2 as pb  # noqa: E402
@@ -106,8 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_model(args.model, Path(args.data_dir), args.dtype)
     long_text = long_message(loaded.tokenizer, args.prompt_tokens)
-    prompt_tokens = len(loaded.tokenizer.apply_chat_template([{"role": "user", "content": long_text}],
-                                                             add_generation_prompt=True, tokenize=True))
+    prompt_tokens = len(render_prompt(loaded.tokenizer, long_text)[1])
     print(f"{args.streams} streams x {args.tokens} tokens; a prompt of {prompt_tokens} tokens arrives once they "
           f"stream; {args.repeats} repeats (medians)")
     results = {}
@@ -119,7 +119,9 @@ def main() -> None:
                                                     "FLYWHEEL_MAX_PROMPT_TOKENS": str(max(4096, prompt_tokens + 1))})
             try:
                 run_once(port, 1, 8, "warm up")
-                runs = [run_once(port, args.streams, args.tokens, long_text) for _ in range(args.repeats)]
+                # each repeat's prompt its own from its first words, so no repeat finds another's in the prefix cache
+                runs = [run_once(port, args.streams, args.tokens, f"Report number {i}. {long_text}")
+                        for i in range(args.repeats)]
             finally:
                 process.terminate()
                 process.wait(30)

@@ -61,7 +61,11 @@ DEMO_DEFAULTS = {
     "REWARD_MODEL_EPOCHS": "2",
     "REWARD_MODEL_LEARNING_RATE": "3e-4",  # one round: ~60 steps from a fresh head (3e-5 learned only length)
     "POLICY_ITERATIONS": "8",
-    "POLICY_BATCH_SIZE": "32",
+    # 16 prompts x 4 samples an iteration, steps of 16 episodes: at 8 prompts x 4 in steps of 8 the
+    # reward model's noise spent the KL stop (score flat over 7 iterations); same data, plain-words:
+    # win rate 0.60 -> 0.64, the judge's gain +0.02 -> +0.09, for ~3.5 more minutes a round
+    "POLICY_BATCH_SIZE": "64",
+    "POLICY_MINI_BATCH_SIZE": "16",
     "POLICY_RESPONSE_LENGTH": "64",
     "POLICY_POLL_SECONDS": "2",
     # the gate: ~60 held-out prompts (of the ~200 distinct ones a round's users ask) x 4 paired samples
