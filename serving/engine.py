@@ -478,7 +478,8 @@ class Engine:
         if end >= len(tokens):  # the rest fits in one chunk: the prompt's own prefill
             self._chunking = None
             self._in_hand = [request]
-            self._prefill([request], reused={request.request_id: chunking.reused})
+            # its prefix-cache hit is what was cached before its chunks (none ran: the prefill's own)
+            self._prefill([request], reused={request.request_id: chunking.reused if chunking.done else None})
             self._in_hand = []
             return
         started = time.perf_counter()
@@ -503,8 +504,9 @@ class Engine:
 
     def _prefill(self, requests: list[GenerationRequest], reused: dict[str, int] | None = None) -> None:
         """Prefill the requests admitted together (one forward per group the scheduler makes) and
-        append all their rows to the batch with one cache copy. ``reused`` (by request id) is the
-        prefix-cache hit to report for a prompt whose earlier chunks made the rest of its hit."""
+        append all their rows to the batch with one cache copy. ``reused`` names (by request id)
+        the chunked prompts, already observed at admission, with the prefix-cache hit to report for
+        them where their own chunks made the rest of it."""
         batch = self.runner.current
         for request in requests:
             if reused is None or request.request_id not in reused:  # a chunked one was observed at its admission
@@ -528,7 +530,8 @@ class Engine:
             self.observer.on_prefill(sum(g.request.prompt_tokens for g in d.groups), d.seconds, len(samples),
                                      batch.version)
             for group, hit in zip(d.groups, d.prefill.prefix_hits):
-                hit = (reused or {}).get(group.request.request_id, hit)
+                before_chunks = (reused or {}).get(group.request.request_id)
+                hit = hit if before_chunks is None else before_chunks
                 self.observer.on_prefix_hit(hit, group.request.prompt_tokens)
                 group.first_token_at = time.time()
                 self.observer.on_first_token(group.first_token_at - group.request.created_at, batch.version)
