@@ -363,3 +363,48 @@ def test_an_abandoned_request_stops_its_chunks(loaded):
         assert len(after.samples[0].token_ids) == 4
     finally:
         engine.stop()
+
+
+def test_a_hot_swap_between_chunks_restarts_the_prompt_on_the_new_version(loaded, tiny_model_dir):
+    """The swap lands after the first chunk: the prompt's chunks start again on the new version's
+    batch (the old version's prefix cache holds the old model's keys), and its samples come from
+    the new version alone, token for token what that model generates."""
+    tok, model = loaded.tokenizer, loaded.model
+    other = load_model(str(tiny_model_dir), tiny_model_dir, "float32").model
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)  # another policy: its greedy tokens differ from the first one's
+    swapped = []
+
+    class SwapAfterFirstChunk(StepLog):
+        def on_prefill_chunk(self, tokens, seconds):
+            super().on_prefill_chunk(tokens, seconds)
+            if not swapped:
+                swapped.append(engine.swap(other, 1))
+
+    steps = SwapAfterFirstChunk()
+    engine = Engine(model, tok, EngineConfig(max_batch_sequences=16, prefill_chunk_tokens=32), observer=steps)
+    engine.start()
+    try:
+        long_prompt = "A much longer prompt about the sea and the sky and the wind " * 12
+        result = run_to_completion(engine, request(tok, long_prompt, n=2, max_new_tokens=8, min_new_tokens=8,
+                                                   temperature=0.0), timeout=60)
+    finally:
+        engine.stop()
+    assert swapped and swapped[0].is_set() and result.policy_version == 1
+    ids = torch.tensor([tok(long_prompt).input_ids])
+    with torch.inference_mode():
+        expected = other.generate(ids, do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                                  pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert expected != generated(loaded, long_prompt, 8)
+    assert all(s.token_ids == expected for s in result.samples)
+    # one chunk more than the same prompt takes without a swap: the first one, again on the new version
+    plain = StepLog()
+    engine = Engine(model, tok, EngineConfig(max_batch_sequences=16, prefill_chunk_tokens=32), observer=plain)
+    engine.start()
+    try:
+        run_to_completion(engine, request(tok, long_prompt, n=1, max_new_tokens=1), timeout=60)
+    finally:
+        engine.stop()
+    chunks = lambda log: sum(kind == "chunk" for kind, _ in log.events)  # noqa: E731
+    assert chunks(plain) >= 3 and chunks(steps) == chunks(plain) + 1
