@@ -478,8 +478,7 @@ class Engine:
         if end >= len(tokens):  # the rest fits in one chunk: the prompt's own prefill
             self._chunking = None
             self._in_hand = [request]
-            # its prefix-cache hit is what was cached before its chunks (none ran: the prefill's own)
-            self._prefill([request], reused={request.request_id: chunking.reused if chunking.done else None})
+            self._prefill([request], chunked=chunking)
             self._in_hand = []
             return
         started = time.perf_counter()
@@ -502,14 +501,14 @@ class Engine:
             sample.finish_reason = FINISH_CANCELLED
         self._deliver(group)
 
-    def _prefill(self, requests: list[GenerationRequest], reused: dict[str, int] | None = None) -> None:
+    def _prefill(self, requests: list[GenerationRequest], chunked: _Chunking | None = None) -> None:
         """Prefill the requests admitted together (one forward per group the scheduler makes) and
-        append all their rows to the batch with one cache copy. ``reused`` names (by request id)
-        the chunked prompts, already observed at admission, with the prefix-cache hit to report for
-        them where their own chunks made the rest of it."""
+        append all their rows to the batch with one cache copy. With ``chunked``, ``requests`` is
+        that long prompt alone, its last part: observed at its admission already, and its
+        prefix-cache hit is what the cache held before its chunks (the prefill's own if none ran)."""
         batch = self.runner.current
-        for request in requests:
-            if reused is None or request.request_id not in reused:  # a chunked one was observed at its admission
+        if chunked is None:
+            for request in requests:
                 self.observer.on_admit(time.time() - request.created_at, batch.version)
         self._inject("fatal", requests)  # outside the groups' handling: a failure of the loop itself
         done: list[_Prefilled] = []
@@ -530,8 +529,8 @@ class Engine:
             self.observer.on_prefill(sum(g.request.prompt_tokens for g in d.groups), d.seconds, len(samples),
                                      batch.version)
             for group, hit in zip(d.groups, d.prefill.prefix_hits):
-                before_chunks = (reused or {}).get(group.request.request_id)
-                hit = hit if before_chunks is None else before_chunks
+                if chunked is not None and chunked.done:
+                    hit = chunked.reused
                 self.observer.on_prefix_hit(hit, group.request.prompt_tokens)
                 group.first_token_at = time.time()
                 self.observer.on_first_token(group.first_token_at - group.request.created_at, batch.version)
