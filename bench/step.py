@@ -60,7 +60,7 @@ def running_batch(runner: ModelRunner, rows: int, prompt_tokens: int, vocab: int
     prompts = [(torch.randint(100, vocab - 1, (prompt_tokens,), generator=generator).tolist(), 1) for _ in range(rows)]
     with torch.inference_mode():
         prefill = batch.prefill(prompts)
-        batch.add([prefill], list(range(rows)), prefill.logits.argmax(dim=-1))
+        batch.add([prefill], list(range(rows)), prefill.logits.argmax(dim=-1), [prompt_tokens + 1024] * rows)
     return batch
 
 

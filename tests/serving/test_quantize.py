@@ -37,6 +37,21 @@ def test_small_batches_decode_from_quantized_weights_and_large_ones_from_the_ori
     assert all(isinstance(m, torch.nn.Linear) for name, m in model.named_modules() if name.endswith("_proj"))
 
 
+@pytest.mark.parametrize("scheme, tolerance", [("int8", 0.02), ("int4", 0.15)])
+def test_a_float32_model_decodes_through_the_bf16_kernels_and_returns_float32(tiny_model_dir, scheme, tolerance):
+    # the quantized kernels are 10-30x slower with float32 activations (dtype auto serves float32 on a
+    # CPU without native bf16), so the layer casts in and out
+    model = load_model(str(tiny_model_dir), tiny_model_dir, "float32").model
+    served = quantized(model, scheme)
+    assert {m.scales.dtype for m in served.modules() if isinstance(m, QuantizedLinear)} == {torch.bfloat16}
+    ids = torch.tensor([[5, 17, 42]])
+    with torch.inference_mode():
+        full = model(ids[:, :1]).logits
+        one_row = served(ids[:, :1]).logits
+    assert one_row.dtype == torch.float32
+    assert 0 < relative_error(one_row, full) < tolerance
+
+
 def test_the_engine_serves_a_quantized_model(loaded):
     tok = loaded.tokenizer
     engine = Engine(quantized(loaded.model, "int8"), tok, EngineConfig(max_batch_sequences=8))
