@@ -6,14 +6,17 @@ timed in its parts, each the median of ``--steps`` steps:
 
 - the model's forward (``Batch.forward_step``: masks, positions, the 30 decoder layers, the LM head),
   split by ``torch.profiler`` into matmuls, attention, other operators and the time outside any
-  operator (Python, module calls, dispatch: the fixed cost of a step);
+  operator (Python, module calls, dispatch: the fixed cost of a step), against the baseline in the
+  same run: the same step through transformers' forward (``Batch.transformers_step``), which the
+  engine ran before the lean decode step (``serving.decode_step``);
 - sampling (``serving.sampling.sample_tokens``) for greedy rows, temperature 0.8, and top-p 0.95
   (the demo's users), against the baseline in the same run: the same rule computed with a full sort
   of the vocabulary, which sampling did before.
 
-    python bench/step.py [--rows 1 16 64] [--steps 20] [--prompt-tokens 40] [--dtype auto]
+    python bench/step.py [--rows 1 16 64] [--steps 20] [--prompt-tokens 40] [--dtype auto] [--quantize int4]
 
-The last line is the ratio: top-p sampling at the largest row count, full sort / now.
+The last lines are the ratios: top-p sampling at the largest row count, full sort / now, and the
+decode step at each row count, transformers' forward / the lean step.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from flywheel.models import load_model  # noqa: E402
 from serving.model_runner import ModelRunner  # noqa: E402
+from serving.quantize import QUANTIZE_SCHEMES, quantized  # noqa: E402
 from serving.sampling import nucleus_pick, sample_tokens  # noqa: E402
 
 
@@ -90,32 +94,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prompt-tokens", type=int, default=40)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_SCHEMES,
+                        help="the served weights (serving.quantize; up to 8 rows decode from them)")
     parser.add_argument("--model", default="", help="model folder; default the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--data-dir", default=str(ROOT / ".flywheel"))
     args = parser.parse_args(argv)
 
     loaded = load_model(args.model, Path(args.data_dir), args.dtype)
     vocab = loaded.model.config.vocab_size
-    runner = ModelRunner(loaded.model)
-    print(f"model {loaded.path.name}  dtype {loaded.dtype}  threads {torch.get_num_threads()}  prompt "
-          f"{args.prompt_tokens} tokens, {args.steps} steps per figure (medians)")
-    print(f"{'rows':>5} {'forward':>10} {'greedy':>9} {'T=0.8':>9} {'top-p now':>10} {'top-p sort':>11}  forward's operators")
-    ratio = None
+    runner = ModelRunner(quantized(loaded.model, args.quantize))
+    print(f"model {loaded.path.name}  dtype {loaded.dtype}  quantize {args.quantize}  threads "
+          f"{torch.get_num_threads()}  prompt {args.prompt_tokens} tokens, {args.steps} steps per figure (medians)")
+    if runner.current.decoder is None:
+        print("the lean decode step does not cover this model: both forward columns are transformers'")
+    print(f"{'rows':>5} {'forward':>10} {'transformers':>13} {'greedy':>9} {'T=0.8':>9} {'top-p now':>10} "
+          f"{'top-p sort':>11}  forward's operators")
+    ratio, step_ratios = None, []
     for rows in args.rows:
         batch = running_batch(runner, rows, args.prompt_tokens, vocab)
+        length = batch.cache.length
+
+        def rewound(step):  # each timed step decodes the same column again: the cache does not grow
+            def run():
+                for layer in batch.cache.layers:
+                    layer.length = length
+                return step()
+            return run
+
         with torch.inference_mode():
-            forward = median_ms(batch.forward_step, args.steps)
-            logits = batch.forward_step()
+            forward = median_ms(rewound(batch.forward_step), args.steps)
+            transformers_forward = median_ms(rewound(batch.transformers_step), args.steps)
+            logits = rewound(batch.forward_step)()
         uniforms = torch.rand(rows, generator=torch.Generator().manual_seed(0))
         ones, hot, nucleus = torch.ones(rows), torch.full((rows,), 0.8), torch.full((rows,), 0.95)
         greedy = median_ms(lambda: sample_tokens(logits, torch.zeros(rows), ones, uniforms), args.steps)
         sampled = median_ms(lambda: sample_tokens(logits, hot, ones, uniforms), args.steps)
         top_p = median_ms(lambda: sample_tokens(logits, hot, nucleus, uniforms), args.steps)
         baseline = median_ms(lambda: full_sort_sampling(logits, hot, nucleus, uniforms), args.steps)
-        print(f"{rows:>5} {forward:>8.1f}ms {greedy:>7.2f}ms {sampled:>7.2f}ms {top_p:>8.2f}ms {baseline:>9.2f}ms  "
+        print(f"{rows:>5} {forward:>8.1f}ms {transformers_forward:>11.1f}ms {greedy:>7.2f}ms {sampled:>7.2f}ms {top_p:>8.2f}ms {baseline:>9.2f}ms  "
               f"{operator_shares(batch, forward)}")
         ratio = baseline / top_p
+        step_ratios.append(f"{rows} rows {transformers_forward / forward:.2f}x")
     print(f"top-p sampling at {args.rows[-1]} rows, full sort / now: {ratio:.1f}x")
+    print(f"decode step, transformers' forward / the lean step: {', '.join(step_ratios)}")
     return 0
 
 

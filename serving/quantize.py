@@ -83,7 +83,7 @@ class QuantizedLinear(torch.nn.Module):
         rows = x.numel() // x.shape[-1]
         if rows > self.max_rows:
             return self.linear(x)
-        flat = x.reshape(rows, x.shape[-1]).to(KERNEL_DTYPE)
+        flat = x.reshape(rows, x.shape[-1]).to(KERNEL_DTYPE).contiguous()  # the int4 kernel takes no strides
         if self.scheme == "int8":
             y = torch._weight_int8pack_mm(flat, self.codes, self.scales)
         else:
