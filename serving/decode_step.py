@@ -11,15 +11,20 @@ rotation, the residuals), so the served tokens are the same. Only decode steps (
 take it; prefills keep transformers' forward, where the fixed cost is small beside the arithmetic.
 
 ``lean_decoder(model)`` is None for a model it does not cover (another architecture, a scaled
-rotary, biased or differently activated layers): that model decodes through transformers.
+rotary, biased or differently activated layers): that model decodes through transformers. It is
+made once per model (fusing a quantized model's weights takes ~0.5 s), by ``Engine.swap``'s caller
+for a hot-swapped version, so the engine thread does not stall on it.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from serving.kv_cache import BatchKVCache
+from serving.quantize import fused_quantized
 
 COVERED_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -29,8 +34,7 @@ class LeanDecoder:
 
     def __init__(self, model: torch.nn.Module) -> None:
         config = model.config
-        self.model = model
-        inner = model.model
+        inner = model.model  # (no reference to ``model`` itself: ``lean_decoder``'s cache holds it weakly)
         self.embed = inner.embed_tokens
         self.layers = list(inner.layers)
         self.norm = inner.norm
@@ -40,6 +44,12 @@ class LeanDecoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim ** -0.5
         self.eps = config.rms_norm_eps
+        # quantized q/k/v and gate/up as one kernel call each, for the calls their layers would quantize
+        self.fused = [(fused_quantized([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                       fused_quantized([layer.mlp.gate_proj, layer.mlp.up_proj])) for layer in self.layers]
+        self.fused_rows = max((layer.mlp.up_proj.max_rows for layer in self.layers
+                               if hasattr(layer.mlp.up_proj, "max_rows")), default=0)
+        self.qkv_sizes = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
         rotary = inner.rotary_emb
         self.inv_freq = rotary.inv_freq
         self.attention_scaling = rotary.attention_scaling
@@ -68,13 +78,18 @@ class LeanDecoder:
             mask = (torch.arange(length, device=pads.device).unsqueeze(0) >= pads.unsqueeze(1))[:, None, None, :]
         half = self.head_dim // 2
         grouped = self.kv_heads != self.heads
-        for layer, cache_layer in zip(self.layers, cache.layers):
-            attention = layer.self_attn
+        use_fused = rows <= self.fused_rows
+        for layer, cache_layer, (qkv, gate_up) in zip(self.layers, cache.layers, self.fused):
+            attention, mlp = layer.self_attn, layer.mlp
             residual = hidden
             hidden = self._rms_norm(layer.input_layernorm, hidden)
-            query = attention.q_proj(hidden).view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
-            key = attention.k_proj(hidden).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-            value = attention.v_proj(hidden).view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            if use_fused and qkv is not None:
+                query, key, value = qkv(hidden).split(self.qkv_sizes, dim=-1)
+            else:
+                query, key, value = attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden)
+            query = query.view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+            key = key.view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            value = value.view(rows, 1, self.kv_heads, self.head_dim).transpose(1, 2)
             query = query * cos + torch.cat((-query[..., half:], query[..., :half]), dim=-1) * sin
             key = key * cos + torch.cat((-key[..., half:], key[..., :half]), dim=-1) * sin
             keys, values = cache_layer.update(key, value)
@@ -86,13 +101,26 @@ class LeanDecoder:
             hidden = residual + attention.o_proj(attended.reshape(rows, 1, -1))
             residual = hidden
             hidden = self._rms_norm(layer.post_attention_layernorm, hidden)
-            mlp = layer.mlp
-            hidden = residual + mlp.down_proj(F.silu(mlp.gate_proj(hidden)) * mlp.up_proj(hidden))
+            if use_fused and gate_up is not None:
+                gate, up = gate_up(hidden).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(hidden), mlp.up_proj(hidden)
+            hidden = residual + mlp.down_proj(F.silu(gate) * up)
         return self.lm_head(self._rms_norm(self.norm, hidden))[:, -1]
 
 
+_decoders: "weakref.WeakKeyDictionary[torch.nn.Module, LeanDecoder | None]" = weakref.WeakKeyDictionary()
+
+
 def lean_decoder(model: torch.nn.Module) -> LeanDecoder | None:
-    """The lean decode step for ``model``, or None where it would not compute what transformers does."""
+    """The lean decode step for ``model`` (made once, kept while the model lives), or None where it
+    would not compute what transformers does."""
+    if model not in _decoders:
+        _decoders[model] = _make_decoder(model)
+    return _decoders[model]
+
+
+def _make_decoder(model: torch.nn.Module) -> LeanDecoder | None:
     config = model.config
     if type(model).__name__ not in COVERED_ARCHITECTURES:
         return None

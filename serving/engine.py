@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flywheel.contracts.groups import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, GroupResult, SampleResult
+from serving.decode_step import lean_decoder
 from serving.detokenizer import IncrementalDetokenizer
 from serving.kv_cache import kv_bytes_per_token
 from serving.model_runner import Batch, ModelRunner, Prefill
@@ -310,6 +311,7 @@ class Engine:
         """Serve ``version`` from the next step boundary on. Requests already running finish on the
         model they started with; requests admitted after the boundary use the new one. Returns an
         event set once the swap has happened."""
+        lean_decoder(model)  # made here, in the caller's thread: the engine thread would stall on it
         done = threading.Event()
         with self._wakeup:
             self._pending_swap = (model, version, done)

@@ -55,6 +55,37 @@ def int4_weight(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Te
     return codes, torch.cat([scales, low], dim=-1)
 
 
+class QuantizedWeight(torch.nn.Module):
+    """A weight ``[out, in]`` as ``scheme`` codes, and the fused kernel that multiplies activations
+    (any rows, bf16 inside, returned in their dtype) by it."""
+
+    def __init__(self, weight: torch.Tensor, scheme: str) -> None:
+        super().__init__()
+        self.scheme = scheme
+        if scheme == "int8":
+            codes, scales = int8_weight(weight)
+            self.register_buffer("codes", codes, persistent=False)
+            self.register_buffer("scales", scales.to(KERNEL_DTYPE), persistent=False)
+        elif scheme == "int4":
+            codes, scales_and_minima = int4_weight(weight)
+            self.register_buffer("codes", torch._convert_weight_to_int4pack_for_cpu(codes, 1), persistent=False)
+            # the kernel computes (q - 8) · scale + zero, so its zero is the minimum + 8 scales
+            scales, low = scales_and_minima.unbind(-1)
+            zeros = torch.stack([scales, low + 8 * scales], dim=-1)
+            self.register_buffer("scales", zeros.transpose(0, 1).contiguous().to(KERNEL_DTYPE), persistent=False)
+        else:
+            raise ValueError(f"quantize must be int8 or int4 here; got {scheme!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        flat = x.reshape(rows, x.shape[-1]).to(KERNEL_DTYPE).contiguous()  # the int4 kernel takes no strides
+        if self.scheme == "int8":
+            y = torch._weight_int8pack_mm(flat, self.codes, self.scales)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.codes, INT4_GROUP, self.scales)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
 class QuantizedLinear(torch.nn.Module):
     """A linear layer with a quantized copy of its weight, used for calls of at most ``max_rows``
     rows; the original ``linear`` (shared, not copied) serves the others."""
@@ -64,32 +95,25 @@ class QuantizedLinear(torch.nn.Module):
         self.linear = linear
         self.scheme = scheme
         self.max_rows = max_rows
-        dtype = KERNEL_DTYPE
-        if scheme == "int8":
-            codes, scales = int8_weight(linear.weight)
-            self.register_buffer("codes", codes, persistent=False)
-            self.register_buffer("scales", scales.to(dtype), persistent=False)
-        elif scheme == "int4":
-            codes, scales_and_minima = int4_weight(linear.weight)
-            self.register_buffer("codes", torch._convert_weight_to_int4pack_for_cpu(codes, 1), persistent=False)
-            # the kernel computes (q - 8) · scale + zero, so its zero is the minimum + 8 scales
-            scales, low = scales_and_minima.unbind(-1)
-            zeros = torch.stack([scales, low + 8 * scales], dim=-1)
-            self.register_buffer("scales", zeros.transpose(0, 1).contiguous().to(dtype), persistent=False)
-        else:
-            raise ValueError(f"quantize must be int8 or int4 here; got {scheme!r}")
+        self.quantized = QuantizedWeight(linear.weight, scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows > self.max_rows:
+        if x.numel() // x.shape[-1] > self.max_rows:
             return self.linear(x)
-        flat = x.reshape(rows, x.shape[-1]).to(KERNEL_DTYPE).contiguous()  # the int4 kernel takes no strides
-        if self.scheme == "int8":
-            y = torch._weight_int8pack_mm(flat, self.codes, self.scales)
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(flat, self.codes, INT4_GROUP, self.scales)
-        y = y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+        y = self.quantized(x)
         return y if self.linear.bias is None else y + self.linear.bias
+
+
+def fused_quantized(linears: list[torch.nn.Module]) -> QuantizedWeight | None:
+    """One quantized weight for quantized linears that read the same input (q, k, v; gate, up): their
+    weights' rows concatenated, so one kernel call does what several did, with the same numbers
+    (codes and scales are per output row). None unless all are bias-free ``QuantizedLinear`` of one
+    scheme. A caller uses it only for calls of at most ``max_rows`` rows, as the layers would."""
+    if not all(isinstance(m, QuantizedLinear) and m.linear.bias is None for m in linears):
+        return None
+    if len({(m.scheme, m.max_rows) for m in linears}) != 1:
+        return None
+    return QuantizedWeight(torch.cat([m.linear.weight.detach() for m in linears]), linears[0].scheme)
 
 
 def _with_quantized_linears(module: torch.nn.Module, scheme: str, max_rows: int) -> torch.nn.Module:

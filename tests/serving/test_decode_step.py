@@ -36,7 +36,10 @@ def decode_both_ways(batch, steps=3):
                                            ("float32", "int8")])
 def test_the_lean_step_gives_transformers_logits_for_padded_rows(tiny_model_dir, dtype, scheme):
     model = quantized(load_model(str(tiny_model_dir), tiny_model_dir, dtype).model, scheme)
-    assert isinstance(lean_decoder(model), LeanDecoder)
+    decoder = lean_decoder(model)
+    assert isinstance(decoder, LeanDecoder) and lean_decoder(model) is decoder  # made once per model
+    # a quantized model's q/k/v and gate/up run as one kernel call each; the plain model's as they are
+    assert all((qkv is not None and gate_up is not None) == (scheme != "none") for qkv, gate_up in decoder.fused)
     with torch.inference_mode():
         # rows of different lengths: left padding, so the mask is used (and the grouped heads packed)
         batch = running_batch(model, [[5, 17, 42, 9, 11, 3], [8, 1], [77, 3, 4]])

@@ -43,7 +43,7 @@ def test_a_float32_model_decodes_through_the_bf16_kernels_and_returns_float32(ti
     # CPU without native bf16), so the layer casts in and out
     model = load_model(str(tiny_model_dir), tiny_model_dir, "float32").model
     served = quantized(model, scheme)
-    assert {m.scales.dtype for m in served.modules() if isinstance(m, QuantizedLinear)} == {torch.bfloat16}
+    assert {m.quantized.scales.dtype for m in served.modules() if isinstance(m, QuantizedLinear)} == {torch.bfloat16}
     ids = torch.tensor([[5, 17, 42]])
     with torch.inference_mode():
         full = model(ids[:, :1]).logits
