@@ -164,7 +164,8 @@ class EngineObserver:
     after a hot-swap."""
 
     def on_step(self, batch_sequences: int, seconds: float, new_tokens: int, policy_version: int) -> None: ...
-    def on_queue(self, waiting: int, running: int) -> None: ...
+    # each loop: requests waiting, sequences decoding, and requests admitted but still prefilling in chunks (0 or 1)
+    def on_queue(self, waiting: int, running: int, prefilling: int) -> None: ...
     def on_cache(self, allocated_bytes: int) -> None: ...  # the running batches' key/value buffers, each loop
     def on_admit(self, queued_seconds: float, policy_version: int) -> None: ...
     # once per prefill forward: the prompts prefilled together, their tokens and first sampled tokens
@@ -363,7 +364,8 @@ class Engine:
                         if batch.rows:
                             self._decode_step(batch)
                     runner.release_finished_versions()
-                    self.observer.on_queue(len(self._waiting), runner.running_sequences)
+                    self.observer.on_queue(len(self._waiting), runner.running_sequences,
+                                           0 if self._chunking is None else 1)
                     self.observer.on_cache(runner.cache_bytes)
         except BaseException as exc:  # the loop itself broke (not one group's work): the engine cannot go on
             log.exception("engine loop failed; the engine stops")

@@ -96,6 +96,10 @@ class ServingMetrics(EngineObserver):
                                        "sequences in the running batch now", registry=r)
         self.queue_depth = Gauge("flywheel_engine_queued_requests", "requests waiting for a batch slot",
                                  registry=r)
+        # a long prompt admitted and prefilled a chunk per step is neither waiting nor running yet
+        self.prefilling_requests = Gauge("flywheel_engine_prefilling_requests",
+                                         "requests admitted whose long prompt is being prefilled in chunks",
+                                         registry=r)
         self.cache_bytes = Gauge("flywheel_engine_kv_cache_bytes",
                                  "bytes the running batches' key/value cache buffers take now", registry=r)
         self.cache_budget_bytes = Gauge("flywheel_engine_kv_cache_budget_bytes",
@@ -166,9 +170,10 @@ class ServingMetrics(EngineObserver):
         self.step_duration.observe(seconds)
         self.generated_tokens.labels(str(policy_version)).inc(new_tokens)
 
-    def on_queue(self, waiting: int, running: int) -> None:
+    def on_queue(self, waiting: int, running: int, prefilling: int) -> None:
         self.queue_depth.set(waiting)
         self.running_sequences.set(running)
+        self.prefilling_requests.set(prefilling)
 
     def on_cache(self, allocated_bytes: int) -> None:
         self.cache_bytes.set(allocated_bytes)

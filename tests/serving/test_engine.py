@@ -302,10 +302,15 @@ def test_the_cache_stays_within_its_budget_and_a_long_request_waits_its_turn(loa
 
 
 class StepLog(EngineObserver):
-    """The order of the engine's forwards: ("chunk", tokens) and ("step", rows)."""
+    """The order of the engine's forwards: ("chunk", tokens) and ("step", rows), and the queue
+    hook's (waiting, running, prefilling) after each loop."""
 
     def __init__(self):
         self.events = []
+        self.queues = []
+
+    def on_queue(self, waiting, running, prefilling):
+        self.queues.append((waiting, running, prefilling))
 
     def on_prefill_chunk(self, tokens, seconds):
         self.events.append(("chunk", tokens))
@@ -343,6 +348,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_stream_decodes(l
     # between two chunks, the running stream's decode step
     assert all(any(kind == "step" for kind, _ in steps.events[a + 1:b]) for a, b in zip(chunks, chunks[1:]))
     assert sum(steps.events[i][1] for i in chunks) <= len(long_ids)  # no chunk recomputes another's tokens
+    # while its chunks ran the long request was neither waiting nor running: the gauge of prefilling requests
+    prefilling = [q for q in steps.queues if q[2] == 1]
+    assert len(prefilling) >= 2 and all(q == (0, 1, 1) for q in prefilling)
+    assert steps.queues[-1][2] == 0
     assert all(s.token_ids == generated(loaded, long_prompt, 8) for s in result.samples)
     long_entries = [e for e in prefixes._entries.values() if e.tokens == tuple(long_ids[:len(e.tokens)])]
     assert len(long_entries) == 1
