@@ -14,6 +14,10 @@ timed in its parts, each the median of ``--steps`` steps:
   of the vocabulary, which sampling did before.
 
     python bench/step.py [--rows 1 16 64] [--steps 20] [--prompt-tokens 40] [--dtype auto] [--quantize int4]
+                         [--device cuda]
+
+On a GPU (``--device cuda``) each timed step ends with ``torch.cuda.synchronize()`` and the
+operator split (a CPU profile) is left out; the tok/s column is rows per step time either way.
 
 The last lines are the ratios: top-p sampling at the largest row count, full sort / now, and the
 decode step at each row count, transformers' forward / the lean step.
@@ -47,14 +51,16 @@ def full_sort_sampling(logits: torch.Tensor, temperatures: torch.Tensor, top_ps:
     return nucleus_pick(ranked, order, top_ps, uniforms.unsqueeze(1))
 
 
-def median_ms(function, steps: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(steps):
+def median_ms(function, steps: int, device: torch.device = torch.device("cpu")) -> float:
+    """The median wall time of ``function`` in ms; on a GPU, until its kernels are done."""
+    def timed() -> float:
         started = time.perf_counter()
         function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+    timed()  # warm-up
+    return statistics.median(timed() for _ in range(steps)) * 1000
 
 
 def running_batch(runner: ModelRunner, rows: int, prompt_tokens: int, vocab: int):
@@ -98,17 +104,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="the served weights (serving.quantize; up to 8 rows decode from them)")
     parser.add_argument("--model", default="", help="model folder; default the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--data-dir", default=str(ROOT / ".flywheel"))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (as FLYWHEEL_DEVICE)")
     args = parser.parse_args(argv)
 
-    loaded = load_model(args.model, Path(args.data_dir), args.dtype)
+    loaded = load_model(args.model, Path(args.data_dir), args.dtype, args.device)
     vocab = loaded.model.config.vocab_size
     runner = ModelRunner(quantized(loaded.model, args.quantize))
-    print(f"model {loaded.path.name}  dtype {loaded.dtype}  quantize {args.quantize}  threads "
-          f"{torch.get_num_threads()}  prompt {args.prompt_tokens} tokens, {args.steps} steps per figure (medians)")
+    device = runner.device
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
+    print(f"model {loaded.path.name}  dtype {loaded.dtype}  quantize {args.quantize}  device {device} ({where})  "
+          f"prompt {args.prompt_tokens} tokens, {args.steps} steps per figure (medians)")
     if runner.current.decoder is None:
         print("the lean decode step does not cover this model: both forward columns are transformers'")
-    print(f"{'rows':>5} {'forward':>10} {'transformers':>13} {'greedy':>9} {'T=0.8':>9} {'top-p now':>10} "
-          f"{'top-p sort':>11}  forward's operators")
+    print(f"{'rows':>5} {'forward':>10} {'tok/s':>7} {'transformers':>13} {'greedy':>9} {'T=0.8':>9} "
+          f"{'top-p now':>10} {'top-p sort':>11}  forward's operators")
     ratio, step_ratios = None, []
     for rows in args.rows:
         batch = running_batch(runner, rows, args.prompt_tokens, vocab)
@@ -122,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             return run
 
         with torch.inference_mode():
-            forward = median_ms(rewound(batch.forward_step), args.steps)
-            transformers_forward = median_ms(rewound(batch.transformers_step), args.steps)
+            forward = median_ms(rewound(batch.forward_step), args.steps, device)
+            transformers_forward = median_ms(rewound(batch.transformers_step), args.steps, device)
             logits = rewound(batch.forward_step)()
         uniforms = torch.rand(rows, generator=torch.Generator().manual_seed(0))
         ones, hot, nucleus = torch.ones(rows), torch.full((rows,), 0.8), torch.full((rows,), 0.95)
@@ -131,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         sampled = median_ms(lambda: sample_tokens(logits, hot, ones, uniforms), args.steps)
         top_p = median_ms(lambda: sample_tokens(logits, hot, nucleus, uniforms), args.steps)
         baseline = median_ms(lambda: full_sort_sampling(logits, hot, nucleus, uniforms), args.steps)
-        print(f"{rows:>5} {forward:>8.1f}ms {transformers_forward:>11.1f}ms {greedy:>7.2f}ms {sampled:>7.2f}ms {top_p:>8.2f}ms {baseline:>9.2f}ms  "
-              f"{operator_shares(batch, forward)}")
+        shares = operator_shares(batch, forward) if device.type == "cpu" else "-"
+        print(f"{rows:>5} {forward:>8.1f}ms {rows * 1000 / forward:>7.0f} {transformers_forward:>11.1f}ms "
+              f"{greedy:>7.2f}ms {sampled:>7.2f}ms {top_p:>8.2f}ms {baseline:>9.2f}ms  {shares}")
         ratio = baseline / top_p
         step_ratios.append(f"{rows} rows {transformers_forward / forward:.2f}x")
     print(f"top-p sampling at {args.rows[-1]} rows, full sort / now: {ratio:.1f}x")

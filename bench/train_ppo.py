@@ -20,6 +20,7 @@ trl 1.12 conflicts with the trl the reward bench uses, so the baseline runs in i
 
     python bench/train_ppo.py               # both sides; the last line is ours / baseline seconds
     python bench/train_ppo.py --skip-baseline
+    python bench/train_ppo.py --device cuda # ours on the GPU against ours on the CPU (no trl there)
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def main() -> int:
                         help="torch threads on both sides; 0 = torch's default (all cores). On a shared machine "
                              "1 avoids OpenMP threads spinning against other jobs")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--device", default="cpu",
+                        help="where ours trains (cpu, cuda, auto); on a GPU the baseline is ours on the CPU")
     parser.add_argument("--baseline-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_worker:
@@ -129,13 +132,14 @@ def main() -> int:
     from safetensors.torch import save_file
 
     from flywheel.contracts.prompts import render_prompt
-    from flywheel.models import resolve_compute_dtype, resolve_model_path
+    from flywheel.models import resolve_compute_dtype, resolve_device, resolve_model_path
     from training.policy_model import PolicyModelConfig, PolicyWithValueHead, Prompt
     from training.policy_reward import RewardModelScorer
     from training.ppo import PPOConfig, PPOTrainer
     from training.reward_model import RewardModel, RewardModelConfig
 
-    precision = resolve_compute_dtype(args.precision)
+    device = resolve_device(args.device)
+    precision = resolve_compute_dtype(args.precision, device)
     model_path = resolve_model_path(args.model, Path(args.data_dir))
     config = PPOConfig(batch_size=args.episodes, mini_batch_size=args.mini_batch_size, rollout_batch_size=args.episodes,
                        ppo_epochs=args.ppo_epochs, response_length=args.response_length, learning_rate=3e-6, seed=0)
@@ -143,31 +147,49 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}; torch threads {torch.get_num_threads()} on both sides", flush=True)
 
-    torch.manual_seed(0)
-    reward_model = RewardModel.from_backbone(RewardModelConfig(str(model_path), trainable_layers=0,
-                                                               autocast_dtype=precision))
-    reward_model.requires_grad_(False)
-    policy = PolicyWithValueHead.from_pretrained(PolicyModelConfig(str(model_path), autocast_dtype=precision,
-                                                                           lora_layers=args.lora_layers))
-    prompts = [Prompt(*render_prompt(policy.tokenizer, text)) for text in bench_prompts(args.episodes)]
-    scorer = RewardModelScorer(reward_model, eos_id=policy.eos_id, pad_id=policy.pad_id)
-    trainer = PPOTrainer(policy, scorer, config)
-    started = time.monotonic()
-    stats = trainer.step(prompts)
-    ours_seconds = time.monotonic() - started
+    def one_iteration(on: torch.device, autocast: str):
+        """(seconds, stats, policy, reward model) of one PPO iteration of ours on ``on``."""
+        torch.manual_seed(0)
+        reward_model = RewardModel.from_backbone(RewardModelConfig(str(model_path), trainable_layers=0,
+                                                                   autocast_dtype=autocast), on)
+        reward_model.requires_grad_(False)
+        policy = PolicyWithValueHead.from_pretrained(PolicyModelConfig(str(model_path), autocast_dtype=autocast,
+                                                                       lora_layers=args.lora_layers), on)
+        prompts = [Prompt(*render_prompt(policy.tokenizer, text)) for text in bench_prompts(args.episodes)]
+        trainer = PPOTrainer(policy, RewardModelScorer(reward_model, eos_id=policy.eos_id, pad_id=policy.pad_id),
+                             config)
+        started = time.monotonic()
+        stats = trainer.step(prompts)
+        if on.type == "cuda":
+            torch.cuda.synchronize(on)
+        return time.monotonic() - started, stats, policy, reward_model, prompts, trainer
+
+    if device.type == "cuda":
+        one_iteration(device, precision)  # a warm-up: CUDA's context, cuBLAS and the kernels load once
+    ours_seconds, stats, policy, reward_model, prompts, trainer = one_iteration(device, precision)
     steps = config.ppo_epochs * config.batch_size // config.mini_batch_size
     layers = len(policy.body.layers)
     adapted = layers - policy.frozen_layers
     print(f"flywheel: PPOTrainer, 1 iteration of {config.batch_size} episodes, LoRA r={policy.config.lora_rank} on "
           f"the top {adapted} of {layers} layers of the frozen base (bottom {policy.frozen_layers} computed once per "
           f"rollout), {policy.trainable_parameter_count() / 1e6:.2f} M trained parameters incl. the value head, "
-          f"value head sharing the policy's backbone, π_ref = adapters disabled, {precision} autocast, "
+          f"value head sharing the policy's backbone, π_ref = adapters disabled, {precision} autocast on {device}, "
           f"{config.ppo_epochs} epochs x {config.batch_size // config.mini_batch_size} minibatches of "
           f"{config.mini_batch_size} ({steps} optimizer steps), one batched KV-cached generation of "
           f"{config.batch_size}: {ours_seconds:.1f} s (rollout {stats.rollout_seconds:.1f} s), mean score "
           f"{stats.mean_score:.4f}, KL {stats.kl_to_ref:.4f}, mean response {stats.response_length:.1f} tokens",
           flush=True)
     baseline_seconds = None
+    if device.type != "cpu" and not args.skip_baseline:  # trl's venv is a CPU machine's: ours on the CPU instead
+        del policy, trainer, reward_model
+        cpu_precision = resolve_compute_dtype(args.precision, "cpu")
+        cpu_seconds, cpu_stats, *_ = one_iteration(torch.device("cpu"), cpu_precision)
+        print(f"baseline: the same iteration on the CPU ({torch.get_num_threads()} threads, {cpu_precision}): "
+              f"{cpu_seconds:.1f} s (rollout {cpu_stats.rollout_seconds:.1f} s)")
+        print(f"load average after: {os.getloadavg()}")
+        print(f"flywheel PPO on {device}: {ours_seconds:.1f} s per iteration; on the CPU: {cpu_seconds:.1f} s")
+        print(f"ratio (CPU / {device} seconds per iteration): {cpu_seconds / ours_seconds:.2f}")
+        return 0
     if not args.skip_baseline:
         python = BASELINE_VENV / "bin" / "python"
         if not python.exists():

@@ -105,7 +105,7 @@ def get_judge(settings: FlywheelConfig, metrics: LabellingMetrics | None = None)
                 from feedback.judge import Judge
                 from flywheel.models import load_model
 
-                loaded = load_model(judge_settings.model, settings.data_dir, settings.dtype)
+                loaded = load_model(judge_settings.model, settings.data_dir, settings.dtype, settings.device)
                 judge = Judge(loaded.model, loaded.tokenizer, constitution, Judge.make_id(loaded.path, constitution),
                               config)
                 if metrics is not None:

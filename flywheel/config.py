@@ -434,7 +434,10 @@ class FlywheelConfig(ConfigSection):
 
     data_dir: Path = setting(Path(".flywheel"), "where converted models, Redis data and artifacts live")
     model: str = setting("", "a Hugging Face causal-LM folder; empty = embedded SmolLM2-135M-Instruct")
-    dtype: Dtype = setting("auto", "float32, bfloat16 or auto (bfloat16 where the CPU computes it natively)")
+    dtype: Dtype = setting("auto", "float32, bfloat16 or auto (bfloat16 where the device computes it natively)")
+    device: str = setting(
+        "auto", "where the server and the trainers compute: cpu, cuda, cuda:N or auto (the first GPU where CUDA "
+                "sees one, else the CPU)")
     torch_threads: int = setting(0, "torch intra-op threads; 0 = all cores", minimum=0)
     # the server binds it, the CLI clients call it
     grpc_address: str = setting(
@@ -460,6 +463,17 @@ class FlywheelConfig(ConfigSection):
     training: TrainingWorkerConfig = section(TrainingWorkerConfig)
     reward_model: RewardModelRunConfig = section(RewardModelRunConfig)
     policy: PolicyRunConfig = section(PolicyRunConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        device = self.device.strip().lower()
+        if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r} "
+                             f"(set by {self.describe('device')})")
+        self.device = device
+        if device.startswith("cuda") and self.serving.quantize != "none":
+            raise ValueError(f"quantize {self.serving.quantize!r} runs on the CPU only; the device is "
+                             f"{device!r} (set by {ServingConfig.describe('quantize')} and {self.describe('device')})")
 
     @classmethod
     def sections(cls) -> list[type[ConfigSection]]:

@@ -44,10 +44,38 @@ class LoadedModel:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
 
-def cpu_has_fast_bfloat16() -> bool:
-    """True where the CPU has native bf16 matmul (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+DEVICE_SETTING = "FLYWHEEL_DEVICE or --device"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device a configured ``device`` names: "auto" is the first GPU where CUDA sees one, else
+    the CPU; an explicit "cuda" on a machine without one is an error (naming the setting), not a
+    silent fall-back to a CPU a hundred times slower."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r} ({DEVICE_SETTING})") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: CUDA is not available on this machine ({DEVICE_SETTING}; "
+                             f"auto uses the CPU)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"({DEVICE_SETTING})")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name!r} ({DEVICE_SETTING})")
+    return device
+
+
+def has_fast_bfloat16(device: torch.device | str = "cpu") -> bool:
+    """True where ``device`` computes bf16 matmuls natively: a GPU that supports bf16, a CPU with
+    AVX512-BF16 or AMX; elsewhere (an older CPU) bf16 is emulated and slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -55,16 +83,17 @@ def cpu_has_fast_bfloat16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_compute_dtype(name: str) -> str:
-    """A configured dtype name with "auto" decided for this machine: bfloat16 where its matmul is
-    native, else float32 (serving's ``dtype``, the reward model's and the policy's autocast)."""
+def resolve_compute_dtype(name: str, device: torch.device | str = "cpu") -> str:
+    """A configured dtype name with "auto" decided for the device the work runs on: bfloat16 where
+    its matmul is native, else float32 (serving's ``dtype``, the reward model's and the policy's
+    autocast)."""
     if name == "auto":
-        return "bfloat16" if cpu_has_fast_bfloat16() else "float32"
+        return "bfloat16" if has_fast_bfloat16(device) else "float32"
     return name
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    name = resolve_compute_dtype(name.lower())
+def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    name = resolve_compute_dtype(name.lower(), device)
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
@@ -154,15 +183,18 @@ def resolve_model_path(model: str, data_dir: Path) -> Path:
     return target
 
 
-def load_model(model: str, data_dir: Path, dtype: str = "auto") -> LoadedModel:
+def load_model(model: str, data_dir: Path, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+    """The model for inference on ``device`` (a ``device`` setting: auto, cpu, cuda...), in ``dtype``
+    ("auto" decided for that device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model, data_dir)
-    torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(target)
     network.eval()
     network.requires_grad_(False)
-    log.info("loaded %s (%s) in %.1f s", path, torch_dtype, time.monotonic() - started)
+    log.info("loaded %s (%s on %s) in %.1f s", path, torch_dtype, target, time.monotonic() - started)
     return LoadedModel(model=network, tokenizer=tokenizer, path=path, dtype=torch_dtype)

@@ -167,6 +167,8 @@ class BatchKVCache(Cache):
 
     def keep_rows(self, rows: torch.Tensor, drop_leading: int = 0) -> None:
         """Keep only ``rows`` (an index tensor), dropping ``drop_leading`` all-padding columns on the left."""
+        if self.layers[0].keys is not None:
+            rows = rows.to(self.layers[0].keys.device)
         for layer in self.layers:
             keys, values = layer.view()
             layer.assign(keys[rows, :, drop_leading:], values[rows, :, drop_leading:])

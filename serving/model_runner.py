@@ -3,6 +3,10 @@
 It runs forwards (one left-padded prefill of the prompts admitted together, one decode step of a
 whole batch) and keeps each batch's rows in step with its cache rows, but never samples or looks
 inside a row: rows are the engine's objects, carried in the same order as the cache.
+
+On a GPU the model, the caches and the forwards' inputs live on the device; the small bookkeeping
+tensors (each row's padding and newest token) stay on the host, and the logits come back to the
+host, where the engine samples with each request's own seeded generator.
 """
 
 from __future__ import annotations
@@ -84,10 +88,10 @@ class Batch:
         pad = torch.tensor(pads, dtype=torch.long)
         extra = {}
         if any(pads):  # left padding: mask it, and count each row's positions from its first real token
-            extra["attention_mask"] = (torch.arange(total).unsqueeze(0) >= pad.unsqueeze(1)).long().to(self.device)
-            extra["position_ids"] = (torch.arange(past, total).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0).to(
-                self.device)
-        out = self.model(input_ids=ids.to(self.device), use_cache=True, logits_to_keep=1, **extra,
+            extra["attention_mask"] = self._on_device((torch.arange(total).unsqueeze(0) >= pad.unsqueeze(1)).long())
+            extra["position_ids"] = self._on_device(
+                (torch.arange(past, total).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0))
+        out = self.model(input_ids=self._on_device(ids), use_cache=True, logits_to_keep=1, **extra,
                          **cache_argument(self.model, cache))
         views = [layer.view() for layer in cache.layers]
         for row, (tokens, _) in enumerate(prompts):
@@ -96,7 +100,7 @@ class Batch:
         counts = [n for _, n in prompts]
         cache.repeat_rows(counts)
         repeats = torch.tensor(counts)
-        return Prefill(cache, out.logits[:, -1].repeat_interleave(repeats.to(out.logits.device), dim=0),
+        return Prefill(cache, self._on_host(out.logits[:, -1]).repeat_interleave(repeats, dim=0),
                        pad.repeat_interleave(repeats), starts)
 
     def prefill_chunk(self, tokens: list[int]) -> int:
@@ -142,7 +146,9 @@ class Batch:
         where it covers the model: the same logits, less fixed cost)."""
         if self.decoder is None:
             return self.transformers_step()
-        return self.decoder.step(self.last_tokens, (self.cache.length - self.pads).unsqueeze(1), self.pads, self.cache)
+        positions = (self.cache.length - self.pads).unsqueeze(1)
+        return self._on_host(self.decoder.step(self._on_device(self.last_tokens), self._on_device(positions),
+                                               self._on_device(self.pads), self.cache))
 
     def transformers_step(self) -> torch.Tensor:
         """``forward_step`` through the model's own forward."""
@@ -150,9 +156,19 @@ class Batch:
         positions = torch.arange(length + 1)
         attention_mask = (positions.unsqueeze(0) >= self.pads.unsqueeze(1)).long()
         position_ids = (length - self.pads).unsqueeze(1)
-        out = self.model(input_ids=self.last_tokens, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **cache_argument(self.model, self.cache))
-        return out.logits[:, -1]
+        out = self.model(input_ids=self._on_device(self.last_tokens), attention_mask=self._on_device(attention_mask),
+                         position_ids=self._on_device(position_ids), use_cache=True,
+                         **cache_argument(self.model, self.cache))
+        return self._on_host(out.logits[:, -1])
+
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor where the model computes (itself on the CPU)."""
+        return tensor if self.device.type == "cpu" else tensor.to(self.device, non_blocking=True)
+
+    @staticmethod
+    def _on_host(logits: torch.Tensor) -> torch.Tensor:
+        """Logits where the engine samples: the host (a no-op on the CPU)."""
+        return logits if logits.device.type == "cpu" else logits.to("cpu")
 
 
 class ModelRunner:

@@ -140,5 +140,6 @@ def quantized(model: torch.nn.Module, scheme: str, max_rows: int = DEFAULT_MAX_R
         return model
     device = next(model.parameters()).device
     if device.type != "cpu":
-        raise ValueError(f"quantize={scheme} uses torch's CPU kernels; the model is on {device}")
+        raise ValueError(f"quantize={scheme} uses torch's CPU kernels; the model is on {device} "
+                         f"(set FLYWHEEL_DEVICE=cpu, or FLYWHEEL_QUANTIZE=none on a GPU)")
     return _with_quantized_linears(model, scheme, max_rows)

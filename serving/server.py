@@ -326,7 +326,7 @@ class InferenceServer:
             else:
                 from flywheel.models import load_model
 
-                loaded = load_model(self.config.model, self.config.data_dir, self.config.dtype)
+                loaded = load_model(self.config.model, self.config.data_dir, self.config.dtype, self.config.device)
                 model, tokenizer = loaded.model, loaded.tokenizer
             # at least max_samples: ServingConfig refuses a smaller batch at load
             config = EngineConfig(max_batch_sequences=self.config.serving.max_batch_sequences,

@@ -47,7 +47,7 @@ import torch
 
 from flywheel.contracts.artifacts import JUDGE_MEMBER, POLICY_MEMBER
 from training.evidence import Interval, clustered_accuracy, paired_gain
-from training.policy_model import PolicyWithValueHead, Prompt, pad_sequences
+from training.policy_model import PolicyWithValueHead, Prompt
 from training.ppo import RewardFunction, token_logprobs
 from training.run import json_safe_figures
 
@@ -115,7 +115,7 @@ def evaluate_policy(policy: PolicyWithValueHead, scorers: Mapping[str, RewardFun
     scores = {member: [[] for _ in prompts] for member in scorers}
     kls = []
     for sample in range(config.samples_per_prompt):
-        generator = torch.Generator().manual_seed(config.seed + sample)
+        generator = torch.Generator(device=policy.device).manual_seed(config.seed + sample)
         for start in range(0, len(prompts), config.batch_size):
             chunk = prompts[start:start + config.batch_size]
             query_responses, attention_mask, responses, mask = policy.generate(
@@ -148,7 +148,7 @@ def answer_logprobs(policy: PolicyWithValueHead, ranked: Sequence[RankedAnswers]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         input_ids, prompt_mask = policy.left_pad([row[2] for row in chunk])
-        answers, answer_mask = pad_sequences([row[3] for row in chunk], policy.pad_id)
+        answers, answer_mask = policy.right_pad([row[3] for row in chunk])
         logits, _ = policy(torch.cat([input_ids, answers], dim=1), torch.cat([prompt_mask, answer_mask], dim=1),
                            answers.shape[1])
         sums = (token_logprobs(logits, answers, config.temperature) * answer_mask).sum(dim=1)
@@ -178,7 +178,7 @@ def users_verdict(candidate: PolicyEvaluation, current: PolicyEvaluation, level:
 @torch.no_grad()
 def perplexity(policy: PolicyWithValueHead, text_batches: list, reference: bool = False) -> float:
     """exp(mean next-token NLL) over all tokens of the batches."""
-    total = torch.zeros(2)
+    total = torch.zeros(2, device=policy.device)
     for input_ids, attention_mask in text_batches:
         total += policy.language_model_loss(input_ids, attention_mask, reference=reference, reduction="sum").float()
     return math.exp(float(total[0] / total[1])) if total[1] > 0 else float("nan")

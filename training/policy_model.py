@@ -19,6 +19,10 @@ magnitude 8-16 to steps of 1/16, and which way a logit rounds depends on the bat
 rollout's log π_θold and an epoch's log π_θ of identical weights differed by up to ~0.1 nats per
 token (half PPO's clip range). A frozen LM head keeps a float32 copy of its weight for that.
 
+On a GPU (``from_pretrained(config, device)``) the model and every tensor of a rollout live on the
+device: ``left_pad``, ``generate`` and ``text_batches`` make theirs there, and the tensors PPO
+derives from them follow; artifacts are written from host copies.
+
 Artifacts (the serving contract, named in ``flywheel.contracts.artifacts``): format "lora" is
 peft's ``save_pretrained`` folder (``adapter_config.json`` + ``adapter_model.safetensors``); format
 "full" is ``model.safetensors`` + ``config.json`` of the whole causal LM. Both add
@@ -118,11 +122,16 @@ class PolicyWithValueHead(torch.nn.Module):
         self.eval()
 
     @classmethod
-    def from_pretrained(cls, config: PolicyModelConfig) -> "PolicyWithValueHead":
+    def from_pretrained(cls, config: PolicyModelConfig, device: torch.device | str = "cpu") -> "PolicyWithValueHead":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         lm = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=torch.float32)
-        return cls(lm, AutoTokenizer.from_pretrained(config.base_model), config)
+        return cls(lm, AutoTokenizer.from_pretrained(config.base_model), config).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the policy computes, and where its rollouts' tensors are made."""
+        return self.value_head.weight.device
 
     def reset_value_head(self) -> None:
         """V ≡ 0. A random head adds a random function of the position to every advantage until it
@@ -156,7 +165,7 @@ class PolicyWithValueHead(torch.nn.Module):
         return autocast_dtype(self.config.autocast_dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast_context(self.compute_dtype, "cpu")
+        return autocast_context(self.compute_dtype, self.device.type)
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -248,9 +257,9 @@ class PolicyWithValueHead(torch.nn.Module):
         from transformers import DynamicCache
 
         input_ids, attention_mask = self.left_pad([p.token_ids[-max_prompt_length:] for p in prompts])
-        batch = input_ids.shape[0]
-        responses = torch.full((batch, response_length), self.pad_id, dtype=torch.long)
-        finished = torch.zeros(batch, dtype=torch.bool)
+        batch, device = input_ids.shape[0], input_ids.device
+        responses = torch.full((batch, response_length), self.pad_id, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
         cache = DynamicCache()
         position_ids = _position_ids(attention_mask)
         step_ids, step_mask = input_ids, attention_mask
@@ -271,7 +280,7 @@ class PolicyWithValueHead(torch.nn.Module):
                 if bool(finished.all()):
                     break
                 step_ids = token.unsqueeze(-1)
-                step_mask = torch.cat([step_mask, torch.ones(batch, 1, dtype=step_mask.dtype)], dim=1)
+                step_mask = torch.cat([step_mask, torch.ones(batch, 1, dtype=step_mask.dtype, device=device)], dim=1)
                 position_ids = position_ids[:, -1:] + 1
         response_mask = response_mask_until_eos(responses, self.eos_id)
         query_responses = torch.cat([input_ids, responses], dim=1)
@@ -279,15 +288,17 @@ class PolicyWithValueHead(torch.nn.Module):
         return query_responses, full_mask, responses, response_mask.float()
 
     def left_pad(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_sequences(sequences, self.pad_id, left=True)
+        return pad_sequences(sequences, self.pad_id, left=True, device=self.device)
+
+    def right_pad(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_sequences(sequences, self.pad_id, device=self.device)
 
     # ---- language-model loss on plain text (PPO-ptx, perplexity) ----
     def text_batches(self, texts: Sequence[str], batch_size: int, max_length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Tokenized right-padded batches of texts (each cut to ``max_length`` tokens)."""
         encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
         encoded = [e + [self.eos_id] for e in encoded if e]
-        return [pad_sequences(encoded[start:start + batch_size], self.pad_id)
-                for start in range(0, len(encoded), batch_size)]
+        return [self.right_pad(encoded[start:start + batch_size]) for start in range(0, len(encoded), batch_size)]
 
     def language_model_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             reference: bool = False, reduction: str = "mean") -> torch.Tensor:
@@ -314,14 +325,14 @@ class PolicyWithValueHead(torch.nn.Module):
     def save(self, folder: Path) -> str:
         """Write this policy's artifacts into ``folder``; returns the format."""
         folder = Path(folder)
-        save_file({k: v.detach().float().contiguous() for k, v in self.value_head.state_dict().items()},
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.value_head.state_dict().items()},
                   str(folder / VALUE_HEAD_FILE), metadata={"format": "pt"})
         if self.config.finetune == LORA:
             self.lm.save_pretrained(folder, safe_serialization=True)
             readme = folder / "README.md"  # peft's model card: not an artifact
             readme.unlink(missing_ok=True)
             return POLICY_FORMAT_LORA
-        state = {k: v.detach().float().contiguous() for k, v in self.lm.state_dict().items()}
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.lm.state_dict().items()}
         if getattr(self.lm.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         save_file(state, str(folder / FULL_WEIGHTS_FILE), metadata={"format": "pt"})
@@ -359,9 +370,10 @@ class PolicyWithValueHead(torch.nn.Module):
         return all(bool(torch.isfinite(p).all()) for p in self.parameters() if p.requires_grad)
 
 
-def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask) of token-id lists padded to one width (right, or left for prompts
-    that a generation continues)."""
+    that a generation continues), on ``device`` (the host by default)."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -370,6 +382,8 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = 
             columns = slice(width - len(sequence), width) if left else slice(0, len(sequence))
             input_ids[row, columns] = torch.tensor(list(sequence))
             attention_mask[row, columns] = 1
+    if device is not None:
+        return input_ids.to(device), attention_mask.to(device)
     return input_ids, attention_mask
 
 

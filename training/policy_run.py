@@ -33,7 +33,7 @@ from flywheel.contracts.artifacts import (POLICY_KIND, POLICY_MEMBER, REWARD_MOD
                                           REWARD_MODEL_MEMBERS, verify_version)
 from flywheel.contracts.heldout import split_prompts
 from flywheel.contracts.keys import POLICY_RUN_LOCK_KEY
-from flywheel.models import resolve_compute_dtype, resolve_model_path
+from flywheel.models import resolve_compute_dtype, resolve_device, resolve_model_path
 from flywheel.registry import VersionRecord, open_registry
 from flywheel.run_ledger import RunAttempt
 from training.metrics import PPOMetrics
@@ -58,7 +58,8 @@ def policy_model_config(config: FlywheelConfig) -> PolicyModelConfig:
     section = config.policy
     return PolicyModelConfig(base_model=str(resolve_model_path(config.model, Path(config.data_dir))),
                              finetune=section.finetune, lora_rank=section.lora_rank, lora_alpha=section.lora_alpha,
-                             lora_layers=section.lora_layers, autocast_dtype=resolve_compute_dtype(section.autocast))
+                             lora_layers=section.lora_layers,
+                             autocast_dtype=resolve_compute_dtype(section.autocast, resolve_device(config.device)))
 
 
 def ppo_config(section: PolicyRunConfig, seed: int) -> PPOConfig:
@@ -88,13 +89,13 @@ class PolicyModelCache:
         self._policy: PolicyWithValueHead | None = None
         self._rewards: dict[str, tuple[tuple, RewardModel]] = {}
 
-    def policy(self, config: PolicyModelConfig) -> PolicyWithValueHead:
-        key = repr(asdict(config))
+    def policy(self, config: PolicyModelConfig, device: torch.device | str = "cpu") -> PolicyWithValueHead:
+        key = (repr(asdict(config)), str(device))
         if self._policy_key == key and config.finetune == LORA:
             self._policy.reset_adapters()
         else:
             torch.manual_seed(0)
-            self._policy = PolicyWithValueHead.from_pretrained(config)
+            self._policy = PolicyWithValueHead.from_pretrained(config, device)
             self._policy_key = key
         return self._policy
 
@@ -103,8 +104,9 @@ class PolicyModelCache:
         """The policy as the last run left it (its trained adapters), without a reset."""
         return self._policy
 
-    def reward_model(self, record: VersionRecord, folder: Path, member: str = POLICY_MEMBER) -> RewardModel:
-        key = (record.version, str(folder))
+    def reward_model(self, record: VersionRecord, folder: Path, member: str = POLICY_MEMBER,
+                     device: torch.device | str = "cpu") -> RewardModel:
+        key = (record.version, str(folder), str(device))
         cached = self._rewards.get(member)
         if cached is None or cached[0] != key:
             stored = dict(record.manifest.get("model", {}))
@@ -114,7 +116,7 @@ class PolicyModelCache:
                                        autocast_dtype=stored.get("autocast_dtype", "float32"),
                                        pooling=stored.get("pooling", "last"))  # versions before pooling: last
             verify_version(folder)  # a corrupt reward model is refused, not trained against
-            model = RewardModel.from_backbone(config)
+            model = RewardModel.from_backbone(config, device)
             model.load_stored(folder / REWARD_MODEL_MEMBER_FILES[member])
             model.requires_grad_(False)
             self._rewards[member] = (key, model.eval())
@@ -157,7 +159,8 @@ class PolicyRun(TrainingRun):
             return (f"reward model v{self.reward_record.version} has no independent judge member (trained before "
                     "reward models had two): the gate could only judge PPO by the reward it optimised")
         self.model_config = policy_model_config(self.config)
-        self.policy = policy = self.cache.policy(self.model_config)
+        self.device = resolve_device(self.config.device)
+        self.policy = policy = self.cache.policy(self.model_config, self.device)
         self.stored_groups = stored_groups(self.client)  # one SCAN: the prompts here, the served episodes in set_up
         prompts = served_prompts(self.stored_groups, policy.tokenizer, section.max_prompts)
         if section.prompts_file:
@@ -187,7 +190,8 @@ class PolicyRun(TrainingRun):
                         for member, entry in self.reward_record.manifest["members"].items()}
         self.reward_length = reward_length(section, calibrations, self.reward_record.version)
         self.scorers = {
-            member: RewardModelScorer(self.cache.reward_model(self.reward_record, folder, member), eos_id=policy.eos_id,
+            member: RewardModelScorer(self.cache.reward_model(self.reward_record, folder, member, self.device),
+                                      eos_id=policy.eos_id,
                                       pad_id=policy.pad_id, policy_tokenizer=policy.tokenizer,
                                       calibration=calibration, length_neutral=self.reward_length == "neutral")
             for member, calibration in calibrations.items()}

@@ -53,7 +53,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from training.policy_model import PolicyWithValueHead, Prompt, pad_sequences
+from training.policy_model import PolicyWithValueHead, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def leave_one_out_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
     """RLOO's baseline: each score minus the mean of the other k − 1 scores of its prompt (the
     samples of a prompt are k consecutive rows). Sums to 0 over a prompt's samples; unbiased,
     since a sample's baseline does not depend on the sample itself."""
-    return leave_one_out_by_prompt(scores, torch.arange(scores.shape[0]) // k)
+    return leave_one_out_by_prompt(scores, torch.arange(scores.shape[0], device=scores.device) // k)
 
 
 def leave_one_out_by_prompt(scores: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
@@ -429,7 +429,8 @@ class PPOTrainer:
         self.iteration = 0
         """PPO iterations (updates) done by this trainer."""
         self.rng = random.Random(config.seed)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.device = policy.device  # where the rollouts' tensors live
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.ptx_batches = (policy.text_batches(ptx_texts, config.ptx_batch_size, config.ptx_max_length)
                             if config.ptx_coef > 0 and ptx_texts else [])
         self._within_kl_stop: dict[str, torch.Tensor] | None = None
@@ -464,23 +465,24 @@ class PPOTrainer:
             prompts = [row[0] for row in chunk]
             input_ids, prompt_mask = self.policy.left_pad([p.token_ids[-self.config.max_prompt_length:]
                                                            for p in prompts])
-            responses, response_mask = pad_sequences([row[1] for row in chunk], self.pad_id)
+            responses, response_mask = self.policy.right_pad([row[1] for row in chunk])
             responses = F.pad(responses, (0, width - responses.shape[1]), value=self.pad_id)
             response_mask = F.pad(response_mask, (0, width - response_mask.shape[1]), value=0)
             query_responses = torch.cat([input_ids, responses], dim=1)
             attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-            temperature = torch.tensor([row[2] for row in chunk])
+            temperature = torch.tensor([row[2] for row in chunk], device=self.device)
             parts.append(self._scored(prompts, query_responses, attention_mask, responses, response_mask.float(),
                                       temperature, given_scores=torch.tensor([row[4] for row in chunk])))
         rollout = self._joined(parts)
-        rollout.temperature = torch.tensor([row[2] for row in rows])
-        rollout.prompt_index = torch.tensor([row[3] for row in rows])
+        rollout.temperature = torch.tensor([row[2] for row in rows], device=self.device)
+        rollout.prompt_index = torch.tensor([row[3] for row in rows], device=self.device)
         return rollout
 
     def _scored(self, prompts, query_responses, attention_mask, responses, response_mask, temperature,
                 given_scores: torch.Tensor | None = None) -> tuple:
         """One chunk's log-probs (π_θold, π_ref at τ), values, scores and truncation flags.
-        ``given_scores`` [B]: rewards already known (NaN where the reward model must score the row)."""
+        ``given_scores`` [B] (host): rewards already known (NaN where the reward model must score the row);
+        the reward function's scores are host tensors too, moved to the rollout's device at the end."""
         frozen = self.policy.frozen_prefix(query_responses, attention_mask)
         logits, values = self.policy(query_responses, attention_mask, responses.shape[1], frozen)
         logprobs = token_logprobs(logits, responses, temperature)
@@ -501,7 +503,7 @@ class PPOTrainer:
         last = (response_mask.sum(dim=1).long() - 1).clamp(min=0)
         truncated = responses.gather(1, last.unsqueeze(1)).squeeze(1) != self.policy.eos_id  # no EOS at its end
         return (query_responses, attention_mask, responses, response_mask, logprobs, ref_logprobs,
-                values.float(), scores, truncated, frozen)
+                values.float(), scores.to(self.device), truncated, frozen)
 
     def _joined(self, parts: list[tuple]) -> Rollout:
         frozen = None if parts[0][9] is None else _cat_padded([p[9] for p in parts], left=True, pad=0)
@@ -555,7 +557,7 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 step_rows = order[start:start + step_size]
                 for chunk_start in range(0, len(step_rows), c.mini_batch_size):
-                    idx = torch.tensor(step_rows[chunk_start:chunk_start + c.mini_batch_size])
+                    idx = torch.tensor(step_rows[chunk_start:chunk_start + c.mini_batch_size], device=self.device)
                     figures = self._accumulate_gradients(rollout, idx, advantages, returns, train_policy,
                                                          train_critic, cliprange_value, len(idx) / len(step_rows),
                                                          steps)
@@ -593,7 +595,7 @@ class PPOTrainer:
             logits, values = self.policy(qr, am, response_length, frozen)
         else:  # critic warm-up: gradients reach the value head only
             logits, values = None, self.policy.critic_values(qr, am, response_length, frozen)
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=self.device)
         figures = {}
         if train_critic:
             vf_loss, vf_stats = clipped_value_loss(values.float(), rollout.values[idx], returns[idx], mb_mask,

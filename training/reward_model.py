@@ -115,12 +115,17 @@ class RewardModel(torch.nn.Module):
         return [slice(i * width, (i + 1) * width) for i in range(1 + len(self.mean_depths))]
 
     @classmethod
-    def from_backbone(cls, config: RewardModelConfig) -> "RewardModel":
+    def from_backbone(cls, config: RewardModelConfig, device: torch.device | str = "cpu") -> "RewardModel":
+        """A fresh reward model on ``device`` (the head random until trained or probed)."""
         from transformers import AutoModel
 
         backbone = AutoModel.from_pretrained(config.backbone, dtype=torch.float32)
         backbone.config.use_cache = False
-        return cls(backbone, config)
+        return cls(backbone, config).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.reward_head.weight.device
 
     # ---- which parameters train ----
     def set_trainable(self, trainable_layers: int) -> None:
@@ -160,24 +165,30 @@ class RewardModel(torch.nn.Module):
         return autocast_dtype(self.config.autocast_dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast_context(self.compute_dtype, self.reward_head.weight.device.type)
+        return autocast_context(self.compute_dtype, self.device.type)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 completion_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards [N] (float32) of N right-padded sequences, read at each last non-pad token.
         ``completion_lengths`` [N]: how many of each sequence's last tokens are the completion (with
-        its EOS), for the poolings with means; None = every token (prompt included)."""
+        its EOS), for the poolings with means; None = every token (prompt included). Inputs and
+        outputs are host tensors whatever the model's device (the losses and the pair bookkeeping
+        stay on the host; the rewards are a few numbers a batch)."""
         with self.autocast():
-            return self.reward_head(self._pooled(input_ids, attention_mask, completion_lengths)).squeeze(-1).float()
+            rewards = self.reward_head(self._pooled(input_ids, attention_mask, completion_lengths)).squeeze(-1)
+        return rewards.float().to("cpu")
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  completion_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """What the head reads [N, head inputs] (float32): the pooled hidden states of ``forward``."""
         with self.autocast():
-            return self._pooled(input_ids, attention_mask, completion_lengths).float()
+            return self._pooled(input_ids, attention_mask, completion_lengths).float().to("cpu")
 
     def _pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 completion_lengths: torch.Tensor | None) -> torch.Tensor:
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        if completion_lengths is not None:
+            completion_lengths = completion_lengths.to(self.device)
         depths = self.mean_depths
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                             output_hidden_states=bool(depths) and depths != (self.backbone.config.num_hidden_layers,))
@@ -198,7 +209,7 @@ class RewardModel(torch.nn.Module):
         """The trained parameters (plus any ``keys`` a parent stored), float32, contiguous."""
         names = {n for n, p in self.named_parameters() if p.requires_grad} | set(keys or ())
         state = self.state_dict()
-        return {n: state[n].detach().to(torch.float32).contiguous().clone() for n in sorted(names)}
+        return {n: state[n].detach().to("cpu", torch.float32).contiguous().clone() for n in sorted(names)}
 
     def save(self, directory: Path, keys: set[str] | None = None,
              file_name: str = REWARD_MODEL_WEIGHTS_FILE) -> list[str]:

@@ -38,7 +38,7 @@ from flywheel.contracts.artifacts import (REWARD_MODEL_KIND, REWARD_MODEL_MEMBER
                                           registry_folder, verify_version)
 from flywheel.contracts.heldout import is_held_out, reward_model_member
 from flywheel.contracts.keys import REWARD_MODEL_RUN_LOCK_KEY
-from flywheel.models import resolve_compute_dtype, resolve_model_path
+from flywheel.models import resolve_compute_dtype, resolve_device, resolve_model_path
 from flywheel.rankings_stream import RankingStream, RankingStreamReader
 from flywheel.registry import VersionRecord, VersionRegistry, open_registry
 from flywheel.run_ledger import RunAttempt
@@ -65,8 +65,9 @@ def reward_model_config(config: FlywheelConfig) -> RewardModelConfig:
     """The model a run trains: the configured backbone (else the served model) with its section's shape."""
     section = config.reward_model
     backbone = resolve_model_path(section.backbone or config.model, Path(config.data_dir))
+    autocast = resolve_compute_dtype(section.autocast, resolve_device(config.device))
     return RewardModelConfig(backbone=str(backbone), trainable_layers=section.trainable_layers,
-                             max_length=section.max_length, autocast_dtype=resolve_compute_dtype(section.autocast),
+                             max_length=section.max_length, autocast_dtype=autocast,
                              pooling=section.pooling)
 
 
@@ -92,9 +93,9 @@ class RewardModelCache:
     def __init__(self) -> None:
         self._members: dict[str, _MemberCache] = {}
 
-    def model_for(self, config: RewardModelConfig, parent_keys: set[str],
-                  member: str = REWARD_MODEL_MEMBERS[0]) -> tuple[RewardModel, object]:
-        return self._members.setdefault(member, _MemberCache()).model_for(config, parent_keys)
+    def model_for(self, config: RewardModelConfig, parent_keys: set[str], member: str = REWARD_MODEL_MEMBERS[0],
+                  device: torch.device | str = "cpu") -> tuple[RewardModel, object]:
+        return self._members.setdefault(member, _MemberCache()).model_for(config, parent_keys, torch.device(device))
 
 
 class _MemberCache:
@@ -104,13 +105,15 @@ class _MemberCache:
         self._tokenizer = None
         self._initial: dict[str, torch.Tensor] = {}
 
-    def model_for(self, config: RewardModelConfig, parent_keys: set[str]) -> tuple[RewardModel, object]:
-        key = (config.backbone, config.trainable_layers, config.max_length, config.autocast_dtype, config.pooling)
+    def model_for(self, config: RewardModelConfig, parent_keys: set[str],
+                  device: torch.device) -> tuple[RewardModel, object]:
+        key = (config.backbone, config.trainable_layers, config.max_length, config.autocast_dtype, config.pooling,
+               device)
         if self._key != key or not parent_keys <= set(self._initial):
             from transformers import AutoTokenizer
 
             torch.manual_seed(0)
-            self._model = RewardModel.from_backbone(config)
+            self._model = RewardModel.from_backbone(config, device)
             self._tokenizer = AutoTokenizer.from_pretrained(config.backbone)
             self._initial = self._model.stored_state_dict(parent_keys)
             self._key = key
@@ -193,7 +196,7 @@ class RewardModelRun(TrainingRun):
         self.trainers: dict[str, RewardModelTrainer] = {}
         for member in REWARD_MODEL_MEMBERS:
             keys = self.parent_keys.get(member, set())
-            model, tokenizer = self.cache.model_for(self.model_config, keys, member)
+            model, tokenizer = self.cache.model_for(self.model_config, keys, member, resolve_device(self.config.device))
             if keys:
                 model.load_stored(self.registry.path(self.parent.version) / REWARD_MODEL_MEMBER_FILES[member])
             self.trainers[member] = RewardModelTrainer(model, tokenizer,

@@ -83,7 +83,9 @@ SETTINGS_ADDED = {"FLYWHEEL_POLICY_SEED": "", "FLYWHEEL_REWARD_MODEL_POOLING": "
                   # issue 11: the reward head fitted by a cross-validated linear probe first
                   "FLYWHEEL_REWARD_MODEL_LINEAR_PROBE": "True",
                   # issue 13: long prompts prefilled in chunks between decode steps
-                  "FLYWHEEL_PREFILL_CHUNK_TOKENS": "512"}
+                  "FLYWHEEL_PREFILL_CHUNK_TOKENS": "512",
+                  # issue 13: the device the server and the trainers compute on
+                  "FLYWHEEL_DEVICE": "auto"}
 
 # The flags each command had when every command kept its own list of setting names; a command may
 # offer more now (all of its sections'), never fewer.
